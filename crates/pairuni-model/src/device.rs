@@ -1,0 +1,245 @@
+//! Device and dtype selection from command-line strings (`--device cpu|cuda|cuda:N`, `--dtype f32|bf16|f16`).
+//!
+//! In a CUDA build, cudarc panics when a CUDA device is created on a machine without an NVIDIA driver; the same
+//! binary must still run on CPU there, so the driver is looked for (`/dev/nvidiactl`) before a CUDA device is
+//! created, and any panic left is turned into an error.
+
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+
+use candle_core::{DType, Device};
+
+/// Device-selection failure, with the string that was given.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// The string is not `cpu`, `cuda` or `cuda:N`.
+    #[error("bad device {given:?}: expected cpu, cuda or cuda:N (N = GPU ordinal, e.g. cuda:0)")]
+    BadDevice {
+        /// What was given.
+        given: String,
+    },
+    /// The string is not a dtype name this crate supports.
+    #[error("bad dtype {given:?}: expected f32, bf16 or f16")]
+    BadDType {
+        /// What was given.
+        given: String,
+    },
+    /// CUDA asked for, but this binary was compiled without the `cuda` feature.
+    #[error("device {given:?}: this binary was built without CUDA (build it with scripts/build-cuda.sh)")]
+    NoCudaSupport {
+        /// What was given.
+        given: String,
+    },
+    /// CUDA asked for, but the machine has no NVIDIA driver.
+    #[error(
+        "device {given:?}: no NVIDIA driver on this machine ({path} is missing); use --device cpu"
+    )]
+    NoDriver {
+        /// What was given.
+        given: String,
+        /// The driver node that was looked for.
+        path: String,
+    },
+    /// The CUDA runtime refused to open the device (bad ordinal, driver/library mismatch, …).
+    #[error("device {given:?}: could not open the CUDA device: {reason}")]
+    CudaOpen {
+        /// What was given.
+        given: String,
+        /// The driver's or cudarc's message.
+        reason: String,
+    },
+}
+
+/// A parsed `--device` value, before any device is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    /// The host CPU.
+    Cpu,
+    /// The CUDA GPU with this ordinal (`cuda` = `cuda:0`).
+    Cuda(usize),
+}
+
+impl FromStr for DeviceSpec {
+    type Err = DeviceError;
+
+    fn from_str(s: &str) -> Result<Self, DeviceError> {
+        let t = s.trim().to_ascii_lowercase();
+        let bad = || DeviceError::BadDevice {
+            given: s.to_string(),
+        };
+        match t.as_str() {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" | "gpu" => Ok(Self::Cuda(0)),
+            _ => {
+                let n = t.strip_prefix("cuda:").ok_or_else(bad)?;
+                // Ordinals are plain decimal: "+1", " 1" and "" would be accepted by a looser parse.
+                if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(bad());
+                }
+                n.parse().map(Self::Cuda).map_err(|_| bad())
+            }
+        }
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Cpu => write!(f, "cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// The Linux device node that exists whenever the NVIDIA kernel driver is loaded.
+pub const NVIDIA_CTL: &str = "/dev/nvidiactl";
+
+impl DeviceSpec {
+    /// True for a CUDA device.
+    pub fn is_cuda(&self) -> bool {
+        matches!(self, Self::Cuda(_))
+    }
+
+    /// Opens the device; a CUDA device only after the driver was found.
+    pub fn open(&self) -> Result<Device, DeviceError> {
+        self.open_with_driver_node(Path::new(NVIDIA_CTL))
+    }
+
+    /// `open` with the driver node to look for given (tests point it at a missing path).
+    pub fn open_with_driver_node(&self, driver_node: &Path) -> Result<Device, DeviceError> {
+        match *self {
+            Self::Cpu => Ok(Device::Cpu),
+            Self::Cuda(ordinal) => {
+                let given = self.to_string();
+                if !candle_core::utils::cuda_is_available() {
+                    return Err(DeviceError::NoCudaSupport { given });
+                }
+                if !driver_node.exists() {
+                    return Err(DeviceError::NoDriver {
+                        given,
+                        path: driver_node.display().to_string(),
+                    });
+                }
+                // cudarc panics (rather than erroring) on some driver/library failures; keep the CLI's
+                // promise of a clear error instead of a backtrace.
+                let opened = std::panic::catch_unwind(|| Device::new_cuda(ordinal));
+                match opened {
+                    Ok(Ok(dev)) => Ok(dev),
+                    Ok(Err(e)) => Err(DeviceError::CudaOpen {
+                        given,
+                        reason: e.to_string(),
+                    }),
+                    Err(panic) => {
+                        let reason = panic
+                            .downcast_ref::<String>()
+                            .cloned()
+                            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                            .unwrap_or_else(|| "cudarc panicked".to_string());
+                        Err(DeviceError::CudaOpen { given, reason })
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Parses and opens `cpu`, `cuda` or `cuda:N`.
+pub fn parse_device(s: &str) -> Result<Device, DeviceError> {
+    s.parse::<DeviceSpec>()?.open()
+}
+
+/// Parses `f32`, `bf16` or `f16` (also `float32`, `bfloat16`, `float16`).
+pub fn parse_dtype(s: &str) -> Result<DType, DeviceError> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "f32" | "float32" | "fp32" => Ok(DType::F32),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        "f16" | "float16" | "fp16" | "half" => Ok(DType::F16),
+        _ => Err(DeviceError::BadDType {
+            given: s.to_string(),
+        }),
+    }
+}
+
+/// The weight/activation dtype to use on a device when none is asked for: bf16 on CUDA (softmax, log-probs, loss
+/// and optimizer moments stay f32 in the code that computes them), f32 on CPU (bf16 matmuls are slow there).
+pub fn default_dtype(device: &Device) -> DType {
+    if device.is_cuda() {
+        DType::BF16
+    } else {
+        DType::F32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_accepted_spelling() {
+        assert_eq!("cpu".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cpu);
+        assert_eq!(" CPU ".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cpu);
+        assert_eq!("cuda".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(0));
+        assert_eq!("cuda:0".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(0));
+        assert_eq!("cuda:3".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(3));
+        assert_eq!(
+            "CUDA:12".parse::<DeviceSpec>().unwrap(),
+            DeviceSpec::Cuda(12)
+        );
+    }
+
+    #[test]
+    fn rejects_malformed_devices_naming_the_input() {
+        for bad in [
+            "", "gpu0", "cuda:", "cuda:-1", "cuda:+1", "cuda: 1", "cuda:x", "metal", "cuda:1:2",
+        ] {
+            let err = bad.parse::<DeviceSpec>().unwrap_err();
+            assert!(
+                matches!(err, DeviceError::BadDevice { .. }),
+                "{bad:?} gave {err:?}"
+            );
+            assert!(err.to_string().contains(&format!("{bad:?}")), "{err}");
+        }
+    }
+
+    #[test]
+    fn display_round_trips() {
+        for spec in [DeviceSpec::Cpu, DeviceSpec::Cuda(0), DeviceSpec::Cuda(7)] {
+            assert_eq!(spec.to_string().parse::<DeviceSpec>().unwrap(), spec);
+        }
+    }
+
+    #[test]
+    fn cpu_opens_and_computes() {
+        let dev = parse_device("cpu").unwrap();
+        assert!(dev.is_cpu());
+        let t = candle_core::Tensor::new(&[1f32, 2., 3.], &dev).unwrap();
+        assert_eq!(t.sum_all().unwrap().to_scalar::<f32>().unwrap(), 6.0);
+        assert_eq!(default_dtype(&dev), DType::F32);
+    }
+
+    #[test]
+    fn cuda_without_driver_is_a_clear_error_not_a_panic() {
+        let missing = Path::new("/nonexistent/pairuni-test/nvidiactl");
+        let err = DeviceSpec::Cuda(0)
+            .open_with_driver_node(missing)
+            .unwrap_err();
+        if candle_core::utils::cuda_is_available() {
+            assert!(matches!(err, DeviceError::NoDriver { .. }), "{err:?}");
+            assert!(err.to_string().contains("nvidiactl"), "{err}");
+        } else {
+            assert!(matches!(err, DeviceError::NoCudaSupport { .. }), "{err:?}");
+            assert!(err.to_string().contains("built without CUDA"), "{err}");
+        }
+        assert!(err.to_string().contains("cuda:0"), "{err}");
+    }
+
+    #[test]
+    fn dtypes_parse_and_reject() {
+        assert_eq!(parse_dtype("bf16").unwrap(), DType::BF16);
+        assert_eq!(parse_dtype("F32").unwrap(), DType::F32);
+        assert_eq!(parse_dtype("float16").unwrap(), DType::F16);
+        let err = parse_dtype("int8").unwrap_err();
+        assert!(err.to_string().contains("\"int8\""), "{err}");
+    }
+}

@@ -1,0 +1,1200 @@
+//! Janus (transformers' `JanusForConditionalGeneration`) in candle: loading, prompting, sampling, log-probs.
+//!
+//! Reference: transformers 5.x `models/janus/modeling_janus.py` (numerics and weight names) and Janus-Pro
+//! (arXiv 2501.17811). Understanding: pixels → ViT → aligner, scattered into the placeholder slots of the prompt's
+//! token embeddings → LLaMA → `lm_head`. Generation: prompt → LLaMA, then each image code is embedded by
+//! `generation_embeddings` + `generation_aligner` and read out by `generation_head`; classifier-free guidance
+//! pairs every prompt with a pad-masked unconditional copy (METHOD.md §3). All weights are `Var`s in one `VarMap`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Module, Tensor, Var, D};
+use candle_nn::VarMap;
+use pairuni_data::RgbImage;
+use rand_chacha::ChaCha8Rng;
+
+use crate::error::{ModelError, Result};
+use crate::image_codec::ImageCodec;
+use crate::image_tokenizer::ImageTokenizer;
+use crate::janus_config::{ImageTokenizerKind, JanusConfig};
+use crate::layers::{log_softmax_last, Act, InitKind, Linear, ParamMode, Params};
+use crate::llama::{last_position, KvCache, Llama};
+use crate::sampling::{
+    argmax, log_softmax_t, sample_index, CfgLogprobPolicy, ImageRollout, ImageSampling,
+    ParamSelection, TextRollout, TextSampling,
+};
+use crate::tokenizer::TextTokenizer;
+use crate::vision::{AlignerMlp, VisionModel};
+
+/// Logit added to tokens an answer may not contain: exp underflows to exactly 0 in f32 at any temperature ≥ 0.01.
+const BANNED_LOGIT: f32 = -1e9;
+
+/// Prefix of the frozen VQ image tokenizer's weights (never trainable).
+pub const VQ_PREFIX: &str = "model.vqmodel.";
+
+/// The modules built from a parameter store.
+struct Modules {
+    lm: Llama,
+    lm_head: Tensor,
+    vision: VisionModel,
+    aligner: AlignerMlp,
+    gen_embed: Tensor,
+    gen_aligner: AlignerMlp,
+    gen_proj: Linear,
+    gen_out: Linear,
+    gen_act: Act,
+}
+
+impl Modules {
+    fn new(cfg: &JanusConfig, p: &Params) -> Result<Self> {
+        let m = p.pp("model");
+        let lm = Llama::new(&cfg.text_config, &m.pp("language_model"))?;
+        let lm_head = if cfg.tie_word_embeddings {
+            lm.embed_tokens.clone()
+        } else {
+            p.pp("lm_head").get(
+                (cfg.text_config.vocab_size, cfg.text_config.hidden_size),
+                "weight",
+                InitKind::Normal(0.02),
+            )?
+        };
+        let v = &cfg.vision_config;
+        let vision = VisionModel::new(v, &m.pp("vision_model"))?;
+        let aligner = AlignerMlp::new(
+            &m.pp("aligner"),
+            v.hidden_size,
+            v.projection_dim,
+            v.depth,
+            &v.hidden_act,
+        )?;
+        let q = &cfg.vq_config;
+        let gen_embed = m.pp("generation_embeddings").get(
+            (q.num_embeddings, q.embed_dim),
+            "weight",
+            InitKind::Normal(1.0),
+        )?;
+        let gen_aligner = AlignerMlp::new(
+            &m.pp("generation_aligner"),
+            q.embed_dim,
+            q.projection_dim,
+            q.num_hidden_layers,
+            &q.hidden_act,
+        )?;
+        let gh = m.pp("generation_head");
+        let gen_proj = Linear::new(
+            &gh.pp("proj_out"),
+            q.image_token_embed_dim,
+            q.projection_dim,
+            true,
+        )?;
+        let gen_out = Linear::new(
+            &gh.pp("vision_head"),
+            q.projection_dim,
+            q.num_embeddings,
+            true,
+        )?;
+        Ok(Self {
+            lm,
+            lm_head,
+            vision,
+            aligner,
+            gen_embed,
+            gen_aligner,
+            gen_proj,
+            gen_out,
+            gen_act: Act::from_name(&q.hidden_act)?,
+        })
+    }
+}
+
+/// A loaded checkpoint: weights (candle `Var`s, trainable), config, tokenizers.
+pub struct Janus {
+    cfg: JanusConfig,
+    device: Device,
+    dtype: DType,
+    varmap: VarMap,
+    m: Modules,
+    tokenizer: Option<TextTokenizer>,
+    image_tokenizer: Option<ImageCodec>,
+}
+
+/// Reads a single `model.safetensors` or a sharded `model.safetensors.index.json` from `dir`.
+fn read_weights(dir: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let single = dir.join("model.safetensors");
+    let index = dir.join("model.safetensors.index.json");
+    let ck = |path: &Path, e: String| ModelError::Checkpoint {
+        path: path.display().to_string(),
+        msg: e,
+    };
+    if single.exists() {
+        return candle_core::safetensors::load(&single, device)
+            .map_err(|e| ck(&single, e.to_string()));
+    }
+    if index.exists() {
+        let text = std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| ck(&index, e.to_string()))?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| ck(&index, "no `weight_map` object".into()))?;
+        let mut files: Vec<&str> = map.values().filter_map(|f| f.as_str()).collect();
+        files.sort_unstable();
+        files.dedup();
+        let mut out = HashMap::new();
+        for f in files {
+            let p = dir.join(f);
+            if !p.exists() {
+                return Err(ck(
+                    &index,
+                    format!("shard `{f}` listed in weight_map is missing"),
+                ));
+            }
+            out.extend(
+                candle_core::safetensors::load(&p, device).map_err(|e| ck(&p, e.to_string()))?,
+            );
+        }
+        for name in map.keys() {
+            if !out.contains_key(name) {
+                return Err(ck(
+                    &index,
+                    format!("tensor `{name}` not found in its shard"),
+                ));
+            }
+        }
+        return Ok(out);
+    }
+    Err(ModelError::Checkpoint {
+        path: dir.display().to_string(),
+        msg: "neither model.safetensors nor model.safetensors.index.json found".into(),
+    })
+}
+
+/// Serialises tensors as one safetensors file (names sorted), f32/bf16/f16 only.
+pub(crate) fn safetensors_bytes(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
+    let mut sorted: Vec<&(String, Tensor)> = tensors.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut header = serde_json::Map::new();
+    let mut data: Vec<u8> = Vec::new();
+    for (name, t) in sorted {
+        let flat = t.flatten_all()?;
+        let (dt, bytes): (&str, Vec<u8>) = match t.dtype() {
+            DType::F32 => (
+                "F32",
+                flat.to_vec1::<f32>()?
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            ),
+            DType::BF16 => (
+                "BF16",
+                flat.to_vec1::<half::bf16>()?
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            ),
+            DType::F16 => (
+                "F16",
+                flat.to_vec1::<half::f16>()?
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            ),
+            DType::U32 => (
+                "U32",
+                flat.to_vec1::<u32>()?
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            ),
+            other => {
+                return Err(ModelError::input(format!(
+                    "cannot save tensor `{name}` of dtype {other:?}"
+                )))
+            }
+        };
+        let start = data.len();
+        data.extend_from_slice(&bytes);
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": dt, "shape": t.dims(), "data_offsets": [start, data.len()]}),
+        );
+    }
+    let mut h = serde_json::Value::Object(header).to_string().into_bytes();
+    // The format wants the data section 8-byte aligned.
+    while !h.len().is_multiple_of(8) {
+        h.push(b' ');
+    }
+    let mut out = Vec::with_capacity(8 + h.len() + data.len());
+    out.extend_from_slice(&(h.len() as u64).to_le_bytes());
+    out.extend_from_slice(&h);
+    out.extend_from_slice(&data);
+    Ok(out)
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    pairuni_data::atomic::write_atomic_bytes(path, bytes).map_err(|e| ModelError::Checkpoint {
+        path: path.display().to_string(),
+        msg: e.to_string(),
+    })
+}
+
+/// Left-pads rows to one length; returns (ids, validity).
+fn left_pad(rows: &[Vec<u32>], pad: u32) -> (Vec<Vec<u32>>, Vec<Vec<bool>>) {
+    let len = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+    let mut ids = Vec::with_capacity(rows.len());
+    let mut valid = Vec::with_capacity(rows.len());
+    for r in rows {
+        let n = len - r.len();
+        let mut row = vec![pad; n];
+        row.extend_from_slice(r);
+        let mut v = vec![false; n];
+        v.extend(std::iter::repeat_n(true, r.len()));
+        ids.push(row);
+        valid.push(v);
+    }
+    (ids, valid)
+}
+
+fn ids_tensor(rows: &[Vec<u32>], device: &Device) -> Result<Tensor> {
+    let b = rows.len();
+    let t = rows.first().map_or(0, |r| r.len());
+    let flat: Vec<u32> = rows.iter().flatten().copied().collect();
+    Ok(Tensor::from_vec(flat, (b, t), device)?)
+}
+
+impl Janus {
+    fn from_parts(
+        cfg: JanusConfig,
+        varmap: VarMap,
+        mode: ParamMode,
+        dtype: DType,
+        device: &Device,
+        tokenizer: Option<TextTokenizer>,
+        image_tokenizer: Option<ImageCodec>,
+    ) -> Result<Self> {
+        let p = Params {
+            store: &varmap,
+            prefix: String::new(),
+            mode: &mode,
+            dtype,
+            device,
+        };
+        let m = Modules::new(&cfg, &p)?;
+        Ok(Self {
+            cfg,
+            device: device.clone(),
+            dtype,
+            varmap,
+            m,
+            tokenizer,
+            image_tokenizer,
+        })
+    }
+
+    /// Loads `dir` (config.json + model.safetensors | model.safetensors.index.json [+ tokenizer.json]
+    /// [+ patch_codebook.safetensors]); weights are cast to `dtype`.
+    pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        let cfg_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
+        let cfg = JanusConfig::from_json_str(&text, &cfg_path.display().to_string())?;
+        let weights = read_weights(dir, device)?;
+        let varmap = VarMap::new();
+        {
+            let mut data = varmap.data().lock().expect("varmap lock");
+            for (name, t) in weights {
+                let t = if t.dtype().is_float() {
+                    t.to_dtype(dtype)?
+                } else {
+                    t
+                };
+                data.insert(name, Var::from_tensor(&t)?);
+            }
+        }
+        let tok_path = dir.join("tokenizer.json");
+        let tokenizer = if tok_path.exists() {
+            Some(TextTokenizer::load(&tok_path, &cfg)?)
+        } else {
+            None
+        };
+        let image_tokenizer = crate::image_codec::load_image_tokenizer(&cfg, dir, &varmap, device)?;
+        let mode = ParamMode::Load {
+            origin: dir.display().to_string(),
+        };
+        Self::from_parts(cfg, varmap, mode, dtype, device, tokenizer, image_tokenizer)
+    }
+
+    /// A model with seeded random weights for `cfg`, optional tokenizer and image tokenizer (tests, benchmarks).
+    pub fn new_random(
+        cfg: &JanusConfig,
+        tokenizer: Option<TextTokenizer>,
+        image_tokenizer: Option<ImageCodec>,
+        seed: u64,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        cfg.validate("<in-memory config>")?;
+        Self::from_parts(
+            cfg.clone(),
+            VarMap::new(),
+            ParamMode::Init { seed },
+            dtype,
+            device,
+            tokenizer,
+            image_tokenizer,
+        )
+    }
+
+    /// New toy model: word-level tokenizer from `words` (specials first), patch codebook learned from
+    /// `codebook_images`, seeded random init; `cfg` is usually `JanusConfig::toy(..)` (vocab and codebook sizes
+    /// are overwritten to match what was built).
+    pub fn new_toy(
+        cfg: &JanusConfig,
+        words: &[String],
+        codebook_images: &[RgbImage],
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
+        let tok = crate::tokenizer::build_toy_tokenizer(words)?;
+        let mut cfg = cfg.clone();
+        cfg.text_config.vocab_size = tok.get_vocab_size(true);
+        let codec = crate::image_codec::fit_patch_codebook(&cfg, codebook_images, seed, device)?;
+        cfg.vq_config.num_embeddings = codec.as_dyn().codebook_size();
+        Self::new_random(
+            &cfg,
+            Some(TextTokenizer::toy(tok)),
+            Some(codec),
+            seed,
+            device,
+            DType::F32,
+        )
+    }
+
+    /// Atomic save in the layout `load` reads: config.json, model.safetensors, tokenizer.json (if any), and the
+    /// image tokenizer's own files (patch_codebook.safetensors for the toy).
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+        let tensors: Vec<(String, Tensor)> = self
+            .all_vars()
+            .into_iter()
+            .map(|(n, v)| (n, v.as_tensor().clone()))
+            .collect();
+        write_atomic(
+            &dir.join("model.safetensors"),
+            &safetensors_bytes(&tensors)?,
+        )?;
+        // A stale index would shadow nothing (single file wins) but would confuse readers: remove it.
+        let _ = std::fs::remove_file(dir.join("model.safetensors.index.json"));
+        if let Some(tok) = &self.tokenizer {
+            let json = tok
+                .inner
+                .to_string(true)
+                .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+            write_atomic(&dir.join("tokenizer.json"), json.as_bytes())?;
+        }
+        if let Some(it) = &self.image_tokenizer {
+            crate::image_codec::save_image_tokenizer(it, dir)?;
+        }
+        let cfg = serde_json::to_string_pretty(&self.cfg).expect("config serialises");
+        // config.json last: a folder with a config is a complete checkpoint.
+        write_atomic(&dir.join("config.json"), cfg.as_bytes())?;
+        Ok(())
+    }
+
+    /// Architecture config.
+    pub fn config(&self) -> &JanusConfig {
+        &self.cfg
+    }
+    /// Device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+    /// Weight dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    /// The text tokenizer, if the checkpoint has one.
+    pub fn tokenizer(&self) -> Option<&TextTokenizer> {
+        self.tokenizer.as_ref()
+    }
+    /// The image tokenizer, if the checkpoint has one.
+    pub fn image_tokenizer(&self) -> Option<&dyn ImageTokenizer> {
+        self.image_tokenizer.as_ref().map(ImageCodec::as_dyn)
+    }
+
+    /// All variables, sorted by name (checkpointing).
+    pub fn all_vars(&self) -> Vec<(String, Var)> {
+        let data = self.varmap.data().lock().expect("varmap lock");
+        let mut v: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// Trainable variables for `sel`, sorted by name; the VQ tokenizer is never included.
+    pub fn trainable_vars(&self, sel: &ParamSelection) -> Vec<(String, Var)> {
+        self.all_vars()
+            .into_iter()
+            .filter(|(n, _)| !n.starts_with(VQ_PREFIX))
+            .filter(|(n, _)| match sel {
+                ParamSelection::All => true,
+                ParamSelection::LanguageModel => {
+                    n.starts_with("model.language_model.") || n.starts_with("lm_head.")
+                }
+                ParamSelection::Custom(prefixes) => {
+                    prefixes.iter().any(|p| n.starts_with(p.as_str()))
+                }
+            })
+            .collect()
+    }
+
+    /// Deep copy with its own storage (a frozen reference model for KL); tokenizers are shared by reload.
+    pub fn clone_frozen(&self) -> Result<Self> {
+        let varmap = VarMap::new();
+        {
+            let mut data = varmap.data().lock().expect("varmap lock");
+            for (n, v) in self.all_vars() {
+                data.insert(n, Var::from_tensor(&v.as_tensor().copy()?)?);
+            }
+        }
+        let image_tokenizer = self.image_tokenizer.clone();
+        Self::from_parts(
+            self.cfg.clone(),
+            varmap,
+            ParamMode::Load {
+                origin: "<clone>".into(),
+            },
+            self.dtype,
+            &self.device,
+            self.tokenizer.clone(),
+            image_tokenizer,
+        )
+    }
+
+    fn tok(&self) -> Result<&TextTokenizer> {
+        self.tokenizer
+            .as_ref()
+            .ok_or_else(|| ModelError::Tokenizer("checkpoint has no tokenizer.json".into()))
+    }
+
+    fn codec(&self) -> Result<&dyn ImageTokenizer> {
+        self.image_tokenizer
+            .as_ref()
+            .map(ImageCodec::as_dyn)
+            .ok_or_else(|| ModelError::input("checkpoint has no image tokenizer"))
+    }
+
+    // ---- prompting ----
+
+    /// Understanding prompt with the image placeholder slots.
+    pub fn understanding_prompt(&self, question: &str) -> Result<Vec<u32>> {
+        self.tok()?
+            .understanding_prompt(question, self.cfg.vision_config.num_image_tokens)
+    }
+    /// Generation prompt ending with begin-of-image.
+    pub fn generation_prompt(&self, prompt: &str) -> Result<Vec<u32>> {
+        self.tok()?.generation_prompt(prompt)
+    }
+    /// Plain tokens (answers, captions).
+    pub fn encode_text(&self, text: &str) -> Result<Vec<u32>> {
+        self.tok()?.encode(text)
+    }
+    /// Text of ids, specials dropped.
+    pub fn decode_text(&self, ids: &[u32]) -> Result<String> {
+        self.tok()?.decode(ids)
+    }
+    /// The stop token of answers.
+    pub fn eos_token(&self) -> u32 {
+        self.tokenizer
+            .as_ref()
+            .map(|t| t.eos)
+            .or(self.cfg.text_config.eos_id())
+            .unwrap_or(0)
+    }
+    /// Token ids an answer may never contain: every special token except the stop token (padding, bos, the
+    /// image placeholder, begin/end of image, the toy separator and `<unk>`). An untrained or RL-drifted model
+    /// can otherwise emit an `<image>` placeholder, which decodes to nothing and breaks the next forward pass's
+    /// one-run-of-placeholders rule. Sampling and teacher forcing both apply this mask, so the policy whose
+    /// log-probs are recorded is the one that is sampled.
+    pub fn banned_answer_tokens(&self) -> Vec<u32> {
+        let eos = self.eos_token();
+        let mut ids = Vec::new();
+        if let Some(t) = &self.tokenizer {
+            ids.extend([t.pad, t.bos, t.image, t.boi, t.eoi]);
+            ids.extend(t.sep);
+            if t.template == crate::janus_config::PromptTemplate::Toy {
+                ids.extend(0..crate::tokenizer::TOY_SPECIALS.len() as u32);
+            }
+        } else {
+            ids.push(self.cfg.image_token_id);
+            ids.extend(self.cfg.text_config.pad_token_id);
+        }
+        let vocab = self.cfg.text_config.vocab_size as u32;
+        ids.retain(|&i| i != eos && i < vocab);
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
+    /// Additive logit mask of [`Janus::banned_answer_tokens`]: 0, or a large negative number (not −∞, so
+    /// `0 × log p` stays 0 in the entropy).
+    fn answer_logit_bias(&self, vocab: usize) -> Vec<f32> {
+        let mut bias = vec![0f32; vocab];
+        for id in self.banned_answer_tokens() {
+            if let Some(b) = bias.get_mut(id as usize) {
+                *b = BANNED_LOGIT;
+            }
+        }
+        bias
+    }
+
+    fn pad_token(&self) -> u32 {
+        self.tokenizer
+            .as_ref()
+            .map(|t| t.pad)
+            .or(self.cfg.text_config.pad_token_id)
+            .unwrap_or(0)
+    }
+    /// Codes per generated image (576 for Janus-Pro, 64 for the toy).
+    pub fn image_tokens_per_image(&self) -> usize {
+        self.image_tokenizer
+            .as_ref()
+            .map(|t| t.as_dyn().tokens_per_image())
+            .unwrap_or_else(|| self.cfg.image_tokens_per_image())
+    }
+    /// Pixels [3, S, S] f32 in model space ((x/255 − 0.5)/0.5) at the vision encoder's size (resized if needed).
+    pub fn preprocess_image(&self, img: &RgbImage) -> Result<Tensor> {
+        let s = self.cfg.vision_config.image_size as u32;
+        let resized;
+        let img = if img.width() != s || img.height() != s {
+            resized = image::imageops::resize(img, s, s, image::imageops::FilterType::CatmullRom);
+            &resized
+        } else {
+            img
+        };
+        let t = crate::image_tokenizer::rgb_to_pixels(std::slice::from_ref(img), &self.device)
+            .map_err(|e| ModelError::input(e.to_string()))?;
+        Ok(t.squeeze(0)?)
+    }
+
+    // ---- forward pieces ----
+
+    /// Aligned image features [B, N, H] for pixels [B, 3, S, S].
+    pub fn image_features(&self, pixels: &Tensor) -> Result<Tensor> {
+        let v = self.m.vision.forward(pixels)?;
+        self.m.aligner.forward(&v)
+    }
+
+    /// Vision encoder output before the aligner [B, N, E] (parity checks).
+    pub fn vision_hidden(&self, pixels: &Tensor) -> Result<Tensor> {
+        self.m.vision.forward(pixels)
+    }
+
+    /// Token embeddings of equal-length `rows`, with image features scattered into each row's placeholder run.
+    fn embed_rows(&self, rows: &[Vec<u32>], pixels: Option<&Tensor>) -> Result<Tensor> {
+        let ids = ids_tensor(rows, &self.device)?;
+        let emb = self.m.lm.embed(&ids)?;
+        let Some(px) = pixels else {
+            return Ok(emb);
+        };
+        let feats = self.image_features(px)?.to_dtype(emb.dtype())?;
+        let n = feats.dim(1)?;
+        let img = self.cfg.image_token_id;
+        let mut out = Vec::with_capacity(rows.len());
+        for (b, row) in rows.iter().enumerate() {
+            let start = row.iter().position(|&t| t == img);
+            let count = row.iter().filter(|&&t| t == img).count();
+            let Some(s) = start.filter(|&s| count == n && row[s..s + n].iter().all(|&t| t == img))
+            else {
+                return Err(ModelError::input(format!(
+                    "row {b}: expected one run of {n} image placeholder tokens (id {img}), found {count}"
+                )));
+            };
+            let e = emb.get(b)?;
+            let t = row.len();
+            let mut parts = Vec::with_capacity(3);
+            if s > 0 {
+                parts.push(e.narrow(0, 0, s)?);
+            }
+            parts.push(feats.get(b)?);
+            if s + n < t {
+                parts.push(e.narrow(0, s + n, t - s - n)?);
+            }
+            out.push(Tensor::cat(&parts, 0)?);
+        }
+        Ok(Tensor::stack(&out, 0)?)
+    }
+
+    /// Text logits [B, T, V] f32 for unpadded equal-length `rows` (optionally with images), one full pass.
+    pub fn text_logits(&self, rows: &[Vec<u32>], pixels: Option<&Tensor>) -> Result<Tensor> {
+        let emb = self.embed_rows(rows, pixels)?;
+        let valid = vec![vec![true; emb.dim(1)?]; rows.len()];
+        let (h, _) = self
+            .m
+            .lm
+            .forward(&emb, &valid, &self.m.lm.empty_cache(rows.len()))?;
+        self.lm_logits(&h)
+    }
+
+    fn lm_logits(&self, h: &Tensor) -> Result<Tensor> {
+        // 2-D matmul against the transposed head: broadcast_matmul would materialise a copy of the
+        // [H, V] head per batch row (800 MB each at Janus-Pro-1B shapes).
+        let dims = h.dims().to_vec();
+        let hidden = *dims.last().expect("rank ≥ 1");
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let logits = h.reshape((rows, hidden))?.matmul(&self.m.lm_head.t()?)?;
+        let mut out = dims;
+        *out.last_mut().expect("rank ≥ 1") = self.m.lm_head.dim(0)?;
+        Ok(logits.reshape(out)?.to_dtype(DType::F32)?)
+    }
+
+    /// Generation-head logits (f32) for hidden states [.., H].
+    pub fn gen_head(&self, h: &Tensor) -> Result<Tensor> {
+        let x = self.m.gen_proj.forward(h)?;
+        let x = self.m.gen_out.forward(&self.m.gen_act.apply(&x)?)?;
+        Ok(x.to_dtype(DType::F32)?)
+    }
+
+    /// gen_aligner(gen_embed(codes)) for codes [B, N] (u32) → [B, N, H].
+    pub fn code_embeddings(&self, codes: &Tensor) -> Result<Tensor> {
+        let (b, n) = codes.dims2()?;
+        let e = self.m.gen_embed.index_select(&codes.flatten_all()?, 0)?;
+        let e = e.reshape((b, n, self.cfg.vq_config.embed_dim))?;
+        self.m.gen_aligner.forward(&e)
+    }
+
+    /// Generation-head logits [B, L+N, K] f32 for unpadded equal-length prompts followed by codes (one pass).
+    pub fn gen_logits(&self, prompts: &[Vec<u32>], codes: &[Vec<u32>]) -> Result<Tensor> {
+        let p = self.m.lm.embed(&ids_tensor(prompts, &self.device)?)?;
+        let emb = if codes.first().is_some_and(|c| !c.is_empty()) {
+            let c = self.code_embeddings(&ids_tensor(codes, &self.device)?)?;
+            Tensor::cat(&[p, c.to_dtype(self.dtype)?], 1)?
+        } else {
+            p
+        };
+        let valid = vec![vec![true; emb.dim(1)?]; prompts.len()];
+        let (h, _) = self
+            .m
+            .lm
+            .forward(&emb, &valid, &self.m.lm.empty_cache(prompts.len()))?;
+        self.gen_head(&h)
+    }
+
+    /// The decoder on embeddings with an explicit cache (incremental decoding for callers and tests).
+    pub fn decoder_step(
+        &self,
+        emb: &Tensor,
+        valid: &[Vec<bool>],
+        cache: &KvCache,
+    ) -> Result<(Tensor, KvCache)> {
+        self.m.lm.forward(emb, valid, cache)
+    }
+    /// An empty KV cache for `batch` rows.
+    pub fn empty_cache(&self, batch: usize) -> KvCache {
+        self.m.lm.empty_cache(batch)
+    }
+    /// Token embeddings [B, T, H] of `rows` (equal length, no images).
+    pub fn token_embeddings(&self, rows: &[Vec<u32>]) -> Result<Tensor> {
+        self.m.lm.embed(&ids_tensor(rows, &self.device)?)
+    }
+    /// lm_head logits (f32) of hidden states.
+    pub fn text_head(&self, h: &Tensor) -> Result<Tensor> {
+        self.lm_logits(h)
+    }
+
+    // ---- sampling ----
+
+    /// Samples one answer per (image, question); rows are batched with left padding.
+    pub fn sample_answers(
+        &self,
+        images: &[RgbImage],
+        questions: &[String],
+        s: &TextSampling,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Vec<TextRollout>> {
+        if images.len() != questions.len() {
+            return Err(ModelError::input(format!(
+                "{} images but {} questions",
+                images.len(),
+                questions.len()
+            )));
+        }
+        let pixels = images
+            .iter()
+            .map(|i| self.preprocess_image(i))
+            .collect::<Result<Vec<_>>>()?;
+        let prompts = questions
+            .iter()
+            .map(|q| self.understanding_prompt(q))
+            .collect::<Result<Vec<_>>>()?;
+        self.sample_answers_ids(&pixels, &prompts, s, rng)
+    }
+
+    /// `sample_answers` on preprocessed pixels [3, S, S] and prompt ids (custom templates).
+    pub fn sample_answers_ids(
+        &self,
+        pixels: &[Tensor],
+        prompts: &[Vec<u32>],
+        s: &TextSampling,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Vec<TextRollout>> {
+        let b = prompts.len();
+        if b == 0 {
+            return Ok(Vec::new());
+        }
+        if pixels.len() != b {
+            return Err(ModelError::input(format!(
+                "{} images but {b} prompts",
+                pixels.len()
+            )));
+        }
+        if !s.greedy && s.temperature <= 0.0 {
+            return Err(ModelError::input(
+                "text temperature must be > 0 unless greedy",
+            ));
+        }
+        let t_lp = s.logprob_temperature();
+        let eos = self.eos_token();
+        let pad = self.pad_token();
+        let (rows, valid) = left_pad(prompts, pad);
+        let px = Tensor::stack(pixels, 0)?;
+        let emb = self.embed_rows(&rows, Some(&px))?.detach();
+        let (h, mut cache) = self.m.lm.forward(&emb, &valid, &self.m.lm.empty_cache(b))?;
+        let mut last = last_position(&h)?.detach();
+        cache = cache.detach();
+        let mut answers: Vec<Vec<u32>> = vec![Vec::new(); b];
+        let mut lps: Vec<Vec<f32>> = vec![Vec::new(); b];
+        let mut done = vec![false; b];
+        let mut bias: Vec<f32> = Vec::new();
+        for step in 0..s.max_new_tokens {
+            let mut logits = self.lm_logits(&last)?.to_vec2::<f32>()?;
+            if bias.is_empty() {
+                bias = self.answer_logit_bias(logits.first().map_or(0, Vec::len));
+            }
+            for row in &mut logits {
+                for (l, b) in row.iter_mut().zip(&bias) {
+                    *l += *b;
+                }
+            }
+            let mut next = vec![pad; b];
+            for r in 0..b {
+                if done[r] {
+                    continue;
+                }
+                let tok = if s.greedy {
+                    argmax(&logits[r])
+                } else {
+                    sample_index(&logits[r], s.temperature, s.top_p, rng)
+                };
+                lps[r].push(log_softmax_t(&logits[r], t_lp)[tok]);
+                answers[r].push(tok as u32);
+                next[r] = tok as u32;
+                if tok as u32 == eos {
+                    done[r] = true;
+                }
+            }
+            if done.iter().all(|&d| d) || step + 1 == s.max_new_tokens {
+                break;
+            }
+            // Finished rows (including one that just sampled eos) feed padding, which is masked out.
+            let step_valid: Vec<Vec<bool>> = done.iter().map(|&d| vec![!d]).collect();
+            let rows: Vec<Vec<u32>> = next.iter().map(|&t| vec![t]).collect();
+            let emb = self.m.lm.embed(&ids_tensor(&rows, &self.device)?)?;
+            let (h, c) = self.m.lm.forward(&emb, &step_valid, &cache)?;
+            cache = c.detach();
+            last = last_position(&h)?.detach();
+        }
+        let mut out = Vec::with_capacity(b);
+        for r in 0..b {
+            let ids = &answers[r];
+            let text_ids: Vec<u32> = ids.iter().copied().filter(|&t| t != eos).collect();
+            out.push(TextRollout {
+                image: pixels[r].clone(),
+                prompt_ids: prompts[r].clone(),
+                answer_ids: ids.clone(),
+                logprobs: std::mem::take(&mut lps[r]),
+                text: self.decode_text(&text_ids).unwrap_or_default(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Samples one image per prompt with classifier-free guidance (METHOD.md §3).
+    pub fn sample_images(
+        &self,
+        prompts: &[String],
+        s: &ImageSampling,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Vec<ImageRollout>> {
+        let ids = prompts
+            .iter()
+            .map(|p| self.generation_prompt(p))
+            .collect::<Result<Vec<_>>>()?;
+        self.sample_images_ids(&ids, s, rng)
+    }
+
+    /// Unconditional copy of a (left-padded) prompt row: every real token except the first and the last → pad.
+    fn uncond_row(row: &[u32], valid: &[bool], pad: u32) -> Vec<u32> {
+        let first = valid.iter().position(|&v| v).unwrap_or(0);
+        let last = row.len().saturating_sub(1);
+        row.iter()
+            .enumerate()
+            .map(|(i, &t)| {
+                if i == first || i == last || !valid[i] {
+                    t
+                } else {
+                    pad
+                }
+            })
+            .collect()
+    }
+
+    /// `sample_images` on prompt ids (each ending with begin-of-image).
+    pub fn sample_images_ids(
+        &self,
+        prompts: &[Vec<u32>],
+        s: &ImageSampling,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Vec<ImageRollout>> {
+        self.sample_image_codes(prompts, s, self.image_tokens_per_image(), rng)
+    }
+
+    /// `sample_images_ids` stopping after the first `n` codes (benchmarks; rollouts need the full count).
+    pub fn sample_image_codes(
+        &self,
+        prompts: &[Vec<u32>],
+        s: &ImageSampling,
+        n: usize,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Vec<ImageRollout>> {
+        let p = prompts.len();
+        if p == 0 || n == 0 {
+            return Ok(prompts
+                .iter()
+                .map(|pr| ImageRollout {
+                    prompt_ids: pr.clone(),
+                    codes: vec![],
+                    logprobs: vec![],
+                })
+                .collect());
+        }
+        if prompts.iter().any(|r| r.len() < 2) {
+            return Err(ModelError::input(
+                "generation prompts need at least bos and begin-of-image",
+            ));
+        }
+        let pad = self.pad_token();
+        let (rows, valid) = left_pad(prompts, pad);
+        let mut all_rows = rows.clone();
+        for (r, v) in rows.iter().zip(&valid) {
+            all_rows.push(Self::uncond_row(r, v, pad));
+        }
+        let mut all_valid = valid.clone();
+        all_valid.extend(valid.iter().cloned());
+        let emb = self.m.lm.embed(&ids_tensor(&all_rows, &self.device)?)?;
+        let (h, cache) = self
+            .m
+            .lm
+            .forward(&emb, &all_valid, &self.m.lm.empty_cache(2 * p))?;
+        let mut cache = cache.detach();
+        let mut last = last_position(&h)?.detach();
+        let w = s.cfg_weight as f32;
+        let lp_t = if s.temperature > 0.0 {
+            s.temperature
+        } else {
+            1.0
+        };
+        let mut codes: Vec<Vec<u32>> = vec![Vec::with_capacity(n); p];
+        let mut lps: Vec<Vec<f32>> = vec![Vec::with_capacity(n); p];
+        let step_valid = vec![vec![true]; 2 * p];
+        for k in 0..n {
+            let logits = self.gen_head(&last)?.to_vec2::<f32>()?;
+            let mut step_codes = Vec::with_capacity(2 * p);
+            for r in 0..p {
+                let (lc, lu) = (&logits[r], &logits[p + r]);
+                let mixed: Vec<f32> = lc.iter().zip(lu).map(|(&c, &u)| u + w * (c - u)).collect();
+                let code = sample_index(&mixed, s.temperature, s.top_p, rng);
+                lps[r].push(log_softmax_t(lc, lp_t)[code]);
+                codes[r].push(code as u32);
+                step_codes.push(code as u32);
+            }
+            if k + 1 == n {
+                break;
+            }
+            // The same code goes to the conditional and the unconditional row.
+            let both: Vec<u32> = step_codes
+                .iter()
+                .chain(step_codes.iter())
+                .copied()
+                .collect();
+            let ct = Tensor::from_vec(both, (2 * p, 1), &self.device)?;
+            let emb = self.code_embeddings(&ct)?.to_dtype(self.dtype)?;
+            let (h, c) = self.m.lm.forward(&emb, &step_valid, &cache)?;
+            cache = c.detach();
+            last = last_position(&h)?.detach();
+        }
+        Ok(prompts
+            .iter()
+            .zip(codes)
+            .zip(lps)
+            .map(|((pr, c), l)| ImageRollout {
+                prompt_ids: pr.clone(),
+                codes: c,
+                logprobs: l,
+            })
+            .collect())
+    }
+
+    /// Images for code sequences (image tokenizer decode).
+    pub fn decode_codes(&self, codes: &[Vec<u32>]) -> Result<Vec<RgbImage>> {
+        self.codec()?
+            .decode(codes)
+            .map_err(|e| ModelError::input(format!("decoding image codes: {e}")))
+    }
+
+    /// Codes of an image (image tokenizer encode; SFT targets).
+    pub fn encode_image_codes(&self, img: &RgbImage) -> Result<Vec<u32>> {
+        let it = self.codec()?;
+        let s = it.image_size() as u32;
+        let resized;
+        let img = if img.width() != s || img.height() != s {
+            resized = image::imageops::resize(img, s, s, image::imageops::FilterType::CatmullRom);
+            &resized
+        } else {
+            img
+        };
+        it.encode(img)
+            .map_err(|e| ModelError::input(format!("encoding image: {e}")))
+    }
+
+    // ---- teacher forcing (differentiable) ----
+
+    /// Per-token log-probs [B, T_max] f32 of each rollout's answer at T = 1, and the mask [B, T_max].
+    pub fn answer_logprobs(&self, batch: &[TextRollout]) -> Result<(Tensor, Tensor)> {
+        self.answer_logprobs_at(batch, 1.0)
+    }
+
+    /// `answer_logprobs` under softmax(logits / temperature) (use the sampling temperature so ρ = 1 on-policy).
+    pub fn answer_logprobs_at(
+        &self,
+        batch: &[TextRollout],
+        temperature: f64,
+    ) -> Result<(Tensor, Tensor)> {
+        let (lp, mask, _) = self.answer_forward(batch, temperature, false)?;
+        Ok((lp, mask))
+    }
+
+    /// `answer_logprobs_at` plus per-token entropy [B, T_max] (detached, for metrics).
+    pub fn answer_logprobs_entropy(
+        &self,
+        batch: &[TextRollout],
+        temperature: f64,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (lp, mask, ent) = self.answer_forward(batch, temperature, true)?;
+        Ok((lp, mask, ent.expect("entropy requested")))
+    }
+
+    fn answer_forward(
+        &self,
+        batch: &[TextRollout],
+        temperature: f64,
+        entropy: bool,
+    ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+        let b = batch.len();
+        if b == 0 {
+            return Err(ModelError::input("answer_logprobs on an empty batch"));
+        }
+        if temperature <= 0.0 {
+            return Err(ModelError::input("log-prob temperature must be > 0"));
+        }
+        if let Some(i) = batch.iter().position(|r| r.answer_ids.is_empty()) {
+            return Err(ModelError::input(format!(
+                "rollout {i} has no answer tokens"
+            )));
+        }
+        let pad = self.pad_token();
+        let pmax = batch.iter().map(|r| r.prompt_ids.len()).max().unwrap_or(0);
+        let amax = batch.iter().map(|r| r.answer_ids.len()).max().unwrap_or(0);
+        // Row = left pad, prompt, answer (minus its last token, whose output is unused), right pad.
+        let width = pmax + amax - 1;
+        let mut rows = Vec::with_capacity(b);
+        let mut valid = Vec::with_capacity(b);
+        let mut targets = Vec::with_capacity(b * amax);
+        let mut mask = Vec::with_capacity(b * amax);
+        for r in batch {
+            let lpad = pmax - r.prompt_ids.len();
+            let mut row = vec![pad; lpad];
+            row.extend_from_slice(&r.prompt_ids);
+            row.extend_from_slice(&r.answer_ids[..r.answer_ids.len() - 1]);
+            let real = row.len() - lpad;
+            let mut v = vec![false; lpad];
+            v.extend(std::iter::repeat_n(true, real));
+            row.resize(width, pad);
+            v.resize(width, false);
+            rows.push(row);
+            valid.push(v);
+            for j in 0..amax {
+                targets.push(r.answer_ids.get(j).copied().unwrap_or(0));
+                mask.push(if j < r.answer_ids.len() { 1f32 } else { 0.0 });
+            }
+        }
+        let px = Tensor::stack(
+            &batch.iter().map(|r| r.image.clone()).collect::<Vec<_>>(),
+            0,
+        )?;
+        let emb = self.embed_rows(&rows, Some(&px))?;
+        let (h, _) = self.m.lm.forward(&emb, &valid, &self.m.lm.empty_cache(b))?;
+        let h = h.narrow(1, pmax - 1, amax)?;
+        let logits = (self.lm_logits(&h)? / temperature)?;
+        let bias = self.answer_logit_bias(logits.dim(D::Minus1)?);
+        let bias = Tensor::from_vec(bias, logits.dim(D::Minus1)?, &self.device)?;
+        let logits = logits.broadcast_add(&bias)?;
+        let logp = log_softmax_last(&logits)?;
+        let tgt = Tensor::from_vec(targets, (b, amax, 1), &self.device)?;
+        let lp = logp.gather(&tgt, D::Minus1)?.squeeze(D::Minus1)?;
+        let mask = Tensor::from_vec(mask, (b, amax), &self.device)?;
+        let lp = (lp * &mask)?;
+        let ent = if entropy {
+            let l = logp.detach();
+            Some(((l.exp()? * &l)?.sum(D::Minus1)?.neg()? * &mask)?)
+        } else {
+            None
+        };
+        Ok((lp, mask, ent))
+    }
+
+    /// Per-code log-probs [B, N] f32 of each image rollout's codes at T = 1 under `policy`.
+    pub fn image_logprobs(
+        &self,
+        batch: &[ImageRollout],
+        policy: CfgLogprobPolicy,
+    ) -> Result<Tensor> {
+        self.image_logprobs_at(batch, policy, 1.0)
+    }
+
+    /// `image_logprobs` under softmax(l / temperature) (use the sampling temperature so ρ = 1 on-policy).
+    pub fn image_logprobs_at(
+        &self,
+        batch: &[ImageRollout],
+        policy: CfgLogprobPolicy,
+        temperature: f64,
+    ) -> Result<Tensor> {
+        Ok(self.image_forward(batch, policy, temperature, false)?.0)
+    }
+
+    /// `image_logprobs_at` plus per-code entropy [B, N] (detached, for metrics).
+    pub fn image_logprobs_entropy(
+        &self,
+        batch: &[ImageRollout],
+        policy: CfgLogprobPolicy,
+        temperature: f64,
+    ) -> Result<(Tensor, Tensor)> {
+        let (lp, ent) = self.image_forward(batch, policy, temperature, true)?;
+        Ok((lp, ent.expect("entropy requested")))
+    }
+
+    fn image_forward(
+        &self,
+        batch: &[ImageRollout],
+        policy: CfgLogprobPolicy,
+        temperature: f64,
+        entropy: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let b = batch.len();
+        if b == 0 {
+            return Err(ModelError::input("image_logprobs on an empty batch"));
+        }
+        if temperature <= 0.0 {
+            return Err(ModelError::input("log-prob temperature must be > 0"));
+        }
+        let n = batch[0].codes.len();
+        if n == 0 || batch.iter().any(|r| r.codes.len() != n) {
+            return Err(ModelError::input(
+                "image rollouts must all have the same, non-zero number of codes",
+            ));
+        }
+        let k = self.cfg.vq_config.num_embeddings as u32;
+        if let Some(c) = batch.iter().flat_map(|r| r.codes.iter()).find(|&&c| c >= k) {
+            return Err(ModelError::input(format!(
+                "image code {c} ≥ codebook size {k}"
+            )));
+        }
+        let pad = self.pad_token();
+        let prompts: Vec<Vec<u32>> = batch.iter().map(|r| r.prompt_ids.clone()).collect();
+        let (rows, valid) = left_pad(&prompts, pad);
+        let pmax = rows[0].len();
+        let guided = match policy {
+            CfgLogprobPolicy::Conditional => None,
+            CfgLogprobPolicy::GuidedMix { cfg_weight } => Some(cfg_weight),
+        };
+        let (mut all_rows, mut all_valid) = (rows.clone(), valid.clone());
+        if guided.is_some() {
+            for (r, v) in rows.iter().zip(&valid) {
+                all_rows.push(Self::uncond_row(r, v, pad));
+            }
+            all_valid.extend(valid.iter().cloned());
+        }
+        let nb = all_rows.len();
+        // Codes 0..n−1 are inputs; the hidden state before code k scores code k (the last n positions of
+        // prompt + n−1 codes; METHOD.md §3's off-by-one).
+        let inputs: Vec<Vec<u32>> = batch.iter().map(|r| r.codes[..n - 1].to_vec()).collect();
+        let mut code_rows = inputs.clone();
+        if guided.is_some() {
+            code_rows.extend(inputs.iter().cloned());
+        }
+        let p_emb = self.m.lm.embed(&ids_tensor(&all_rows, &self.device)?)?;
+        let emb = if n > 1 {
+            let c = self.code_embeddings(&ids_tensor(&code_rows, &self.device)?)?;
+            Tensor::cat(&[p_emb, c.to_dtype(self.dtype)?], 1)?
+        } else {
+            p_emb
+        };
+        for v in all_valid.iter_mut() {
+            v.extend(std::iter::repeat_n(true, n - 1));
+        }
+        let (h, _) = self
+            .m
+            .lm
+            .forward(&emb, &all_valid, &self.m.lm.empty_cache(nb))?;
+        let h = h.narrow(1, pmax - 1, n)?;
+        let logits = self.gen_head(&h)?;
+        let logits = match guided {
+            None => logits,
+            Some(w) => {
+                let lc = logits.narrow(0, 0, b)?;
+                let lu = logits.narrow(0, b, b)?;
+                (&lu + ((lc - &lu)? * w)?)?
+            }
+        };
+        let logp = log_softmax_last(&(logits / temperature)?)?;
+        let flat: Vec<u32> = batch.iter().flat_map(|r| r.codes.iter().copied()).collect();
+        let tgt = Tensor::from_vec(flat, (b, n, 1), &self.device)?;
+        let lp = logp.gather(&tgt, D::Minus1)?.squeeze(D::Minus1)?;
+        let ent = if entropy {
+            let l = logp.detach();
+            Some((l.exp()? * &l)?.sum(D::Minus1)?.neg()?)
+        } else {
+            None
+        };
+        Ok((lp, ent))
+    }
+
+    /// Paths the checkpoint folder layout uses (for callers that copy checkpoints).
+    pub fn checkpoint_files(dir: &Path) -> Vec<PathBuf> {
+        [
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "patch_codebook.safetensors",
+        ]
+        .iter()
+        .map(|f| dir.join(f))
+        .filter(|p| p.exists())
+        .collect()
+    }
+
+    /// Which image tokenizer this checkpoint generates with.
+    pub fn image_tokenizer_kind(&self) -> ImageTokenizerKind {
+        self.cfg.pairuni.image_tokenizer
+    }
+}

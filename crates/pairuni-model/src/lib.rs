@@ -1,0 +1,36 @@
+//! Janus-Pro (and its toy-size twin) in candle: the model every pairuni stage drives.
+//!
+//! [`JanusConfig`] reads a Hugging Face `config.json`; [`Janus`] holds the weights as trainable candle `Var`s and
+//! offers prompting (chat templates, [`tokenizer`]), batched sampling of text answers and CFG image codes with an
+//! explicit KV cache ([`llama::KvCache`]), and differentiable teacher-forced log-probs for RL and SFT. The decoder
+//! ([`llama`]) and the understanding encoder ([`vision`]) use only basic tensor ops ([`layers`]) so every weight
+//! gets a gradient. Images become codes through an [`image_tokenizer::ImageTokenizer`]: Janus' VQ ([`vq`]) for real
+//! checkpoints, a k-means patch codebook ([`patch_codebook`]) for the toy world; [`image_codec`] picks one per
+//! checkpoint. [`config::ModelConfig`] is the `[model]` section of pairuni's TOML files.
+
+pub mod config;
+pub mod device;
+pub mod error;
+pub mod image_codec;
+pub mod image_tokenizer;
+pub mod janus;
+pub mod janus_config;
+pub(crate) mod layers;
+pub mod llama;
+pub mod patch_codebook;
+pub mod sampling;
+pub mod tokenizer;
+pub mod vision;
+pub mod vq;
+
+pub use candle_core::{DType, Device, Tensor, Var};
+pub use error::{ModelError, Result};
+pub use image_codec::ImageCodec;
+pub use janus::Janus;
+pub use janus_config::{ImageTokenizerKind, JanusConfig, PromptTemplate};
+pub use llama::KvCache;
+pub use pairuni_data::RgbImage;
+pub use sampling::{
+    CfgLogprobPolicy, ImageRollout, ImageSampling, ParamSelection, TextRollout, TextSampling,
+};
+pub use tokenizer::TextTokenizer;

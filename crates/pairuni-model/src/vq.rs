@@ -1,0 +1,579 @@
+//! The Janus VQ image tokenizer (VQGAN: conv encoder, nearest-code quantiser, conv decoder) in candle.
+//!
+//! Mirrors transformers' `JanusVQVAE` and loads its weights under `model.vqmodel.…`. The VQ is frozen in
+//! Janus training, so this module uses candle's fused ops freely and keeps no gradient path.
+//!
+//! Numerics follow transformers exactly, including one asymmetry: `encode` picks the code nearest (squared L2)
+//! to the latent among the *raw* codebook rows, while `decode` looks up the *L2-normalised* row.
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use pairuni_data::RgbImage;
+use serde::{Deserialize, Serialize};
+
+use crate::image_tokenizer::{
+    check_image_size, rgb_to_pixels, ImageTokenizer, ImageTokenizerError, Result,
+};
+
+/// GroupNorm groups in every VQ norm layer (fixed in the architecture).
+const GROUPS: usize = 32;
+/// GroupNorm epsilon in every VQ norm layer.
+const EPS: f64 = 1e-6;
+
+/// The `vq_config` section of a Hugging Face Janus `config.json` (fields the VQ model needs; others ignored).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct JanusVqConfig {
+    /// Code vector width (8 in Janus-Pro).
+    pub embed_dim: usize,
+    /// Codebook size (16384 in Janus-Pro).
+    pub num_embeddings: usize,
+    /// Encoder emits mean and variance (unsupported; Janus uses false).
+    pub double_latent: bool,
+    /// Channels between encoder/decoder and the quant convs.
+    pub latent_channels: usize,
+    /// Image channels in.
+    pub in_channels: usize,
+    /// Width of the first resolution level.
+    pub base_channels: usize,
+    /// Width multiplier per resolution level; `len - 1` downsamplings by 2.
+    pub channel_multiplier: Vec<usize>,
+    /// Residual blocks per encoder level (decoder levels have one more).
+    pub num_res_blocks: usize,
+    /// Image channels out.
+    pub out_channels: usize,
+    /// Code grid side (transformers sets it to vision image_size / patch_size).
+    pub num_patches: usize,
+}
+
+impl Default for JanusVqConfig {
+    fn default() -> Self {
+        // transformers' JanusVQVAEConfig defaults (Janus-Pro), with num_patches = 384 / 16.
+        Self {
+            embed_dim: 8,
+            num_embeddings: 16384,
+            double_latent: false,
+            latent_channels: 256,
+            in_channels: 3,
+            base_channels: 128,
+            channel_multiplier: vec![1, 1, 2, 2, 4],
+            num_res_blocks: 2,
+            out_channels: 3,
+            num_patches: 24,
+        }
+    }
+}
+
+impl JanusVqConfig {
+    /// Downsampling factor from pixels to codes.
+    pub fn downsample(&self) -> usize {
+        1 << self.channel_multiplier.len().saturating_sub(1)
+    }
+    /// Image side in pixels: code grid side × downsampling.
+    pub fn image_size(&self) -> usize {
+        self.num_patches * self.downsample()
+    }
+    /// Rejects configurations this implementation cannot run.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(ImageTokenizerError::Invalid(format!("vq_config: {m}")));
+        if self.double_latent {
+            return bad("double_latent = true is not supported (Janus uses false)".into());
+        }
+        if self.channel_multiplier.is_empty() {
+            return bad("channel_multiplier is empty".into());
+        }
+        for (i, m) in self.channel_multiplier.iter().enumerate() {
+            if !(m * self.base_channels).is_multiple_of(GROUPS) || *m == 0 {
+                return bad(format!(
+                    "channel_multiplier[{i}] × base_channels = {} is not a positive multiple of {GROUPS} (GroupNorm groups)",
+                    m * self.base_channels
+                ));
+            }
+        }
+        if !self.base_channels.is_multiple_of(GROUPS) {
+            return bad(format!(
+                "base_channels {} is not a multiple of {GROUPS}",
+                self.base_channels
+            ));
+        }
+        if self.embed_dim == 0
+            || self.num_embeddings == 0
+            || self.num_patches == 0
+            || self.num_res_blocks == 0
+        {
+            return bad(
+                "embed_dim, num_embeddings, num_patches and num_res_blocks must be positive".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+fn conv(
+    cin: usize,
+    cout: usize,
+    k: usize,
+    stride: usize,
+    padding: usize,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
+    let cfg = Conv2dConfig {
+        padding,
+        stride,
+        ..Default::default()
+    };
+    Ok(conv2d(cin, cout, k, cfg, vb)?)
+}
+
+fn norm(c: usize, vb: VarBuilder) -> Result<GroupNorm> {
+    Ok(group_norm(GROUPS, c, EPS, vb)?)
+}
+
+/// norm → SiLU → conv → norm → SiLU → conv, plus a (1×1 or 3×3) projected shortcut when widths differ.
+#[derive(Debug, Clone)]
+struct ResnetBlock {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    shortcut: Option<Conv2d>,
+}
+
+impl ResnetBlock {
+    fn new(cin: usize, cout: usize, vb: VarBuilder) -> Result<Self> {
+        let shortcut = if cin == cout {
+            None
+        } else if vb.contains_tensor("conv_shortcut.weight") {
+            Some(conv(cin, cout, 3, 1, 1, vb.pp("conv_shortcut"))?)
+        } else {
+            Some(conv(cin, cout, 1, 1, 0, vb.pp("nin_shortcut"))?)
+        };
+        Ok(Self {
+            norm1: norm(cin, vb.pp("norm1"))?,
+            conv1: conv(cin, cout, 3, 1, 1, vb.pp("conv1"))?,
+            norm2: norm(cout, vb.pp("norm2"))?,
+            conv2: conv(cout, cout, 3, 1, 1, vb.pp("conv2"))?,
+            shortcut,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
+        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let r = match &self.shortcut {
+            Some(s) => s.forward(x)?,
+            None => x.clone(),
+        };
+        Ok((r + h)?)
+    }
+}
+
+/// Single-head spatial self-attention over all positions, with 1×1-conv projections.
+#[derive(Debug, Clone)]
+struct AttnBlock {
+    norm: GroupNorm,
+    q: Conv2d,
+    k: Conv2d,
+    v: Conv2d,
+    proj_out: Conv2d,
+}
+
+impl AttnBlock {
+    fn new(c: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            norm: norm(c, vb.pp("norm"))?,
+            q: conv(c, c, 1, 1, 0, vb.pp("q"))?,
+            k: conv(c, c, 1, 1, 0, vb.pp("k"))?,
+            v: conv(c, c, 1, 1, 0, vb.pp("v"))?,
+            proj_out: conv(c, c, 1, 1, 0, vb.pp("proj_out"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let n = self.norm.forward(x)?;
+        let q = self
+            .q
+            .forward(&n)?
+            .reshape((b, c, h * w))?
+            .transpose(1, 2)?
+            .contiguous()?; // [B, HW, C]
+        let k = self.k.forward(&n)?.reshape((b, c, h * w))?.contiguous()?; // [B, C, HW]
+        let v = self.v.forward(&n)?.reshape((b, c, h * w))?.contiguous()?; // [B, C, HW]
+        let att = (q.matmul(&k)? * (c as f64).powf(-0.5))?; // [B, HW(query), HW(key)]
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        // out[c, i] = Σ_j v[c, j] att[i, j]
+        let out = v
+            .matmul(&att.transpose(1, 2)?.contiguous()?)?
+            .reshape((b, c, h, w))?;
+        Ok((x + self.proj_out.forward(&out)?)?)
+    }
+}
+
+/// resnet → attention → resnet at the lowest resolution.
+#[derive(Debug, Clone)]
+struct MidBlock {
+    block_1: ResnetBlock,
+    attn_1: AttnBlock,
+    block_2: ResnetBlock,
+}
+
+impl MidBlock {
+    fn new(c: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            block_1: ResnetBlock::new(c, c, vb.pp("block_1"))?,
+            attn_1: AttnBlock::new(c, vb.pp("attn_1"))?,
+            block_2: ResnetBlock::new(c, c, vb.pp("block_2"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = self.block_1.forward(x)?;
+        let x = self.attn_1.forward(&x)?;
+        self.block_2.forward(&x)
+    }
+}
+
+/// One resolution level: resnet blocks, each optionally followed by attention, then a resampling conv.
+#[derive(Debug, Clone)]
+struct Level {
+    blocks: Vec<ResnetBlock>,
+    attns: Vec<AttnBlock>,
+    resample: Option<Conv2d>,
+}
+
+impl Level {
+    fn forward_blocks(&self, mut x: Tensor) -> Result<Tensor> {
+        for (i, b) in self.blocks.iter().enumerate() {
+            x = b.forward(&x)?;
+            if let Some(a) = self.attns.get(i) {
+                x = a.forward(&x)?;
+            }
+        }
+        Ok(x)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Encoder {
+    conv_in: Conv2d,
+    down: Vec<Level>,
+    mid: MidBlock,
+    norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+impl Encoder {
+    fn new(cfg: &JanusVqConfig, vb: VarBuilder) -> Result<Self> {
+        let base = cfg.base_channels;
+        let levels = cfg.channel_multiplier.len();
+        let conv_in = conv(cfg.in_channels, base, 3, 1, 1, vb.pp("conv_in"))?;
+        let mut down = Vec::with_capacity(levels);
+        let mut block_in = base;
+        for (i, &m) in cfg.channel_multiplier.iter().enumerate() {
+            let vbl = vb.pp(format!("down.{i}"));
+            let block_out = base * m;
+            let mut blocks = Vec::new();
+            let mut attns = Vec::new();
+            for j in 0..cfg.num_res_blocks {
+                blocks.push(ResnetBlock::new(
+                    block_in,
+                    block_out,
+                    vbl.pp(format!("block.{j}")),
+                )?);
+                block_in = block_out;
+                if i == levels - 1 {
+                    attns.push(AttnBlock::new(block_in, vbl.pp(format!("attn.{j}")))?);
+                }
+            }
+            let resample = if i != levels - 1 {
+                Some(conv(
+                    block_in,
+                    block_in,
+                    3,
+                    2,
+                    0,
+                    vbl.pp("downsample.conv"),
+                )?)
+            } else {
+                None
+            };
+            down.push(Level {
+                blocks,
+                attns,
+                resample,
+            });
+        }
+        Ok(Self {
+            conv_in,
+            down,
+            mid: MidBlock::new(block_in, vb.pp("mid"))?,
+            norm_out: norm(block_in, vb.pp("norm_out"))?,
+            conv_out: conv(block_in, cfg.latent_channels, 3, 1, 1, vb.pp("conv_out"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut h = self.conv_in.forward(x)?;
+        for level in &self.down {
+            h = level.forward_blocks(h)?;
+            if let Some(d) = &level.resample {
+                // Stride-2 conv with zero padding on the right and bottom only (asymmetric, as the reference).
+                h = d.forward(&h.pad_with_zeros(D::Minus1, 0, 1)?.pad_with_zeros(
+                    D::Minus2,
+                    0,
+                    1,
+                )?)?;
+            }
+        }
+        let h = self.mid.forward(&h)?;
+        let h = self.norm_out.forward(&h)?.silu()?;
+        Ok(self.conv_out.forward(&h)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Decoder {
+    conv_in: Conv2d,
+    mid: MidBlock,
+    up: Vec<Level>,
+    norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+impl Decoder {
+    fn new(cfg: &JanusVqConfig, vb: VarBuilder) -> Result<Self> {
+        let base = cfg.base_channels;
+        let levels = cfg.channel_multiplier.len();
+        let mut block_in = base * cfg.channel_multiplier[levels - 1];
+        let conv_in = conv(cfg.latent_channels, block_in, 3, 1, 1, vb.pp("conv_in"))?;
+        let mid = MidBlock::new(block_in, vb.pp("mid"))?;
+        // `up.0` is the lowest resolution (last multiplier) and is run first.
+        let mut up = Vec::with_capacity(levels);
+        for (i, level) in (0..levels).rev().enumerate() {
+            let vbl = vb.pp(format!("up.{i}"));
+            let block_out = base * cfg.channel_multiplier[level];
+            let mut blocks = Vec::new();
+            let mut attns = Vec::new();
+            for j in 0..=cfg.num_res_blocks {
+                blocks.push(ResnetBlock::new(
+                    block_in,
+                    block_out,
+                    vbl.pp(format!("block.{j}")),
+                )?);
+                block_in = block_out;
+                if level == levels - 1 {
+                    attns.push(AttnBlock::new(block_in, vbl.pp(format!("attn.{j}")))?);
+                }
+            }
+            let resample = if level != 0 {
+                Some(conv(block_in, block_in, 3, 1, 1, vbl.pp("upsample.conv"))?)
+            } else {
+                None
+            };
+            up.push(Level {
+                blocks,
+                attns,
+                resample,
+            });
+        }
+        Ok(Self {
+            conv_in,
+            mid,
+            up,
+            norm_out: norm(block_in, vb.pp("norm_out"))?,
+            conv_out: conv(block_in, cfg.out_channels, 3, 1, 1, vb.pp("conv_out"))?,
+        })
+    }
+
+    fn forward(&self, z: &Tensor) -> Result<Tensor> {
+        let h = self.conv_in.forward(z)?;
+        let mut h = self.mid.forward(&h)?;
+        for level in &self.up {
+            h = level.forward_blocks(h)?;
+            if let Some(u) = &level.resample {
+                let (_, _, hh, ww) = h.dims4()?;
+                h = u.forward(&h.upsample_nearest2d(hh * 2, ww * 2)?)?;
+            }
+        }
+        let h = self.norm_out.forward(&h)?.silu()?;
+        Ok(self.conv_out.forward(&h)?)
+    }
+}
+
+/// The Janus VQ model: image ⇄ `num_patches²` codes.
+#[derive(Debug, Clone)]
+pub struct JanusVq {
+    cfg: JanusVqConfig,
+    encoder: Encoder,
+    quant_conv: Conv2d,
+    /// Raw codebook `[K, D]` in f32 (encode compares against it).
+    codebook: Tensor,
+    /// Squared norms of the raw rows `[K]` f32.
+    codebook_sq: Tensor,
+    /// L2-normalised codebook `[K, D]` in the model dtype (decode looks rows up here).
+    codebook_unit: Tensor,
+    post_quant_conv: Conv2d,
+    decoder: Decoder,
+    device: Device,
+    dtype: DType,
+}
+
+impl JanusVq {
+    /// Builds the model from weights under `vb` (point it at `model.vqmodel`); dtype and device come from `vb`.
+    pub fn new(cfg: &JanusVqConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()?;
+        let encoder = Encoder::new(cfg, vb.pp("encoder"))?;
+        let quant_conv = conv(
+            cfg.latent_channels,
+            cfg.embed_dim,
+            1,
+            1,
+            0,
+            vb.pp("quant_conv"),
+        )?;
+        let emb = vb
+            .pp("quantize.embedding")
+            .get((cfg.num_embeddings, cfg.embed_dim), "weight")?;
+        let codebook = emb.to_dtype(DType::F32)?;
+        let codebook_sq = codebook.sqr()?.sum(1)?;
+        // F.normalize: x / max(‖x‖, 1e-12)
+        let norms = codebook
+            .sqr()?
+            .sum_keepdim(1)?
+            .sqrt()?
+            .clamp(1e-12f32, f32::MAX)?;
+        let codebook_unit = codebook.broadcast_div(&norms)?.to_dtype(vb.dtype())?;
+        let post_quant_conv = conv(
+            cfg.embed_dim,
+            cfg.latent_channels,
+            1,
+            1,
+            0,
+            vb.pp("post_quant_conv"),
+        )?;
+        let decoder = Decoder::new(cfg, vb.pp("decoder"))?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            encoder,
+            quant_conv,
+            codebook,
+            codebook_sq,
+            codebook_unit,
+            post_quant_conv,
+            decoder,
+            device: vb.device().clone(),
+            dtype: vb.dtype(),
+        })
+    }
+
+    /// The configuration this model was built with.
+    pub fn config(&self) -> &JanusVqConfig {
+        &self.cfg
+    }
+
+    /// Pixels `[B, 3, H, W]` (model space) → pre-quantisation latent `[B, embed_dim, h, w]` (after `quant_conv`).
+    pub fn encode_latent(&self, pixels: &Tensor) -> Result<Tensor> {
+        let x = pixels.to_device(&self.device)?.to_dtype(self.dtype)?;
+        let h = self.encoder.forward(&x)?;
+        Ok(self.quant_conv.forward(&h)?)
+    }
+
+    /// Latent `[B, D, h, w]` → codes `[B, h*w]` u32: nearest raw codebook row, computed in f32.
+    pub fn quantize(&self, latent: &Tensor) -> Result<Tensor> {
+        let (b, d, h, w) = latent.dims4()?;
+        if d != self.cfg.embed_dim {
+            return Err(ImageTokenizerError::Invalid(format!(
+                "latent has {d} channels, codebook vectors have {}",
+                self.cfg.embed_dim
+            )));
+        }
+        let z = latent
+            .to_dtype(DType::F32)?
+            .permute((0, 2, 3, 1))?
+            .reshape((b * h * w, d))?;
+        // ‖z‖² + ‖e‖² − 2 z·e, the same expansion the reference uses, so near-ties break the same way.
+        let zz = z.sqr()?.sum_keepdim(1)?;
+        let ze = z.matmul(&self.codebook.t()?)?;
+        let dist = zz
+            .broadcast_add(&self.codebook_sq.unsqueeze(0)?)?
+            .broadcast_sub(&(ze * 2.0)?)?;
+        Ok(dist.argmin(1)?.to_dtype(DType::U32)?.reshape((b, h * w))?)
+    }
+
+    /// Pixels `[B, 3, H, W]` (model space) → codes `[B, N]` u32.
+    pub fn encode_pixels(&self, pixels: &Tensor) -> Result<Tensor> {
+        let (_, c, h, w) = pixels.dims4()?;
+        let s = self.cfg.image_size();
+        if c != self.cfg.in_channels || h != s || w != s {
+            return Err(ImageTokenizerError::Invalid(format!(
+                "pixels are {c}x{h}x{w}, the VQ expects {}x{s}x{s}",
+                self.cfg.in_channels
+            )));
+        }
+        self.quantize(&self.encode_latent(pixels)?)
+    }
+
+    /// Codes `[B, N]` (any integer dtype) → pixels `[B, 3, H, W]` f32 in model space (unclamped).
+    pub fn decode_codes(&self, codes: &Tensor) -> Result<Tensor> {
+        let (b, n) = codes.dims2()?;
+        let g = self.cfg.num_patches;
+        if n != g * g {
+            return Err(ImageTokenizerError::Invalid(format!(
+                "expected {} codes per image, got {n}",
+                g * g
+            )));
+        }
+        let idx = codes
+            .to_device(&self.device)?
+            .to_dtype(DType::U32)?
+            .flatten_all()?;
+        let max = idx.max(0)?.to_scalar::<u32>()?;
+        if max as usize >= self.cfg.num_embeddings {
+            return Err(ImageTokenizerError::Invalid(format!(
+                "code {max} is out of range (codebook size {})",
+                self.cfg.num_embeddings
+            )));
+        }
+        let q = self.codebook_unit.index_select(&idx, 0)?; // [B*N, D]
+        let q = q
+            .reshape((b, g, g, self.cfg.embed_dim))?
+            .permute((0, 3, 1, 2))?
+            .contiguous()?;
+        let h = self.post_quant_conv.forward(&q)?;
+        Ok(self.decoder.forward(&h)?.to_dtype(DType::F32)?)
+    }
+}
+
+impl ImageTokenizer for JanusVq {
+    fn encode_batch(&self, imgs: &[RgbImage]) -> Result<Vec<Vec<u32>>> {
+        if imgs.is_empty() {
+            return Ok(Vec::new());
+        }
+        for img in imgs {
+            check_image_size(img, self.image_size())?;
+        }
+        let px = rgb_to_pixels(imgs, &self.device)?;
+        Ok(self.encode_pixels(&px)?.to_vec2::<u32>()?)
+    }
+
+    fn decode_tensor(&self, codes: &Tensor) -> Result<Tensor> {
+        self.decode_codes(codes)
+    }
+
+    fn codebook_size(&self) -> usize {
+        self.cfg.num_embeddings
+    }
+
+    fn grid(&self) -> (usize, usize) {
+        (self.cfg.num_patches, self.cfg.num_patches)
+    }
+
+    fn image_size(&self) -> usize {
+        self.cfg.image_size()
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+}

@@ -1,0 +1,74 @@
+//! Shared helpers for the model tests: a toy model built in memory from a small word list and random scenes.
+
+#![allow(dead_code)]
+
+use pairuni_model::{Device, Janus, JanusConfig, RgbImage};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// A small word list standing in for `pairuni_toyworld::vocabulary()`.
+pub fn words() -> Vec<String> {
+    "a an the red green blue yellow circle square triangle circles squares triangles how many are there is \
+     what color of left right above below yes no one two three four 0 1 2 3 4 ? . , : A B C D and draw"
+        .split_whitespace()
+        .map(String::from)
+        .collect()
+}
+
+/// 32×32 images of flat rectangles on a light background.
+pub fn scenes(n: usize, seed: u64) -> Vec<RgbImage> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let palette = [
+        [220u8, 40, 40],
+        [40, 180, 60],
+        [40, 60, 200],
+        [230, 210, 40],
+    ];
+    (0..n)
+        .map(|_| {
+            let mut img = RgbImage::from_pixel(32, 32, image::Rgb([235, 235, 230]));
+            for _ in 0..rng.random_range(1..4) {
+                let c = palette[rng.random_range(0..palette.len())];
+                let (x0, y0) = (rng.random_range(0..24u32), rng.random_range(0..24u32));
+                let (w, h) = (rng.random_range(4..9u32), rng.random_range(4..9u32));
+                for y in y0..(y0 + h).min(32) {
+                    for x in x0..(x0 + w).min(32) {
+                        img.put_pixel(x, y, image::Rgb(c));
+                    }
+                }
+            }
+            img
+        })
+        .collect()
+}
+
+/// The toy model (JanusConfig::toy) built from `words()` and 40 scenes.
+pub fn toy(seed: u64) -> Janus {
+    let w = words();
+    let cfg = JanusConfig::toy(w.len() + 8, 512);
+    Janus::new_toy(&cfg, &w, &scenes(40, 7), seed, &Device::Cpu).expect("toy model")
+}
+
+/// Max |a − b| / max |b| over two f32 tensors of the same shape.
+pub fn rel_err(a: &pairuni_model::Tensor, b: &pairuni_model::Tensor) -> f32 {
+    let a = a
+        .to_dtype(pairuni_model::DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let b = b
+        .to_dtype(pairuni_model::DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert_eq!(a.len(), b.len(), "shape mismatch");
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
+    a.iter()
+        .zip(&b)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+        / scale
+}

@@ -1,0 +1,766 @@
+//! The PairGRPO trainer (METHOD.md §3): for a batch of pairs, sample G_u answers and G_g images per pair,
+//! score them, turn rewards into per-task-group advantages scaled by the pair weight, and take μ clipped
+//! policy-gradient steps on the same rollouts.
+//!
+//! [`GrpoTrainer::step`] is one rollout batch (used by `pairuni bench step`); [`train`] is the whole run with a
+//! run folder, checkpoints, resume and a progress bar.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::Tensor;
+use pairuni_data::{PairRecord, RgbImage};
+use pairuni_model::{
+    CfgLogprobPolicy, ImageRollout, ImageSampling, Janus, ParamSelection, TextRollout, TextSampling,
+};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde_json::{json, Map, Value};
+
+use crate::config::{LogprobPolicy, TrainConfig, Trainable};
+use crate::data::PairLoader;
+use crate::loss::{self, Tokens};
+use crate::optim::{learning_rate, AdamW};
+use crate::reward::{is_understanding_reward, RewardInput, Scored, WeightedSum};
+use crate::run::{restore_vars, RngState, RunDir, TrainState};
+use crate::TrainError;
+
+/// Maps the config's parameter selection onto the model's.
+pub fn param_selection(t: &Trainable) -> ParamSelection {
+    match t {
+        Trainable::LanguageModel => ParamSelection::LanguageModel,
+        Trainable::All => ParamSelection::All,
+        Trainable::Custom(p) => ParamSelection::Custom(p.clone()),
+    }
+}
+
+/// Loads images by path once (toy images are tiny and reused every epoch).
+#[derive(Default)]
+pub struct ImageCache {
+    images: HashMap<PathBuf, RgbImage>,
+}
+
+impl ImageCache {
+    /// The image at `base/rel`.
+    pub fn get(&mut self, base: &Path, rel: &str) -> Result<RgbImage, TrainError> {
+        let path = base.join(rel);
+        if let Some(img) = self.images.get(&path) {
+            return Ok(img.clone());
+        }
+        let img = pairuni_data::load_rgb(&path).map_err(|e| TrainError::Data(e.to_string()))?;
+        self.images.insert(path, img.clone());
+        Ok(img)
+    }
+}
+
+/// What one step did; `metrics` uses TRL's names.
+#[derive(Debug, Clone)]
+pub struct StepReport {
+    /// 1-based step number.
+    pub step: usize,
+    /// Metric name → value (also written to metrics.jsonl).
+    pub metrics: Map<String, Value>,
+    /// Whether the update was skipped because something was not finite.
+    pub skipped: bool,
+}
+
+/// Rollouts of one batch with their rewards and advantages.
+struct Batch {
+    text: Vec<TextRollout>,
+    images: Vec<ImageRollout>,
+    adv_text: Vec<f32>,
+    adv_image: Vec<f32>,
+}
+
+/// PairGRPO state: policy, optional frozen reference, optimiser, data position, random generator.
+pub struct GrpoTrainer {
+    cfg: TrainConfig,
+    policy: Janus,
+    reference: Option<Janus>,
+    loader: PairLoader,
+    pairs_dir: PathBuf,
+    images: ImageCache,
+    und_reward: WeightedSum,
+    gen_reward: WeightedSum,
+    opt: AdamW,
+    rng: ChaCha8Rng,
+    /// Completed steps.
+    pub step: usize,
+    nonfinite_streak: usize,
+    nonfinite_total: usize,
+}
+
+impl GrpoTrainer {
+    /// A trainer at step 0. `pairs_dir` is the folder image paths of `pairs` are relative to.
+    pub fn new(
+        cfg: TrainConfig,
+        seed: u64,
+        policy: Janus,
+        pairs: Vec<PairRecord>,
+        pairs_dir: PathBuf,
+    ) -> Result<Self, TrainError> {
+        validate(&cfg)?;
+        let loader = PairLoader::new(pairs, cfg.subset, cfg.pairing, cfg.pair_weight, seed)
+            .ok_or_else(|| {
+                TrainError::Config(format!(
+                    "no pair is left after `train.subset = {:?}`",
+                    cfg.subset
+                ))
+            })?;
+        // β = 0 keeps no reference model at all (METHOD.md §3).
+        let reference = if cfg.beta > 0.0 {
+            Some(policy.clone_frozen()?)
+        } else {
+            None
+        };
+        let vars = policy.trainable_vars(&param_selection(&cfg.optim.trainable));
+        if vars.is_empty() {
+            return Err(TrainError::Config(
+                "`train.optim.trainable` selects no parameter".into(),
+            ));
+        }
+        let opt = AdamW::new(vars, &cfg.optim)?;
+        Ok(Self {
+            und_reward: WeightedSum::from_config(&cfg.und_rewards),
+            gen_reward: WeightedSum::from_config(&cfg.gen_rewards),
+            rng: ChaCha8Rng::seed_from_u64(seed ^ 0x6772_706f),
+            cfg,
+            policy,
+            reference,
+            loader,
+            pairs_dir,
+            images: ImageCache::default(),
+            opt,
+            step: 0,
+            nonfinite_streak: 0,
+            nonfinite_total: 0,
+        })
+    }
+
+    /// The policy being trained.
+    pub fn policy(&self) -> &Janus {
+        &self.policy
+    }
+
+    /// Whether a frozen reference model is kept (only when β > 0).
+    pub fn has_reference(&self) -> bool {
+        self.reference.is_some()
+    }
+
+    /// Counters and positions for a checkpoint.
+    pub fn state(&self) -> TrainState {
+        TrainState {
+            step: self.step,
+            cursor: self.loader.cursor,
+            rng: RngState::of(&self.rng),
+            optimizer_t: self.opt.t,
+            nonfinite_streak: self.nonfinite_streak,
+            nonfinite_total: self.nonfinite_total,
+        }
+    }
+
+    /// Writes a checkpoint of the current state into `run`.
+    pub fn save_checkpoint(&self, run: &RunDir) -> Result<PathBuf, TrainError> {
+        Ok(run.save_checkpoint(
+            &self.policy.all_vars(),
+            &self.opt.state_tensors(),
+            &self.state(),
+        )?)
+    }
+
+    /// Restores the latest checkpoint of `run`, if there is one; returns the step resumed from.
+    pub fn resume(&mut self, run: &RunDir) -> Result<Option<usize>, TrainError> {
+        let Some(ck) = run.latest_checkpoint(self.policy.device())? else {
+            return Ok(None);
+        };
+        restore_vars(&self.policy.all_vars(), &ck.weights).map_err(TrainError::Checkpoint)?;
+        self.opt.load_state(&ck.optimizer, ck.state.optimizer_t)?;
+        self.rng = ck
+            .state
+            .rng
+            .restore()
+            .ok_or_else(|| TrainError::Checkpoint("state.json: unreadable rng state".into()))?;
+        self.loader.cursor = ck.state.cursor;
+        self.step = ck.state.step;
+        self.nonfinite_streak = ck.state.nonfinite_streak;
+        self.nonfinite_total = ck.state.nonfinite_total;
+        Ok(Some(self.step))
+    }
+
+    fn text_sampling(&self) -> TextSampling {
+        TextSampling {
+            max_new_tokens: self.cfg.max_new_tokens,
+            temperature: self.cfg.temperature,
+            top_p: self.cfg.top_p,
+            greedy: false,
+        }
+    }
+
+    fn cfg_policy(&self) -> CfgLogprobPolicy {
+        match self.cfg.logprob_policy {
+            LogprobPolicy::Conditional => CfgLogprobPolicy::Conditional,
+            LogprobPolicy::GuidedMix => CfgLogprobPolicy::GuidedMix {
+                cfg_weight: self.cfg.cfg_weight,
+            },
+        }
+    }
+
+    /// One rollout batch and its μ updates.
+    pub fn step(&mut self) -> Result<StepReport, TrainError> {
+        let cfg = self.cfg.clone();
+        let (gu, gg) = (cfg.group_size_und, cfg.group_size_gen);
+        let items = self.loader.next_batch(cfg.batch_pairs);
+        let mut m = Map::new();
+
+        // ---- rollouts ----
+        let t0 = Instant::now();
+        let mut und_images = Vec::with_capacity(items.len() * gu);
+        let mut questions = Vec::with_capacity(items.len() * gu);
+        let mut prompts = Vec::with_capacity(items.len() * gg);
+        for it in &items {
+            let img = self.images.get(&self.pairs_dir, &it.und.image_path)?;
+            for _ in 0..gu {
+                und_images.push(img.clone());
+                questions.push(it.und.question.clone());
+            }
+            for _ in 0..gg {
+                prompts.push(it.gen.prompt.clone());
+            }
+        }
+        let text = if gu > 0 {
+            let raw = self.policy.sample_answers(
+                &und_images,
+                &questions,
+                &self.text_sampling(),
+                &mut self.rng,
+            )?;
+            sanitize_answers(&self.policy, raw)?
+        } else {
+            Vec::new()
+        };
+        let sampling = ImageSampling {
+            cfg_weight: cfg.cfg_weight,
+            temperature: cfg.image_temperature,
+            top_p: cfg.top_p,
+        };
+        let images = if gg > 0 {
+            self.policy
+                .sample_images(&prompts, &sampling, &mut self.rng)?
+        } else {
+            Vec::new()
+        };
+        let decoded = if images.is_empty() {
+            Vec::new()
+        } else {
+            self.policy
+                .decode_codes(&images.iter().map(|r| r.codes.clone()).collect::<Vec<_>>())?
+        };
+        let time_rollout = t0.elapsed().as_secs_f64();
+
+        // ---- rewards ----
+        let t1 = Instant::now();
+        let und_inputs: Vec<RewardInput> = text
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let side = &items[i / gu.max(1)].und;
+                RewardInput::Answer {
+                    completion: &r.text,
+                    question: &side.question,
+                    gold: &side.answer,
+                }
+            })
+            .collect();
+        let gen_inputs: Vec<RewardInput> = decoded
+            .iter()
+            .enumerate()
+            .map(|(i, image)| RewardInput::Image {
+                image,
+                prompt: &items[i / gg.max(1)].gen.prompt,
+            })
+            .collect();
+        let und_scores = self.und_reward.score(&und_inputs)?;
+        let gen_scores = self.gen_reward.score(&gen_inputs)?;
+        let time_reward = t1.elapsed().as_secs_f64();
+
+        let adv_u = loss::group_advantages(&und_scores.total, gu, cfg.scale_rewards);
+        let adv_g = loss::group_advantages(&gen_scores.total, gg, cfg.scale_rewards);
+        let weights: Vec<f32> = items.iter().map(|p| p.weight).collect();
+        let weighted = |adv: &[f32], g: usize| -> Vec<f32> {
+            adv.iter()
+                .enumerate()
+                .map(|(i, a)| a * weights[i / g.max(1)])
+                .collect()
+        };
+        let batch = Batch {
+            adv_text: weighted(&adv_u.values, gu),
+            adv_image: weighted(&adv_g.values, gg),
+            text,
+            images,
+        };
+        reward_metrics(&mut m, &und_scores, &gen_scores, &adv_u, &adv_g);
+        m.insert("pair_weight/mean".into(), json!(mean(&weights)));
+        let lens: Vec<f32> = batch
+            .text
+            .iter()
+            .map(|r| r.answer_ids.len() as f32)
+            .collect();
+        m.insert("completions/mean_length".into(), json!(mean(&lens)));
+
+        // ---- train ----
+        let t2 = Instant::now();
+        let rewards_finite = und_scores
+            .total
+            .iter()
+            .chain(&gen_scores.total)
+            .all(|r| r.is_finite());
+        let lr = learning_rate(&cfg.optim, self.step, cfg.steps);
+        let mut skipped = None;
+        if !rewards_finite {
+            skipped = Some("reward");
+        } else {
+            match self.update(&batch, lr, &mut m)? {
+                None => {}
+                Some(what) => skipped = Some(what),
+            }
+        }
+        let time_train = t2.elapsed().as_secs_f64();
+        self.step += 1;
+        if let Some(what) = skipped {
+            self.nonfinite_streak += 1;
+            self.nonfinite_total += 1;
+            tracing::warn!(
+                step = self.step,
+                what,
+                streak = self.nonfinite_streak,
+                "non-finite {what}: step skipped"
+            );
+            if self.nonfinite_streak >= cfg.max_nonfinite_steps.max(1) {
+                return Err(TrainError::NonFinite {
+                    step: self.step,
+                    streak: self.nonfinite_streak,
+                    what: what.to_string(),
+                });
+            }
+        } else {
+            self.nonfinite_streak = 0;
+        }
+        m.insert("learning_rate".into(), json!(lr));
+        m.insert("nonfinite_skipped".into(), json!(self.nonfinite_total));
+        let text_tokens: usize = batch.text.iter().map(|r| r.answer_ids.len()).sum();
+        let image_tokens: usize = batch.images.iter().map(|r| r.codes.len()).sum();
+        m.insert("tokens/text".into(), json!(text_tokens));
+        m.insert("tokens/image".into(), json!(image_tokens));
+        m.insert("time/rollout".into(), json!(time_rollout));
+        m.insert("time/reward".into(), json!(time_reward));
+        m.insert("time/train".into(), json!(time_train));
+        m.insert("step".into(), json!(self.step));
+        Ok(StepReport {
+            step: self.step,
+            metrics: m,
+            skipped: skipped.is_some(),
+        })
+    }
+
+    /// μ clipped updates on one rollout batch. Returns what was non-finite when the update was skipped.
+    fn update(
+        &mut self,
+        b: &Batch,
+        lr: f64,
+        m: &mut Map<String, Value>,
+    ) -> Result<Option<&'static str>, TrainError> {
+        let cfg = &self.cfg;
+        let dev = self.policy.device().clone();
+        let (t_text, t_img) = (cfg.temperature, cfg.image_temperature);
+        let policy = self.cfg_policy();
+        let adv_t = Tensor::new(b.adv_text.as_slice(), &dev)?;
+        let adv_i = Tensor::new(b.adv_image.as_slice(), &dev)?;
+        // Reference log-probs once per batch (no gradient).
+        let (ref_t, ref_i) = match &self.reference {
+            Some(r) => (
+                if b.text.is_empty() {
+                    None
+                } else {
+                    Some(r.answer_logprobs_at(&b.text, t_text)?.0.detach())
+                },
+                if b.images.is_empty() {
+                    None
+                } else {
+                    Some(r.image_logprobs_at(&b.images, policy, t_img)?.detach())
+                },
+            ),
+            None => (None, None),
+        };
+        let mut old: Option<(Option<Tensor>, Option<Tensor>)> = None;
+        let (mut clip_low, mut clip_high, mut kl_sum) = (0f32, 0f32, 0f32);
+        let mut first = true;
+        for _ in 0..cfg.updates_per_batch.max(1) {
+            let text = if b.text.is_empty() {
+                None
+            } else {
+                Some(self.policy.answer_logprobs_entropy(&b.text, t_text)?)
+            };
+            let image = if b.images.is_empty() {
+                None
+            } else {
+                Some(
+                    self.policy
+                        .image_logprobs_entropy(&b.images, policy, t_img)?,
+                )
+            };
+            // Old log-probs are the first pass's values: ρ ≡ 1 on-policy, exactly.
+            let old_pair = old.get_or_insert_with(|| {
+                (
+                    text.as_ref().map(|(lp, _, _)| lp.detach()),
+                    image.as_ref().map(|(lp, _)| lp.detach()),
+                )
+            });
+            let mut per_token: Vec<(Tensor, Tensor, usize)> = Vec::new();
+            let mut low_high_n = (0f32, 0f32, 0f32);
+            let mut kl_parts = (0f32, 0f32);
+            if let (Some((lp, mask, ent)), Some(old_lp)) = (&text, &old_pair.0) {
+                let (l, s) =
+                    modality_loss(lp, old_lp, &adv_t, ref_t.as_ref(), mask, cfg, &mut kl_parts)?;
+                accumulate_clip(&s, mask, &mut low_high_n)?;
+                if first {
+                    m.insert("entropy".into(), json!(loss::masked_mean(ent, mask)?));
+                }
+                per_token.push((l, mask.clone(), cfg.max_new_tokens));
+            }
+            if let (Some((lp, ent)), Some(old_lp)) = (&image, &old_pair.1) {
+                let mask = lp.ones_like()?;
+                let (l, s) = modality_loss(
+                    lp,
+                    old_lp,
+                    &adv_i,
+                    ref_i.as_ref(),
+                    &mask,
+                    cfg,
+                    &mut kl_parts,
+                )?;
+                accumulate_clip(&s, &mask, &mut low_high_n)?;
+                if first {
+                    m.insert(
+                        "entropy/image".into(),
+                        json!(loss::masked_mean(ent, &mask)?),
+                    );
+                }
+                let n = lp.dim(1)?;
+                per_token.push((l, mask, n));
+            }
+            if per_token.is_empty() {
+                return Ok(None);
+            }
+            let parts: Vec<Tokens> = per_token
+                .iter()
+                .map(|(v, mk, n)| Tokens {
+                    values: v,
+                    mask: mk,
+                    max_len: *n,
+                })
+                .collect();
+            let total = loss::aggregate(&parts, cfg.loss_aggregation)?;
+            let loss_value = total.to_scalar::<f32>()?;
+            if first {
+                m.insert("loss".into(), json!(loss_value));
+            }
+            if !loss_value.is_finite() {
+                return Ok(Some("loss"));
+            }
+            let grads = total.backward()?;
+            let norm = self.opt.grad_norm(&grads)?;
+            if first {
+                m.insert("grad_norm".into(), json!(norm));
+            }
+            if !norm.is_finite() {
+                return Ok(Some("gradient"));
+            }
+            self.opt.step(&grads, lr)?;
+            clip_low += low_high_n.0 / low_high_n.2.max(1.0);
+            clip_high += low_high_n.1 / low_high_n.2.max(1.0);
+            kl_sum += kl_parts.0 / kl_parts.1.max(1.0);
+            first = false;
+        }
+        let mu = cfg.updates_per_batch.max(1) as f32;
+        m.insert("clip_ratio/low_mean".into(), json!(clip_low / mu));
+        m.insert("clip_ratio/high_mean".into(), json!(clip_high / mu));
+        m.insert(
+            "clip_ratio/region_mean".into(),
+            json!((clip_low + clip_high) / mu),
+        );
+        if cfg.beta > 0.0 {
+            m.insert("kl".into(), json!(kl_sum / mu));
+        }
+        Ok(None)
+    }
+}
+
+/// Cuts each answer at the first special token other than the stop token (an image placeholder, pad or
+/// begin/end-of-image sampled as text): teacher forcing would read an extra placeholder as an image slot.
+/// A cut answer keeps the tokens before it; an empty one becomes the stop token alone.
+fn sanitize_answers(
+    model: &Janus,
+    rollouts: Vec<TextRollout>,
+) -> Result<Vec<TextRollout>, TrainError> {
+    let Some(tok) = model.tokenizer() else {
+        return Ok(rollouts);
+    };
+    let special = [tok.image, tok.pad, tok.boi, tok.eoi, tok.bos];
+    let eos = model.eos_token();
+    rollouts
+        .into_iter()
+        .map(|mut r| {
+            if let Some(cut) = r
+                .answer_ids
+                .iter()
+                .position(|t| *t != eos && special.contains(t))
+            {
+                r.answer_ids.truncate(cut);
+                r.logprobs.truncate(cut);
+                if r.answer_ids.is_empty() {
+                    r.answer_ids.push(eos);
+                    r.logprobs.push(0.0);
+                }
+                let text_ids: Vec<u32> =
+                    r.answer_ids.iter().copied().filter(|t| *t != eos).collect();
+                r.text = model.decode_text(&text_ids)?;
+            }
+            Ok(r)
+        })
+        .collect()
+}
+
+/// Per-token loss of one modality: clipped surrogate plus β·KL; also the surrogate for clip metrics.
+fn modality_loss(
+    lp: &Tensor,
+    old: &Tensor,
+    adv: &Tensor,
+    reference: Option<&Tensor>,
+    mask: &Tensor,
+    cfg: &TrainConfig,
+    kl_acc: &mut (f32, f32),
+) -> Result<(Tensor, loss::Surrogate), TrainError> {
+    let ratio = loss::ratio(lp, old)?;
+    let s = loss::clipped_surrogate(&ratio, adv, cfg.epsilon_low, cfg.epsilon_high)?;
+    let mut per_token = s.loss.clone();
+    if let (Some(r), true) = (reference, cfg.beta > 0.0) {
+        let kl = loss::kl_per_token(lp, r, cfg.kl_estimator)?;
+        kl_acc.0 += (kl.detach() * mask)?.sum_all()?.to_scalar::<f32>()?;
+        kl_acc.1 += mask.sum_all()?.to_scalar::<f32>()?;
+        per_token = (per_token + (kl * cfg.beta)?)?;
+    }
+    Ok((per_token, s))
+}
+
+fn accumulate_clip(
+    s: &loss::Surrogate,
+    mask: &Tensor,
+    acc: &mut (f32, f32, f32),
+) -> Result<(), TrainError> {
+    acc.0 += (&s.clipped_low * mask)?.sum_all()?.to_scalar::<f32>()?;
+    acc.1 += (&s.clipped_high * mask)?.sum_all()?.to_scalar::<f32>()?;
+    acc.2 += mask.sum_all()?.to_scalar::<f32>()?;
+    Ok(())
+}
+
+fn mean(v: &[f32]) -> f32 {
+    if v.is_empty() {
+        0.0
+    } else {
+        v.iter().sum::<f32>() / v.len() as f32
+    }
+}
+
+fn reward_metrics(
+    m: &mut Map<String, Value>,
+    und: &Scored,
+    gen: &Scored,
+    adv_u: &loss::Advantages,
+    adv_g: &loss::Advantages,
+) {
+    let all: Vec<f32> = und.total.iter().chain(&gen.total).copied().collect();
+    m.insert("reward".into(), json!(mean(&all)));
+    let stds: Vec<f32> = adv_u
+        .group_std
+        .iter()
+        .chain(&adv_g.group_std)
+        .copied()
+        .collect();
+    m.insert("reward_std".into(), json!(mean(&stds)));
+    m.insert("reward/und".into(), json!(mean(&und.total)));
+    m.insert("reward/gen".into(), json!(mean(&gen.total)));
+    for (name, scores) in und.parts.iter().chain(&gen.parts) {
+        m.insert(format!("rewards/{name}/mean"), json!(mean(scores)));
+    }
+    let groups = adv_u.groups + adv_g.groups;
+    let zero = adv_u.zero_std_groups + adv_g.zero_std_groups;
+    m.insert(
+        "frac_reward_zero_std".into(),
+        json!(zero as f32 / groups.max(1) as f32),
+    );
+}
+
+/// Checks knob combinations that cannot work, naming the field.
+pub fn validate(cfg: &TrainConfig) -> Result<(), TrainError> {
+    let bad = |f: &str, why: &str| Err(TrainError::Config(format!("`train.{f}`: {why}")));
+    if cfg.batch_pairs == 0 {
+        return bad("batch_pairs", "must be at least 1");
+    }
+    if cfg.group_size_und + cfg.group_size_gen == 0 {
+        return bad(
+            "group_size_und",
+            "both group sizes are 0: nothing to train on",
+        );
+    }
+    if cfg.temperature <= 0.0 {
+        return bad(
+            "temperature",
+            "must be > 0 (log-probs are read at the sampling temperature)",
+        );
+    }
+    if cfg.image_temperature <= 0.0 {
+        return bad(
+            "image_temperature",
+            "must be > 0 (argmax images have no policy gradient)",
+        );
+    }
+    if cfg.max_new_tokens == 0 {
+        return bad("max_new_tokens", "must be at least 1");
+    }
+    if cfg.beta < 0.0 {
+        return bad("beta", "must be ≥ 0");
+    }
+    if cfg.epsilon_low < 0.0 || cfg.epsilon_low >= 1.0 || cfg.epsilon_high < 0.0 {
+        return bad("epsilon_low", "need 0 ≤ ε_low < 1 and ε_high ≥ 0");
+    }
+    if let Some(t) = cfg
+        .und_rewards
+        .iter()
+        .find(|t| !is_understanding_reward(t.kind))
+    {
+        return bad(
+            "und_rewards",
+            &format!("{:?} scores images, not answers", t.kind),
+        );
+    }
+    if let Some(t) = cfg
+        .gen_rewards
+        .iter()
+        .find(|t| is_understanding_reward(t.kind))
+    {
+        return bad(
+            "gen_rewards",
+            &format!("{:?} scores answers, not images", t.kind),
+        );
+    }
+    Ok(())
+}
+
+/// Options of a whole run that are not part of the config.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Show an indicatif progress bar.
+    pub progress: bool,
+    /// The resolved config to store as `config.toml`.
+    pub config_toml: Option<String>,
+    /// Stop after this many steps in this process (tests of resume: "killed" after N steps).
+    pub stop_after: Option<usize>,
+}
+
+/// What a run did.
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    /// Step the run started from (0 for a fresh run).
+    pub resumed_from: usize,
+    /// Completed steps.
+    pub steps: usize,
+    /// Metrics of the steps this process ran.
+    pub metrics: Vec<Map<String, Value>>,
+    /// The saved final model (when the run reached `cfg.steps`).
+    pub final_dir: Option<PathBuf>,
+}
+
+/// Reads the PairUG file named in `cfg.pairs`.
+pub fn read_pairs(path: &Path) -> Result<Vec<PairRecord>, TrainError> {
+    pairuni_data::jsonl::read_pairs(path).map_err(|e| TrainError::Data(e.to_string()))
+}
+
+/// The whole PairGRPO run: open (or resume) `cfg.out_dir`, train to `cfg.steps`, checkpoint, save `final/`.
+pub fn train(
+    cfg: &TrainConfig,
+    seed: u64,
+    policy: Janus,
+    opts: &RunOptions,
+) -> Result<TrainSummary, TrainError> {
+    let pairs = read_pairs(&cfg.pairs)?;
+    let pairs_dir = cfg
+        .pairs
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let mut trainer = GrpoTrainer::new(cfg.clone(), seed, policy, pairs, pairs_dir)?;
+    let run = RunDir::create(&cfg.out_dir)?;
+    if let Some(text) = &opts.config_toml {
+        run.write_config(text)?;
+    }
+    let resumed_from = trainer.resume(&run)?.unwrap_or(0);
+    run.truncate_metrics(resumed_from)?;
+    if resumed_from > 0 {
+        tracing::info!(step = resumed_from, dir = %cfg.out_dir.display(), "resuming PairGRPO run");
+    }
+    let bar = crate::progress_bar(opts.progress, cfg.steps, resumed_from, "PairGRPO");
+    let mut metrics = Vec::new();
+    let mut ran = 0;
+    while trainer.step < cfg.steps {
+        if opts.stop_after.is_some_and(|n| ran >= n) {
+            return Ok(TrainSummary {
+                resumed_from,
+                steps: trainer.step,
+                metrics,
+                final_dir: None,
+            });
+        }
+        let report = trainer.step()?;
+        run.append_metrics(&Value::Object(report.metrics.clone()))?;
+        bar.set_position(report.step as u64);
+        bar.set_message(format!(
+            "reward und {:.3} gen {:.3}",
+            report
+                .metrics
+                .get("reward/und")
+                .and_then(Value::as_f64)
+                .unwrap_or(0.0),
+            report
+                .metrics
+                .get("reward/gen")
+                .and_then(Value::as_f64)
+                .unwrap_or(0.0)
+        ));
+        metrics.push(report.metrics);
+        ran += 1;
+        if (cfg.checkpoint_every > 0 && trainer.step % cfg.checkpoint_every == 0)
+            || trainer.step == cfg.steps
+        {
+            trainer.save_checkpoint(&run)?;
+        }
+    }
+    bar.finish();
+    let final_dir = run.final_dir();
+    trainer.policy().save(&final_dir)?;
+    Ok(TrainSummary {
+        resumed_from,
+        steps: trainer.step,
+        metrics,
+        final_dir: Some(final_dir),
+    })
+}
+
+/// Mean of a metric over a slice of steps (None if absent everywhere).
+pub fn metric_mean(metrics: &[Map<String, Value>], key: &str) -> Option<f64> {
+    let v: Vec<f64> = metrics
+        .iter()
+        .filter_map(|m| m.get(key).and_then(Value::as_f64))
+        .collect();
+    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+}

@@ -1,0 +1,442 @@
+//! Supervised warm-up: cross-entropy on answers (image + question → answer), captions (image → caption) and
+//! image codes (prompt → the image tokenizer's codes of the reference image), mixed in every step.
+//!
+//! Used to bring the toy model from random weights to a deliberately imperfect starting point for PairGRPO.
+//! Examples come from the pools or from both sides of PairUG records. Batches are drawn with the trainer's
+//! own generator, whose state is checkpointed, so a resumed run continues exactly.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::Tensor;
+use pairuni_data::{GenerationSample, RgbImage, UnderstandingSample};
+use pairuni_model::{CfgLogprobPolicy, ImageRollout, Janus, TextRollout};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::{json, Map, Value};
+
+use crate::config::{SftConfig, SftSource};
+use crate::data::Cursor;
+use crate::grpo::{param_selection, ImageCache, RunOptions, TrainSummary};
+use crate::optim::{learning_rate, AdamW};
+use crate::run::{restore_vars, RngState, RunDir, TrainState};
+use crate::TrainError;
+
+/// The question used for caption examples (every word is in the toy vocabulary).
+pub const CAPTION_QUESTION: &str = "What is in the image?";
+
+/// Image + question → target text.
+struct TextExample {
+    pixels: Tensor,
+    prompt_ids: Vec<u32>,
+    target_ids: Vec<u32>,
+}
+
+/// Prompt → image codes (plus the unconditional prompt row for CFG dropout).
+struct CodeExample {
+    prompt_ids: Vec<u32>,
+    uncond_ids: Vec<u32>,
+    codes: Vec<u32>,
+}
+
+/// The SFT trainer state.
+pub struct SftTrainer {
+    cfg: SftConfig,
+    model: Janus,
+    answers: Vec<TextExample>,
+    captions: Vec<TextExample>,
+    codes: Vec<CodeExample>,
+    opt: AdamW,
+    rng: ChaCha8Rng,
+    /// Completed steps.
+    pub step: usize,
+    nonfinite_streak: usize,
+    nonfinite_total: usize,
+}
+
+/// Raw examples before tokenisation: (image, question, target) and (prompt, image).
+#[derive(Default)]
+pub struct SftData {
+    /// (image, question, answer).
+    pub answers: Vec<(RgbImage, String, String)>,
+    /// (image, caption).
+    pub captions: Vec<(RgbImage, String)>,
+    /// (prompt, reference image).
+    pub generations: Vec<(String, RgbImage)>,
+}
+
+impl SftData {
+    /// Reads the examples `cfg.source` names.
+    pub fn load(cfg: &SftConfig) -> Result<Self, TrainError> {
+        let mut images = ImageCache::default();
+        let mut data = SftData::default();
+        let data_err = |e: pairuni_data::DataError| TrainError::Data(e.to_string());
+        let folder = |p: &Path| p.parent().map(Path::to_path_buf).unwrap_or_default();
+        match cfg.source {
+            SftSource::Pools => {
+                let und: Vec<UnderstandingSample> =
+                    pairuni_data::jsonl::read_understanding_pool(&cfg.understanding)
+                        .map_err(data_err)?;
+                let keep = und.len().saturating_sub(cfg.holdout);
+                let base = folder(&cfg.understanding);
+                for s in &und[..keep] {
+                    data.answers.push((
+                        images.get(&base, &s.image_path)?,
+                        s.question.clone(),
+                        s.answer.clone(),
+                    ));
+                }
+                let gen: Vec<GenerationSample> =
+                    pairuni_data::jsonl::read_generation_pool(&cfg.generation).map_err(data_err)?;
+                let base = folder(&cfg.generation);
+                for s in &gen {
+                    let img = images.get(&base, &s.image_path)?;
+                    data.captions.push((img.clone(), s.prompt.clone()));
+                    data.generations.push((s.prompt.clone(), img));
+                }
+            }
+            SftSource::Pairs => {
+                let pairs = crate::grpo::read_pairs(&cfg.pairs)?;
+                let base = folder(&cfg.pairs);
+                for p in &pairs {
+                    for side in [&p.understand_ann, &p.generate_ann] {
+                        let img = images.get(&base, &side.image_path)?;
+                        data.answers.push((
+                            img.clone(),
+                            side.question.clone(),
+                            side.answer.clone(),
+                        ));
+                        data.captions.push((img.clone(), side.prompt.clone()));
+                    }
+                    let g = &p.generate_ann;
+                    data.generations
+                        .push((g.prompt.clone(), images.get(&base, &g.image_path)?));
+                }
+            }
+        }
+        Ok(data)
+    }
+}
+
+/// The unconditional CFG row of a generation prompt: every token but the first and last becomes pad
+/// (METHOD.md §3), matching what the sampler feeds the unconditional branch.
+pub fn uncond_prompt(ids: &[u32], pad: u32) -> Vec<u32> {
+    let last = ids.len().saturating_sub(1);
+    ids.iter()
+        .enumerate()
+        .map(|(i, &t)| if i == 0 || i == last { t } else { pad })
+        .collect()
+}
+
+impl SftTrainer {
+    /// Tokenises the examples (image codes through the model's image tokenizer) and sets up AdamW.
+    pub fn new(cfg: SftConfig, seed: u64, model: Janus, data: SftData) -> Result<Self, TrainError> {
+        if data.answers.is_empty() && data.generations.is_empty() {
+            return Err(TrainError::Config(
+                "SFT has no examples: check `sft.understanding` / `sft.generation` / `sft.pairs`"
+                    .into(),
+            ));
+        }
+        let eos = model.eos_token();
+        let pad = model.tokenizer().map(|t| t.pad).unwrap_or(0);
+        let text = |img: &RgbImage, q: &str, target: &str| -> Result<TextExample, TrainError> {
+            let mut target_ids = model.encode_text(target)?;
+            target_ids.push(eos);
+            Ok(TextExample {
+                pixels: model.preprocess_image(img)?,
+                prompt_ids: model.understanding_prompt(q)?,
+                target_ids,
+            })
+        };
+        let answers = data
+            .answers
+            .iter()
+            .map(|(img, q, a)| text(img, q, a))
+            .collect::<Result<Vec<_>, _>>()?;
+        let captions = if cfg.caption_weight > 0.0 {
+            data.captions
+                .iter()
+                .map(|(img, c)| text(img, CAPTION_QUESTION, c))
+                .collect::<Result<Vec<_>, _>>()?
+        } else {
+            Vec::new()
+        };
+        let codes = data
+            .generations
+            .iter()
+            .map(|(p, img)| {
+                let prompt_ids = model.generation_prompt(p)?;
+                Ok(CodeExample {
+                    uncond_ids: uncond_prompt(&prompt_ids, pad),
+                    prompt_ids,
+                    codes: model.encode_image_codes(img)?,
+                })
+            })
+            .collect::<Result<Vec<_>, TrainError>>()?;
+        let vars = model.trainable_vars(&param_selection(&cfg.optim.trainable));
+        if vars.is_empty() {
+            return Err(TrainError::Config(
+                "`sft.optim.trainable` selects no parameter".into(),
+            ));
+        }
+        let opt = AdamW::new(vars, &cfg.optim)?;
+        Ok(Self {
+            rng: ChaCha8Rng::seed_from_u64(seed ^ 0x7366_7400),
+            cfg,
+            model,
+            answers,
+            captions,
+            codes,
+            opt,
+            step: 0,
+            nonfinite_streak: 0,
+            nonfinite_total: 0,
+        })
+    }
+
+    /// The model being trained.
+    pub fn model(&self) -> &Janus {
+        &self.model
+    }
+
+    fn state(&self) -> TrainState {
+        TrainState {
+            step: self.step,
+            cursor: Cursor::default(),
+            rng: RngState::of(&self.rng),
+            optimizer_t: self.opt.t,
+            nonfinite_streak: self.nonfinite_streak,
+            nonfinite_total: self.nonfinite_total,
+        }
+    }
+
+    /// Restores the latest checkpoint of `run`, if any; returns the step resumed from.
+    pub fn resume(&mut self, run: &RunDir) -> Result<Option<usize>, TrainError> {
+        let Some(ck) = run.latest_checkpoint(self.model.device())? else {
+            return Ok(None);
+        };
+        restore_vars(&self.model.all_vars(), &ck.weights).map_err(TrainError::Checkpoint)?;
+        self.opt.load_state(&ck.optimizer, ck.state.optimizer_t)?;
+        self.rng = ck
+            .state
+            .rng
+            .restore()
+            .ok_or_else(|| TrainError::Checkpoint("state.json: unreadable rng state".into()))?;
+        self.step = ck.state.step;
+        self.nonfinite_streak = ck.state.nonfinite_streak;
+        self.nonfinite_total = ck.state.nonfinite_total;
+        Ok(Some(self.step))
+    }
+
+    fn text_rollouts(&mut self, pool: Pool, n: usize) -> Vec<TextRollout> {
+        let len = match pool {
+            Pool::Answers => self.answers.len(),
+            Pool::Captions => self.captions.len(),
+        };
+        if len == 0 || n == 0 {
+            return Vec::new();
+        }
+        (0..n)
+            .map(|_| {
+                let i = self.rng.random_range(0..len);
+                let ex = match pool {
+                    Pool::Answers => &self.answers[i],
+                    Pool::Captions => &self.captions[i],
+                };
+                TextRollout {
+                    image: ex.pixels.clone(),
+                    prompt_ids: ex.prompt_ids.clone(),
+                    answer_ids: ex.target_ids.clone(),
+                    logprobs: Vec::new(),
+                    text: String::new(),
+                }
+            })
+            .collect()
+    }
+
+    /// One supervised step; returns its metrics.
+    pub fn step(&mut self) -> Result<Map<String, Value>, TrainError> {
+        let t0 = Instant::now();
+        let cfg = self.cfg.clone();
+        let answers = self.text_rollouts(Pool::Answers, cfg.batch_understanding);
+        let n_cap = if cfg.caption_weight > 0.0 {
+            cfg.batch_understanding.div_ceil(2)
+        } else {
+            0
+        };
+        let captions = self.text_rollouts(Pool::Captions, n_cap);
+        let mut images = Vec::new();
+        if !self.codes.is_empty() && cfg.image_weight > 0.0 {
+            for _ in 0..cfg.batch_generation {
+                let ex = &self.codes[self.rng.random_range(0..self.codes.len())];
+                let uncond = self.rng.random::<f64>() < cfg.uncond_prob;
+                images.push(ImageRollout {
+                    prompt_ids: if uncond {
+                        ex.uncond_ids.clone()
+                    } else {
+                        ex.prompt_ids.clone()
+                    },
+                    codes: ex.codes.clone(),
+                    logprobs: Vec::new(),
+                });
+            }
+        }
+        let mut m = Map::new();
+        let dev = self.model.device().clone();
+        let mut total = Tensor::zeros((), candle_core::DType::F32, &dev)?;
+        for (name, batch, w) in [
+            ("answer", &answers, cfg.answer_weight),
+            ("caption", &captions, cfg.caption_weight),
+        ] {
+            if batch.is_empty() || w == 0.0 {
+                continue;
+            }
+            let (lp, mask) = self.model.answer_logprobs(batch)?;
+            let nll = ((lp * &mask)?.sum_all()?
+                / mask.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64)?
+                .neg()?;
+            m.insert(format!("loss/{name}"), json!(nll.to_scalar::<f32>()?));
+            total = (total + (nll * w)?)?;
+        }
+        if !images.is_empty() {
+            let lp = self
+                .model
+                .image_logprobs(&images, CfgLogprobPolicy::Conditional)?;
+            let nll = lp.mean_all()?.neg()?;
+            m.insert("loss/image".into(), json!(nll.to_scalar::<f32>()?));
+            total = (total + (nll * cfg.image_weight)?)?;
+        }
+        let loss = total.to_scalar::<f32>()?;
+        let lr = learning_rate(&cfg.optim, self.step, cfg.steps);
+        let mut skipped = None;
+        if !loss.is_finite() {
+            skipped = Some("loss");
+        } else {
+            let grads = total.backward()?;
+            let norm = self.opt.grad_norm(&grads)?;
+            m.insert("grad_norm".into(), json!(norm));
+            if norm.is_finite() {
+                self.opt.step(&grads, lr)?;
+            } else {
+                skipped = Some("gradient");
+            }
+        }
+        self.step += 1;
+        if let Some(what) = skipped {
+            self.nonfinite_streak += 1;
+            self.nonfinite_total += 1;
+            tracing::warn!(
+                step = self.step,
+                what,
+                "non-finite {what}: SFT step skipped"
+            );
+            if self.nonfinite_streak >= 3 {
+                return Err(TrainError::NonFinite {
+                    step: self.step,
+                    streak: self.nonfinite_streak,
+                    what: what.into(),
+                });
+            }
+        } else {
+            self.nonfinite_streak = 0;
+        }
+        m.insert("loss".into(), json!(loss));
+        m.insert("learning_rate".into(), json!(lr));
+        m.insert("nonfinite_skipped".into(), json!(self.nonfinite_total));
+        m.insert("time/train".into(), json!(t0.elapsed().as_secs_f64()));
+        m.insert("step".into(), json!(self.step));
+        Ok(m)
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Pool {
+    Answers,
+    Captions,
+}
+
+/// The whole SFT run: open (or resume) `cfg.out_dir`, train to `cfg.steps`, checkpoint, save `final/`.
+pub fn sft(
+    cfg: &SftConfig,
+    seed: u64,
+    model: Janus,
+    opts: &RunOptions,
+) -> Result<TrainSummary, TrainError> {
+    let data = SftData::load(cfg)?;
+    let mut trainer = SftTrainer::new(cfg.clone(), seed, model, data)?;
+    let run = RunDir::create(&cfg.out_dir)?;
+    if let Some(text) = &opts.config_toml {
+        run.write_config(text)?;
+    }
+    let resumed_from = trainer.resume(&run)?.unwrap_or(0);
+    run.truncate_metrics(resumed_from)?;
+    let bar = crate::progress_bar(opts.progress, cfg.steps, resumed_from, "SFT");
+    let mut metrics = Vec::new();
+    let mut ran = 0;
+    while trainer.step < cfg.steps {
+        if opts.stop_after.is_some_and(|n| ran >= n) {
+            return Ok(TrainSummary {
+                resumed_from,
+                steps: trainer.step,
+                metrics,
+                final_dir: None,
+            });
+        }
+        let m = trainer.step()?;
+        run.append_metrics(&Value::Object(m.clone()))?;
+        bar.set_position(trainer.step as u64);
+        bar.set_message(format!(
+            "loss {:.3}",
+            m.get("loss").and_then(Value::as_f64).unwrap_or(f64::NAN)
+        ));
+        metrics.push(m);
+        ran += 1;
+        if (cfg.checkpoint_every > 0 && trainer.step % cfg.checkpoint_every == 0)
+            || trainer.step == cfg.steps
+        {
+            run.save_checkpoint(
+                &trainer.model.all_vars(),
+                &trainer.opt.state_tensors(),
+                &trainer.state(),
+            )?;
+        }
+    }
+    bar.finish();
+    let final_dir: PathBuf = run.final_dir();
+    trainer.model.save(&final_dir)?;
+    Ok(TrainSummary {
+        resumed_from,
+        steps: trainer.step,
+        metrics,
+        final_dir: Some(final_dir),
+    })
+}
+
+/// The model an SFT run starts from: `cfg.init` loaded if set, else a new toy model (seeded random weights,
+/// tokenizer from `pairuni_toyworld::text::vocabulary()`, patch codebook fitted on the first
+/// `cfg.codebook_images` images of the generation pool).
+pub fn initial_model(
+    cfg: &SftConfig,
+    seed: u64,
+    device: &pairuni_model::Device,
+) -> Result<Janus, TrainError> {
+    if let Some(dir) = &cfg.init {
+        return Ok(Janus::load(dir, device, candle_core::DType::F32)?);
+    }
+    let pool = pairuni_data::jsonl::read_generation_pool(&cfg.generation)
+        .map_err(|e| TrainError::Data(e.to_string()))?;
+    let base = cfg
+        .generation
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let mut cache = ImageCache::default();
+    let images = pool
+        .iter()
+        .take(cfg.codebook_images.max(1))
+        .map(|s| cache.get(&base, &s.image_path))
+        .collect::<Result<Vec<_>, _>>()?;
+    let words = pairuni_toyworld::text::vocabulary();
+    let jcfg = pairuni_model::JanusConfig::toy(words.len(), 512);
+    Ok(Janus::new_toy(&jcfg, &words, &images, seed, device)?)
+}

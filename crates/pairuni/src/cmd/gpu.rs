@@ -1,0 +1,1081 @@
+//! `pairuni bench gpu-step` and `pairuni bench gpu-parity`: the GPU path's two measurements (docs/GPU.md).
+//!
+//! `gpu-step` times one PairGRPO step at Janus-Pro-1B shapes with random weights through the same library calls
+//! the trainer makes (CFG image rollouts, text rollouts, VQ decode, teacher-forced log-probs, GRPO loss, backward,
+//! AdamW on the language model). `scripts/torch_step_bench.py` does the same step in PyTorch, and
+//! `scripts/device-bench.sh` runs both on one card. `gpu-parity` loads the committed Janus fixture checkpoint on
+//! a device in f32 and bf16 and compares its outputs with the fixture's reference values.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use candle_core::backprop::GradStore;
+use candle_core::Var;
+use pairuni_model::device::{default_dtype, parse_dtype, DeviceSpec};
+use pairuni_model::image_codec::{vq_config, ImageCodec};
+use pairuni_model::vq::JanusVq;
+use pairuni_model::{
+    CfgLogprobPolicy, DType, Device, ImageRollout, ImageSampling, Janus, JanusConfig,
+    ParamSelection, Tensor, TextRollout, TextSampling,
+};
+use pairuni_rl::config::{LossAggregation, OptimConfig, RewardScaling};
+use pairuni_rl::loss::{aggregate, clipped_surrogate, group_advantages, ratio, Tokens};
+use pairuni_rl::optim::AdamW;
+use rand_chacha::rand_core::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::json;
+
+/// Model shapes for the step benchmark.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shapes {
+    /// Janus-Pro-1B: LLaMA 2048 wide, 24 layers, 16 heads, FFN 5632, vocab 102400; SigLIP-L 384 px; VQ 16384×8.
+    #[value(name = "janus-pro-1b")]
+    JanusPro1b,
+    /// A toy of the same structure (seconds on a CPU; for testing the benchmark itself).
+    Tiny,
+}
+
+impl Shapes {
+    fn name(self) -> &'static str {
+        match self {
+            Self::JanusPro1b => "janus-pro-1b",
+            Self::Tiny => "tiny",
+        }
+    }
+
+    /// The architecture, written as the config.json transformers would read (same numbers as torch_step_bench.py).
+    pub fn config(self) -> anyhow::Result<JanusConfig> {
+        let text = match self {
+            Self::JanusPro1b => json!({
+                "text_config": {
+                    "vocab_size": 102400, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 24,
+                    "num_attention_heads": 16, "num_key_value_heads": 16, "max_position_embeddings": 16384,
+                    "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+                    "bos_token_id": 100000, "eos_token_id": 100001, "pad_token_id": 100002
+                },
+                "vision_config": {
+                    "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 384,
+                    "patch_size": 16, "projection_dim": 2048, "num_image_tokens": 576
+                },
+                "vq_config": {
+                    "embed_dim": 8, "num_embeddings": 16384, "projection_dim": 2048, "image_token_embed_dim": 2048
+                },
+                "image_token_id": 100581,
+                "tie_word_embeddings": false
+            }),
+            Self::Tiny => json!({
+                "text_config": {
+                    "vocab_size": 1024, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                    "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 2048,
+                    "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+                    "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 999
+                },
+                "vision_config": {
+                    "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 64,
+                    "patch_size": 16, "projection_dim": 64, "num_image_tokens": 16
+                },
+                "vq_config": {
+                    "embed_dim": 8, "num_embeddings": 64, "base_channels": 32,
+                    "channel_multiplier": [1, 1, 2, 2, 4], "num_res_blocks": 1, "latent_channels": 32,
+                    "projection_dim": 64, "image_token_embed_dim": 64
+                },
+                "image_token_id": 1000,
+                "tie_word_embeddings": false
+            }),
+        };
+        Ok(JanusConfig::from_json_str(&text.to_string(), self.name())?)
+    }
+}
+
+/// Arguments of `pairuni bench gpu-step`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchGpuStepArgs {
+    /// Device: cpu | cuda | cuda:N.
+    #[arg(long, default_value = "cuda")]
+    pub device: String,
+    /// Model shapes (weights are random either way).
+    #[arg(long, value_enum, default_value = "janus-pro-1b")]
+    pub shapes: Shapes,
+    /// Weight/activation dtype: f32 | bf16 | f16 (default bf16 on CUDA, f32 on CPU).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Pairs per step (each pair = one generation task + one understanding task).
+    #[arg(long, default_value_t = 2)]
+    pub pairs: usize,
+    /// Rollouts per task.
+    #[arg(long, default_value_t = 8)]
+    pub group: usize,
+    /// Answer length in tokens (sampling stops early only if the model samples end-of-sequence).
+    #[arg(long, default_value_t = 64)]
+    pub answer_tokens: usize,
+    /// Generation prompt length, including BOS and begin-of-image.
+    #[arg(long, default_value_t = 32)]
+    pub prompt_len: usize,
+    /// Question tokens around the image placeholder run.
+    #[arg(long, default_value_t = 32)]
+    pub question_len: usize,
+    /// Classifier-free guidance weight.
+    #[arg(long, default_value_t = 5.0)]
+    pub cfg_weight: f64,
+    /// Sampling temperature (also used for the teacher-forced log-probs).
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f64,
+    /// Rollouts per forward/backward in the train step (gradients are accumulated).
+    #[arg(long, default_value_t = 8)]
+    pub micro_batch: usize,
+    /// AdamW learning rate (the paper's 1e-6 at 1B).
+    #[arg(long, default_value_t = 1e-6)]
+    pub lr: f64,
+    /// Seed of the weights, prompts, sampling and rewards.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Skip the untimed warm-up (kernel loading, cuBLAS handles) before the timed step.
+    #[arg(long)]
+    pub no_warmup: bool,
+    /// Before the step, time this many CFG image decode steps split into device forward, logits download and
+    /// host sampling (0 = skip).
+    #[arg(long, default_value_t = 32)]
+    pub probe_steps: usize,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Phase timer that synchronises the device so that queued kernels are counted in the phase that queued them.
+struct Phases {
+    device: Device,
+    ms: Vec<(&'static str, f64)>,
+}
+
+impl Phases {
+    fn time<T>(
+        &mut self,
+        name: &'static str,
+        f: impl FnOnce() -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        self.device.synchronize()?;
+        let t0 = Instant::now();
+        tracing::info!(phase = name, "start");
+        let out = f().with_context(|| format!("phase {name}"))?;
+        self.device.synchronize()?;
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        tracing::info!(phase = name, ms = format!("{ms:.1}"), "done");
+        self.ms.push((name, ms));
+        Ok(out)
+    }
+
+    fn get(&self, name: &str) -> f64 {
+        self.ms
+            .iter()
+            .filter(|(n, _)| *n == name)
+            .map(|(_, m)| m)
+            .sum()
+    }
+}
+
+fn random_ids(rng: &mut ChaCha8Rng, n: usize, lo: u32, hi: u32) -> Vec<u32> {
+    (0..n).map(|_| lo + rng.next_u32() % (hi - lo)).collect()
+}
+
+/// Prompts and images of one step: `pairs` tasks per side, each repeated `group` times.
+struct StepInputs {
+    gen_prompts: Vec<Vec<u32>>,
+    und_prompts: Vec<Vec<u32>>,
+    pixels: Vec<Tensor>,
+}
+
+fn step_inputs(
+    cfg: &JanusConfig,
+    a: &BenchGpuStepArgs,
+    dev: &Device,
+    rng: &mut ChaCha8Rng,
+) -> anyhow::Result<StepInputs> {
+    let t = &cfg.text_config;
+    let bos = t.bos_token_id.unwrap_or(1);
+    // Ordinary text ids: clear of the specials Janus keeps at the top of its vocabulary and of the image id.
+    let hi = (cfg.image_token_id.min(t.vocab_size as u32))
+        .saturating_sub(1)
+        .min(100_000);
+    let lo = 10;
+    let boi = lo - 1; // a fixed id standing in for <begin_of_image>
+    let n_img = cfg.vision_config.num_image_tokens;
+    let size = cfg.vision_config.image_size;
+    let (mut gen_prompts, mut und_prompts, mut pixels) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..a.pairs {
+        let mut g = vec![bos];
+        g.extend(random_ids(rng, a.prompt_len.saturating_sub(2), lo, hi));
+        g.push(boi);
+        let q = random_ids(rng, a.question_len, lo, hi);
+        let split = q.len().min(4);
+        let mut u = vec![bos];
+        u.extend_from_slice(&q[..split]);
+        u.extend(std::iter::repeat_n(cfg.image_token_id, n_img));
+        u.extend_from_slice(&q[split..]);
+        let px: Vec<f32> = (0..3 * size * size)
+            .map(|_| (rng.next_u32() as f32 / u32::MAX as f32) * 2.0 - 1.0)
+            .collect();
+        let px = Tensor::from_vec(px, (3, size, size), dev)?;
+        for _ in 0..a.group {
+            gen_prompts.push(g.clone());
+            und_prompts.push(u.clone());
+            pixels.push(px.clone());
+        }
+    }
+    Ok(StepInputs {
+        gen_prompts,
+        und_prompts,
+        pixels,
+    })
+}
+
+/// Random-weight model with a random-weight Janus VQ (its values do not change the work done).
+///
+/// The VQ runs in the model's dtype on CUDA (bf16 convolutions, as PyTorch's side does) and in f32 on CPU, whose
+/// candle convolutions have no bf16 kernel.
+fn build_model(cfg: &JanusConfig, seed: u64, dev: &Device, dtype: DType) -> anyhow::Result<Janus> {
+    let vm = candle_nn::VarMap::new();
+    let vq_dtype = if dev.is_cpu() { DType::F32 } else { dtype };
+    let vb = candle_nn::VarBuilder::from_varmap(&vm, vq_dtype, dev);
+    let vq =
+        JanusVq::new(&vq_config(cfg), vb.pp("model.vqmodel")).context("building the random VQ")?;
+    Ok(Janus::new_random(
+        cfg,
+        None,
+        Some(ImageCodec::Vq(Box::new(vq))),
+        seed,
+        dev,
+        dtype,
+    )?)
+}
+
+/// Sums the trained variables' gradients from `add` into `acc`.
+fn accumulate(
+    acc: &mut Option<GradStore>,
+    mut add: GradStore,
+    trained: &[(String, Var)],
+    frozen: &[Var],
+) -> anyhow::Result<()> {
+    let Some(acc) = acc.as_mut() else {
+        // The frozen encoders get gradients too (they are Vars); drop them so they hold no memory.
+        for v in frozen {
+            add.remove(v.as_tensor());
+        }
+        *acc = Some(add);
+        return Ok(());
+    };
+    for (_, v) in trained {
+        if let Some(g) = add.remove(v.as_tensor()) {
+            let sum = match acc.get(v.as_tensor()) {
+                Some(prev) => (prev + g)?,
+                None => g,
+            };
+            acc.insert(v.as_tensor(), sum);
+        }
+    }
+    Ok(())
+}
+
+/// What one timed step produced besides timings.
+struct StepOutcome {
+    image_tokens: usize,
+    answer_tokens_mean: f64,
+    grad_norm: f32,
+    params_with_grad: usize,
+    params_trained: usize,
+    loss: f32,
+    images: usize,
+}
+
+fn run_step(
+    model: &Janus,
+    opt: &mut AdamW,
+    inputs: &StepInputs,
+    a: &BenchGpuStepArgs,
+    max_answer: usize,
+    rng: &mut ChaCha8Rng,
+    ph: &mut Phases,
+) -> anyhow::Result<StepOutcome> {
+    let cfg = model.config().clone();
+    let img_s = ImageSampling {
+        cfg_weight: a.cfg_weight,
+        temperature: a.temperature,
+        top_p: 1.0,
+    };
+    let txt_s = TextSampling {
+        max_new_tokens: max_answer,
+        temperature: a.temperature,
+        top_p: 1.0,
+        greedy: false,
+    };
+    let images: Vec<ImageRollout> = ph.time("rollout_image", || {
+        Ok(model.sample_images_ids(&inputs.gen_prompts, &img_s, rng)?)
+    })?;
+    let mut answers: Vec<TextRollout> = ph.time("rollout_text", || {
+        Ok(model.sample_answers_ids(&inputs.pixels, &inputs.und_prompts, &txt_s, rng)?)
+    })?;
+    // A random-weight model can sample the image placeholder id as an answer token (p ≈ 1e-5 per token), which
+    // teacher forcing would then read as an image slot; a trained model never does. Swap it for an ordinary id.
+    for r in &mut answers {
+        for t in &mut r.answer_ids {
+            if *t == cfg.image_token_id {
+                *t = 10;
+            }
+        }
+    }
+    let decoded = ph.time("decode_vq", || {
+        let codes: Vec<Vec<u32>> = images.iter().map(|r| r.codes.clone()).collect();
+        Ok(model.decode_codes(&codes)?)
+    })?;
+    // Rewards come from reward models in training; random here (their cost is not what this measures).
+    let r_img: Vec<f32> = (0..images.len())
+        .map(|_| (rng.next_u32() % 1000) as f32 / 1000.0)
+        .collect();
+    let r_txt: Vec<f32> = (0..answers.len())
+        .map(|_| (rng.next_u32() % 2) as f32)
+        .collect();
+    let a_img = group_advantages(&r_img, a.group, RewardScaling::Std).values;
+    let a_txt = group_advantages(&r_txt, a.group, RewardScaling::Std).values;
+
+    let vars = opt.vars().to_vec();
+    let trained: std::collections::HashSet<_> =
+        vars.iter().map(|(_, v)| v.as_tensor().id()).collect();
+    let frozen: Vec<Var> = model
+        .all_vars()
+        .into_iter()
+        .map(|(_, v)| v)
+        .filter(|v| !trained.contains(&v.as_tensor().id()))
+        .collect();
+    let dev = model.device().clone();
+    let mb = a.micro_batch.max(1);
+    let (n_img_tok, n_txt_tok): (usize, usize) = (
+        images.iter().map(|r| r.codes.len()).sum(),
+        answers.iter().map(|r| r.answer_ids.len()).sum(),
+    );
+    let (loss_total, grad_norm, with_grad) = ph.time("train", || {
+        let mut grads = None;
+        let mut loss_total = 0f32;
+        // Per-modality token mean (METHOD.md default); micro-batch losses are scaled so that their gradients sum
+        // to the full batch's.
+        for (i, chunk) in images.chunks(mb).enumerate() {
+            let lp =
+                model.image_logprobs_at(chunk, CfgLogprobPolicy::Conditional, a.temperature)?;
+            let old = old_logprobs(
+                chunk.iter().map(|r| r.logprobs.as_slice()),
+                lp.dims2()?,
+                &dev,
+            )?;
+            let adv = Tensor::new(&a_img[i * mb..i * mb + chunk.len()], &dev)?;
+            let s = clipped_surrogate(&ratio(&lp, &old)?, &adv, 0.2, 0.28)?;
+            let mask = s.loss.ones_like()?;
+            let sum = aggregate(
+                &[Tokens {
+                    values: &s.loss,
+                    mask: &mask,
+                    max_len: lp.dim(1)?,
+                }],
+                LossAggregation::TokenMean,
+            )?;
+            let loss = (sum
+                * (chunk.iter().map(|r| r.codes.len()).sum::<usize>() as f64 / n_img_tok as f64))?;
+            loss_total += loss.to_scalar::<f32>()?;
+            accumulate(&mut grads, loss.backward()?, &vars, &frozen)?;
+        }
+        for (i, chunk) in answers.chunks(mb).enumerate() {
+            let (lp, mask) = model.answer_logprobs_at(chunk, a.temperature)?;
+            let old = old_logprobs(
+                chunk.iter().map(|r| r.logprobs.as_slice()),
+                lp.dims2()?,
+                &dev,
+            )?;
+            let adv = Tensor::new(&a_txt[i * mb..i * mb + chunk.len()], &dev)?;
+            let s = clipped_surrogate(&ratio(&lp, &old)?, &adv, 0.2, 0.28)?;
+            let sum = aggregate(
+                &[Tokens {
+                    values: &s.loss,
+                    mask: &mask,
+                    max_len: lp.dim(1)?,
+                }],
+                LossAggregation::TokenMean,
+            )?;
+            let loss = (sum
+                * (chunk.iter().map(|r| r.answer_ids.len()).sum::<usize>() as f64
+                    / n_txt_tok as f64))?;
+            loss_total += loss.to_scalar::<f32>()?;
+            accumulate(&mut grads, loss.backward()?, &vars, &frozen)?;
+        }
+        let grads = grads.context("no gradients")?;
+        let with_grad = vars
+            .iter()
+            .filter(|(_, v)| grads.get(v.as_tensor()).is_some())
+            .count();
+        let info = opt.step(&grads, a.lr)?;
+        Ok((loss_total, info.grad_norm, with_grad))
+    })?;
+    Ok(StepOutcome {
+        image_tokens: images.first().map_or(0, |r| r.codes.len()),
+        answer_tokens_mean: n_txt_tok as f64 / answers.len().max(1) as f64,
+        grad_norm,
+        params_with_grad: with_grad,
+        params_trained: vars.len(),
+        loss: loss_total,
+        images: decoded.len(),
+    })
+}
+
+/// Sampling-time log-probs as a [B, T] f32 tensor (rows shorter than T padded with 0; the mask drops them).
+fn old_logprobs<'a>(
+    rows: impl Iterator<Item = &'a [f32]>,
+    (b, t): (usize, usize),
+    dev: &Device,
+) -> anyhow::Result<Tensor> {
+    let mut flat = Vec::with_capacity(b * t);
+    for r in rows {
+        flat.extend(r.iter().take(t));
+        flat.extend(std::iter::repeat_n(0f32, t.saturating_sub(r.len())));
+    }
+    Ok(Tensor::from_vec(flat, (b, t), dev)?)
+}
+
+/// Runs `pairuni bench gpu-step`.
+pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
+    if a.pairs == 0 || a.group < 2 {
+        bail!("--pairs must be ≥ 1 and --group ≥ 2 (advantages need a group)");
+    }
+    if a.prompt_len < 2 || a.answer_tokens == 0 {
+        bail!("--prompt-len must be ≥ 2 and --answer-tokens ≥ 1");
+    }
+    let spec: DeviceSpec = a.device.parse()?;
+    let dev = spec.open()?;
+    let dtype = match &a.dtype {
+        Some(s) => parse_dtype(s)?,
+        None => default_dtype(&dev),
+    };
+    let cfg = a.shapes.config()?;
+    let answer_tokens = if a.shapes == Shapes::Tiny {
+        a.answer_tokens.min(8)
+    } else {
+        a.answer_tokens
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(a.seed);
+
+    let t0 = Instant::now();
+    let model = build_model(&cfg, a.seed, &dev, dtype)?;
+    dev.synchronize()?;
+    let init_ms = t0.elapsed().as_secs_f64() * 1e3;
+    tracing::info!(
+        ms = format!("{init_ms:.0}"),
+        "random {} model built",
+        a.shapes.name()
+    );
+    let vars = model.trainable_vars(&ParamSelection::LanguageModel);
+    let optim = OptimConfig {
+        lr: a.lr,
+        ..OptimConfig::default()
+    };
+    let mut opt = AdamW::new(vars, &optim)?;
+    let inputs = step_inputs(&cfg, &a, &dev, &mut rng)?;
+
+    if !a.no_warmup {
+        // Loads every kernel module and creates the cuBLAS handles outside the timed step; a whole warm-up step
+        // would double the run, and a shortened one needs a shortened image rollout, which the API does not offer.
+        let t = Instant::now();
+        warmup(&model, &inputs, a.temperature)?;
+        tracing::info!(
+            ms = format!("{:.0}", t.elapsed().as_secs_f64() * 1e3),
+            "warm-up done"
+        );
+    }
+
+    let probe = if a.probe_steps > 0 {
+        let p = probe_image_step(&model, &inputs.gen_prompts, a.cfg_weight, a.probe_steps)?;
+        tracing::info!(probe = %p, "image decode step split");
+        p
+    } else {
+        serde_json::Value::Null
+    };
+
+    let mut ph = Phases {
+        device: dev.clone(),
+        ms: Vec::new(),
+    };
+    let t_step = Instant::now();
+    let out = run_step(
+        &model,
+        &mut opt,
+        &inputs,
+        &a,
+        answer_tokens,
+        &mut rng,
+        &mut ph,
+    )?;
+    let total = t_step.elapsed().as_secs_f64() * 1e3;
+    let per_step = ph.get("rollout_image") / out.image_tokens.max(1) as f64;
+    let result = json!({
+        "impl": "candle",
+        "device": device_name(&dev),
+        "shapes": a.shapes.name(),
+        "dtype": format!("{dtype:?}").to_lowercase(),
+        "pairs": a.pairs,
+        "group": a.group,
+        "image_tokens": out.image_tokens,
+        "image_tokens_full": cfg.image_tokens_per_image(),
+        "answer_tokens": answer_tokens,
+        "answer_tokens_mean": out.answer_tokens_mean,
+        "rollout_image": round1(ph.get("rollout_image")),
+        "rollout_text": round1(ph.get("rollout_text")),
+        "decode_vq": round1(ph.get("decode_vq")),
+        "train": round1(ph.get("train")),
+        "total": round1(total),
+        "total_full_estimate": round1(total),
+        "ms_per_image_step": (per_step * 1000.0).round() / 1000.0,
+        "init_ms": round1(init_ms),
+        "images": out.images,
+        "loss": out.loss,
+        "grad_norm": out.grad_norm,
+        "params_with_grad": format!("{}/{}", out.params_with_grad, out.params_trained),
+        "image_step_probe": probe,
+    });
+    if a.json {
+        println!("{result}");
+    } else {
+        println!(
+            "PairGRPO step, candle, {} on {} ({dtype:?})",
+            a.shapes.name(),
+            device_name(&dev)
+        );
+        for k in [
+            "rollout_image",
+            "rollout_text",
+            "decode_vq",
+            "train",
+            "total",
+        ] {
+            println!(
+                "  {k:<16} {:>10.1} ms",
+                result[k].as_f64().unwrap_or(f64::NAN)
+            );
+        }
+        println!(
+            "  image step       {per_step:>10.3} ms  ({} codes, CFG batch {})",
+            out.image_tokens,
+            2 * a.pairs * a.group
+        );
+        println!(
+            "  grad norm        {:>10.4}  ({}/{} trained tensors got a gradient)",
+            out.grad_norm, out.params_with_grad, out.params_trained
+        );
+    }
+    if !a.json && !probe.is_null() {
+        println!("  image step probe {probe}");
+    }
+    if out.params_with_grad != out.params_trained || !out.grad_norm.is_finite() {
+        eprintln!("error: not every trained tensor received a finite gradient");
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Times `steps` CFG image decode steps the way `Janus::sample_images_ids` takes them (device forward and
+/// generation head, logits to the host, CFG mix + log-softmax + draw on the host), each part on its own clock, so
+/// that the benchmark says where a decode step's time goes. Starts right after the prompt's prefill.
+fn probe_image_step(
+    model: &Janus,
+    prompts: &[Vec<u32>],
+    cfg_weight: f64,
+    steps: usize,
+) -> anyhow::Result<serde_json::Value> {
+    let dev = model.device().clone();
+    let b = prompts.len();
+    // The unconditional rows' content does not change the work; their count does.
+    let rows: Vec<Vec<u32>> = prompts.iter().chain(prompts.iter()).cloned().collect();
+    let emb = model.token_embeddings(&rows)?;
+    let t = emb.dim(1)?;
+    let (h, cache) =
+        model.decoder_step(&emb, &vec![vec![true; t]; 2 * b], &model.empty_cache(2 * b))?;
+    let mut cache = cache.detach();
+    let mut last = h.narrow(1, t - 1, 1)?.squeeze(1)?.detach();
+    let valid = vec![vec![true]; 2 * b];
+    let (mut fwd, mut down, mut host) = (0f64, 0f64, 0f64);
+    let w = cfg_weight as f32;
+    for _ in 0..steps {
+        dev.synchronize()?;
+        let t0 = Instant::now();
+        let logits = model.gen_head(&last)?;
+        dev.synchronize()?;
+        let t1 = Instant::now();
+        let l = logits.to_vec2::<f32>()?;
+        let t2 = Instant::now();
+        let mut codes = Vec::with_capacity(b);
+        for r in 0..b {
+            let mixed: Vec<f32> = l[r]
+                .iter()
+                .zip(&l[b + r])
+                .map(|(&c, &u)| u + w * (c - u))
+                .collect();
+            let lp_mixed = host_log_softmax(&mixed);
+            let lp_cond = host_log_softmax(&l[r]);
+            // Inverse-CDF draw at a fixed point: the same passes over the row as a random one.
+            let mut acc = 0f64;
+            let mut pick = lp_mixed.len() - 1;
+            for (i, &x) in lp_mixed.iter().enumerate() {
+                acc += x.exp();
+                if acc > 0.5 {
+                    pick = i;
+                    break;
+                }
+            }
+            std::hint::black_box(lp_cond[pick]);
+            codes.push(pick as u32);
+        }
+        let t3 = Instant::now();
+        let both: Vec<u32> = codes.iter().chain(codes.iter()).copied().collect();
+        let ct = Tensor::from_vec(both, (2 * b, 1), &dev)?;
+        let e = model.code_embeddings(&ct)?.to_dtype(model.dtype())?;
+        let (h, c) = model.decoder_step(&e, &valid, &cache)?;
+        cache = c.detach();
+        last = h.squeeze(1)?.detach();
+        dev.synchronize()?;
+        let t4 = Instant::now();
+        fwd += (t1 - t0 + (t4 - t3)).as_secs_f64();
+        down += (t2 - t1).as_secs_f64();
+        host += (t3 - t2).as_secs_f64();
+    }
+    let per = |x: f64| (x * 1e3 / steps as f64 * 1000.0).round() / 1000.0;
+    let device_sampled = device_sampled_steps(model, &emb, b, cfg_weight, steps)?;
+    Ok(json!({
+        "steps": steps,
+        "cache_len_start": t,
+        "forward_ms": per(fwd),
+        "logits_to_host_ms": per(down),
+        "host_sampling_ms": per(host),
+        "total_ms": per(fwd + down + host),
+        "device_sampling_total_ms": per(device_sampled),
+    }))
+}
+
+/// The same decode steps with CFG mix, Gumbel-max draw and the conditional log-prob computed on the device and
+/// the codes never read back until the end: no host round trip per token (plan item 2 in docs/GPU.md). Returns
+/// the wall time in seconds. The draw is from the same distribution as the host sampler's, not the same stream.
+fn device_sampled_steps(
+    model: &Janus,
+    prompt_emb: &Tensor,
+    b: usize,
+    cfg_weight: f64,
+    steps: usize,
+) -> anyhow::Result<f64> {
+    let dev = model.device().clone();
+    let t = prompt_emb.dim(1)?;
+    let (h, cache) = model.decoder_step(
+        prompt_emb,
+        &vec![vec![true; t]; 2 * b],
+        &model.empty_cache(2 * b),
+    )?;
+    let mut cache = cache.detach();
+    let mut last = h.narrow(1, t - 1, 1)?.squeeze(1)?.detach();
+    let valid = vec![vec![true]; 2 * b];
+    let mut codes = Vec::with_capacity(steps);
+    let mut lps = Vec::with_capacity(steps);
+    dev.synchronize()?;
+    let t0 = Instant::now();
+    for _ in 0..steps {
+        let logits = model.gen_head(&last)?;
+        let lc = logits.narrow(0, 0, b)?;
+        let lu = logits.narrow(0, b, b)?;
+        let mixed = (&lu + ((&lc - &lu)? * cfg_weight)?)?;
+        let u = Tensor::rand(1e-10f32, 1f32, mixed.shape(), &dev)?;
+        let gumbel = u.log()?.neg()?.log()?.neg()?;
+        let code = (mixed + gumbel)?.argmax_keepdim(candle_core::D::Minus1)?; // [b, 1] u32
+        let lp = lc.broadcast_sub(&lc.exp()?.sum_keepdim(candle_core::D::Minus1)?.log()?)?;
+        lps.push(lp.gather(&code, candle_core::D::Minus1)?);
+        let both = Tensor::cat(&[&code, &code], 0)?;
+        let e = model.code_embeddings(&both)?.to_dtype(model.dtype())?;
+        let (h, c) = model.decoder_step(&e, &valid, &cache)?;
+        cache = c.detach();
+        last = h.squeeze(1)?.detach();
+        codes.push(code);
+    }
+    // One read at the end, as a device sampler would hand the codes over.
+    let codes = Tensor::cat(&codes, 1)?.to_vec2::<u32>()?;
+    let lps = Tensor::cat(&lps, 1)?.to_vec2::<f32>()?;
+    std::hint::black_box((codes, lps));
+    Ok(t0.elapsed().as_secs_f64())
+}
+
+/// log-softmax in f64, as the library's host sampler computes it.
+fn host_log_softmax(x: &[f32]) -> Vec<f64> {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = x.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+    x.iter().map(|&v| v as f64 - max - lse).collect()
+}
+
+/// One short pass through every kind of work the step does (no optimizer update).
+fn warmup(model: &Janus, inputs: &StepInputs, temperature: f64) -> anyhow::Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(u64::MAX);
+    let n = model.image_tokens_per_image();
+    let k = model.config().vq_config.num_embeddings as u32;
+    let codes: Vec<u32> = (0..n).map(|i| i as u32 % k).collect();
+    let img = ImageRollout {
+        prompt_ids: inputs.gen_prompts[0].clone(),
+        codes: codes.clone(),
+        logprobs: vec![0.0; n],
+    };
+    let lp = model.image_logprobs_at(
+        std::slice::from_ref(&img),
+        CfgLogprobPolicy::Conditional,
+        temperature,
+    )?;
+    let _ = lp.sum_all()?.backward()?;
+    model.decode_codes(&[codes])?;
+    let s = TextSampling {
+        max_new_tokens: 2,
+        temperature,
+        top_p: 1.0,
+        greedy: false,
+    };
+    let ans =
+        model.sample_answers_ids(&inputs.pixels[..1], &inputs.und_prompts[..1], &s, &mut rng)?;
+    let (lp, _) = model.answer_logprobs_at(&ans, temperature)?;
+    let _ = lp.sum_all()?.backward()?;
+    model.device().synchronize()?;
+    Ok(())
+}
+
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+fn device_name(dev: &Device) -> String {
+    match dev {
+        Device::Cpu => "cpu".into(),
+        other => format!("{:?}", other.location()),
+    }
+}
+
+/// Arguments of `pairuni bench gpu-parity`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchGpuParityArgs {
+    /// The fixture checkpoint folder (config.json + model.safetensors + reference outputs).
+    #[arg(long, default_value = "tests/fixtures/janus")]
+    pub fixtures: PathBuf,
+    /// Device to check against the fixture's reference values.
+    #[arg(long, default_value = "cuda")]
+    pub device: String,
+    /// Largest accepted max|Δ|/max|ref| in f32.
+    #[arg(long, default_value_t = 1e-3)]
+    pub tol_f32: f64,
+    /// Largest accepted max|Δ|/max|ref| in bf16 (8-bit mantissa: ≈ 4e-3 per rounding, compounded over layers).
+    #[arg(long, default_value_t = 5e-2)]
+    pub tol_bf16: f64,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// max |a − ref| / max |ref| over the whole tensor (the fixtures' metric, docs/FIXTURES.md).
+fn rel_err(a: &Tensor, reference: &Tensor) -> anyhow::Result<f64> {
+    let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
+    let r = reference.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
+    if a.shape() != r.shape() {
+        bail!("shape {:?} vs reference {:?}", a.shape(), r.shape());
+    }
+    let diff = (a - &r)?.abs()?.max_all()?.to_scalar::<f64>()?;
+    let scale = r.abs()?.max_all()?.to_scalar::<f64>()?.max(1e-30);
+    Ok(diff / scale)
+}
+
+fn id_rows(t: &Tensor) -> anyhow::Result<Vec<Vec<u32>>> {
+    Ok(t.to_dtype(DType::I64)?
+        .to_vec2::<i64>()?
+        .into_iter()
+        .map(|r| r.into_iter().map(|v| v as u32).collect())
+        .collect())
+}
+
+/// Every fixture output of `m`, in the fixture's names.
+fn fixture_outputs(
+    m: &Janus,
+    f: &std::collections::HashMap<String, Tensor>,
+) -> anyhow::Result<Vec<(&'static str, Tensor)>> {
+    let dev = m.device();
+    let get = |k: &str| {
+        f.get(k)
+            .with_context(|| format!("fixtures.safetensors has no tensor `{k}`"))
+    };
+    let px = get("und.pixel_values")?.to_device(dev)?;
+    let ids = id_rows(get("und.input_ids")?)?;
+    let prompts = id_rows(get("gen.prompt_ids")?)?;
+    let codes = id_rows(get("gen.codes")?)?;
+    let vq = m
+        .image_tokenizer()
+        .context("fixture checkpoint has no VQ")?;
+    let dcodes = get("vq.decode_codes")?
+        .to_dtype(DType::U32)?
+        .to_device(dev)?;
+    Ok(vec![
+        ("vision.last_hidden_state", m.vision_hidden(&px)?),
+        ("vision.image_embeds", m.image_features(&px)?),
+        ("und.logits", m.text_logits(&ids, Some(&px))?),
+        (
+            "gen.code_embeds",
+            m.code_embeddings(&Tensor::new(codes.clone(), dev)?)?,
+        ),
+        ("gen.logits", m.gen_logits(&prompts, &codes)?),
+        ("vq.decode_pixels", vq.decode_tensor(&dcodes)?),
+    ])
+}
+
+/// Runs `pairuni bench gpu-parity`.
+pub fn run_bench_gpu_parity(a: BenchGpuParityArgs) -> anyhow::Result<ExitCode> {
+    let spec: DeviceSpec = a.device.parse()?;
+    let dev = spec.open()?;
+    let fx_path = a.fixtures.join("fixtures.safetensors");
+    let f = candle_core::safetensors::load(&fx_path, &Device::Cpu)
+        .with_context(|| format!("reading {}", fx_path.display()))?;
+    // The CPU f32 run is the baseline the device runs are also compared with (CPU-vs-GPU parity).
+    let cpu = Janus::load(&a.fixtures, &Device::Cpu, DType::F32)?;
+    let cpu_out = fixture_outputs(&cpu, &f)?;
+    let mut rows = Vec::new();
+    let mut ok = true;
+    for (dtype, tol) in [(DType::F32, a.tol_f32), (DType::BF16, a.tol_bf16)] {
+        let m = Janus::load(&a.fixtures, &dev, dtype)
+            .with_context(|| format!("loading {} on {}", a.fixtures.display(), spec))?;
+        let out = fixture_outputs(&m, &f)?;
+        for ((name, t), (_, c)) in out.iter().zip(&cpu_out) {
+            let vs_ref = rel_err(t, &f[*name])?;
+            let vs_cpu = rel_err(t, c)?;
+            let pass = vs_ref <= tol && vs_ref.is_finite();
+            ok &= pass;
+            rows.push(json!({
+                "tensor": name, "device": spec.to_string(), "dtype": format!("{dtype:?}").to_lowercase(),
+                "rel_err_vs_reference": vs_ref, "rel_err_vs_cpu_f32": vs_cpu, "tolerance": tol, "pass": pass,
+            }));
+        }
+    }
+    if a.json {
+        println!(
+            "{}",
+            json!({ "device": device_name(&dev), "pass": ok, "checks": rows })
+        );
+    } else {
+        println!(
+            "{:<26}{:>8}{:>8}{:>14}{:>14}{:>10}",
+            "tensor", "device", "dtype", "vs reference", "vs cpu f32", "result"
+        );
+        for r in &rows {
+            println!(
+                "{:<26}{:>8}{:>8}{:>14.3e}{:>14.3e}{:>10}",
+                r["tensor"].as_str().unwrap_or("?"),
+                r["device"].as_str().unwrap_or("?"),
+                r["dtype"].as_str().unwrap_or("?"),
+                r["rel_err_vs_reference"].as_f64().unwrap_or(f64::NAN),
+                r["rel_err_vs_cpu_f32"].as_f64().unwrap_or(f64::NAN),
+                if r["pass"].as_bool() == Some(true) {
+                    "ok"
+                } else {
+                    "FAIL"
+                },
+            );
+        }
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny_args() -> BenchGpuStepArgs {
+        BenchGpuStepArgs {
+            device: "cpu".into(),
+            shapes: Shapes::Tiny,
+            dtype: None,
+            pairs: 1,
+            group: 2,
+            answer_tokens: 4,
+            prompt_len: 8,
+            question_len: 6,
+            cfg_weight: 5.0,
+            temperature: 1.0,
+            micro_batch: 1,
+            lr: 1e-2,
+            seed: 3,
+            no_warmup: true,
+            probe_steps: 2,
+            json: true,
+        }
+    }
+
+    #[test]
+    fn janus_pro_1b_shapes_match_the_pytorch_baseline() {
+        let c = Shapes::JanusPro1b.config().unwrap();
+        let t = &c.text_config;
+        assert_eq!(
+            (t.hidden_size, t.num_hidden_layers, t.num_attention_heads),
+            (2048, 24, 16)
+        );
+        assert_eq!((t.intermediate_size, t.vocab_size), (5632, 102400));
+        assert_eq!(c.vision_config.image_size, 384);
+        assert_eq!(c.vision_config.num_image_tokens, 576);
+        assert_eq!(c.image_tokens_per_image(), 576);
+        assert_eq!(c.vq_config.num_embeddings, 16384);
+        assert!(!c.tie_word_embeddings);
+        let tiny = Shapes::Tiny.config().unwrap();
+        assert_eq!(
+            tiny.image_tokens_per_image(),
+            tiny.vision_config.num_image_tokens
+        );
+    }
+
+    #[test]
+    fn janus_pro_1b_shapes_match_the_real_checkpoint_manifest() {
+        // Every tensor shape of the real Janus-Pro-1B checkpoint, committed by the VQ work.
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/fixtures/janus/janus_pro_1b_shapes.json"
+        );
+        let text = std::fs::read_to_string(path).unwrap();
+        let shapes: std::collections::BTreeMap<String, Vec<usize>> =
+            serde_json::from_str(&text).unwrap();
+        let c = Shapes::JanusPro1b.config().unwrap();
+        let (t, v, q) = (&c.text_config, &c.vision_config, &c.vq_config);
+        let layers = |prefix: &str| {
+            let ids: std::collections::BTreeSet<&str> = shapes
+                .keys()
+                .filter_map(|k| k.strip_prefix(prefix)?.split('.').next())
+                .collect();
+            ids.len()
+        };
+        assert_eq!(layers("model.language_model.layers."), t.num_hidden_layers);
+        assert_eq!(
+            layers("model.vision_model.encoder.layers."),
+            v.num_hidden_layers
+        );
+        let s = |k: &str| {
+            shapes
+                .get(k)
+                .unwrap_or_else(|| panic!("manifest lacks {k}"))
+                .clone()
+        };
+        assert_eq!(s("lm_head.weight"), vec![t.vocab_size, t.hidden_size]);
+        assert_eq!(
+            s("model.language_model.layers.0.mlp.gate_proj.weight"),
+            vec![t.intermediate_size, t.hidden_size]
+        );
+        assert_eq!(
+            s("model.language_model.layers.0.self_attn.k_proj.weight"),
+            vec![t.hidden_size, t.hidden_size]
+        );
+        assert_eq!(
+            s("model.vision_model.embeddings.position_embedding.weight"),
+            vec![v.num_image_tokens, v.hidden_size]
+        );
+        assert_eq!(
+            s("model.aligner.fc1.weight"),
+            vec![v.projection_dim, v.hidden_size]
+        );
+        assert_eq!(
+            s("model.generation_embeddings.weight"),
+            vec![q.num_embeddings, q.embed_dim]
+        );
+        assert_eq!(
+            s("model.generation_head.vision_head.weight"),
+            vec![q.num_embeddings, q.projection_dim]
+        );
+        assert_eq!(
+            s("model.vqmodel.quantize.embedding.weight"),
+            vec![q.num_embeddings, q.embed_dim]
+        );
+    }
+
+    #[test]
+    fn tiny_step_on_cpu_trains_every_language_model_tensor() {
+        let a = tiny_args();
+        let dev = Device::Cpu;
+        let cfg = a.shapes.config().unwrap();
+        let model = build_model(&cfg, a.seed, &dev, DType::F32).unwrap();
+        let vars = model.trainable_vars(&ParamSelection::LanguageModel);
+        // A decoder weight: both sides' losses reach it (lm_head gets nothing when a text group's rewards tie).
+        let (name, var) = vars
+            .iter()
+            .find(|(n, _)| n.contains("layers.0.self_attn.q_proj"))
+            .unwrap()
+            .clone();
+        let before = var.as_tensor().copy().unwrap();
+        let mut opt = AdamW::new(
+            vars.clone(),
+            &OptimConfig {
+                lr: 1e-2,
+                ..OptimConfig::default()
+            },
+        )
+        .unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(a.seed);
+        let inputs = step_inputs(&cfg, &a, &dev, &mut rng).unwrap();
+        assert_eq!(inputs.gen_prompts.len(), 2);
+        assert_eq!(
+            inputs.und_prompts[0].len(),
+            1 + a.question_len + cfg.vision_config.num_image_tokens
+        );
+        let mut ph = Phases {
+            device: dev.clone(),
+            ms: Vec::new(),
+        };
+        let out = run_step(
+            &model,
+            &mut opt,
+            &inputs,
+            &a,
+            a.answer_tokens,
+            &mut rng,
+            &mut ph,
+        )
+        .unwrap();
+        assert_eq!(out.image_tokens, 16);
+        assert_eq!(out.images, 2);
+        assert_eq!(out.params_with_grad, out.params_trained);
+        assert!(out.params_trained > 10, "{}", out.params_trained);
+        assert!(out.grad_norm.is_finite() && out.grad_norm > 0.0);
+        for k in ["rollout_image", "rollout_text", "decode_vq", "train"] {
+            assert!(ph.get(k) > 0.0, "{k} not timed");
+        }
+        // The optimizer step moved the weights.
+        let moved = rel_err(var.as_tensor(), &before).unwrap();
+        assert!(moved > 1e-4, "AdamW did not update {name}: {moved}");
+    }
+
+    #[test]
+    fn probe_splits_a_decode_step() {
+        let a = tiny_args();
+        let cfg = a.shapes.config().unwrap();
+        let model = build_model(&cfg, 1, &Device::Cpu, DType::F32).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let inputs = step_inputs(&cfg, &a, &Device::Cpu, &mut rng).unwrap();
+        let p = probe_image_step(&model, &inputs.gen_prompts, 5.0, 3).unwrap();
+        assert_eq!(p["steps"], 3);
+        assert_eq!(p["cache_len_start"], a.prompt_len);
+        assert!(p["forward_ms"].as_f64().unwrap() > 0.0);
+        assert!(p["device_sampling_total_ms"].as_f64().unwrap() > 0.0);
+    }
+
+    #[test]
+    fn old_logprobs_pad_short_rows_and_rel_err_measures_relative_error() {
+        let rows: Vec<&[f32]> = vec![&[-1.0, -2.0], &[-3.0]];
+        let t = old_logprobs(rows.into_iter(), (2, 2), &Device::Cpu).unwrap();
+        assert_eq!(
+            t.to_vec2::<f32>().unwrap(),
+            vec![vec![-1.0, -2.0], vec![-3.0, 0.0]]
+        );
+        let r = Tensor::new(&[2f32, -4.0], &Device::Cpu).unwrap();
+        let a = Tensor::new(&[2f32, -3.0], &Device::Cpu).unwrap();
+        assert!((rel_err(&a, &r).unwrap() - 0.25).abs() < 1e-12);
+        assert!(rel_err(&a, &Tensor::new(&[1f32], &Device::Cpu).unwrap()).is_err());
+        let lp = host_log_softmax(&[0.0, 0.0]);
+        assert!((lp[0] - (0.5f64).ln()).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,289 @@
+//! The whole method on one output folder: toy world → pairs → SFT → PairGRPO → evaluation → report.
+//!
+//! Every stage is resumable on its own terms: the world and the pairs are skipped when their outputs are
+//! complete (each writes its files atomically and the world leaves a `DONE` marker last), SFT and PairGRPO
+//! resume from their latest checkpoint, and an evaluation is skipped when its `metrics.json` exists. Rerunning
+//! with the same folder therefore continues where a killed run stopped.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use pairuni_model::{Device, Janus};
+use pairuni_rl::grpo::RunOptions;
+
+use crate::config::PairuniConfig;
+
+/// The built-in configurations, embedded so that `pairuni demo` works from any folder.
+pub const TOY_CONFIG: &str = include_str!("../../../configs/toy.toml");
+/// `--quick`: the same pipeline scaled down to run in CI.
+pub const TOY_QUICK_CONFIG: &str = include_str!("../../../configs/toy-quick.toml");
+
+/// Where each stage of a pipeline folder lives.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    /// The pipeline folder.
+    pub root: PathBuf,
+}
+
+impl Layout {
+    /// The toy world (pools and benchmarks).
+    pub fn world(&self) -> PathBuf {
+        self.root.join("world")
+    }
+    /// The PairUG file.
+    pub fn pairs(&self) -> PathBuf {
+        self.root.join("pairs/pairs.jsonl")
+    }
+    /// The SFT run folder.
+    pub fn sft(&self) -> PathBuf {
+        self.root.join("sft")
+    }
+    /// The PairGRPO run folder.
+    pub fn train(&self) -> PathBuf {
+        self.root.join("train")
+    }
+    /// The evaluation folder of one checkpoint label (`sft`, `final`).
+    pub fn eval(&self, label: &str) -> PathBuf {
+        self.root.join("eval").join(label)
+    }
+}
+
+/// Points every path of `cfg` into `layout` and makes every stage's seed the run seed.
+pub fn place(cfg: &mut PairuniConfig, layout: &Layout) {
+    let world = layout.world();
+    cfg.world.seed = cfg.seed;
+    cfg.pairs.seed = cfg.seed;
+    cfg.eval.seed = cfg.seed;
+    cfg.sft.understanding = world.join("understanding.jsonl");
+    cfg.sft.generation = world.join("generation.jsonl");
+    cfg.sft.pairs = layout.pairs();
+    cfg.sft.out_dir = layout.sft();
+    cfg.train.pairs = layout.pairs();
+    cfg.train.init = layout.sft().join("final");
+    cfg.train.out_dir = layout.train();
+}
+
+fn stage_bar(name: &str) -> ProgressBar {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} {msg} ({eta})")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(name.to_string());
+    bar
+}
+
+/// Stage 1: the toy world, unless a complete one is already there.
+pub fn world_stage(cfg: &PairuniConfig, layout: &Layout) -> Result<()> {
+    let dir = layout.world();
+    let marker = dir.join("DONE");
+    if marker.is_file() {
+        tracing::info!(dir = %dir.display(), "toy world already generated");
+        return Ok(());
+    }
+    let bar = stage_bar("world");
+    pairuni_toyworld::generate::generate_world(&cfg.world, &dir, &|p| {
+        bar.set_length(p.total);
+        bar.set_position(p.done);
+    })
+    .with_context(|| format!("generating the toy world in {}", dir.display()))?;
+    bar.finish();
+    pairuni_data::atomic::write_atomic_bytes(&marker, b"complete\n")?;
+    Ok(())
+}
+
+/// Stage 2: PairUG pairs with the configured teacher and encoder, unless the file exists.
+pub fn pairs_stage(cfg: &PairuniConfig, layout: &Layout) -> Result<()> {
+    let out = layout.pairs();
+    if out.is_file() {
+        tracing::info!(file = %out.display(), "pairs already built");
+        return Ok(());
+    }
+    std::fs::create_dir_all(out.parent().expect("pairs file has a folder"))?;
+    let paths = pairuni_pairs::builder::BuildPaths {
+        understanding: layout.world().join("understanding.jsonl"),
+        generation: layout.world().join("generation.jsonl"),
+        out,
+    };
+    let teacher = pairuni_pairs::setup::teacher_from_config(&cfg.pairs, &paths)?;
+    let encoder = pairuni_pairs::setup::encoder_from_config(&cfg.pairs.encoder)?;
+    let built = pairuni_pairs::builder::build_and_write(
+        &cfg.pairs,
+        teacher.as_ref(),
+        encoder.as_ref(),
+        &paths,
+        true,
+    )?;
+    tracing::info!(pairs = built.pairs.len(), "pairs built");
+    Ok(())
+}
+
+/// Stage 3: SFT warm-up (resumes from its latest checkpoint); returns the final model folder.
+pub fn sft_stage(cfg: &PairuniConfig, device: &Device) -> Result<PathBuf> {
+    let final_dir = cfg.sft.out_dir.join("final");
+    if final_dir.join("config.json").is_file() {
+        tracing::info!(dir = %final_dir.display(), "SFT already finished");
+        return Ok(final_dir);
+    }
+    let model = pairuni_rl::sft::initial_model(&cfg.sft, cfg.seed, device)?;
+    let opts = RunOptions {
+        progress: true,
+        config_toml: Some(cfg.to_toml_string()?),
+        stop_after: None,
+    };
+    let summary = pairuni_rl::sft::sft(&cfg.sft, cfg.seed, model, &opts)?;
+    summary
+        .final_dir
+        .context("SFT stopped before its last step")
+}
+
+/// Stage 4: PairGRPO from the SFT model (resumes from its latest checkpoint); returns the final model folder.
+pub fn train_stage(cfg: &PairuniConfig, device: &Device) -> Result<PathBuf> {
+    let final_dir = cfg.train.out_dir.join("final");
+    if final_dir.join("config.json").is_file() {
+        tracing::info!(dir = %final_dir.display(), "PairGRPO already finished");
+        return Ok(final_dir);
+    }
+    let policy = Janus::load(&cfg.train.init, device, candle_core::DType::F32)
+        .with_context(|| format!("loading the SFT model {}", cfg.train.init.display()))?;
+    let opts = RunOptions {
+        progress: true,
+        config_toml: Some(cfg.to_toml_string()?),
+        stop_after: None,
+    };
+    let summary = pairuni_rl::grpo::train(&cfg.train, cfg.seed, policy, &opts)?;
+    summary
+        .final_dir
+        .context("PairGRPO stopped before its last step")
+}
+
+struct Bars {
+    bar: Option<ProgressBar>,
+}
+
+impl pairuni_runner::Progress for Bars {
+    fn stage(&mut self, name: &str, total: usize) {
+        if let Some(b) = self.bar.take() {
+            b.finish();
+        }
+        let bar = stage_bar(name);
+        bar.set_length(total as u64);
+        self.bar = Some(bar);
+    }
+    fn advance(&mut self, n: usize) {
+        if let Some(b) = &self.bar {
+            b.inc(n as u64);
+        }
+    }
+    fn finish(&mut self) {
+        if let Some(b) = self.bar.take() {
+            b.finish();
+        }
+    }
+}
+
+/// Stage 5: evaluates a model folder on the world's held-out benchmarks into `out` (skipped when done).
+pub fn eval_stage(
+    cfg: &PairuniConfig,
+    layout: &Layout,
+    model_dir: &Path,
+    out: &Path,
+    device: &Device,
+) -> Result<serde_json::Value> {
+    let metrics = out.join("metrics.json");
+    if !metrics.is_file() {
+        let model = Janus::load(model_dir, device, candle_core::DType::F32)
+            .with_context(|| format!("loading {}", model_dir.display()))?;
+        let mut bars = Bars { bar: None };
+        pairuni_runner::evaluate_named(
+            &model,
+            &model_dir.display().to_string(),
+            &layout.world().join("bench"),
+            out,
+            &cfg.eval,
+            &mut bars,
+        )?;
+    }
+    let text = std::fs::read_to_string(&metrics)
+        .with_context(|| format!("reading {}", metrics.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", metrics.display()))
+}
+
+/// The three headline numbers of an evaluation: multiple-choice accuracy, POPE F1, GenEval overall.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Headline {
+    /// Held-out toy-MCQ accuracy in percent (the scorer's unit, as MMStar reports it).
+    pub mcq_accuracy: f64,
+    /// Toy-POPE F1 pooled over the three splits, in percent.
+    pub pope_f1: f64,
+    /// Toy-GenEval overall score in [0, 1].
+    pub geneval_overall: f64,
+}
+
+/// Reads the headline numbers out of a runner `metrics.json` (NaN where a benchmark is absent).
+pub fn headline(metrics: &serde_json::Value) -> Headline {
+    let flat = crate::report::flatten_numbers(metrics);
+    let find = |candidates: &[&str]| {
+        candidates
+            .iter()
+            .find_map(|k| flat.get(*k).copied())
+            .unwrap_or(f64::NAN)
+    };
+    Headline {
+        mcq_accuracy: find(&["mcq.overall.accuracy"]),
+        pope_f1: find(&["pope.overall.f1"]),
+        geneval_overall: find(&["geneval.scores.overall"]),
+    }
+}
+
+/// What a whole pipeline run measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PipelineSummary {
+    /// The seed.
+    pub seed: u64,
+    /// Scores of the SFT checkpoint.
+    pub sft: Headline,
+    /// Scores after PairGRPO.
+    pub last: Headline,
+    /// Wall-clock seconds of this process's work.
+    pub seconds: f64,
+}
+
+/// Runs every stage into `layout` (SFT and the world shared with `shared` when given, for ablations).
+pub fn run_all(
+    cfg: &PairuniConfig,
+    layout: &Layout,
+    device: &Device,
+    report: bool,
+) -> Result<PipelineSummary> {
+    let start = Instant::now();
+    std::fs::create_dir_all(&layout.root)
+        .with_context(|| format!("creating {}", layout.root.display()))?;
+    pairuni_data::atomic::write_atomic_bytes(
+        layout.root.join("config.toml"),
+        cfg.to_toml_string()?.as_bytes(),
+    )?;
+    world_stage(cfg, layout)?;
+    pairs_stage(cfg, layout)?;
+    let sft_model = sft_stage(cfg, device)?;
+    let final_model = train_stage(cfg, device)?;
+    let sft_metrics = eval_stage(cfg, layout, &sft_model, &layout.eval("sft"), device)?;
+    let final_metrics = eval_stage(cfg, layout, &final_model, &layout.eval("final"), device)?;
+    if report {
+        crate::report::write_report(&layout.root)?;
+    }
+    let summary = PipelineSummary {
+        seed: cfg.seed,
+        sft: headline(&sft_metrics),
+        last: headline(&final_metrics),
+        seconds: start.elapsed().as_secs_f64(),
+    };
+    pairuni_data::atomic::write_atomic_bytes(
+        layout.root.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
+    Ok(summary)
+}

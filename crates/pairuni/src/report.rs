@@ -1,0 +1,561 @@
+//! The run report: one self-contained `report.html` (PNG charts and images inlined as data URLs) for a run folder.
+//!
+//! The report reads what the stages left on disk and never re-runs anything, so it works on a finished demo, a
+//! run in progress, or a single `pairuni train` folder. It looks for, relative to the run folder:
+//! `sft/metrics.jsonl`, `train/metrics.jsonl` (or `metrics.jsonl` at the top), `eval/<label>/metrics.json`
+//! (the SFT checkpoint is labelled `sft`, the final one `final`), PNG grids under `eval/<label>/`, the
+//! multiple-choice predictions under `eval/<label>/`, and `pairs/pairs.jsonl` with the world's images.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use base64::Engine as _;
+use plotters::prelude::*;
+use serde_json::Value;
+
+/// Where the report was written and what it found.
+#[derive(Debug)]
+pub struct ReportSummary {
+    /// The HTML file.
+    pub html: PathBuf,
+    /// Number of charts drawn.
+    pub charts: usize,
+    /// Number of sample images inlined.
+    pub images: usize,
+}
+
+/// Points of one metric over steps.
+type Series = Vec<(f64, f64)>;
+
+/// Reads a metrics.jsonl file into metric name → (step, value) points; non-numeric fields are skipped.
+pub fn read_metric_series(path: &Path) -> Result<BTreeMap<String, Series>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut series: BTreeMap<String, Series> = BTreeMap::new();
+    for (index, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let record: Value = serde_json::from_str(line)
+            .with_context(|| format!("{}:{}: not a JSON object", path.display(), index + 1))?;
+        let Some(object) = record.as_object() else {
+            anyhow::bail!("{}:{}: expected a JSON object", path.display(), index + 1);
+        };
+        let step = object
+            .get("step")
+            .and_then(Value::as_f64)
+            .unwrap_or(index as f64);
+        for (key, value) in object {
+            if key == "step" {
+                continue;
+            }
+            if let Some(number) = value.as_f64() {
+                if number.is_finite() {
+                    series.entry(key.clone()).or_default().push((step, number));
+                }
+            }
+        }
+    }
+    Ok(series)
+}
+
+/// Flattens the numeric leaves of a JSON value into dotted keys (`mcq.overall`, `pope.random.f1`, …).
+pub fn flatten_numbers(value: &Value) -> BTreeMap<String, f64> {
+    fn walk(prefix: &str, value: &Value, out: &mut BTreeMap<String, f64>) {
+        match value {
+            Value::Number(number) => {
+                if let Some(x) = number.as_f64() {
+                    out.insert(prefix.to_string(), x);
+                }
+            }
+            Value::Object(map) => {
+                for (key, child) in map {
+                    let name = if prefix.is_empty() {
+                        key.clone()
+                    } else {
+                        format!("{prefix}.{key}")
+                    };
+                    walk(&name, child, out);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk("", value, &mut out);
+    out
+}
+
+/// Registers a system font for chart text once; returns whether text can be drawn.
+fn chart_font_available() -> bool {
+    static FONT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FONT.get_or_init(|| {
+        const CANDIDATES: [&str; 3] = [
+            "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+            "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+            "/usr/share/fonts/TTF/DejaVuSans.ttf",
+        ];
+        for candidate in CANDIDATES {
+            if let Ok(bytes) = std::fs::read(candidate) {
+                // plotters keeps fonts for the life of the process, so the bytes must be 'static.
+                let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+                if plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok() {
+                    return true;
+                }
+            }
+        }
+        tracing::warn!(
+            "no DejaVuSans.ttf found: charts are drawn without text (install fonts-dejavu-core)"
+        );
+        false
+    })
+}
+
+const PALETTE: [RGBColor; 6] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+];
+
+/// Draws a line chart of several series to a PNG file.
+pub fn line_chart(path: &Path, title: &str, series: &[(&str, &Series)]) -> Result<()> {
+    let with_text = chart_font_available();
+    let points = series.iter().flat_map(|(_, s)| s.iter());
+    let (mut x_min, mut x_max, mut y_min, mut y_max) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+    for &(x, y) in points {
+        x_min = x_min.min(x);
+        x_max = x_max.max(x);
+        y_min = y_min.min(y);
+        y_max = y_max.max(y);
+    }
+    if x_min > x_max {
+        anyhow::bail!("chart {title}: no points");
+    }
+    if x_max - x_min < 1e-12 {
+        x_max = x_min + 1.0;
+    }
+    let pad = ((y_max - y_min).abs() * 0.05).max(1e-6);
+    let (y_lo, y_hi) = (y_min - pad, y_max + pad);
+    {
+        let root = BitMapBackend::new(path, (560, 320)).into_drawing_area();
+        root.fill(&WHITE).map_err(plot_err)?;
+        let mut builder = ChartBuilder::on(&root);
+        builder.margin(10);
+        if with_text {
+            builder
+                .caption(title, ("sans-serif", 18))
+                .x_label_area_size(28)
+                .y_label_area_size(56);
+        }
+        let mut chart = builder
+            .build_cartesian_2d(x_min..x_max, y_lo..y_hi)
+            .map_err(plot_err)?;
+        if with_text {
+            chart
+                .configure_mesh()
+                .x_desc("step")
+                .label_style(("sans-serif", 12))
+                .draw()
+                .map_err(plot_err)?;
+        } else {
+            chart
+                .configure_mesh()
+                .disable_x_mesh()
+                .disable_y_mesh()
+                .draw()
+                .map_err(plot_err)?;
+        }
+        for (index, (name, points)) in series.iter().enumerate() {
+            let colour = PALETTE[index % PALETTE.len()];
+            let drawn = chart
+                .draw_series(LineSeries::new(
+                    points.iter().copied(),
+                    colour.stroke_width(2),
+                ))
+                .map_err(plot_err)?;
+            if with_text {
+                drawn
+                    .label(name.to_string())
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], colour));
+            }
+        }
+        if with_text && series.len() > 1 {
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .label_font(("sans-serif", 12))
+                .draw()
+                .map_err(plot_err)?;
+        }
+        root.present().map_err(plot_err)?;
+    }
+    Ok(())
+}
+
+fn plot_err<E: std::fmt::Display>(err: E) -> anyhow::Error {
+    anyhow::anyhow!("drawing chart: {err}")
+}
+
+fn data_url_png(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    ))
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+fn png_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|entry| entry.ok().map(|e| e.path()))
+                .filter(|path| path.extension().is_some_and(|ext| ext == "png"))
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    files
+}
+
+/// Reads the eval metrics of each label (`eval/<label>/metrics.json`), flattened.
+fn read_eval_metrics(run: &Path) -> Result<BTreeMap<String, BTreeMap<String, f64>>> {
+    let mut out = BTreeMap::new();
+    let eval_dir = run.join("eval");
+    let Ok(entries) = std::fs::read_dir(&eval_dir) else {
+        return Ok(out);
+    };
+    for entry in entries.flatten() {
+        let metrics = entry.path().join("metrics.json");
+        if metrics.is_file() {
+            let text = std::fs::read_to_string(&metrics)
+                .with_context(|| format!("reading {}", metrics.display()))?;
+            let value: Value = serde_json::from_str(&text)
+                .with_context(|| format!("{}: not valid JSON", metrics.display()))?;
+            out.insert(
+                entry.file_name().to_string_lossy().into_owned(),
+                flatten_numbers(&value),
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// Metric keys worth a chart of their own; rewards go together in one chart.
+fn chart_groups(series: &BTreeMap<String, Series>) -> Vec<(String, Vec<String>)> {
+    let mut groups = Vec::new();
+    let rewards: Vec<String> = ["reward", "reward/und", "reward/gen"]
+        .iter()
+        .filter(|k| series.contains_key(**k))
+        .map(|k| k.to_string())
+        .collect();
+    if !rewards.is_empty() {
+        groups.push(("reward per task".to_string(), rewards.clone()));
+    }
+    for key in series.keys() {
+        if rewards.contains(key) || key.starts_with("time/") && key != "time/step" {
+            continue;
+        }
+        groups.push((key.clone(), vec![key.clone()]));
+    }
+    groups
+}
+
+fn benchmark_table(html: &mut String, evals: &BTreeMap<String, BTreeMap<String, f64>>) {
+    if evals.is_empty() {
+        html.push_str("<p>No evaluation results found under <code>eval/</code>.</p>");
+        return;
+    }
+    // Preferred order: the SFT checkpoint first, the final one last, anything else between.
+    let mut labels: Vec<&String> = evals.keys().collect();
+    labels.sort_by_key(|l| match l.as_str() {
+        "sft" => 0,
+        "final" => 2,
+        _ => 1,
+    });
+    let mut keys: Vec<&String> = evals.values().flat_map(|m| m.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let _ = write!(html, "<table><tr><th>metric</th>");
+    for label in &labels {
+        let _ = write!(html, "<th>{}</th>", escape(label));
+    }
+    let delta = labels.len() == 2;
+    if delta {
+        html.push_str("<th>Δ</th>");
+    }
+    html.push_str("</tr>");
+    for key in keys {
+        let _ = write!(html, "<tr><td>{}</td>", escape(key));
+        let values: Vec<Option<f64>> = labels.iter().map(|l| evals[*l].get(key).copied()).collect();
+        for value in &values {
+            match value {
+                Some(x) => {
+                    let _ = write!(html, "<td>{x:.4}</td>");
+                }
+                None => html.push_str("<td>–</td>"),
+            }
+        }
+        if delta {
+            match (values[0], values[1]) {
+                (Some(a), Some(b)) => {
+                    let class = if b > a {
+                        "up"
+                    } else if b < a {
+                        "down"
+                    } else {
+                        ""
+                    };
+                    let _ = write!(html, "<td class=\"{class}\">{:+.4}</td>", b - a);
+                }
+                _ => html.push_str("<td>–</td>"),
+            }
+        }
+        html.push_str("</tr>");
+    }
+    html.push_str("</table>");
+}
+
+/// Finds multiple-choice prediction records under `eval/<label>/` (any JSONL whose name mentions mcq).
+fn mcq_predictions(dir: &Path) -> Vec<Value> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut files: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.extension().is_some_and(|e| e == "jsonl")
+                && p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().contains("mcq"))
+        })
+        .collect();
+    files.sort();
+    files
+        .first()
+        .and_then(|f| std::fs::read_to_string(f).ok())
+        .map(|text| {
+            text.lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn answers_section(html: &mut String, run: &Path) {
+    let sft = mcq_predictions(&run.join("eval/sft"));
+    let last = mcq_predictions(&run.join("eval/final"));
+    if sft.is_empty() && last.is_empty() {
+        html.push_str("<p>No multiple-choice predictions found.</p>");
+        return;
+    }
+    let field = |v: &Value, names: &[&str]| -> String {
+        names
+            .iter()
+            .find_map(|n| v.get(*n))
+            .map(|x| match x {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            })
+            .unwrap_or_default()
+    };
+    html.push_str(
+        "<table><tr><th>question</th><th>gold</th><th>SFT answer</th><th>final answer</th></tr>",
+    );
+    let rows = sft.len().max(last.len()).min(12);
+    for index in 0..rows {
+        let reference = sft
+            .get(index)
+            .or_else(|| last.get(index))
+            .unwrap_or(&Value::Null);
+        let _ = write!(
+            html,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            escape(&field(reference, &["question", "prompt"])),
+            escape(&field(reference, &["answer", "gold"])),
+            escape(
+                &sft.get(index)
+                    .map(|v| field(v, &["output", "prediction"]))
+                    .unwrap_or_default()
+            ),
+            escape(
+                &last
+                    .get(index)
+                    .map(|v| field(v, &["output", "prediction"]))
+                    .unwrap_or_default()
+            ),
+        );
+    }
+    html.push_str("</table>");
+}
+
+fn pairs_section(html: &mut String, run: &Path, images: &mut usize) {
+    let pairs_path = run.join("pairs/pairs.jsonl");
+    let Ok(records) = pairuni_data::jsonl::read_pairs(&pairs_path) else {
+        html.push_str("<p>No pairs file found at <code>pairs/pairs.jsonl</code>.</p>");
+        return;
+    };
+    let folder = pairs_path.parent().unwrap_or(run).to_path_buf();
+    for kind in [
+        pairuni_data::PairKind::Aligned,
+        pairuni_data::PairKind::Retrieved,
+    ] {
+        let examples: Vec<_> = records
+            .iter()
+            .filter(|r| r.effective_kind() == kind)
+            .take(3)
+            .collect();
+        let _ = write!(html, "<h3>{kind:?} pairs</h3>");
+        if examples.is_empty() {
+            html.push_str("<p>none</p>");
+            continue;
+        }
+        html.push_str("<div class=\"pairs\">");
+        for record in examples {
+            let _ = write!(
+                html,
+                "<div class=\"pair\"><div class=\"sim\">similarity {:.3}</div>",
+                record.similarity
+            );
+            for (side, ann) in [
+                ("generate", &record.generate_ann),
+                ("understand", &record.understand_ann),
+            ] {
+                let path = pairuni_data::image::resolve(&folder, &ann.image_path);
+                let img = data_url_png(&path)
+                    .map(|url| {
+                        *images += 1;
+                        format!("<img class=\"px\" src=\"{url}\" alt=\"{side}\">")
+                    })
+                    .unwrap_or_else(|_| "<em>(image missing)</em>".to_string());
+                let _ = write!(
+                    html,
+                    "<div class=\"side\"><b>{side}</b>{img}<p>{}</p><p><i>{}</i> → {}</p></div>",
+                    escape(&ann.prompt),
+                    escape(&ann.question),
+                    escape(&ann.answer)
+                );
+            }
+            html.push_str("</div>");
+        }
+        html.push_str("</div>");
+    }
+}
+
+/// Writes `RUN_DIR/report.html` (charts under `RUN_DIR/report/`).
+pub fn write_report(run: &Path) -> Result<ReportSummary> {
+    anyhow::ensure!(run.is_dir(), "{}: not a run folder", run.display());
+    let chart_dir = run.join("report");
+    std::fs::create_dir_all(&chart_dir)
+        .with_context(|| format!("creating {}", chart_dir.display()))?;
+    let mut html = String::new();
+    let mut charts = 0;
+    let mut images = 0;
+    html.push_str(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>pairuni run report</title><style>\
+body{font-family:sans-serif;margin:24px;max-width:1200px;color:#222}\
+table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:left}\
+td.up{color:#176c17}td.down{color:#b00}.charts img{margin:4px;border:1px solid #eee}\
+img.px{image-rendering:pixelated;width:96px;height:96px;display:block;margin:4px 0}\
+.grid img{image-rendering:pixelated;max-width:520px;margin:4px;border:1px solid #ddd}\
+.pairs{display:flex;flex-wrap:wrap;gap:12px}.pair{border:1px solid #ccc;padding:8px;display:flex;gap:8px;flex-wrap:wrap;max-width:560px}\
+.side{width:250px;font-size:12px}.sim{width:100%;font-weight:bold}pre{background:#f6f6f6;padding:8px;overflow:auto;font-size:12px}\
+</style></head><body>",
+    );
+    let _ = write!(
+        html,
+        "<h1>pairuni run report</h1><p>Run folder: <code>{}</code></p>",
+        escape(&run.display().to_string())
+    );
+
+    html.push_str("<h2>Benchmarks: SFT checkpoint vs final</h2>");
+    let evals = read_eval_metrics(run)?;
+    benchmark_table(&mut html, &evals);
+    for label in ["sft", "final"] {
+        let recipe = run.join("eval").join(label).join("results.md");
+        if let Ok(text) = std::fs::read_to_string(&recipe) {
+            let _ = write!(html, "<details><summary>{label}: results.md (sampling recipe)</summary><pre>{}</pre></details>", escape(&text));
+        }
+    }
+
+    for (stage, candidates) in [
+        (
+            "PairGRPO",
+            vec![run.join("train/metrics.jsonl"), run.join("metrics.jsonl")],
+        ),
+        ("SFT", vec![run.join("sft/metrics.jsonl")]),
+    ] {
+        let Some(path) = candidates.into_iter().find(|p| p.is_file()) else {
+            continue;
+        };
+        let series = read_metric_series(&path)?;
+        let _ = write!(html, "<h2>{stage} metrics</h2><div class=\"charts\">");
+        for (index, (title, keys)) in chart_groups(&series).into_iter().enumerate() {
+            let lines: Vec<(&str, &Series)> = keys
+                .iter()
+                .filter_map(|k| series.get(k).map(|s| (k.as_str(), s)))
+                .filter(|(_, s)| !s.is_empty())
+                .collect();
+            if lines.is_empty() {
+                continue;
+            }
+            let file = chart_dir.join(format!("{}-{index:02}.png", stage.to_lowercase()));
+            line_chart(&file, &title, &lines)?;
+            let _ = write!(
+                html,
+                "<img src=\"{}\" alt=\"{}\" title=\"{}\">",
+                data_url_png(&file)?,
+                escape(&title),
+                escape(&title)
+            );
+            charts += 1;
+        }
+        html.push_str("</div>");
+    }
+
+    html.push_str("<h2>Images drawn for fixed prompts</h2>");
+    for label in ["sft", "final"] {
+        let grids = png_files(&run.join("eval").join(label));
+        if grids.is_empty() {
+            continue;
+        }
+        let _ = write!(html, "<h3>{label}</h3><div class=\"grid\">");
+        for grid in grids.iter().take(4) {
+            let _ = write!(
+                html,
+                "<figure><img src=\"{}\"><figcaption>{}</figcaption></figure>",
+                data_url_png(grid)?,
+                escape(&grid.file_name().unwrap_or_default().to_string_lossy())
+            );
+            images += 1;
+        }
+        html.push_str("</div>");
+    }
+
+    html.push_str("<h2>Answers to fixed questions</h2>");
+    answers_section(&mut html, run);
+    html.push_str("<h2>Pair examples</h2>");
+    pairs_section(&mut html, run, &mut images);
+    html.push_str("</body></html>");
+
+    let out = run.join("report.html");
+    pairuni_data::atomic::write_atomic_bytes(&out, html.as_bytes())
+        .with_context(|| format!("writing {}", out.display()))?;
+    Ok(ReportSummary {
+        html: out,
+        charts,
+        images,
+    })
+}

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Builds the release `pairuni` binary with the `cuda` feature on a machine WITHOUT a GPU or CUDA toolkit
+# (recipe: docs/GPU.md and the team's CUDA.md). Nothing third-party is committed: nvcc comes from pinned PyPI
+# wheels in a git-ignored venv, and candle-core is patched to load the CUDA libraries at run time through a
+# `[patch.crates-io]` given on the command line.
+#
+# Usage: scripts/build-cuda.sh            (from anywhere; builds from a snapshot of the repo)
+# Env:   CARGO_TARGET_DIR  build folder            (default /work/targets/cuda, else <repo>/target-cuda)
+#        CUDA_VENV         venv holding nvcc       (default <repo>/.cuda/venv)
+#        OUT_DIR_BIN       where the binary lands  (default <repo>/.dev/gpu)
+#        CARRY_DIR         the device call's carry folder, holding only pairuni.xz (default <repo>/.dev/gpu-carry)
+#        NICE              nice level for cargo    (default 19: the build takes 12-20 min on 2 cores)
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [[ -z "${CARGO_TARGET_DIR:-}" ]]; then
+    if [[ -d /work/targets ]]; then CARGO_TARGET_DIR=/work/targets/cuda; else CARGO_TARGET_DIR="$repo/target-cuda"; fi
+fi
+export CARGO_TARGET_DIR
+venv="${CUDA_VENV:-$repo/.cuda/venv}"
+out_dir="${OUT_DIR_BIN:-$repo/.dev/gpu}"
+carry_dir="${CARRY_DIR:-$repo/.dev/gpu-carry}"
+nice_level="${NICE:-19}"
+mkdir -p "$CARGO_TARGET_DIR" "$out_dir"
+
+# 1. nvcc 13.0 from PyPI. A newer nvcc emits PTX that the 13.0 driver on the GPU machine cannot load.
+if [[ ! -x "$venv/bin/pip" ]]; then
+    python3 -m venv "$venv"
+fi
+cu13="$(ls -d "$venv"/lib/python3.*/site-packages/nvidia/cu13 2>/dev/null | head -1 || true)"
+if [[ -z "$cu13" || ! -x "$cu13/bin/nvcc" ]]; then
+    "$venv/bin/pip" install -q nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 \
+        nvidia-cuda-runtime==13.0.96 nvidia-nvvm==13.0.88 nvidia-cuda-cccl==13.0.85
+    cu13="$(ls -d "$venv"/lib/python3.*/site-packages/nvidia/cu13 | head -1)"
+fi
+export CUDA_HOME="$cu13" CUDA_PATH="$cu13" CUDA_ROOT="$cu13"
+export PATH="$CUDA_HOME/bin:$PATH"
+# No GPU to probe here; the lent machines are Hopper (H100/H200).
+export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
+nvcc --version | tail -2
+
+# 2. candle-core with cudarc switched from `dynamic-linking` to `dynamic-loading` (libcuda, cublas, curand,
+#    nvrtc are dlopen'ed at run time, so the binary starts on machines without them and finds them by soname on
+#    the GPU machine). cudarc refuses both features at once, so the word is replaced in a private copy.
+candle_ver="$(grep -A1 '^name = "candle-core"' "$repo/Cargo.lock" | sed -n 's/^version = "\(.*\)"/\1/p' | head -1)"
+candle_ver="${candle_ver:-0.11.1}"
+registry_src="$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/candle-core-"$candle_ver" 2>/dev/null | head -1 || true)"
+if [[ -z "$registry_src" ]]; then
+    (cd "$repo" && cargo fetch >/dev/null)
+    registry_src="$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/candle-core-"$candle_ver" | head -1)"
+fi
+patched="$CARGO_TARGET_DIR/patched/candle-core-$candle_ver"
+if [[ ! -f "$patched/.pairuni-patched" ]]; then
+    rm -rf "$patched"
+    mkdir -p "$(dirname "$patched")"
+    cp -r "$registry_src" "$patched"
+    grep -q '"dynamic-linking"' "$patched/Cargo.toml" || { echo "candle-core $candle_ver: no dynamic-linking feature to switch" >&2; exit 1; }
+    sed -i 's/"dynamic-linking"/"dynamic-loading"/' "$patched/Cargo.toml"
+    touch "$patched/.pairuni-patched"
+fi
+
+# 3. Static cudart: candle-kernels asks the linker for `cudart`, and the wheel has only libcudart.so.13 and
+#    libcudart_static.a. A linker script named libcudart.so that pulls in the static archive satisfies `-lcudart`.
+linkdir="$CARGO_TARGET_DIR/cudart-static"
+mkdir -p "$linkdir"
+echo "INPUT($CUDA_HOME/lib/libcudart_static.a)" >"$linkdir/libcudart.so"
+export RUSTFLAGS="${RUSTFLAGS:-} -L native=$linkdir"
+
+# 4. Build from a snapshot of the repo: the command-line patch rewrites Cargo.lock, which must not touch the
+#    committed one, and a snapshot also keeps other people's half-saved edits from changing mid-build.
+ws="$CARGO_TARGET_DIR/workspace"
+rm -rf "$ws.new"
+mkdir -p "$ws.new"
+# tar keeps modification times, so cargo sees unchanged files as unchanged and the rebuild stays incremental.
+(cd "$repo" && tar -cf - --exclude='./target*' --exclude=./.cuda --exclude=./.dev --exclude=./.git \
+    --exclude=./.whl --exclude=./runs --exclude=./.gl .) | (cd "$ws.new" && tar -xf -)
+rm -rf "$ws"
+mv "$ws.new" "$ws"
+cd "$ws"
+nice -n "$nice_level" cargo build --release -p pairuni --features cuda \
+    --config "patch.crates-io.candle-core.path=\"$patched\""
+
+bin="$CARGO_TARGET_DIR/release/pairuni"
+mkdir -p "$out_dir"
+cp "$bin" "$out_dir/pairuni.tmp"
+strip "$out_dir/pairuni.tmp"
+mv "$out_dir/pairuni.tmp" "$out_dir/pairuni"
+# The device call carries at most 64 MiB in all: ship the binary xz-compressed (the PTX inside packs well).
+mkdir -p "$carry_dir"
+xz -T2 -9 -c "$out_dir/pairuni" >"$carry_dir/pairuni.xz.tmp"
+mv "$carry_dir/pairuni.xz.tmp" "$carry_dir/pairuni.xz"
+if ldd "$out_dir/pairuni" | grep -Eq 'libcuda|libcudart|libcublas|libcurand|libnvrtc'; then
+    echo "error: the binary links a CUDA library dynamically:" >&2
+    ldd "$out_dir/pairuni" >&2
+    exit 1
+fi
+echo "stripped binary: $out_dir/pairuni ($(du -m "$out_dir/pairuni" | cut -f1) MiB)"
+echo "compressed:      $carry_dir/pairuni.xz ($(du -m "$carry_dir/pairuni.xz" | cut -f1) MiB) <- carry $carry_dir"

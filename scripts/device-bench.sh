@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# The ONE command for a lent GPU machine (docs/GPU.md). From the repo root:
+#
+#     bash scripts/device-bench.sh            carry: .dev/gpu-carry   (pairuni.xz from scripts/build-cuda.sh)
+#
+# Runs, each under its own time limit so the whole stays under BUDGET_S (default 470 s):
+#   (a) parity   pairuni bench gpu-parity: the committed Janus fixtures on cuda in f32 and bf16 vs reference
+#   (b) pytorch  scripts/torch_step_bench.py: one PairGRPO step, transformers eager, same card
+#   (c) candle   pairuni bench gpu-step: the same step through pairuni's library
+# and prints a table with the ratio. Logs and JSON land in $OUT (at most 8 files come back from the device).
+# Testing without a GPU: BENCH_DEVICE=cpu BENCH_SHAPES=tiny CARRY_DIR=.dev/gpu-cpu bash scripts/device-bench.sh
+set -uo pipefail
+
+start=$(date +%s)
+budget=${BUDGET_S:-470}
+OUT=${OUT:-/tmp/pairuni-device-bench}
+mkdir -p "$OUT"
+carry=${CARRY_DIR:-.dev/gpu-carry}
+dev=${BENCH_DEVICE:-cuda}
+shapes=${BENCH_SHAPES:-janus-pro-1b}
+torch_args=(--device "$dev")
+[[ "$shapes" == tiny ]] && torch_args+=(--tiny)
+export PYTHONUNBUFFERED=1 RUST_BACKTRACE=1
+
+left() { echo $((budget - ($(date +%s) - start))); }
+
+# The binary travels xz-compressed (the call carries at most 64 MiB).
+bin="$carry/pairuni"
+if [[ ! -x "$bin" ]]; then
+    bin=/tmp/pairuni-cuda
+    if [[ -f "$carry/pairuni.xz" ]]; then
+        if command -v xz >/dev/null; then
+            xz -dc "$carry/pairuni.xz" >"$bin"
+        else
+            python3 -c 'import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],"wb"))' \
+                "$carry/pairuni.xz" "$bin"
+        fi
+        chmod +x "$bin"
+    else
+        echo "no binary: expected $carry/pairuni.xz (build it with scripts/build-cuda.sh, carry $carry)" >&2
+        bin=""
+    fi
+fi
+
+# candle dlopens cuBLAS, cuRAND and NVRTC at run time: point the loader at the CUDA toolkit and at the copies
+# PyTorch's pip wheels bring, in case neither is on the default library path.
+pylibs=$(python3 -c 'import glob, os, sys; print(":".join(sorted({d for p in sys.path for d in glob.glob(os.path.join(p, "nvidia", "*", "lib"))})))' 2>/dev/null)
+export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${pylibs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+
+{
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
+    python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' 2>&1
+    [[ -n "$bin" ]] && "$bin" --version 2>&1
+    echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+    ldconfig -p 2>/dev/null | grep -E 'libcublas|libnvrtc|libcurand|libcuda\.' | head -8
+} >"$OUT/env.txt"
+cat "$OUT/env.txt"
+
+# (a) parity: small checkpoint, seconds.
+if [[ -n "$bin" ]]; then
+    echo "== (a) parity (limit 60 s)"
+    timeout 60 "$bin" bench gpu-parity --device "$dev" --json >"$OUT/parity.json" 2>"$OUT/parity.log"
+    echo "rc=$? $(tail -c 2000 "$OUT/parity.json")"
+fi
+
+# (b) PyTorch baseline: ≈ 1 min on an H100/H200 (model init + warm-up + one step).
+t=$(( $(left) - 200 )); (( t > 200 )) && t=200
+echo "== (b) pytorch step (limit ${t} s)"
+timeout "$t" "${PYTHON:-python3}" scripts/torch_step_bench.py "${torch_args[@]}" >"$OUT/torch_step.json" 2>"$OUT/torch_step.log"
+echo "rc=$? $(cat "$OUT/torch_step.json")"
+
+# (c) candle: whatever time is left; phase start/done lines in the log show how far it got if it is cut.
+if [[ -n "$bin" ]]; then
+    t=$(( $(left) - 10 ))
+    echo "== (c) candle step (limit ${t} s)"
+    timeout "$t" "$bin" --log info bench gpu-step --device "$dev" --shapes "$shapes" --json >"$OUT/candle_step.json" 2>"$OUT/candle_step.log"
+    rc=$?
+    echo "rc=$rc $(cat "$OUT/candle_step.json")"
+    (( rc != 0 )) && tail -n 20 "$OUT/candle_step.log"
+    # A bf16 failure that is not a timeout (an op without a bf16 CUDA kernel, say): one f32 run, so that the call
+    # still brings back a candle number. Same files (at most 8 come back); the JSON's dtype says which ran.
+    t=$(( $(left) - 10 ))
+    if (( rc != 0 && rc != 124 && rc != 137 && t > 90 )); then
+        echo "== (c') candle step in f32 after the bf16 failure (limit ${t} s)"
+        echo "==== retry in f32" >>"$OUT/candle_step.log"
+        timeout "$t" "$bin" --log info bench gpu-step --device "$dev" --shapes "$shapes" --dtype f32 --no-warmup --json \
+            >"$OUT/candle_step.json" 2>>"$OUT/candle_step.log"
+        echo "rc=$? $(cat "$OUT/candle_step.json")"
+    fi
+fi
+
+python3 - "$OUT" <<'EOF' | tee "$OUT/summary.txt"
+import json, os, sys
+out = sys.argv[1]
+
+def load(name):
+    try:
+        with open(os.path.join(out, name)) as f:
+            lines = [l for l in f.read().splitlines() if l.strip().startswith("{")]
+        return json.loads(lines[-1]) if lines else None
+    except (OSError, ValueError):
+        return None
+
+pt, cd, par = load("torch_step.json"), load("candle_step.json"), load("parity.json")
+print("device:", (pt or cd or {}).get("device", "?"))
+if par is not None:
+    print(f"parity on {par.get('device')}: {'PASS' if par.get('pass') else 'FAIL'}  (max|d|/max|ref| vs transformers f64; vs cpu f32)")
+    for c in par.get("checks", []):
+        print(f"  {c['tensor']:<26}{c['dtype']:>6}{c['rel_err_vs_reference']:>11.2e}{c['rel_err_vs_cpu_f32']:>11.2e}"
+              f"  tol {c['tolerance']:.0e} {'ok' if c['pass'] else 'FAIL'}")
+else:
+    print("parity: no result (see parity.log)")
+keys = ["rollout_image", "rollout_text", "decode_vq", "train", "total", "ms_per_image_step"]
+print(f"{'phase (ms)':<20}{'pytorch':>12}{'candle':>12}{'pytorch/candle':>16}")
+for k in keys:
+    a = (pt or {}).get(k)
+    b = (cd or {}).get(k)
+    r = f"{a / b:.2f}x" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b > 0 else "-"
+    fa = f"{a:.1f}" if isinstance(a, (int, float)) else "-"
+    fb = f"{b:.1f}" if isinstance(b, (int, float)) else "-"
+    print(f"{k:<20}{fa:>12}{fb:>12}{r:>16}")
+for name, d in (("pytorch", pt), ("candle", cd)):
+    if d:
+        extra = {k: d.get(k) for k in ("dtype", "image_tokens", "answer_tokens", "grad_norm", "params_with_grad",
+                                       "init_ms", "peak_mem_gib", "image_step_probe") if k in d}
+        print(name, json.dumps(extra))
+    else:
+        print(name, "did not finish: see its log")
+EOF
+echo "elapsed $(( $(date +%s) - start )) s"
