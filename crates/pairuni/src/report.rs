@@ -139,8 +139,19 @@ pub fn line_chart(path: &Path, title: &str, series: &[(&str, &Series)]) -> Resul
     if x_max - x_min < 1e-12 {
         x_max = x_min + 1.0;
     }
-    let pad = ((y_max - y_min).abs() * 0.05).max(1e-6);
+    // A constant series (a fixed learning rate) still needs a visible range around its value.
+    let span = y_max - y_min;
+    let pad = if span > 1e-12 * y_max.abs().max(1.0) {
+        span * 0.05
+    } else if y_max.abs() > 0.0 {
+        y_max.abs() * 0.5
+    } else {
+        1.0
+    };
     let (y_lo, y_hi) = (y_min - pad, y_max + pad);
+    // Enough decimals that ten ticks across the range print as different numbers.
+    let decimals = (-((y_hi - y_lo) / 10.0).log10()).ceil().clamp(0.0, 8.0) as usize;
+    let y_label = move |y: &f64| format!("{y:.decimals$}");
     {
         let root = BitMapBackend::new(path, (560, 320)).into_drawing_area();
         root.fill(&WHITE).map_err(plot_err)?;
@@ -159,6 +170,7 @@ pub fn line_chart(path: &Path, title: &str, series: &[(&str, &Series)]) -> Resul
             chart
                 .configure_mesh()
                 .x_desc("step")
+                .y_label_formatter(&y_label)
                 .label_style(("sans-serif", 12))
                 .draw()
                 .map_err(plot_err)?;
@@ -285,8 +297,38 @@ fn benchmark_table(html: &mut String, evals: &BTreeMap<String, BTreeMap<String, 
         "final" => 2,
         _ => 1,
     });
-    let mut keys: Vec<&String> = evals.values().flat_map(|m| m.keys()).collect();
-    keys.sort();
+    // Scores only: counts, sizes and the recipe (shown beside, from results.md) would bury them.
+    const SCORE_SUFFIXES: [&str; 9] = [
+        "accuracy",
+        "f1",
+        "precision",
+        "recall",
+        "yes_ratio",
+        "overall",
+        "overall_dense",
+        "score",
+        "dense",
+    ];
+    let is_score = |key: &str| {
+        !key.starts_with("recipe.")
+            && !key.contains(".counts.")
+            && SCORE_SUFFIXES
+                .iter()
+                .any(|suffix| key.rsplit('.').next() == Some(*suffix))
+    };
+    // Headline numbers first, then the rest alphabetically.
+    let headline_rank = |key: &str| match key {
+        "mcq.overall.accuracy" => 0,
+        "pope.overall.f1" => 1,
+        "geneval.scores.overall" => 2,
+        _ => 3,
+    };
+    let mut keys: Vec<&String> = evals
+        .values()
+        .flat_map(|m| m.keys())
+        .filter(|k| is_score(k))
+        .collect();
+    keys.sort_by(|a, b| headline_rank(a).cmp(&headline_rank(b)).then(a.cmp(b)));
     keys.dedup();
     let _ = write!(html, "<table><tr><th>metric</th>");
     for label in &labels {
@@ -328,74 +370,68 @@ fn benchmark_table(html: &mut String, evals: &BTreeMap<String, BTreeMap<String, 
     html.push_str("</table>");
 }
 
-/// Finds multiple-choice prediction records under `eval/<label>/` (any JSONL whose name mentions mcq).
-fn mcq_predictions(dir: &Path) -> Vec<Value> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    let mut files: Vec<PathBuf> = entries
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.extension().is_some_and(|e| e == "jsonl")
-                && p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().contains("mcq"))
-        })
-        .collect();
-    files.sort();
-    files
-        .first()
-        .and_then(|f| std::fs::read_to_string(f).ok())
-        .map(|text| {
-            text.lines()
-                .filter_map(|l| serde_json::from_str(l).ok())
+/// Reads the runner's multiple-choice predictions of one checkpoint (`eval/<label>/predictions/mcq.jsonl`) as
+/// question id → raw output, in file order.
+fn mcq_predictions(dir: &Path) -> Vec<(String, String)> {
+    let path = dir.join("predictions").join("mcq.jsonl");
+    pairuni_data::jsonl::read_jsonl::<pairuni_eval::predictions::Prediction>(&path)
+        .map(|rows| {
+            rows.into_iter()
+                .map(|p| (p.question_id, p.output))
                 .collect()
         })
         .unwrap_or_default()
 }
 
+/// Question text and gold answer of the toy-MCQ benchmark, by question id (empty when absent).
+fn mcq_gold(run: &Path) -> BTreeMap<String, (String, String)> {
+    let path = run.join("world/bench/mcq/questions.jsonl");
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return BTreeMap::new();
+    };
+    text.lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter_map(|v| {
+            let text_of = |key: &str| {
+                v.get(key).map(|x| {
+                    x.as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| x.to_string())
+                })
+            };
+            Some((
+                text_of("question_id")?,
+                (text_of("question")?, text_of("answer")?),
+            ))
+        })
+        .collect()
+}
+
 fn answers_section(html: &mut String, run: &Path) {
     let sft = mcq_predictions(&run.join("eval/sft"));
-    let last = mcq_predictions(&run.join("eval/final"));
+    let last: BTreeMap<String, String> = mcq_predictions(&run.join("eval/final"))
+        .into_iter()
+        .collect();
     if sft.is_empty() && last.is_empty() {
-        html.push_str("<p>No multiple-choice predictions found.</p>");
+        html.push_str("<p>No multiple-choice predictions found (<code>eval/&lt;label&gt;/predictions/mcq.jsonl</code>).</p>");
         return;
     }
-    let field = |v: &Value, names: &[&str]| -> String {
-        names
-            .iter()
-            .find_map(|n| v.get(*n))
-            .map(|x| match x {
-                Value::String(s) => s.clone(),
-                other => other.to_string(),
-            })
-            .unwrap_or_default()
-    };
+    let gold = mcq_gold(run);
     html.push_str(
         "<table><tr><th>question</th><th>gold</th><th>SFT answer</th><th>final answer</th></tr>",
     );
-    let rows = sft.len().max(last.len()).min(12);
-    for index in 0..rows {
-        let reference = sft
-            .get(index)
-            .or_else(|| last.get(index))
-            .unwrap_or(&Value::Null);
+    for (id, sft_output) in sft.iter().take(12) {
+        let (question, answer) = gold
+            .get(id)
+            .cloned()
+            .unwrap_or_else(|| (id.clone(), String::new()));
         let _ = write!(
             html,
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            escape(&field(reference, &["question", "prompt"])),
-            escape(&field(reference, &["answer", "gold"])),
-            escape(
-                &sft.get(index)
-                    .map(|v| field(v, &["output", "prediction"]))
-                    .unwrap_or_default()
-            ),
-            escape(
-                &last
-                    .get(index)
-                    .map(|v| field(v, &["output", "prediction"]))
-                    .unwrap_or_default()
-            ),
+            escape(&question),
+            escape(&answer),
+            escape(sft_output),
+            escape(last.get(id).map(String::as_str).unwrap_or("")),
         );
     }
     html.push_str("</table>");
@@ -407,7 +443,6 @@ fn pairs_section(html: &mut String, run: &Path, images: &mut usize) {
         html.push_str("<p>No pairs file found at <code>pairs/pairs.jsonl</code>.</p>");
         return;
     };
-    let folder = pairs_path.parent().unwrap_or(run).to_path_buf();
     for kind in [
         pairuni_data::PairKind::Aligned,
         pairuni_data::PairKind::Retrieved,
@@ -433,7 +468,7 @@ fn pairs_section(html: &mut String, run: &Path, images: &mut usize) {
                 ("generate", &record.generate_ann),
                 ("understand", &record.understand_ann),
             ] {
-                let path = pairuni_data::image::resolve(&folder, &ann.image_path);
+                let path = pairuni_data::image::resolve(&pairs_path, &ann.image_path);
                 let img = data_url_png(&path)
                     .map(|url| {
                         *images += 1;
@@ -469,7 +504,7 @@ body{font-family:sans-serif;margin:24px;max-width:1200px;color:#222}\
 table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:left}\
 td.up{color:#176c17}td.down{color:#b00}.charts img{margin:4px;border:1px solid #eee}\
 img.px{image-rendering:pixelated;width:96px;height:96px;display:block;margin:4px 0}\
-.grid img{image-rendering:pixelated;max-width:520px;margin:4px;border:1px solid #ddd}\
+.grid{display:flex;flex-wrap:wrap}.grid img{image-rendering:pixelated;width:256px;margin:4px;border:1px solid #ddd}.grid figure{margin:4px;width:264px;font-size:12px}\
 .pairs{display:flex;flex-wrap:wrap;gap:12px}.pair{border:1px solid #ccc;padding:8px;display:flex;gap:8px;flex-wrap:wrap;max-width:560px}\
 .side{width:250px;font-size:12px}.sim{width:100%;font-weight:bold}pre{background:#f6f6f6;padding:8px;overflow:auto;font-size:12px}\
 </style></head><body>",
@@ -527,17 +562,40 @@ img.px{image-rendering:pixelated;width:96px;height:96px;display:block;margin:4px
 
     html.push_str("<h2>Images drawn for fixed prompts</h2>");
     for label in ["sft", "final"] {
-        let grids = png_files(&run.join("eval").join(label));
+        // The runner writes one grid per GenEval prompt (`geneval/<index>/grid.png`); show the first few.
+        let mut grids = png_files(&run.join("eval").join(label));
+        if let Ok(entries) = std::fs::read_dir(run.join("eval").join(label).join("geneval")) {
+            let mut prompt_dirs: Vec<PathBuf> = entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.is_dir())
+                .collect();
+            prompt_dirs.sort();
+            grids.extend(
+                prompt_dirs
+                    .iter()
+                    .map(|d| d.join("grid.png"))
+                    .filter(|g| g.is_file()),
+            );
+        }
         if grids.is_empty() {
             continue;
         }
         let _ = write!(html, "<h3>{label}</h3><div class=\"grid\">");
-        for grid in grids.iter().take(4) {
+        for grid in grids.iter().take(6) {
+            // The prompt sits beside its grid in the runner's layout (`metadata.jsonl`).
+            let caption = grid
+                .parent()
+                .map(|d| d.join("metadata.jsonl"))
+                .and_then(|m| std::fs::read_to_string(m).ok())
+                .and_then(|t| serde_json::from_str::<Value>(t.lines().next().unwrap_or("")).ok())
+                .and_then(|v| v.get("prompt").and_then(Value::as_str).map(str::to_string))
+                .unwrap_or_else(|| grid.display().to_string());
             let _ = write!(
                 html,
                 "<figure><img src=\"{}\"><figcaption>{}</figcaption></figure>",
                 data_url_png(grid)?,
-                escape(&grid.file_name().unwrap_or_default().to_string_lossy())
+                escape(&caption)
             );
             images += 1;
         }
