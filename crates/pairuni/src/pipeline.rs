@@ -160,31 +160,6 @@ pub fn train_stage(cfg: &PairuniConfig, device: &Device) -> Result<PathBuf> {
         .context("PairGRPO stopped before its last step")
 }
 
-struct Bars {
-    bar: Option<ProgressBar>,
-}
-
-impl pairuni_runner::Progress for Bars {
-    fn stage(&mut self, name: &str, total: usize) {
-        if let Some(b) = self.bar.take() {
-            b.finish();
-        }
-        let bar = stage_bar(name);
-        bar.set_length(total as u64);
-        self.bar = Some(bar);
-    }
-    fn advance(&mut self, n: usize) {
-        if let Some(b) = &self.bar {
-            b.inc(n as u64);
-        }
-    }
-    fn finish(&mut self) {
-        if let Some(b) = self.bar.take() {
-            b.finish();
-        }
-    }
-}
-
 /// Stage 5: evaluates a model folder on the world's held-out benchmarks into `out` (skipped when done).
 pub fn eval_stage(
     cfg: &PairuniConfig,
@@ -197,7 +172,7 @@ pub fn eval_stage(
     if !metrics.is_file() {
         let model = Janus::load(model_dir, device, candle_core::DType::F32)
             .with_context(|| format!("loading {}", model_dir.display()))?;
-        let mut bars = Bars { bar: None };
+        let mut bars = crate::cmd::eval::Bars::default();
         pairuni_runner::evaluate_named(
             &model,
             &model_dir.display().to_string(),

@@ -115,13 +115,17 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// An indicatif bar per stage.
-struct Bars {
+/// An indicatif bar per stage of an evaluation (also used by the demo pipeline).
+#[derive(Default)]
+pub struct Bars {
     bar: Option<ProgressBar>,
 }
 
 impl Progress for Bars {
     fn stage(&mut self, name: &str, total: usize) {
+        if let Some(previous) = self.bar.take() {
+            previous.finish();
+        }
         let bar = ProgressBar::new(total as u64);
         bar.set_style(
             ProgressStyle::with_template("{msg:>14} [{bar:40}] {pos}/{len} {elapsed_precise}")
@@ -165,7 +169,7 @@ fn run_model(a: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let model = Janus::load(&model_dir, &device, dtype)
         .with_context(|| format!("loading model {}", model_dir.display()))?;
-    let mut bars = Bars { bar: None };
+    let mut bars = Bars::default();
     let report = evaluate_named(
         &model,
         &model_dir.display().to_string(),
