@@ -371,52 +371,39 @@ fn benchmark_table(html: &mut String, evals: &BTreeMap<String, BTreeMap<String, 
 }
 
 /// Reads the runner's multiple-choice predictions of one checkpoint (`eval/<label>/predictions/mcq.jsonl`) as
-/// question id → raw output, in file order.
-fn mcq_predictions(dir: &Path) -> Vec<(String, String)> {
+/// (question id, raw output) in file order; an absent file is no predictions, a malformed one an error.
+fn mcq_predictions(dir: &Path) -> Result<Vec<(String, String)>> {
     let path = dir.join("predictions").join("mcq.jsonl");
-    pairuni_data::jsonl::read_jsonl::<pairuni_eval::predictions::Prediction>(&path)
-        .map(|rows| {
-            rows.into_iter()
-                .map(|p| (p.question_id, p.output))
-                .collect()
-        })
-        .unwrap_or_default()
+    if !path.is_file() {
+        return Ok(Vec::new());
+    }
+    let rows = pairuni_data::jsonl::read_jsonl::<pairuni_eval::predictions::Prediction>(&path)?;
+    Ok(rows
+        .into_iter()
+        .map(|p| (p.question_id, p.output))
+        .collect())
 }
 
-/// Question text and gold answer of the toy-MCQ benchmark, by question id (empty when absent).
-fn mcq_gold(run: &Path) -> BTreeMap<String, (String, String)> {
-    let path = run.join("world/bench/mcq/questions.jsonl");
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return BTreeMap::new();
-    };
-    text.lines()
-        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-        .filter_map(|v| {
-            let text_of = |key: &str| {
-                v.get(key).map(|x| {
-                    x.as_str()
-                        .map(str::to_string)
-                        .unwrap_or_else(|| x.to_string())
-                })
-            };
-            Some((
-                text_of("question_id")?,
-                (text_of("question")?, text_of("answer")?),
-            ))
-        })
-        .collect()
-}
-
-fn answers_section(html: &mut String, run: &Path) {
-    let sft = mcq_predictions(&run.join("eval/sft"));
-    let last: BTreeMap<String, String> = mcq_predictions(&run.join("eval/final"))
+fn answers_section(html: &mut String, run: &Path) -> Result<()> {
+    let sft = mcq_predictions(&run.join("eval/sft"))?;
+    let last: BTreeMap<String, String> = mcq_predictions(&run.join("eval/final"))?
         .into_iter()
         .collect();
     if sft.is_empty() && last.is_empty() {
         html.push_str("<p>No multiple-choice predictions found (<code>eval/&lt;label&gt;/predictions/mcq.jsonl</code>).</p>");
-        return;
+        return Ok(());
     }
-    let gold = mcq_gold(run);
+    // The same reader the scorer uses, so the report shows exactly the gold it was scored against.
+    let gold_path = run.join("world/bench/mcq/questions.jsonl");
+    let gold: BTreeMap<String, (String, String)> = if gold_path.is_file() {
+        pairuni_eval::mcq::read_mcq(&gold_path)?
+            .questions
+            .into_iter()
+            .map(|q| (q.question_id, (q.question, q.answer.to_string())))
+            .collect()
+    } else {
+        BTreeMap::new()
+    };
     html.push_str(
         "<table><tr><th>question</th><th>gold</th><th>SFT answer</th><th>final answer</th></tr>",
     );
@@ -435,14 +422,16 @@ fn answers_section(html: &mut String, run: &Path) {
         );
     }
     html.push_str("</table>");
+    Ok(())
 }
 
-fn pairs_section(html: &mut String, run: &Path, images: &mut usize) {
+fn pairs_section(html: &mut String, run: &Path, images: &mut usize) -> Result<()> {
     let pairs_path = run.join("pairs/pairs.jsonl");
-    let Ok(records) = pairuni_data::jsonl::read_pairs(&pairs_path) else {
+    if !pairs_path.is_file() {
         html.push_str("<p>No pairs file found at <code>pairs/pairs.jsonl</code>.</p>");
-        return;
-    };
+        return Ok(());
+    }
+    let records = pairuni_data::jsonl::read_pairs(&pairs_path)?;
     for kind in [
         pairuni_data::PairKind::Aligned,
         pairuni_data::PairKind::Retrieved,
@@ -487,6 +476,7 @@ fn pairs_section(html: &mut String, run: &Path, images: &mut usize) {
         }
         html.push_str("</div>");
     }
+    Ok(())
 }
 
 /// Writes `RUN_DIR/report.html` (charts under `RUN_DIR/report/`).
@@ -603,9 +593,9 @@ img.px{image-rendering:pixelated;width:96px;height:96px;display:block;margin:4px
     }
 
     html.push_str("<h2>Answers to fixed questions</h2>");
-    answers_section(&mut html, run);
+    answers_section(&mut html, run)?;
     html.push_str("<h2>Pair examples</h2>");
-    pairs_section(&mut html, run, &mut images);
+    pairs_section(&mut html, run, &mut images)?;
     html.push_str("</body></html>");
 
     let out = run.join("report.html");
@@ -616,4 +606,59 @@ img.px{image-rendering:pixelated;width:96px;height:96px;display:block;margin:4px
         charts,
         images,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(path: &Path, text: &str) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+
+    #[test]
+    fn report_draws_a_chart_per_metric_group_and_tabulates_scores_only() {
+        let run = tempfile::tempdir().unwrap();
+        write(
+            &run.path().join("train/metrics.jsonl"),
+            "{\"step\":1,\"reward\":0.2,\"reward/und\":0.1,\"reward/gen\":0.3,\"learning_rate\":0.001}\n\
+             {\"step\":2,\"reward\":0.4,\"reward/und\":0.3,\"reward/gen\":0.5,\"learning_rate\":0.001}\n",
+        );
+        write(
+            &run.path().join("eval/sft/metrics.json"),
+            r#"{"mcq":{"overall":{"accuracy":25.0,"total":8}}}"#,
+        );
+        write(
+            &run.path().join("eval/final/metrics.json"),
+            r#"{"mcq":{"overall":{"accuracy":37.5,"total":8}}}"#,
+        );
+        let summary = write_report(run.path()).unwrap();
+        // One chart for the three reward series together, one for the learning rate.
+        assert_eq!(summary.charts, 2);
+        let html = std::fs::read_to_string(&summary.html).unwrap();
+        assert!(
+            html.contains("mcq.overall.accuracy") && html.contains("+12.5000"),
+            "{html}"
+        );
+        assert!(
+            !html.contains("mcq.overall.total"),
+            "counts must not be tabulated"
+        );
+        assert!(
+            html.contains("data:image/png;base64,"),
+            "charts are inlined"
+        );
+    }
+
+    #[test]
+    fn a_malformed_pairs_file_is_an_error_naming_file_and_line() {
+        let run = tempfile::tempdir().unwrap();
+        write(
+            &run.path().join("pairs/pairs.jsonl"),
+            "{\"similarity\": 1.0}\nnot json\n",
+        );
+        let err = format!("{:#}", write_report(run.path()).unwrap_err());
+        assert!(err.contains("pairs.jsonl:1"), "{err}");
+    }
 }
