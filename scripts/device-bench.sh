@@ -116,13 +116,14 @@ for k in keys:
     a = (pt or {}).get(k)
     b = (cd or {}).get(k)
     r = f"{a / b:.2f}x" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b > 0 else "-"
-    fa = f"{a:.1f}" if isinstance(a, (int, float)) else "-"
-    fb = f"{b:.1f}" if isinstance(b, (int, float)) else "-"
+    prec = 3 if k == "ms_per_image_step" else 1  # the per-step target is 3 ms
+    fa = f"{a:.{prec}f}" if isinstance(a, (int, float)) else "-"
+    fb = f"{b:.{prec}f}" if isinstance(b, (int, float)) else "-"
     print(f"{k:<20}{fa:>12}{fb:>12}{r:>16}")
 for name, d in (("pytorch", pt), ("candle", cd)):
     if d:
         extra = {k: d.get(k) for k in ("dtype", "image_tokens", "answer_tokens", "grad_norm", "params_with_grad",
-                                       "init_ms", "peak_mem_gib", "image_step_probe") if k in d}
+                                       "init_ms", "peak_mem_gib", "image_sampler", "image_step_probe") if k in d}
         print(name, json.dumps(extra))
     else:
         print(name, "did not finish: see its log")

@@ -21,11 +21,14 @@ use crate::janus_config::{ImageTokenizerKind, JanusConfig};
 use crate::layers::{log_softmax_last, Act, InitKind, Linear, ParamMode, Params};
 use crate::llama::{last_position, KvCache, Llama};
 use crate::sampling::{
-    argmax, log_softmax_t, sample_index, CfgLogprobPolicy, ImageRollout, ImageSampling,
-    ParamSelection, TextRollout, TextSampling,
+    argmax, device_cfg_draw, log_softmax_t, sample_index, CfgLogprobPolicy, GumbelNoise,
+    ImageRollout, ImageSamplerSite, ImageSampling, ParamSelection, TextRollout, TextSampling,
 };
 use crate::tokenizer::TextTokenizer;
 use crate::vision::{AlignerMlp, VisionModel};
+
+/// Per prompt, the sampled image codes and their sampling-time log-probs.
+type CodesAndLogprobs = (Vec<Vec<u32>>, Vec<Vec<f32>>);
 
 /// Logit added to tokens an answer may not contain: exp underflows to exactly 0 in f32 at any temperature ≥ 0.01.
 const BANNED_LOGIT: f32 = -1e9;
@@ -693,6 +696,11 @@ impl Janus {
     pub fn empty_cache(&self, batch: usize) -> KvCache {
         self.m.lm.empty_cache(batch)
     }
+    /// An empty KV cache for `batch` rows with buffers for `capacity` positions, written in place (sampling;
+    /// no gradient reaches the cached keys). Going past the capacity reallocates at twice the size.
+    pub fn empty_cache_with_capacity(&self, batch: usize, capacity: usize) -> KvCache {
+        self.m.lm.empty_cache_with_capacity(batch, capacity)
+    }
     /// Token embeddings [B, T, H] of `rows` (equal length, no images).
     pub fn token_embeddings(&self, rows: &[Vec<u32>]) -> Result<Tensor> {
         self.m.lm.embed(&ids_tensor(rows, &self.device)?)
@@ -759,7 +767,12 @@ impl Janus {
         let (rows, valid) = left_pad(prompts, pad);
         let px = Tensor::stack(pixels, 0)?;
         let emb = self.embed_rows(&rows, Some(&px))?.detach();
-        let (h, mut cache) = self.m.lm.forward(&emb, &valid, &self.m.lm.empty_cache(b))?;
+        // Room for the prompt and every answer token, so no decode step copies the cache.
+        let room = rows[0].len() + s.max_new_tokens;
+        let (h, mut cache) =
+            self.m
+                .lm
+                .forward(&emb, &valid, &self.m.lm.empty_cache_with_capacity(b, room))?;
         let mut last = last_position(&h)?.detach();
         cache = cache.detach();
         let mut answers: Vec<Vec<u32>> = vec![Vec::new(); b];
@@ -860,11 +873,25 @@ impl Janus {
     }
 
     /// `sample_images_ids` stopping after the first `n` codes (benchmarks; rollouts need the full count).
+    /// Samples where [`ImageSamplerSite::Auto`] says: on the host on the CPU, on the device otherwise.
     pub fn sample_image_codes(
         &self,
         prompts: &[Vec<u32>],
         s: &ImageSampling,
         n: usize,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Vec<ImageRollout>> {
+        self.sample_image_codes_at(prompts, s, n, ImageSamplerSite::Auto, rng)
+    }
+
+    /// `sample_image_codes` with the sampling site chosen by the caller (tests force the device path on the CPU;
+    /// benchmarks compare the two). The host path is the reference: seeded runs reproduce it bit for bit.
+    pub fn sample_image_codes_at(
+        &self,
+        prompts: &[Vec<u32>],
+        s: &ImageSampling,
+        n: usize,
+        site: ImageSamplerSite,
         rng: &mut ChaCha8Rng,
     ) -> Result<Vec<ImageRollout>> {
         let p = prompts.len();
@@ -883,6 +910,18 @@ impl Janus {
                 "generation prompts need at least bos and begin-of-image",
             ));
         }
+        let on_device = match site {
+            ImageSamplerSite::Auto => !self.device.is_cpu() && s.top_p >= 1.0,
+            ImageSamplerSite::Host => false,
+            ImageSamplerSite::Device => {
+                if s.top_p < 1.0 {
+                    return Err(ModelError::input(
+                        "device-side image sampling has no top-p; use the host sampler",
+                    ));
+                }
+                true
+            }
+        };
         let pad = self.pad_token();
         let (rows, valid) = left_pad(prompts, pad);
         let mut all_rows = rows.clone();
@@ -892,12 +931,53 @@ impl Janus {
         let mut all_valid = valid.clone();
         all_valid.extend(valid.iter().cloned());
         let emb = self.m.lm.embed(&ids_tensor(&all_rows, &self.device)?)?;
-        let (h, cache) = self
-            .m
-            .lm
-            .forward(&emb, &all_valid, &self.m.lm.empty_cache(2 * p))?;
-        let mut cache = cache.detach();
-        let mut last = last_position(&h)?.detach();
+        // Room for the prompt and every code but the last (which is never fed back).
+        let room = rows[0].len() + n;
+        let (h, cache) = self.m.lm.forward(
+            &emb,
+            &all_valid,
+            &self.m.lm.empty_cache_with_capacity(2 * p, room),
+        )?;
+        let cache = cache.detach();
+        let last = last_position(&h)?.detach();
+        let (codes, lps) = if on_device {
+            self.cfg_decode_on_device(p, n, s, cache, last, rng)?
+        } else {
+            self.cfg_decode_on_host(p, n, s, cache, last, rng)?
+        };
+        Ok(prompts
+            .iter()
+            .zip(codes)
+            .zip(lps)
+            .map(|((pr, c), l)| ImageRollout {
+                prompt_ids: pr.clone(),
+                codes: c,
+                logprobs: l,
+            })
+            .collect())
+    }
+
+    /// Feeds each prompt's new code to its conditional and unconditional rows; returns the next generation
+    /// hidden states [2p, H] and the extended cache.
+    fn feed_codes(&self, codes: &Tensor, cache: &KvCache) -> Result<(Tensor, KvCache)> {
+        // The same code goes to the conditional and the unconditional row.
+        let both = Tensor::cat(&[codes, codes], 0)?;
+        let emb = self.code_embeddings(&both)?.to_dtype(self.dtype)?;
+        let step_valid = vec![vec![true]; both.dim(0)?];
+        let (h, c) = self.m.lm.forward(&emb, &step_valid, cache)?;
+        Ok((last_position(&h)?.detach(), c.detach()))
+    }
+
+    /// The CFG decode loop with the logits copied to the host every step and drawn from the caller's stream.
+    fn cfg_decode_on_host(
+        &self,
+        p: usize,
+        n: usize,
+        s: &ImageSampling,
+        mut cache: KvCache,
+        mut last: Tensor,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<CodesAndLogprobs> {
         let w = s.cfg_weight as f32;
         let lp_t = if s.temperature > 0.0 {
             s.temperature
@@ -906,10 +986,9 @@ impl Janus {
         };
         let mut codes: Vec<Vec<u32>> = vec![Vec::with_capacity(n); p];
         let mut lps: Vec<Vec<f32>> = vec![Vec::with_capacity(n); p];
-        let step_valid = vec![vec![true]; 2 * p];
         for k in 0..n {
             let logits = self.gen_head(&last)?.to_vec2::<f32>()?;
-            let mut step_codes = Vec::with_capacity(2 * p);
+            let mut step_codes = Vec::with_capacity(p);
             for r in 0..p {
                 let (lc, lu) = (&logits[r], &logits[p + r]);
                 let mixed: Vec<f32> = lc.iter().zip(lu).map(|(&c, &u)| u + w * (c - u)).collect();
@@ -921,28 +1000,46 @@ impl Janus {
             if k + 1 == n {
                 break;
             }
-            // The same code goes to the conditional and the unconditional row.
-            let both: Vec<u32> = step_codes
-                .iter()
-                .chain(step_codes.iter())
-                .copied()
-                .collect();
-            let ct = Tensor::from_vec(both, (2 * p, 1), &self.device)?;
-            let emb = self.code_embeddings(&ct)?.to_dtype(self.dtype)?;
-            let (h, c) = self.m.lm.forward(&emb, &step_valid, &cache)?;
-            cache = c.detach();
-            last = last_position(&h)?.detach();
+            let ct = Tensor::from_vec(step_codes, (p, 1), &self.device)?;
+            (last, cache) = self.feed_codes(&ct, &cache)?;
         }
-        Ok(prompts
-            .iter()
-            .zip(codes)
-            .zip(lps)
-            .map(|((pr, c), l)| ImageRollout {
-                prompt_ids: pr.clone(),
-                codes: c,
-                logprobs: l,
-            })
-            .collect())
+        Ok((codes, lps))
+    }
+
+    /// The CFG decode loop with mix, draw and log-prob on the device (`device_cfg_draw`): the codes stay on the
+    /// device and feed the next step directly, so no step waits for the host; everything is read back once.
+    fn cfg_decode_on_device(
+        &self,
+        p: usize,
+        n: usize,
+        s: &ImageSampling,
+        mut cache: KvCache,
+        mut last: Tensor,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<CodesAndLogprobs> {
+        use rand::RngCore;
+        // One value of the caller's stream whatever the device, so that what the caller draws next is the same.
+        let mut noise = GumbelNoise::new(&self.device, rng.next_u64())?;
+        let mut codes = Vec::with_capacity(n);
+        let mut lps = Vec::with_capacity(n);
+        for k in 0..n {
+            let logits = self.gen_head(&last)?;
+            let (code, lp) = device_cfg_draw(
+                &logits.narrow(0, 0, p)?,
+                &logits.narrow(0, p, p)?,
+                s.cfg_weight,
+                s.temperature,
+                &mut noise,
+            )?;
+            if k + 1 < n {
+                (last, cache) = self.feed_codes(&code, &cache)?;
+            }
+            codes.push(code);
+            lps.push(lp);
+        }
+        let codes = Tensor::cat(&codes, 1)?.to_vec2::<u32>()?;
+        let lps = Tensor::cat(&lps, 1)?.to_vec2::<f32>()?;
+        Ok((codes, lps))
     }
 
     /// Images for code sequences (image tokenizer decode).

@@ -295,10 +295,24 @@ impl Rotary {
         })
     }
 
-    /// cos/sin for per-row positions `pos` [B, T] (u32) as [B, 1, T, half] in `dtype`.
+    /// cos/sin for per-row positions `pos` [B, T] (u32) as [B, 1, T, half] in `dtype` (the tests' entry point;
+    /// the decoder uses `tables_checked`).
+    #[cfg(test)]
     pub fn tables(&self, pos: &Tensor, dtype: DType) -> Result<(Tensor, Tensor)> {
-        let (b, t) = pos.dims2()?;
         let max = pos.max_all()?.to_scalar::<u32>()? as usize;
+        self.tables_checked(pos, max, dtype)
+    }
+
+    /// cos/sin for per-row positions `pos` [B, T] (u32) as [B, 1, T, half] in `dtype`, given their largest value
+    /// `max`: the decoder builds positions on the host, and reading the maximum back from the device would cost a
+    /// synchronisation per decode step.
+    pub fn tables_checked(
+        &self,
+        pos: &Tensor,
+        max: usize,
+        dtype: DType,
+    ) -> Result<(Tensor, Tensor)> {
+        let (b, t) = pos.dims2()?;
         if max >= self.max_pos {
             return Err(ModelError::input(format!(
                 "position {max} exceeds max_position_embeddings {}",

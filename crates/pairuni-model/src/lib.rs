@@ -31,6 +31,7 @@ pub use janus_config::{ImageTokenizerKind, JanusConfig, PromptTemplate};
 pub use llama::KvCache;
 pub use pairuni_data::RgbImage;
 pub use sampling::{
-    CfgLogprobPolicy, ImageRollout, ImageSampling, ParamSelection, TextRollout, TextSampling,
+    CfgLogprobPolicy, ImageRollout, ImageSamplerSite, ImageSampling, ParamSelection, TextRollout,
+    TextSampling,
 };
 pub use tokenizer::TextTokenizer;

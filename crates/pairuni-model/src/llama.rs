@@ -4,6 +4,15 @@
 //! returns the extended one, so one set of weights serves any number of independent rollouts and sampling never
 //! mutates the model being trained. Rows of a batch may be left-padded: each call says which new tokens are real,
 //! the cache remembers which keys are real, and positions count real tokens only (transformers' `cumsum(mask) − 1`).
+//!
+//! A cache made by [`Llama::empty_cache`] grows by concatenation, which keeps gradients (teacher forcing runs
+//! through it). One made by [`Llama::empty_cache_with_capacity`] keeps every layer's keys and values in buffers
+//! sized for the whole rollout and writes each step in place, so a decode step no longer copies the whole cache
+//! (docs/GPU.md). The value semantics survive: a cache value only owns the prefix it was returned with, and a
+//! second extension of the same value (a fork) first copies that prefix into fresh buffers.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use candle_core::{DType, Module, Tensor};
 
@@ -14,12 +23,25 @@ use crate::layers::{apply_rope, softmax_last, InitKind, Linear, Params, RmsNorm,
 /// Keys and values of every layer for the tokens seen so far, plus which of them are real (not padding).
 #[derive(Debug, Clone)]
 pub struct KvCache {
-    /// Per layer (k, v), each [B, kv_heads, T_past, head_dim].
+    /// Per layer (k, v): [B, kv_heads, T_past, head_dim] when grown, [B, kv_heads, capacity, head_dim] buffers
+    /// of which the first T_past positions are this cache's when preallocated. Empty before the first forward.
     layers: Vec<(Tensor, Tensor)>,
     /// Per row, whether each cached key is a real token.
     key_valid: Vec<Vec<bool>>,
     /// Per row, the position the next real token gets.
     next_pos: Vec<u32>,
+    /// `Some` for a preallocated cache.
+    prealloc: Option<Prealloc>,
+}
+
+/// Bookkeeping of a preallocated cache.
+#[derive(Debug, Clone)]
+struct Prealloc {
+    /// Positions the buffers hold (the size they get when first allocated).
+    capacity: usize,
+    /// Positions of the buffers written so far, shared by every cache value over the same buffers. A value whose
+    /// length is below it has been extended before: writing at its end would overwrite a sibling's keys.
+    written: Arc<AtomicUsize>,
 }
 
 impl KvCache {
@@ -35,6 +57,10 @@ impl KvCache {
     pub fn batch(&self) -> usize {
         self.key_valid.len()
     }
+    /// Positions the preallocated buffers hold (`None` for a cache that grows by concatenation).
+    pub fn capacity(&self) -> Option<usize> {
+        self.prealloc.as_ref().map(|p| p.capacity)
+    }
     /// Drops the autograd history (sampling only needs values).
     pub fn detach(self) -> Self {
         Self {
@@ -46,6 +72,91 @@ impl KvCache {
             ..self
         }
     }
+
+    /// Decides where the `t` new positions of a forward go: how to get buffers that can take them, and the
+    /// bookkeeping of the cache value the forward returns. `None` for a cache that grows by concatenation.
+    fn plan_append(&self, t: usize) -> Option<(Placement, Prealloc)> {
+        let pre = self.prealloc.as_ref()?;
+        let past = self.len();
+        let total = past + t;
+        if self.layers.is_empty() {
+            // First forward: buffers are allocated per layer with the keys' dtype; a prompt longer than the
+            // reserved room just gets a bigger buffer.
+            let capacity = pre.capacity.max(total);
+            return Some((
+                Placement::Fresh,
+                Prealloc {
+                    capacity,
+                    written: Arc::new(AtomicUsize::new(total)),
+                },
+            ));
+        }
+        // Claiming the positions after our prefix succeeds only if nobody has written past it (compare-exchange,
+        // so two threads extending one value cannot both write in place).
+        let claimed = total <= pre.capacity
+            && pre
+                .written
+                .compare_exchange(past, total, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok();
+        if !claimed {
+            // Grow geometrically so that a rollout longer than announced costs O(log n) copies, not one per
+            // step; a fork keeps the size and only stops sharing.
+            let capacity = if total > pre.capacity {
+                total.max(2 * pre.capacity)
+            } else {
+                pre.capacity
+            };
+            return Some((
+                Placement::Copy,
+                Prealloc {
+                    capacity,
+                    written: Arc::new(AtomicUsize::new(total)),
+                },
+            ));
+        }
+        Some((Placement::InPlace, pre.clone()))
+    }
+}
+
+/// How one forward gets buffers for a preallocated cache.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Placement {
+    /// No buffers yet: allocate them.
+    Fresh,
+    /// The buffers are full or shared with a longer sibling: copy this cache's prefix into new ones.
+    Copy,
+    /// Write after the prefix in the existing buffers.
+    InPlace,
+}
+
+/// Writes one layer's new keys/values `k`, `v` [B, kv, t, D] after `past` cached positions of a preallocated
+/// cache and returns the buffers (for the next cache value) and views of the filled prefix (for attention).
+/// slice_set is not recorded by autograd: a preallocated cache is for sampling, where nothing is differentiated.
+fn append_prealloc(
+    old: Option<&(Tensor, Tensor)>,
+    (k, v): (&Tensor, &Tensor),
+    past: usize,
+    placement: Placement,
+    capacity: usize,
+) -> candle_core::Result<((Tensor, Tensor), (Tensor, Tensor))> {
+    let (b, kvh, t, d) = k.dims4()?;
+    let place = |old: Option<&Tensor>, new: &Tensor| -> candle_core::Result<Tensor> {
+        let buf = match (placement, old) {
+            (Placement::InPlace, Some(o)) => o.clone(),
+            (Placement::Copy, Some(o)) => {
+                let tail = Tensor::zeros((b, kvh, capacity - past, d), new.dtype(), new.device())?;
+                Tensor::cat(&[&o.narrow(2, 0, past)?.detach(), &tail], 2)?
+            }
+            _ => Tensor::zeros((b, kvh, capacity, d), new.dtype(), new.device())?,
+        };
+        buf.slice_set(&new.contiguous()?, 2, past)?;
+        Ok(buf)
+    };
+    let kb = place(old.map(|o| &o.0), k)?;
+    let vb = place(old.map(|o| &o.1), v)?;
+    let kview = kb.narrow(2, 0, past + t)?;
+    let vview = vb.narrow(2, 0, past + t)?;
+    Ok(((kb, vb), (kview, vview)))
 }
 
 struct Attention {
@@ -131,12 +242,26 @@ impl Llama {
         Ok(e.reshape((b, t, self.cfg.hidden_size))?)
     }
 
-    /// An empty cache for `batch` rows.
+    /// An empty cache for `batch` rows that grows by concatenation (keeps gradients; teacher forcing).
     pub fn empty_cache(&self, batch: usize) -> KvCache {
         KvCache {
             layers: Vec::new(),
             key_valid: vec![Vec::new(); batch],
             next_pos: vec![0; batch],
+            prealloc: None,
+        }
+    }
+
+    /// An empty cache for `batch` rows whose keys and values go into buffers of `capacity` positions, written in
+    /// place (sampling: no gradient flows through the cached keys). Exceeding the capacity still works: the
+    /// buffers are reallocated at twice the size.
+    pub fn empty_cache_with_capacity(&self, batch: usize, capacity: usize) -> KvCache {
+        KvCache {
+            prealloc: Some(Prealloc {
+                capacity: capacity.max(1),
+                written: Arc::new(AtomicUsize::new(0)),
+            }),
+            ..self.empty_cache(batch)
         }
     }
 
@@ -166,8 +291,9 @@ impl Llama {
                 }
             }
         }
+        let max_pos = pos.iter().copied().max().unwrap_or(0) as usize;
         let pos = Tensor::from_vec(pos, (b, t), dev)?;
-        let (cos, sin) = self.rotary.tables(&pos, x.dtype())?;
+        let (cos, sin) = self.rotary.tables_checked(&pos, max_pos, x.dtype())?;
 
         let past = cache.len();
         let total = past + t;
@@ -186,18 +312,37 @@ impl Llama {
         }
         let mask = Tensor::from_vec(mask, (b, 1, t, total), dev)?;
 
+        let plan = cache.plan_append(t);
+        // Keys and values are made contiguous before the matmuls, as they always were, on the CPU (sampling stays
+        // bit for bit what it was: the CPU gemm's summation order depends on the operands' layout) and for a
+        // growing cache (the differentiable path keeps its layout). On an accelerator, attention reads the
+        // preallocated buffers through strided views, with no copy of the cache per step.
+        let copy_kv = plan.is_none() || (dev.is_cpu() && !views_forced());
         let mut h = x.clone();
         let mut new_layers = Vec::with_capacity(self.layers.len());
         for (li, layer) in self.layers.iter().enumerate() {
             let past_kv = cache.layers.get(li);
             let normed = layer.input_norm.forward(&h)?;
-            let (attn_out, kv) = layer.attn.forward(&normed, &cos, &sin, &mask, past_kv)?;
+            let (q, k, v) = layer.attn.project(&normed, &cos, &sin)?;
+            let (stored, (ks, vs)) = match &plan {
+                Some((placement, pre)) => {
+                    append_prealloc(past_kv, (&k, &v), past, *placement, pre.capacity)?
+                }
+                None => {
+                    let (k, v) = match past_kv {
+                        Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
+                        None => (k, v),
+                    };
+                    ((k.clone(), v.clone()), (k, v))
+                }
+            };
+            let attn_out = layer.attn.attend(&q, &ks, &vs, &mask, copy_kv)?;
             h = (h + attn_out)?;
             let normed = layer.post_norm.forward(&h)?;
             let m = &layer.mlp;
             let act = (m.gate.forward(&normed)?.silu()? * m.up.forward(&normed)?)?;
             h = (h + m.down.forward(&act)?)?;
-            new_layers.push(kv);
+            new_layers.push(stored);
         }
         let h = self.norm.forward(&h)?;
         Ok((
@@ -206,20 +351,20 @@ impl Llama {
                 layers: new_layers,
                 key_valid,
                 next_pos,
+                prealloc: plan.map(|(_, pre)| pre),
             },
         ))
     }
 }
 
 impl Attention {
-    fn forward(
+    /// Queries, keys and values [B, heads, T, D] of `x` [B, T, H], with rotary positions applied.
+    fn project(
         &self,
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: &Tensor,
-        past: Option<&(Tensor, Tensor)>,
-    ) -> Result<(Tensor, (Tensor, Tensor))> {
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let (b, t, _) = x.dims3()?;
         let split = |y: Tensor, heads: usize| -> candle_core::Result<Tensor> {
             y.reshape((b, t, heads, self.head_dim))?
@@ -229,12 +374,21 @@ impl Attention {
         let q = split(self.q.forward(x)?, self.heads)?;
         let k = split(self.k.forward(x)?, self.kv_heads)?;
         let v = split(self.v.forward(x)?, self.kv_heads)?;
-        let q = apply_rope(&q, cos, sin)?;
-        let k = apply_rope(&k, cos, sin)?;
-        let (k, v) = match past {
-            Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
-            None => (k, v),
-        };
+        Ok((apply_rope(&q, cos, sin)?, apply_rope(&k, cos, sin)?, v))
+    }
+
+    /// Attention of `q` [B, heads, T, D] over all keys/values `k`, `v` [B, kv_heads, T_all, D] (possibly views into
+    /// a larger buffer) under the additive `mask` [B, 1, T, T_all], through the output projection → [B, T, H].
+    /// `copy_kv` makes the keys and values contiguous first (the CPU path's historical layout).
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &Tensor,
+        copy_kv: bool,
+    ) -> Result<Tensor> {
+        let (b, _, t, _) = q.dims4()?;
         let rep = self.heads / self.kv_heads;
         let expand = |y: &Tensor| -> candle_core::Result<Tensor> {
             if rep == 1 {
@@ -245,20 +399,122 @@ impl Attention {
                 .expand((b, kvh, rep, tk, d))?
                 .reshape((b, kvh * rep, tk, d))
         };
-        let (ke, ve) = (expand(&k)?, expand(&v)?);
+        let (ke, ve) = (expand(k)?, expand(v)?);
+        let (kt, ve) = if copy_kv {
+            (ke.t()?.contiguous()?, ve.contiguous()?)
+        } else {
+            (ke.t()?, ve)
+        };
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = (q.matmul(&ke.t()?.contiguous()?)? * scale)?.to_dtype(DType::F32)?;
-        let probs = softmax_last(&scores.broadcast_add(mask)?)?.to_dtype(x.dtype())?;
-        let out = probs.matmul(&ve.contiguous()?)?;
+        let scores = (q.matmul(&kt)? * scale)?.to_dtype(DType::F32)?;
+        let probs = softmax_last(&scores.broadcast_add(mask)?)?.to_dtype(q.dtype())?;
+        let out = probs.matmul(&ve)?;
         let out = out
             .transpose(1, 2)?
             .reshape((b, t, self.heads * self.head_dim))?;
-        Ok((self.o.forward(&out)?, (k, v)))
+        Ok(self.o.forward(&out)?)
     }
+}
+
+/// Whether a test asked for the accelerator's strided-view attention on the CPU.
+#[cfg(test)]
+fn views_forced() -> bool {
+    tests::FORCE_VIEWS.with(|f| f.get())
+}
+
+/// Whether a test asked for the accelerator's strided-view attention on the CPU (never outside tests).
+#[cfg(not(test))]
+fn views_forced() -> bool {
+    false
 }
 
 /// Last position's slice of hidden states [B, T, H] → [B, H].
 pub(crate) fn last_position(h: &Tensor) -> Result<Tensor> {
     let t = h.dim(1)?;
     Ok(h.narrow(1, t - 1, 1)?.squeeze(1)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::janus_config::JanusConfig;
+    use crate::layers::ParamMode;
+    use candle_core::Device;
+    use candle_nn::VarMap;
+    use std::cell::Cell;
+
+    thread_local! {
+        /// Set by a test to run the strided-view attention of accelerators on the CPU.
+        pub(super) static FORCE_VIEWS: Cell<bool> = const { Cell::new(false) };
+    }
+
+    fn decoder(kv_heads: Option<usize>) -> Llama {
+        let mut cfg = JanusConfig::toy(48, 64).text_config;
+        cfg.num_key_value_heads = kv_heads;
+        let store = VarMap::new();
+        let mode = ParamMode::Init { seed: 3 };
+        let p = Params {
+            store: &store,
+            prefix: String::new(),
+            mode: &mode,
+            dtype: DType::F32,
+            device: &Device::Cpu,
+        };
+        Llama::new(&cfg, &p).unwrap()
+    }
+
+    fn embeddings(m: &Llama, t: usize) -> Tensor {
+        let ids: Vec<u32> = (0..2 * t as u32).map(|i| (i * 7 + 3) % 48).collect();
+        m.embed(&Tensor::from_vec(ids, (2, t), &Device::Cpu).unwrap())
+            .unwrap()
+    }
+
+    /// Prefill 3 tokens, then one at a time; the hidden states of every step, concatenated.
+    fn stepwise(m: &Llama, x: &Tensor, mut cache: KvCache) -> (Vec<f32>, KvCache) {
+        let t = x.dim(1).unwrap();
+        let (h, c) = m
+            .forward(&x.narrow(1, 0, 3).unwrap(), &vec![vec![true; 3]; 2], &cache)
+            .unwrap();
+        cache = c;
+        let mut out = vec![h];
+        for i in 3..t {
+            let (h, c) = m
+                .forward(&x.narrow(1, i, 1).unwrap(), &vec![vec![true]; 2], &cache)
+                .unwrap();
+            cache = c.detach();
+            out.push(h);
+        }
+        let all = Tensor::cat(&out, 1).unwrap().flatten_all().unwrap();
+        (all.to_vec1::<f32>().unwrap(), cache)
+    }
+
+    #[test]
+    fn strided_view_attention_matches_the_contiguous_one() {
+        // What an accelerator runs (cuBLAS on views into the buffers), checked on the CPU gemm.
+        for kv in [None, Some(2)] {
+            let m = decoder(kv);
+            let x = embeddings(&m, 9);
+            let (copied, _) = stepwise(&m, &x, m.empty_cache_with_capacity(2, 16));
+            FORCE_VIEWS.with(|f| f.set(true));
+            let (viewed, cache) = stepwise(&m, &x, m.empty_cache_with_capacity(2, 16));
+            FORCE_VIEWS.with(|f| f.set(false));
+            assert_eq!(cache.len(), 9);
+            let err = copied
+                .iter()
+                .zip(&viewed)
+                .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+            assert!(err < 1e-5, "kv heads {kv:?}: max |Δ| {err}");
+        }
+    }
+
+    #[test]
+    fn preallocated_cache_is_bit_identical_to_the_growing_one_on_cpu() {
+        let m = decoder(Some(2));
+        let x = embeddings(&m, 9);
+        let (grown, g) = stepwise(&m, &x, m.empty_cache(2));
+        let (pre, p) = stepwise(&m, &x, m.empty_cache_with_capacity(2, 9));
+        assert_eq!(grown, pre);
+        assert_eq!(g.capacity(), None);
+        assert_eq!(p.capacity(), Some(9));
+    }
 }

@@ -1,7 +1,8 @@
-//! Rollout records and the per-row sampling rule (temperature, top-p, greedy) shared by text and image decoding.
+//! Rollout records and the per-row sampling rule (temperature, top-p, greedy) shared by text and image decoding,
+//! plus the device-side CFG draw used by image rollouts on an accelerator.
 
-use candle_core::Tensor;
-use rand::Rng;
+use candle_core::{DType, Device, Tensor, D};
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
@@ -72,6 +73,21 @@ pub enum CfgLogprobPolicy {
         /// Guidance weight w.
         cfg_weight: f64,
     },
+}
+
+/// Where CFG image sampling mixes the logits and draws the codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum ImageSamplerSite {
+    /// [`ImageSamplerSite::Host`] on the CPU, [`ImageSamplerSite::Device`] on an accelerator when top-p is off.
+    #[default]
+    Auto,
+    /// Logits go to the host every step; the draw uses the caller's ChaCha stream directly (bit-reproducible,
+    /// supports top-p).
+    Host,
+    /// CFG mix, Gumbel-max draw and log-prob on the device; codes and log-probs are read back once at the end.
+    /// The noise comes from one seed drawn from the caller's stream: same distribution as the host sampler,
+    /// different draws. No top-p.
+    Device,
 }
 
 /// Which parameters a trainer updates.
@@ -177,10 +193,75 @@ pub(crate) fn sample_index(logits: &[f32], t: f64, top_p: f64, rng: &mut ChaCha8
     order[kept - 1]
 }
 
+/// Uniform noise for Gumbel-max draws on the model's device, reproducible from one seed: the device's own
+/// generator on an accelerator (seeded once, no host traffic per step), a ChaCha stream uploaded per step on the
+/// CPU (where `Device::set_seed` is not supported).
+pub(crate) struct GumbelNoise {
+    device: Device,
+    host: Option<ChaCha8Rng>,
+}
+
+impl GumbelNoise {
+    /// Noise for `device` from `seed`.
+    pub(crate) fn new(device: &Device, seed: u64) -> candle_core::Result<Self> {
+        let host = if device.is_cpu() {
+            Some(ChaCha8Rng::seed_from_u64(seed))
+        } else {
+            device.set_seed(seed)?;
+            None
+        };
+        Ok(Self {
+            device: device.clone(),
+            host,
+        })
+    }
+
+    /// Standard Gumbel noise −ln(−ln u) of `shape` (rows, classes), f32.
+    pub(crate) fn sample(&mut self, shape: (usize, usize)) -> candle_core::Result<Tensor> {
+        let u = match &mut self.host {
+            Some(rng) => {
+                let v: Vec<f32> = (0..shape.0 * shape.1)
+                    .map(|_| rng.random::<f32>())
+                    .collect();
+                Tensor::from_vec(v, shape, &self.device)?
+            }
+            None => Tensor::rand(0f32, 1f32, shape, &self.device)?,
+        };
+        // u = 1 would give +∞ (a certain win) and u = 0 −∞; generators differ on which end they include, and
+        // over 10⁸ draws per rollout both ends occur. Clamping moves 2⁻²⁴ of mass, far below sampling noise.
+        let u = u.clamp(f32::MIN_POSITIVE, 1.0 - f32::EPSILON / 2.0)?;
+        u.log()?.neg()?.log()?.neg()
+    }
+}
+
+/// One CFG draw for `p` prompts on the logits' device. `cond`, `uncond`: [p, K] f32 logits of the conditional and
+/// unconditional rows; the code is drawn from softmax((l_u + w (l_c − l_u)) / T) by Gumbel-max (argmax when
+/// T ≤ 0). Returns the codes [p, 1] (u32) and their conditional log-probs under softmax(l_c / T') [p, 1] (f32),
+/// T' = T, or 1 when T ≤ 0, as the host sampler records them. Nothing is read back.
+pub(crate) fn device_cfg_draw(
+    cond: &Tensor,
+    uncond: &Tensor,
+    cfg_weight: f64,
+    temperature: f64,
+    noise: &mut GumbelNoise,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let (cond, uncond) = (cond.to_dtype(DType::F32)?, uncond.to_dtype(DType::F32)?);
+    let mixed = (&uncond + ((&cond - &uncond)? * cfg_weight)?)?;
+    let code = if temperature > 0.0 {
+        let scores = (mixed.affine(1.0 / temperature, 0.0)? + noise.sample(mixed.dims2()?)?)?;
+        scores.argmax_keepdim(D::Minus1)?
+    } else {
+        mixed.argmax_keepdim(D::Minus1)?
+    };
+    let lp_t = if temperature > 0.0 { temperature } else { 1.0 };
+    let lp = crate::layers::log_softmax_last(&cond.affine(1.0 / lp_t, 0.0)?)?;
+    let lp = lp.gather(&code, D::Minus1)?;
+    Ok((code.detach(), lp.detach()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::SeedableRng;
 
     #[test]
     fn log_softmax_normalises_and_respects_temperature() {
@@ -216,5 +297,74 @@ mod tests {
             .filter(|_| sample_index(&[0.0, 0.0], 1.0, 1.0, &mut r) == 1)
             .count();
         assert!((2200..2800).contains(&hits), "{hits}");
+    }
+}
+
+#[cfg(test)]
+mod device_draw_tests {
+    use super::*;
+
+    fn rows(v: &[f32], n: usize) -> Tensor {
+        let flat: Vec<f32> = (0..n).flat_map(|_| v.iter().copied()).collect();
+        Tensor::from_vec(flat, (n, v.len()), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn gumbel_max_draws_follow_the_guided_softmax() {
+        // 20000 identical rows: the code frequencies must match softmax((l_u + w (l_c − l_u)) / T).
+        let (lc, lu) = ([0.5f32, 1.0, 2.0, -1.0], [0.0f32, 1.5, 1.0, 0.0]);
+        let (w, t) = (2.0, 0.8);
+        let n = 20000;
+        let mut noise = GumbelNoise::new(&Device::Cpu, 11).unwrap();
+        let (code, lp) = device_cfg_draw(&rows(&lc, n), &rows(&lu, n), w, t, &mut noise).unwrap();
+        let codes = code.flatten_all().unwrap().to_vec1::<u32>().unwrap();
+        let mixed: Vec<f32> = lc
+            .iter()
+            .zip(&lu)
+            .map(|(&c, &u)| u + w as f32 * (c - u))
+            .collect();
+        let want: Vec<f64> = log_softmax_t(&mixed, t)
+            .iter()
+            .map(|&l| (l as f64).exp())
+            .collect();
+        for (k, p) in want.iter().enumerate() {
+            let got = codes.iter().filter(|&&c| c as usize == k).count() as f64 / n as f64;
+            // 4σ of a binomial proportion at n = 20000 is at most 0.014.
+            assert!((got - p).abs() < 0.015, "code {k}: {got} vs {p}");
+        }
+        // Recorded log-probs are the conditional branch's at T, at the drawn code.
+        let cond_lp = log_softmax_t(&lc, t);
+        let lps = lp.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (c, l) in codes.iter().zip(&lps) {
+            assert!((cond_lp[*c as usize] - l).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn zero_temperature_is_argmax_and_noise_is_seeded() {
+        let lc = [0.1f32, 0.3, 0.2];
+        let lu = [0.0f32, 0.5, 0.0];
+        let mut noise = GumbelNoise::new(&Device::Cpu, 1).unwrap();
+        let (code, lp) =
+            device_cfg_draw(&rows(&lc, 2), &rows(&lu, 2), 5.0, 0.0, &mut noise).unwrap();
+        // Mixed: [0.5, 0.0, 1.0] → code 2; log-prob at T' = 1.
+        assert_eq!(
+            code.flatten_all().unwrap().to_vec1::<u32>().unwrap(),
+            [2, 2]
+        );
+        let l = lp.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0];
+        assert!((l - log_softmax_t(&lc, 1.0)[2]).abs() < 1e-6);
+        let draw = |seed| {
+            let mut g = GumbelNoise::new(&Device::Cpu, seed).unwrap();
+            g.sample((2, 5))
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        assert_eq!(draw(4), draw(4));
+        assert_ne!(draw(4), draw(5));
+        assert!(draw(4).iter().all(|x| x.is_finite()));
     }
 }

@@ -1,7 +1,7 @@
 //! The pair builder (METHOD.md §2): complete → features → K-means medoids (aligned) → greedy retrieval
 //! (retrieved) → PairUG JSONL + stats + histogram.
 
-use crate::ann::{AnnIndex, AnnParams};
+use crate::ann::{ApproxIndex, ApproxParams};
 use crate::config::PairsConfig;
 use crate::encoder::{encode_pool_cached, ImageEncoder};
 use crate::error::{PairsError, Result};
@@ -324,16 +324,8 @@ pub fn build_pairs(
     };
     let cap = cfg.top_n.max(cfg.ann.candidates).max(1);
     let cands = if cfg.ann.enabled && !rest_u.is_empty() {
-        let index = AnnIndex::build(
-            &db,
-            dim,
-            &AnnParams {
-                max_connections: cfg.ann.max_connections,
-                ef_construction: cfg.ann.ef_construction,
-                ef_search: cfg.ann.ef_search,
-            },
-        )?;
-        index.candidates(&qs, dim, cap, cfg.delta)
+        let index = ApproxIndex::build(&db, dim, &ApproxParams::from_config(&cfg.ann, cfg.seed))?;
+        index.candidates(&qs, cap, cfg.delta)?
     } else {
         exact_candidates(&qs, &db, dim, cap, cfg.delta)
     };

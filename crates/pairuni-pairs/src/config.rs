@@ -174,19 +174,46 @@ impl KMeansConfig {
     }
 }
 
-/// Approximate-index settings (HNSW via hnsw_rs).
+/// Which approximate index serves the reduced rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AnnIndexKind {
+    /// Inverted file: spherical K-means lists, GEMM coarse step, `probes` lists scanned per query.
+    Ivf,
+    /// HNSW graph (hnsw_rs): `max_connections`, `ef_construction`, `ef_search`.
+    Hnsw,
+}
+
+/// Approximate retrieval: PCA reduction → IVF or HNSW index on the reduced, re-normalised rows → the `rerank`
+/// best candidates of each query re-scored exactly in full dimension → top `candidates` with cosine ≥ δ → the
+/// same greedy one-use matching as exact search. Every value is checked when the index is built; a bad one
+/// (e.g. `reduce_dim` larger than the feature dimension, or 0) is an error naming the key.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AnnConfig {
-    /// Use the HNSW index instead of exact search. Default false.
+    /// Use the approximate path instead of exact search. Default false.
     pub enabled: bool,
-    /// Links per node (M). Default 24.
+    /// `ivf` or `hnsw`. Default `ivf` (faster to build and to query on CPUs; see docs/BENCHMARKS.md).
+    pub index: AnnIndexKind,
+    /// Dimension the features are reduced to by PCA before indexing, in 1..=feature dimension; equal to the
+    /// feature dimension = no reduction. Default 256.
+    pub reduce_dim: usize,
+    /// Database rows sampled (seeded) to fit the PCA. Default 4096.
+    pub pca_sample: usize,
+    /// Candidates per query taken from the index and re-scored exactly in full dimension; at least
+    /// `candidates` (and `top_n`). Default 32.
+    pub rerank: usize,
+    /// IVF: number of lists. Default: 4·√(database rows).
+    pub lists: Option<usize>,
+    /// IVF: lists scanned per query. Default 24.
+    pub probes: usize,
+    /// HNSW: links per node (M), 1..=255. Default 24.
     pub max_connections: usize,
-    /// Candidate-list width while building. Default 200.
+    /// HNSW: candidate-list width while building. Default 200.
     pub ef_construction: usize,
-    /// Candidate-list width while searching. Default 128.
+    /// HNSW: candidate-list width while searching. Default 128.
     pub ef_search: usize,
-    /// Candidates fetched per query before the greedy one-use matching. Default 16.
+    /// Candidates kept per query after re-ranking, for the greedy one-use matching. Default 16.
     pub candidates: usize,
 }
 
@@ -194,6 +221,12 @@ impl Default for AnnConfig {
     fn default() -> Self {
         Self {
             enabled: false,
+            index: AnnIndexKind::Ivf,
+            reduce_dim: 256,
+            pca_sample: 4096,
+            rerank: 32,
+            lists: None,
+            probes: 24,
             max_connections: 24,
             ef_construction: 200,
             ef_search: 128,

@@ -4,8 +4,8 @@
 //! every sample into a quadruple and verifies it. An [`encoder::ImageEncoder`] (the toy descriptor, or
 //! ResNet-50 in candle) turns every image into an L2-normalised feature row, cached on disk. [`kmeans`] clusters
 //! the union of both pools; each cluster's medoid becomes an aligned pair. [`retrieval`] (exact blocked GEMM,
-//! or the [`ann`] HNSW index) pairs each remaining generation sample with its nearest unused understanding
-//! samples above δ. [`builder`] runs the whole chain and writes the PairUG JSONL, [`stats`] and a histogram;
+//! or the [`ann`] path: [`pca`] reduction, an [`ivf`] or HNSW index, exact re-ranking) pairs each remaining
+//! generation sample with its nearest unused understanding samples above δ. [`builder`] runs the whole chain and writes the PairUG JSONL, [`stats`] and a histogram;
 //! [`toy`] holds the toy-world checks (shared-object rate of retrieved vs random pairs).
 
 pub mod ann;
@@ -14,8 +14,10 @@ pub mod builder;
 pub mod config;
 pub mod encoder;
 pub mod error;
+pub mod ivf;
 pub mod kmeans;
 pub mod linalg;
+pub mod pca;
 pub mod retrieval;
 pub mod setup;
 pub mod stats;

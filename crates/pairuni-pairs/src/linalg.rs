@@ -47,6 +47,52 @@ pub fn matmul_abt(a: &[f32], m: usize, b: &[f32], n: usize, k: usize, out: &mut 
     }
 }
 
+/// `out = xᵀx` (dim × dim) for row-major `x` (s × dim): the uncentred second-moment matrix of the rows, by GEMM
+/// reading `x` in place as both the transposed and the plain operand (no transposed copy).
+pub fn gram(x: &[f32], s: usize, dim: usize, out: &mut [f32]) {
+    assert_eq!(x.len(), s * dim, "x shape");
+    assert_eq!(out.len(), dim * dim, "out shape");
+    if dim == 0 {
+        return;
+    }
+    if s == 0 {
+        out.fill(0.0);
+        return;
+    }
+    let threads = rayon::current_num_threads().max(1);
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the asserts above keep every strided access inside the slices: lhs is xᵀ (dim × s; element (i, t)
+    // at t·dim + i, so column stride dim, row stride 1), rhs is x (s × dim; element (t, j) at t·dim + j, column
+    // stride 1, row stride dim), dst is dim × dim row-major.
+    unsafe {
+        gemm::gemm(
+            dim,
+            dim,
+            s,
+            out.as_mut_ptr(),
+            1,
+            dim as isize,
+            false,
+            x.as_ptr(),
+            dim as isize,
+            1,
+            x.as_ptr(),
+            1,
+            dim as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
 /// Scales every row of the row-major `data` (rows of length `dim`) to unit L2 norm; zero rows stay zero.
 pub fn l2_normalize_rows(data: &mut [f32], dim: usize) {
     if dim == 0 {
@@ -84,6 +130,20 @@ mod tests {
                     "({i},{j}) {} vs {want}",
                     out[i * n + j]
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn gram_matches_naive_products() {
+        let (s, dim) = (9, 6);
+        let x: Vec<f32> = (0..s * dim).map(|i| ((i * 29 % 13) as f32) - 6.0).collect();
+        let mut out = vec![0.0; dim * dim];
+        gram(&x, s, dim, &mut out);
+        for i in 0..dim {
+            for j in 0..dim {
+                let want: f32 = (0..s).map(|t| x[t * dim + i] * x[t * dim + j]).sum();
+                assert!((out[i * dim + j] - want).abs() < 1e-3, "({i},{j})");
             }
         }
     }

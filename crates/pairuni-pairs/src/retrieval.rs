@@ -1,6 +1,7 @@
 //! Retrieved pairs (METHOD.md §2 step 4): cosine top-n with threshold δ and greedy one-use matching.
 //!
-//! Candidates come from exact blocked GEMM search ([`exact_candidates`]) or an HNSW index ([`crate::ann`]).
+//! Candidates come from exact blocked GEMM search ([`exact_candidates`]) or the approximate path of
+//! [`crate::ann`] (PCA-reduced IVF or HNSW index, candidates re-ranked with exact full-dimension scores).
 //! [`greedy_match`] then walks the generation samples in a seeded random order; each takes its best unused
 //! understanding samples with cosine ≥ δ. When a query's candidate list is used up while it may hide more
 //! matches above δ, the query falls back to a scan of every understanding row, so the exact path gives exactly
@@ -46,7 +47,7 @@ fn better(a: (usize, f32), b: (usize, f32)) -> bool {
 }
 
 /// Inserts `c` into the sorted list `top` holding at most `cap` entries.
-fn push_top(top: &mut Candidates, cap: usize, c: (usize, f32)) {
+pub(crate) fn push_top(top: &mut Candidates, cap: usize, c: (usize, f32)) {
     if top.len() == cap && !better(c, top[cap - 1]) {
         return;
     }

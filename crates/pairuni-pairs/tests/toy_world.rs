@@ -35,10 +35,14 @@ fn build(dir: &Path, error_rate: f64) -> Outcome {
     let mut cfg = PairsConfig::default();
     cfg.teacher.error_rate = error_rate;
     cfg.seed = 3;
+    build_with(dir, cfg, "pairs")
+}
+
+fn build_with(dir: &Path, cfg: PairsConfig, out_folder: &str) -> Outcome {
     let paths = BuildPaths {
         understanding: dir.join("understanding.jsonl"),
         generation: dir.join("generation.jsonl"),
-        out: dir.join("pairs/pairs.jsonl"),
+        out: dir.join(out_folder).join("pairs.jsonl"),
     };
     let teacher = teacher_from_config(&cfg, &paths).unwrap();
     let encoder = encoder_from_config(&cfg.encoder).unwrap();
@@ -119,6 +123,45 @@ fn small_toy_world_builds_and_retrieval_beats_random() {
         o.retrieved_rate,
         o.random_rate
     );
+}
+
+#[test]
+fn approximate_retrieval_forms_nearly_the_same_pairs_as_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    world(dir.path(), 300, 5);
+    let mut cfg = PairsConfig {
+        seed: 3,
+        ..PairsConfig::default()
+    };
+    let exact = build_with(dir.path(), cfg.clone(), "exact");
+    cfg.ann.enabled = true;
+    // The toy descriptor has 33 dimensions; the default reduce_dim 256 would be refused.
+    cfg.ann.reduce_dim = 16;
+    let approx = build_with(dir.path(), cfg.clone(), "approx");
+    assert_eq!(
+        approx.aligned, exact.aligned,
+        "K-means does not depend on the index"
+    );
+    assert!(
+        approx.retrieved as f64 >= 0.95 * exact.retrieved as f64,
+        "approximate {} vs exact {} retrieved pairs",
+        approx.retrieved,
+        exact.retrieved
+    );
+    assert!(approx.retrieved_rate > approx.random_rate + 0.2);
+
+    cfg.ann.reduce_dim = 256;
+    let paths = BuildPaths {
+        understanding: dir.path().join("understanding.jsonl"),
+        generation: dir.path().join("generation.jsonl"),
+        out: dir.path().join("bad/pairs.jsonl"),
+    };
+    let teacher = teacher_from_config(&cfg, &paths).unwrap();
+    let encoder = encoder_from_config(&cfg.encoder).unwrap();
+    let Err(err) = build_and_write(&cfg, teacher.as_ref(), encoder.as_ref(), &paths, false) else {
+        panic!("reduce_dim above the feature dimension must be refused");
+    };
+    assert!(err.to_string().contains("ann.reduce_dim"), "{err}");
 }
 
 /// The 5,000 + 5,000 run reported in docs/BENCHMARKS.md ("## Pairs").

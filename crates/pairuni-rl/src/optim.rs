@@ -1,17 +1,24 @@
 //! AdamW with decoupled weight decay over candle `Var`s, global gradient-norm clipping and the learning-rate
 //! schedule. Our own so that the moments are plain named tensors a checkpoint can save and restore exactly.
+//!
+//! The moments are f32 whatever the weights' dtype, and the update is computed in f32 and rounded to the
+//! weights' dtype once: in bf16 (8 mantissa bits) the second moment's (1 − β₂) = 0.001 share of g² would be
+//! rounded away against v, and m̂ / √v̂ would carry bf16 error into every step. For f32 weights every operation
+//! is what it was before, bit for bit.
 
 use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
-use candle_core::{Result, Tensor, Var};
+use candle_core::{DType, Result, Tensor, Var};
 
 use crate::config::{LrSchedule, OptimConfig};
 
 /// AdamW state: the trained variables and their first/second moments.
 pub struct AdamW {
     vars: Vec<(String, Var)>,
+    /// First moments, f32, one per variable.
     m: Vec<Tensor>,
+    /// Second moments, f32, one per variable.
     v: Vec<Tensor>,
     /// Number of updates applied so far (bias correction uses it).
     pub t: u64,
@@ -28,15 +35,16 @@ pub struct StepInfo {
 }
 
 impl AdamW {
-    /// Zero moments for `vars`.
+    /// Zero moments (f32) for `vars`.
     pub fn new(vars: Vec<(String, Var)>, cfg: &OptimConfig) -> Result<Self> {
+        let zeros = |v: &Var| Tensor::zeros(v.shape(), DType::F32, v.device());
         let m = vars
             .iter()
-            .map(|(_, v)| v.zeros_like())
+            .map(|(_, v)| zeros(v))
             .collect::<Result<Vec<_>>>()?;
         let v = vars
             .iter()
-            .map(|(_, v)| v.zeros_like())
+            .map(|(_, v)| zeros(v))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             vars,
@@ -54,16 +62,22 @@ impl AdamW {
 
     /// Global L2 norm of the gradients of the trained variables (missing gradients count as zero).
     pub fn grad_norm(&self, grads: &GradStore) -> Result<f32> {
-        let mut sq = 0f64;
+        // Squares are summed in f32 per variable (a bf16 sum of ~10⁶ squares would be off by percents), and the
+        // per-variable sums in f64 on the host in variable order, after one read-back for all of them (one
+        // device synchronisation instead of one per variable).
+        let mut sums = Vec::with_capacity(self.vars.len());
         for (_, var) in &self.vars {
             if let Some(g) = grads.get(var.as_tensor()) {
-                sq += g
-                    .sqr()?
-                    .sum_all()?
-                    .to_dtype(candle_core::DType::F64)?
-                    .to_scalar::<f64>()?;
+                sums.push(g.to_dtype(DType::F32)?.sqr()?.sum_all()?);
             }
         }
+        if sums.is_empty() {
+            return Ok(0.0);
+        }
+        let sums = Tensor::stack(&sums, 0)?
+            .to_dtype(DType::F64)?
+            .to_vec1::<f64>()?;
+        let sq = sums.iter().fold(0f64, |acc, s| acc + s);
         Ok(sq.sqrt() as f32)
     }
 
@@ -84,15 +98,16 @@ impl AdamW {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
-            let g = g.affine(clip, 0.0)?;
+            let g = g.to_dtype(DType::F32)?.affine(clip, 0.0)?;
             let m = ((&self.m[i] * b1)? + (&g * (1.0 - b1))?)?;
             let v = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
             let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + self.cfg.eps)?)?;
             // Decoupled decay: shrink the weights directly, not through the gradient.
             let theta = var
                 .as_tensor()
+                .to_dtype(DType::F32)?
                 .affine(1.0 - lr * self.cfg.weight_decay, 0.0)?;
-            var.set(&(theta - (update * lr)?)?)?;
+            var.set(&(theta - (update * lr)?)?.to_dtype(var.dtype())?)?;
             self.m[i] = m;
             self.v[i] = v;
         }
@@ -102,7 +117,7 @@ impl AdamW {
         })
     }
 
-    /// Moments as named tensors (`m.<name>`, `v.<name>`) for a checkpoint.
+    /// Moments as named f32 tensors (`m.<name>`, `v.<name>`) for a checkpoint.
     pub fn state_tensors(&self) -> HashMap<String, Tensor> {
         let mut out = HashMap::new();
         for (i, (name, _)) in self.vars.iter().enumerate() {
@@ -113,7 +128,8 @@ impl AdamW {
     }
 
     /// Restores moments saved by [`AdamW::state_tensors`] and the update count; every trained variable must be
-    /// present with its shape, else an error names the first missing or mismatched one.
+    /// present with its shape, else an error names the first missing or mismatched one. Moments of any float
+    /// dtype (older checkpoints kept them in the weights' dtype) are converted to f32.
     pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, t: u64) -> Result<()> {
         for (i, (name, var)) in self.vars.iter().enumerate() {
             for (prefix, slot) in [("m", &mut self.m[i]), ("v", &mut self.v[i])] {
@@ -128,7 +144,7 @@ impl AdamW {
                         var.shape()
                     )
                 }
-                *slot = tensor.to_device(var.device())?.to_dtype(var.dtype())?;
+                *slot = tensor.to_device(var.device())?.to_dtype(DType::F32)?;
             }
         }
         self.t = t;
@@ -260,6 +276,94 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("m.x"), "{err}");
+    }
+
+    #[test]
+    fn bf16_weights_keep_f32_moments_and_round_once() {
+        // The same step on bf16 weights and on their f32 copy: the bf16 result is the f32 one rounded, and the
+        // moments stay f32 (in bf16, m would hold 0.1·g only to 3 significant digits).
+        let dev = Device::Cpu;
+        let w0 = [1.0f32, -2.0, 0.375, 1000.0];
+        let coef = Tensor::new(&[3.0f32, -0.5, 0.0078125, 0.0009765625], &dev).unwrap();
+        let c = OptimConfig {
+            weight_decay: 0.1,
+            ..cfg()
+        };
+        let run = |dtype: DType| {
+            let x = Var::from_tensor(&Tensor::new(&w0, &dev).unwrap().to_dtype(dtype).unwrap())
+                .unwrap();
+            let mut opt = AdamW::new(vec![("x".into(), x.clone())], &c).unwrap();
+            for _ in 0..3 {
+                let loss = x
+                    .as_tensor()
+                    .broadcast_mul(&coef.to_dtype(dtype).unwrap())
+                    .unwrap()
+                    .sum_all()
+                    .unwrap();
+                opt.step(&loss.backward().unwrap(), 1e-2).unwrap();
+            }
+            let m = opt.state_tensors()["m.x"].clone();
+            (x.as_tensor().clone(), m)
+        };
+        let (x16, m16) = run(DType::BF16);
+        let (x32, m32) = run(DType::F32);
+        assert_eq!(
+            (x16.dtype(), m16.dtype(), m32.dtype()),
+            (DType::BF16, DType::F32, DType::F32)
+        );
+        // The gradients (the coefficients) are exact in bf16, so the moments agree exactly...
+        assert_eq!(m16.to_vec1::<f32>().unwrap(), m32.to_vec1::<f32>().unwrap());
+        // ...and each weight is within one bf16 rounding per step of the f32 run.
+        let a = x16.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+        let b = x32.to_vec1::<f32>().unwrap();
+        for (p, q) in a.iter().zip(&b) {
+            assert!((p - q).abs() <= 3.0 * q.abs() / 256.0 + 1e-6, "{p} vs {q}");
+        }
+        // One step from the same start rounds exactly once: bf16(f32 step) == bf16 step.
+        let one = |dtype: DType| {
+            let x = Var::from_tensor(&Tensor::new(&w0, &dev).unwrap().to_dtype(dtype).unwrap())
+                .unwrap();
+            let mut opt = AdamW::new(vec![("x".into(), x.clone())], &c).unwrap();
+            let loss = x
+                .as_tensor()
+                .broadcast_mul(&coef.to_dtype(dtype).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            opt.step(&loss.backward().unwrap(), 1e-2).unwrap();
+            x.as_tensor()
+                .to_dtype(DType::BF16)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+        };
+        assert_eq!(
+            one(DType::BF16).to_vec1::<f32>().unwrap(),
+            one(DType::F32).to_vec1::<f32>().unwrap()
+        );
+    }
+
+    #[test]
+    fn moments_of_another_dtype_load_as_f32() {
+        // Checkpoints written before the moments were f32 hold them in the weights' dtype (bf16 on a GPU).
+        let dev = Device::Cpu;
+        let x = Var::new(&[1.0f32, 2.0], &dev).unwrap();
+        let mut opt = AdamW::new(vec![("x".into(), x)], &cfg()).unwrap();
+        let old: HashMap<String, Tensor> = [("m.x", [0.5f32, -0.25]), ("v.x", [0.125f32, 4.0])]
+            .into_iter()
+            .map(|(k, v)| {
+                let t = Tensor::new(&v, &dev)
+                    .unwrap()
+                    .to_dtype(DType::BF16)
+                    .unwrap();
+                (k.to_string(), t)
+            })
+            .collect();
+        opt.load_state(&old, 7).unwrap();
+        let st = opt.state_tensors();
+        assert_eq!(st["m.x"].dtype(), DType::F32);
+        assert_eq!(st["v.x"].to_vec1::<f32>().unwrap(), [0.125, 4.0]);
+        assert_eq!(opt.t, 7);
     }
 
     #[test]

@@ -97,12 +97,13 @@ fn heldout(model: &pairuni_model::Janus, cfg_weight: f64, seed: u64) -> (f64, f6
 fn sft_then_grpo(seed: u64, grpo_steps: usize) -> Vec<(f64, f64)> {
     let w = common::world();
     let tmp = tempfile::tempdir().unwrap();
-    let mut cfg = sft_cfg(&tmp.path().join("sft"), env("T_SFT", 15));
-    cfg.batch_understanding = 8;
-    cfg.batch_generation = 8;
+    let mut cfg = sft_cfg(&tmp.path().join("sft"), env("T_SFT", 300));
+    cfg.batch_understanding = env("T_BU", 8);
+    cfg.batch_generation = env("T_BG", 32);
     cfg.codebook_images = 100;
-    cfg.optim.lr = 2e-3;
+    cfg.optim.lr = env("T_SFT_LR", 2e-3);
     cfg.optim.warmup_steps = 3;
+    cfg.optim.schedule = pairuni_rl::config::LrSchedule::Constant;
     let model = pairuni_rl::sft::initial_model(&cfg, seed, &Device::Cpu).unwrap();
     let s = pairuni_rl::sft(&cfg, seed, model, &RunOptions::default()).unwrap();
     let model = pairuni_model::Janus::load(
@@ -125,7 +126,7 @@ fn sft_then_grpo(seed: u64, grpo_steps: usize) -> Vec<(f64, f64)> {
         cfg_weight: 3.0,
         checkpoint_every: 0,
         optim: pairuni_rl::config::OptimConfig {
-            lr: env("T_LR", 2e-3),
+            lr: env("T_LR", 5e-4),
             ..Default::default()
         },
         ..TrainConfig::default()
@@ -155,23 +156,23 @@ fn window_means(r: &[(f64, f64)], k: usize) -> ((f64, f64), (f64, f64)) {
 
 /// The training reward of both tasks rises over the first PairGRPO steps.
 ///
-/// 15 SFT steps from scratch, then 12 PairGRPO steps on 4 fixed pairs (G = 8 per side, lr 2e-3, dense
-/// toy-GenEval). Bound: the mean step reward of the last 4 steps exceeds that of the first 4 by ≥ 0.05
-/// (understanding) and ≥ 0.03 (generation). Each window averages 4 × 4 × 8 = 128 rollouts per task on the
-/// same pairs. Over seeds 1–8 on 2 cores (docs/TRAINING.md) the generation rise was +0.015…+0.11 (mean +0.07,
-/// all positive) and the understanding rise −0.06…+0.40 (mean +0.13, 6 of 8 positive); seed 1, pinned here,
-/// gives +0.17 / +0.06 there and +0.17 / +0.04 on the development box. The run is seeded, so it is deterministic on a given CPU; a different float path
-/// (another SIMD width) can change the sampled trajectory, which is why the bounds are modest.
+/// 300 SFT steps from scratch weighted towards drawing (8 answers + 32 code sequences a step, lr 2e-3), then
+/// 16 PairGRPO steps on 4 fixed pairs (G = 8 per side, lr 5e-4, dense toy-GenEval). Bound: the mean step
+/// reward of the last 4 steps exceeds that of the first 4 by ≥ 0.05 (understanding) and ≥ 0.03 (generation);
+/// each window averages 4 × 4 × 8 = 128 rollouts per task on the same pairs.
 ///
-/// Ignored since the toy detector became strict (it no longer reads shapes in noise, so GenEval rewards are 0
-/// for images without clean shapes): after 15–40 SFT steps the toy model draws no clean shape yet, every
-/// generation group has the same dense reward (0.125, the exact-count exclude clause) and zero advantage, so
-/// the generation half of this test has no signal. It needs an SFT recipe that teaches drawing within a CI
-/// budget; until then it runs on demand: `cargo test --release -p pairuni-rl --test toy_run -- --ignored`.
+/// Still ignored (issue 6): since the world's objects sit on the code lattice, 300 such SFT steps draw
+/// shapes the strict detector accepts (generation reward ≈ 0.2–0.25 at the first PairGRPO step instead of the
+/// constant 0.125 of speckled images), so the generation half has a signal again; but over seeds 1 and 2 only
+/// seed 1 rose on both tasks (und 0.375 → 0.516, gen 0.242 → 0.309; seed 2: und 0.297 → 0.289, gen 0.176 →
+/// 0.133), and the run takes ≈ 2 minutes on 2 cores. A bound that holds for most seeds needs more seeds
+/// measured than this session had time for. Run on demand:
+/// `cargo test --release -p pairuni-rl --test toy_run -- --ignored` (knobs T_SFT, T_BU, T_BG, T_SFT_LR, T_G,
+/// T_LR; `toy_run_seeds` with SEEDS=… prints every seed's rewards).
 #[test]
-#[ignore = "needs an SFT that draws clean shapes within the CI budget (see the doc comment)"]
+#[ignore = "rises for seed 1 but not seed 2 yet; see the doc comment"]
 fn sft_then_pairgrpo_raises_training_reward_of_both_tasks() {
-    let r = sft_then_grpo(1, 12);
+    let r = sft_then_grpo(1, 16);
     let ((u0, g0), (u1, g1)) = window_means(&r, 4);
     eprintln!("und {u0:.3} -> {u1:.3}, gen {g0:.3} -> {g1:.3}; steps {r:?}");
     assert!(
@@ -187,7 +188,7 @@ fn sft_then_pairgrpo_raises_training_reward_of_both_tasks() {
 #[test]
 #[ignore = "exploration: the toy run over several seeds (SEEDS=1,2,3 GRPO_STEPS=12 T_K=4)"]
 fn toy_run_seeds() {
-    let steps = env("GRPO_STEPS", 12);
+    let steps = env("GRPO_STEPS", 16);
     for seed in std::env::var("SEEDS")
         .unwrap_or_else(|_| "1,2,3".into())
         .split(',')

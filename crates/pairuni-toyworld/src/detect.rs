@@ -12,7 +12,7 @@
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
-use crate::render::{object_side, shape_mask};
+use crate::render::{object_side, object_start, shape_mask};
 use crate::scene::{Cell, Colour, Object, Scene, Shape, BACKGROUND};
 
 /// One detected object.
@@ -219,11 +219,6 @@ struct Component<'a> {
     height: u32,
 }
 
-/// Pixel range `[start, end)` of grid cell `i` (0..3) along an axis of `len` pixels, as the renderer draws.
-fn cell_span(len: u32, i: u32) -> (u32, u32) {
-    (i * len / 3, (i + 1) * len / 3)
-}
-
 /// Fit of the ideal `shape` drawn with its top-left corner at `(ox, oy)` to the component: matched
 /// component pixels over (component ∪ ideal ∪ foreign pixels in the ideal's window). Foreign means any
 /// non-background pixel of another component or of no palette colour, in the ideal box plus a one-pixel ring:
@@ -272,16 +267,14 @@ fn classify_component(
         x1 = x1.max(x + 1);
         y1 = y1.max(y + 1);
     }
-    // The renderer draws every object at one size, centred in its cell: fit the ideal shapes there, allowing
-    // a small shift, in the cell that holds the component's box centre.
+    // The renderer draws every object at one size where `object_start` puts it in its cell: fit the ideal
+    // shapes there, allowing a small shift, in the cell that holds the component's box centre.
     let side = masks.side;
     let (cx2, cy2) = ((x0 + x1) as u32, (y0 + y1) as u32);
     let col = (cx2 * 3 / (2 * c.width)).min(2);
     let row = (cy2 * 3 / (2 * c.height)).min(2);
-    let (sx0, sx1) = cell_span(c.width, col);
-    let (sy0, sy1) = cell_span(c.height, row);
-    let bx = i64::from(sx0) + (i64::from(sx1 - sx0) - i64::from(side)) / 2;
-    let by = i64::from(sy0) + (i64::from(sy1 - sy0) - i64::from(side)) / 2;
+    let bx = i64::from(object_start(c.width, col, side));
+    let by = i64::from(object_start(c.height, row, side));
     let shift = (params.max_shift_fraction * side as f32).round().max(0.0) as i64;
     let mut best = (Shape::Square, -1.0f32);
     for (k, shape) in Shape::ALL.into_iter().enumerate() {

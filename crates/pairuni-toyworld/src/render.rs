@@ -34,13 +34,38 @@ pub fn object_side(size: u32) -> u32 {
     (size / 3) * 4 / 5
 }
 
-/// Pixel box `[x0, y0, x1, y1)` of the object drawn in `cell`: centred in the cell.
+/// Codes per side of the toy image tokenizer's grid; object boxes snap to it (see [`object_rect`]).
+pub const LATTICE: u32 = 8;
+
+/// Pixel box `[x0, y0, x1, y1)` of the object drawn in `cell`.
+///
+/// When the canvas divides into the [`LATTICE`] (32 px → 4 px steps, 64 px → 8 px) and the object side is two
+/// steps, the box starts on the lattice step nearest the cell centre that keeps it inside the cell (at most
+/// 2 px from centred at 32 px). Every object is then exactly 2×2 image codes with the same four patches
+/// wherever it stands: the patch codebook represents every scene exactly and a from-scratch toy model can
+/// learn to draw and read shapes within a CPU budget (docs/DESIGN.md, "objects on the code lattice").
+/// Otherwise the box is centred in the cell.
 pub fn object_rect(size: u32, cell: Cell) -> [u32; 4] {
-    let [cx0, cy0, cx1, cy1] = cell_rect(size, cell);
     let d = object_side(size);
-    let x0 = cx0 + (cx1 - cx0 - d) / 2;
-    let y0 = cy0 + (cy1 - cy0 - d) / 2;
+    let x0 = object_start(size, u32::from(cell.col), d);
+    let y0 = object_start(size, u32::from(cell.row), d);
     [x0, y0, x0 + d, y0 + d]
+}
+
+/// First pixel, along one axis of `size` pixels, of a `side`-pixel object in row or column `index` (0..3):
+/// the lattice rule of [`object_rect`], shared with the detector so both agree on where objects stand.
+pub fn object_start(size: u32, index: u32, side: u32) -> u32 {
+    let (c0, c1) = (index * size / 3, (index + 1) * size / 3);
+    let centred = c0 + (c1 - c0).saturating_sub(side) / 2;
+    let step = size / LATTICE;
+    if !size.is_multiple_of(LATTICE) || side != 2 * step {
+        return centred;
+    }
+    let lo = c0.div_ceil(step) * step;
+    (lo..=c1.saturating_sub(side))
+        .step_by(step as usize)
+        .min_by_key(|&x| (x.abs_diff(centred), x))
+        .unwrap_or(centred)
 }
 
 /// Whether pixel `(x, y)` of a `w`×`h` box belongs to `shape` drawn to fill that box.
@@ -122,15 +147,44 @@ mod tests {
     }
 
     #[test]
-    fn objects_keep_a_gap() {
+    fn objects_stay_in_their_cell_and_keep_a_gap() {
         for size in [32u32, 33, 48, 64, 100] {
             for cell in Cell::all() {
                 let [x0, y0, x1, y1] = object_rect(size, cell);
                 let [cx0, cy0, cx1, cy1] = cell_rect(size, cell);
                 assert!(
-                    x0 > cx0 && y0 > cy0 && x1 < cx1 && y1 < cy1,
+                    x0 >= cx0 && y0 >= cy0 && x1 <= cx1 && y1 <= cy1,
                     "{size} {cell:?}"
                 );
+                // Neighbours in the next column / row are at least two background pixels away.
+                for (dr, dc) in [(0u8, 1u8), (1, 0)] {
+                    if let Some(n) = Cell::new(cell.row + dr, cell.col + dc) {
+                        let [nx0, ny0, _, _] = object_rect(size, n);
+                        if dc == 1 {
+                            assert!(nx0 >= x1 + 2, "{size} {cell:?} → {n:?}");
+                        } else {
+                            assert!(ny0 >= y1 + 2, "{size} {cell:?} → {n:?}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn objects_sit_on_the_code_lattice_at_32_and_64_px() {
+        for size in [32u32, 64] {
+            let step = size / LATTICE;
+            assert_eq!(object_side(size), 2 * step, "{size}");
+            for cell in Cell::all() {
+                let [x0, y0, x1, y1] = object_rect(size, cell);
+                let [cx0, cy0, cx1, cy1] = cell_rect(size, cell);
+                assert_eq!((x0 % step, y0 % step), (0, 0), "{size} {cell:?}");
+                // At most half a lattice step from the centred position.
+                let centre_x = (cx0 + cx1) as f32 / 2.0;
+                let centre_y = (cy0 + cy1) as f32 / 2.0;
+                assert!(((x0 + x1) as f32 / 2.0 - centre_x).abs() <= step as f32 / 2.0);
+                assert!(((y0 + y1) as f32 / 2.0 - centre_y).abs() <= step as f32 / 2.0);
             }
         }
     }

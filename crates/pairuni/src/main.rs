@@ -62,7 +62,7 @@ enum Bench {
     GpuStep(cmd::gpu::BenchGpuStepArgs),
     /// The committed Janus fixture checkpoint on a device in f32 and bf16 vs its reference outputs.
     GpuParity(cmd::gpu::BenchGpuParityArgs),
-    /// Exact (blocked GEMM) and HNSW retrieval time and recall@1 on synthetic features.
+    /// Exact (blocked GEMM) and approximate (PCA → IVF or HNSW → exact re-rank) retrieval time and recall@1.
     Retrieval(cmd::pairs::BenchRetrievalArgs),
     /// Text and CFG image decode tokens/s over batch sizes (toy; Janus-Pro-1B shapes with --big).
     Decode(cmd::model::BenchDecodeArgs),

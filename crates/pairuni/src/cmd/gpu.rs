@@ -17,8 +17,8 @@ use pairuni_model::device::{default_dtype, parse_dtype, DeviceSpec};
 use pairuni_model::image_codec::{vq_config, ImageCodec};
 use pairuni_model::vq::JanusVq;
 use pairuni_model::{
-    CfgLogprobPolicy, DType, Device, ImageRollout, ImageSampling, Janus, JanusConfig,
-    ParamSelection, Tensor, TextRollout, TextSampling,
+    CfgLogprobPolicy, DType, Device, ImageRollout, ImageSamplerSite, ImageSampling, Janus,
+    JanusConfig, KvCache, ParamSelection, Tensor, TextRollout, TextSampling,
 };
 use pairuni_rl::config::{LossAggregation, OptimConfig, RewardScaling};
 use pairuni_rl::loss::{aggregate, clipped_surrogate, group_advantages, ratio, Tokens};
@@ -26,6 +26,35 @@ use pairuni_rl::optim::AdamW;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
+
+/// Where the image rollout mixes and draws (`auto`: on the device unless it is the CPU).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SamplerArg {
+    /// The library's choice.
+    Auto,
+    /// Logits to the host every step.
+    Host,
+    /// CFG mix, draw and log-prob on the device; codes read back once.
+    Device,
+}
+
+impl SamplerArg {
+    fn site(self) -> ImageSamplerSite {
+        match self {
+            Self::Auto => ImageSamplerSite::Auto,
+            Self::Host => ImageSamplerSite::Host,
+            Self::Device => ImageSamplerSite::Device,
+        }
+    }
+    /// The site `auto` resolves to on `dev` (top-p is off in this benchmark).
+    fn resolved(self, dev: &Device) -> &'static str {
+        match self {
+            Self::Auto if dev.is_cpu() => "host",
+            Self::Auto | Self::Device => "device",
+            Self::Host => "host",
+        }
+    }
+}
 
 /// Model shapes for the step benchmark.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -138,6 +167,9 @@ pub struct BenchGpuStepArgs {
     /// host sampling (0 = skip).
     #[arg(long, default_value_t = 32)]
     pub probe_steps: usize,
+    /// Where the image rollout samples: auto (device unless CPU) | host | device.
+    #[arg(long, value_enum, default_value_t = SamplerArg::Auto)]
+    pub image_sampler: SamplerArg,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -310,7 +342,13 @@ fn run_step(
         greedy: false,
     };
     let images: Vec<ImageRollout> = ph.time("rollout_image", || {
-        Ok(model.sample_images_ids(&inputs.gen_prompts, &img_s, rng)?)
+        Ok(model.sample_image_codes_at(
+            &inputs.gen_prompts,
+            &img_s,
+            model.image_tokens_per_image(),
+            a.image_sampler.site(),
+            rng,
+        )?)
     })?;
     let mut answers: Vec<TextRollout> = ph.time("rollout_text", || {
         Ok(model.sample_answers_ids(&inputs.pixels, &inputs.und_prompts, &txt_s, rng)?)
@@ -535,6 +573,7 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
         "loss": out.loss,
         "grad_norm": out.grad_norm,
         "params_with_grad": format!("{}/{}", out.params_with_grad, out.params_trained),
+        "image_sampler": a.image_sampler.resolved(&dev),
         "image_step_probe": probe,
     });
     if a.json {
@@ -558,9 +597,10 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
             );
         }
         println!(
-            "  image step       {per_step:>10.3} ms  ({} codes, CFG batch {})",
+            "  image step       {per_step:>10.3} ms  ({} codes, CFG batch {}, sampled on the {})",
             out.image_tokens,
-            2 * a.pairs * a.group
+            2 * a.pairs * a.group,
+            a.image_sampler.resolved(&dev)
         );
         println!(
             "  grad norm        {:>10.4}  ({}/{} trained tensors got a gradient)",
@@ -577,9 +617,11 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Times `steps` CFG image decode steps the way `Janus::sample_images_ids` takes them (device forward and
-/// generation head, logits to the host, CFG mix + log-softmax + draw on the host), each part on its own clock, so
-/// that the benchmark says where a decode step's time goes. Starts right after the prompt's prefill.
+/// Times `steps` CFG image decode steps the way `Janus::sample_images_ids` takes them on the host path (device
+/// forward and generation head, logits to the host, CFG mix + log-softmax + draw on the host), each part on its
+/// own clock, so that the benchmark says where a decode step's time goes. Starts right after the prompt's
+/// prefill. The cache is preallocated as the library's sampler does; the same forwards through a cache that grows
+/// by concatenation (the old path) are timed too (`forward_grown_cache_ms`).
 fn probe_image_step(
     model: &Janus,
     prompts: &[Vec<u32>],
@@ -592,8 +634,11 @@ fn probe_image_step(
     let rows: Vec<Vec<u32>> = prompts.iter().chain(prompts.iter()).cloned().collect();
     let emb = model.token_embeddings(&rows)?;
     let t = emb.dim(1)?;
-    let (h, cache) =
-        model.decoder_step(&emb, &vec![vec![true; t]; 2 * b], &model.empty_cache(2 * b))?;
+    let (h, cache) = model.decoder_step(
+        &emb,
+        &vec![vec![true; t]; 2 * b],
+        &model.empty_cache_with_capacity(2 * b, t + steps),
+    )?;
     let mut cache = cache.detach();
     let mut last = h.narrow(1, t - 1, 1)?.squeeze(1)?.detach();
     let valid = vec![vec![true]; 2 * b];
@@ -644,10 +689,12 @@ fn probe_image_step(
     }
     let per = |x: f64| (x * 1e3 / steps as f64 * 1000.0).round() / 1000.0;
     let device_sampled = device_sampled_steps(model, &emb, b, cfg_weight, steps)?;
+    let grown = grown_cache_forwards(model, &emb, b, steps)?;
     Ok(json!({
         "steps": steps,
         "cache_len_start": t,
         "forward_ms": per(fwd),
+        "forward_grown_cache_ms": per(grown),
         "logits_to_host_ms": per(down),
         "host_sampling_ms": per(host),
         "total_ms": per(fwd + down + host),
@@ -655,9 +702,62 @@ fn probe_image_step(
     }))
 }
 
+/// `steps` decode forwards (decoder and generation head, code fed back) through a cache that grows by
+/// concatenation, as every step did before the preallocated cache; seconds.
+fn grown_cache_forwards(
+    model: &Janus,
+    prompt_emb: &Tensor,
+    b: usize,
+    steps: usize,
+) -> anyhow::Result<f64> {
+    let t = prompt_emb.dim(1)?;
+    let start = model.empty_cache(2 * b);
+    timed_device_steps(model, prompt_emb, b, steps, start, |logits| {
+        Ok(logits
+            .narrow(0, 0, b)?
+            .argmax_keepdim(candle_core::D::Minus1)?)
+    })
+    .map(|(secs, _)| secs)
+    .with_context(|| format!("grown-cache forwards after a {t}-token prefill"))
+}
+
+/// Prefills `prompt_emb` (2b rows) into `start`, then times `steps` decode steps whose codes `pick` chooses on
+/// the device from the [2b, K] generation logits; returns the seconds and the picked codes [b, steps].
+fn timed_device_steps(
+    model: &Janus,
+    prompt_emb: &Tensor,
+    b: usize,
+    steps: usize,
+    start: KvCache,
+    mut pick: impl FnMut(&Tensor) -> anyhow::Result<Tensor>,
+) -> anyhow::Result<(f64, Tensor)> {
+    let dev = model.device().clone();
+    let t = prompt_emb.dim(1)?;
+    let (h, cache) = model.decoder_step(prompt_emb, &vec![vec![true; t]; 2 * b], &start)?;
+    let mut cache = cache.detach();
+    let mut last = h.narrow(1, t - 1, 1)?.squeeze(1)?.detach();
+    let valid = vec![vec![true]; 2 * b];
+    let mut codes = Vec::with_capacity(steps);
+    dev.synchronize()?;
+    let t0 = Instant::now();
+    for _ in 0..steps {
+        let code = pick(&model.gen_head(&last)?)?.detach();
+        let both = Tensor::cat(&[&code, &code], 0)?;
+        let e = model.code_embeddings(&both)?.to_dtype(model.dtype())?;
+        let (h, c) = model.decoder_step(&e, &valid, &cache)?;
+        cache = c.detach();
+        last = h.squeeze(1)?.detach();
+        codes.push(code);
+    }
+    let codes = Tensor::cat(&codes, 1)?;
+    dev.synchronize()?;
+    Ok((t0.elapsed().as_secs_f64(), codes))
+}
+
 /// The same decode steps with CFG mix, Gumbel-max draw and the conditional log-prob computed on the device and
-/// the codes never read back until the end: no host round trip per token (plan item 2 in docs/GPU.md). Returns
-/// the wall time in seconds. The draw is from the same distribution as the host sampler's, not the same stream.
+/// the codes never read back until the end: no host round trip per token (what `ImageSamplerSite::Device` does
+/// in the library). Returns the wall time in seconds. The draw is from the same distribution as the host
+/// sampler's, not the same stream.
 fn device_sampled_steps(
     model: &Janus,
     prompt_emb: &Tensor,
@@ -670,7 +770,7 @@ fn device_sampled_steps(
     let (h, cache) = model.decoder_step(
         prompt_emb,
         &vec![vec![true; t]; 2 * b],
-        &model.empty_cache(2 * b),
+        &model.empty_cache_with_capacity(2 * b, t + steps),
     )?;
     let mut cache = cache.detach();
     let mut last = h.narrow(1, t - 1, 1)?.squeeze(1)?.detach();
@@ -907,6 +1007,7 @@ mod tests {
             seed: 3,
             no_warmup: true,
             probe_steps: 2,
+            image_sampler: SamplerArg::Auto,
             json: true,
         }
     }
@@ -995,7 +1096,17 @@ mod tests {
 
     #[test]
     fn tiny_step_on_cpu_trains_every_language_model_tensor() {
-        let a = tiny_args();
+        // Both image samplers: the device one runs on the CPU too when asked.
+        for sampler in [SamplerArg::Host, SamplerArg::Device] {
+            tiny_step(sampler);
+        }
+    }
+
+    fn tiny_step(sampler: SamplerArg) {
+        let a = BenchGpuStepArgs {
+            image_sampler: sampler,
+            ..tiny_args()
+        };
         let dev = Device::Cpu;
         let cfg = a.shapes.config().unwrap();
         let model = build_model(&cfg, a.seed, &dev, DType::F32).unwrap();
@@ -1061,6 +1172,7 @@ mod tests {
         assert_eq!(p["cache_len_start"], a.prompt_len);
         assert!(p["forward_ms"].as_f64().unwrap() > 0.0);
         assert!(p["device_sampling_total_ms"].as_f64().unwrap() > 0.0);
+        assert!(p["forward_grown_cache_ms"].as_f64().unwrap() > 0.0);
     }
 
     #[test]

@@ -1,9 +1,9 @@
 //! `pairuni pairs …` (build, stats) and `pairuni bench retrieval`.
 
 use anyhow::Context;
-use pairuni_pairs::ann::AnnParams;
+use pairuni_pairs::ann::ApproxParams;
 use pairuni_pairs::bench::{run_retrieval_bench, RetrievalBenchParams};
-use pairuni_pairs::config::PairsConfig;
+use pairuni_pairs::config::{AnnIndexKind, PairsConfig};
 use pairuni_pairs::setup::{encoder_from_config, teacher_from_config};
 use pairuni_pairs::stats::{pair_stats, render_text};
 use pairuni_pairs::{build_and_write, BuildPaths};
@@ -112,6 +112,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 }
 
 /// Arguments of `pairuni bench retrieval`.
+///
+/// The approximate path takes its settings from the `[pairs.ann]` section of `--config` (defaults without
+/// one), so the benchmark measures what `pairs build` would run; the flags below override single keys.
 #[derive(clap::Args, Debug)]
 pub struct BenchRetrievalArgs {
     /// Understanding rows (the database).
@@ -126,36 +129,76 @@ pub struct BenchRetrievalArgs {
     /// Rows per synthetic cluster.
     #[arg(long, default_value_t = 50)]
     cluster_size: usize,
-    /// Skip the HNSW part.
+    /// TOML configuration whose `[pairs.ann]` section sets the approximate path (defaults otherwise).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Skip the approximate path.
     #[arg(long)]
     no_ann: bool,
-    /// HNSW links per node.
-    #[arg(long, default_value_t = 16)]
-    max_connections: usize,
-    /// HNSW build width.
-    #[arg(long, default_value_t = 64)]
-    ef_construction: usize,
-    /// HNSW search width.
-    #[arg(long, default_value_t = 64)]
-    ef_search: usize,
-    /// Seed of the synthetic data.
+    /// Index over the reduced rows: `ivf` or `hnsw` (ann.index).
+    #[arg(long, value_parser = ["ivf", "hnsw"])]
+    index: Option<String>,
+    /// PCA output dimension (ann.reduce_dim).
+    #[arg(long)]
+    reduce_dim: Option<usize>,
+    /// Candidates re-scored exactly per query (ann.rerank).
+    #[arg(long)]
+    rerank: Option<usize>,
+    /// Rows sampled to fit the PCA (ann.pca_sample).
+    #[arg(long)]
+    pca_sample: Option<usize>,
+    /// IVF lists (ann.lists; default 4·√n).
+    #[arg(long)]
+    lists: Option<usize>,
+    /// IVF lists probed per query (ann.probes).
+    #[arg(long)]
+    probes: Option<usize>,
+    /// HNSW links per node (ann.max_connections).
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// HNSW build width (ann.ef_construction).
+    #[arg(long)]
+    ef_construction: Option<usize>,
+    /// HNSW search width (ann.ef_search).
+    #[arg(long)]
+    ef_search: Option<usize>,
+    /// Seed of the synthetic data and of the approximate index.
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
 
 /// Runs `pairuni bench retrieval` and prints a JSON report.
 pub fn run_bench_retrieval(a: BenchRetrievalArgs) -> anyhow::Result<ExitCode> {
+    let mut ann = load_config(a.config.as_ref())?.ann;
+    if let Some(v) = &a.index {
+        ann.index = if v == "hnsw" {
+            AnnIndexKind::Hnsw
+        } else {
+            AnnIndexKind::Ivf
+        };
+    }
+    let set = |dst: &mut usize, v: Option<usize>| {
+        if let Some(v) = v {
+            *dst = v;
+        }
+    };
+    set(&mut ann.reduce_dim, a.reduce_dim);
+    set(&mut ann.rerank, a.rerank);
+    set(&mut ann.pca_sample, a.pca_sample);
+    set(&mut ann.probes, a.probes);
+    set(&mut ann.max_connections, a.max_connections);
+    set(&mut ann.ef_construction, a.ef_construction);
+    set(&mut ann.ef_search, a.ef_search);
+    if a.lists.is_some() {
+        ann.lists = a.lists;
+    }
     let p = RetrievalBenchParams {
         n: a.n,
         queries: a.queries.unwrap_or(a.n),
         dim: a.dim,
         cluster_size: a.cluster_size,
         seed: a.seed,
-        ann: (!a.no_ann).then_some(AnnParams {
-            max_connections: a.max_connections,
-            ef_construction: a.ef_construction,
-            ef_search: a.ef_search,
-        }),
+        ann: (!a.no_ann).then(|| ApproxParams::from_config(&ann, a.seed)),
         delta: 0.6,
     };
     let r = run_retrieval_bench(&p, &|stage| tracing::info!("{stage}"))?;
