@@ -14,12 +14,7 @@ pub fn matmul_abt(a: &[f32], m: usize, b: &[f32], n: usize, k: usize, out: &mut 
         out.fill(0.0);
         return;
     }
-    let threads = rayon::current_num_threads().max(1);
-    let par = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
+    let par = gemm_parallelism();
     // SAFETY: the asserts above guarantee every strided access stays inside the three slices: lhs is m×k with
     // row stride k, rhs is read as the k×n transpose of b (row stride 1, column stride k), dst is m×n row-major.
     unsafe {
@@ -47,6 +42,14 @@ pub fn matmul_abt(a: &[f32], m: usize, b: &[f32], n: usize, k: usize, out: &mut 
     }
 }
 
+/// The `gemm` parallelism for rayon's current pool (serial when it has one thread).
+fn gemm_parallelism() -> gemm::Parallelism {
+    match rayon::current_num_threads() {
+        0 | 1 => gemm::Parallelism::None,
+        threads => gemm::Parallelism::Rayon(threads),
+    }
+}
+
 /// `out = xᵀx` (dim × dim) for row-major `x` (s × dim): the uncentred second-moment matrix of the rows, by GEMM
 /// reading `x` in place as both the transposed and the plain operand (no transposed copy).
 pub fn gram(x: &[f32], s: usize, dim: usize, out: &mut [f32]) {
@@ -59,12 +62,7 @@ pub fn gram(x: &[f32], s: usize, dim: usize, out: &mut [f32]) {
         out.fill(0.0);
         return;
     }
-    let threads = rayon::current_num_threads().max(1);
-    let par = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
+    let par = gemm_parallelism();
     // SAFETY: the asserts above keep every strided access inside the slices: lhs is xᵀ (dim × s; element (i, t)
     // at t·dim + i, so column stride dim, row stride 1), rhs is x (s × dim; element (t, j) at t·dim + j, column
     // stride 1, row stride dim), dst is dim × dim row-major.
