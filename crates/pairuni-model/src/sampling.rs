@@ -196,14 +196,14 @@ pub(crate) fn sample_index(logits: &[f32], t: f64, top_p: f64, rng: &mut ChaCha8
 /// Uniform noise for Gumbel-max draws on the model's device, reproducible from one seed: the device's own
 /// generator on an accelerator (seeded once, no host traffic per step), a ChaCha stream uploaded per step on the
 /// CPU (where `Device::set_seed` is not supported).
-pub(crate) struct GumbelNoise {
+pub struct GumbelNoise {
     device: Device,
     host: Option<ChaCha8Rng>,
 }
 
 impl GumbelNoise {
     /// Noise for `device` from `seed`.
-    pub(crate) fn new(device: &Device, seed: u64) -> candle_core::Result<Self> {
+    pub fn new(device: &Device, seed: u64) -> candle_core::Result<Self> {
         let host = if device.is_cpu() {
             Some(ChaCha8Rng::seed_from_u64(seed))
         } else {
@@ -238,7 +238,7 @@ impl GumbelNoise {
 /// unconditional rows; the code is drawn from softmax((l_u + w (l_c − l_u)) / T) by Gumbel-max (argmax when
 /// T ≤ 0). Returns the codes [p, 1] (u32) and their conditional log-probs under softmax(l_c / T') [p, 1] (f32),
 /// T' = T, or 1 when T ≤ 0, as the host sampler records them. Nothing is read back.
-pub(crate) fn device_cfg_draw(
+pub fn device_cfg_draw(
     cond: &Tensor,
     uncond: &Tensor,
     cfg_weight: f64,

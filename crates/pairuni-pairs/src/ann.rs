@@ -12,7 +12,7 @@ use crate::config::{AnnConfig, AnnIndexKind};
 use crate::error::{PairsError, Result};
 use crate::ivf::{IvfIndex, IvfParams};
 use crate::pca::Pca;
-use crate::retrieval::{push_top, Candidates};
+use crate::retrieval::{push_top, search_in_order, Candidates};
 use hnsw_rs::prelude::{Distance, Hnsw};
 use rayon::prelude::*;
 use std::time::Instant;
@@ -345,26 +345,17 @@ impl<'a> ApproxIndex<'a> {
         };
         let mut order: Vec<usize> = (0..nq).collect();
         order.sort_by_key(|&q| (key(q), q));
-        let found: Vec<(usize, Candidates)> = order
-            .par_iter()
-            .with_min_len(64)
-            .map(|&q| {
-                let qrow = &queries[q * dim..(q + 1) * dim];
-                let mut top = Candidates::with_capacity(cap + 1);
-                for &(j, _) in &reduced[q] {
-                    let s = fast_dot(qrow, &self.db[j * dim..(j + 1) * dim]);
-                    if s >= delta {
-                        push_top(&mut top, cap, (j, s));
-                    }
+        search_in_order(&order, |q| {
+            let qrow = &queries[q * dim..(q + 1) * dim];
+            let mut top = Candidates::with_capacity(cap + 1);
+            for &(j, _) in &reduced[q] {
+                let s = fast_dot(qrow, &self.db[j * dim..(j + 1) * dim]);
+                if s >= delta {
+                    push_top(&mut top, cap, (j, s));
                 }
-                (q, top)
-            })
-            .collect();
-        let mut out = vec![Candidates::new(); nq];
-        for (q, top) in found {
-            out[q] = top;
-        }
-        out
+            }
+            top
+        })
     }
 
     /// Reduced search then exact re-ranking: up to `cap` rows per query with exact cosine ≥ `delta`.

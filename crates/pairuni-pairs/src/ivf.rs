@@ -9,7 +9,7 @@
 use crate::ann::fast_dot;
 use crate::error::{PairsError, Result};
 use crate::linalg::matmul_abt;
-use crate::retrieval::{push_top, Candidates};
+use crate::retrieval::{push_top, search_in_order, Candidates};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
@@ -247,26 +247,17 @@ impl IvfIndex {
         // scan mostly the same lists while those are still in cache.
         let mut order: Vec<usize> = (0..nq).collect();
         order.sort_by_key(|&q| (probe[q * probes], q));
-        let found: Vec<(usize, Candidates)> = order
-            .par_iter()
-            .with_min_len(64)
-            .map(|&q| {
-                let qrow = &queries[q * dim..(q + 1) * dim];
-                let mut top = Candidates::with_capacity(width + 1);
-                for &l in &probe[q * probes..(q + 1) * probes] {
-                    for p in self.offsets[l]..self.offsets[l + 1] {
-                        let s = fast_dot(qrow, &self.packed[p * dim..(p + 1) * dim]);
-                        push_top(&mut top, width, (self.ids[p], s));
-                    }
+        search_in_order(&order, |q| {
+            let qrow = &queries[q * dim..(q + 1) * dim];
+            let mut top = Candidates::with_capacity(width + 1);
+            for &l in &probe[q * probes..(q + 1) * probes] {
+                for p in self.offsets[l]..self.offsets[l + 1] {
+                    let s = fast_dot(qrow, &self.packed[p * dim..(p + 1) * dim]);
+                    push_top(&mut top, width, (self.ids[p], s));
                 }
-                (q, top)
-            })
-            .collect();
-        let mut out = vec![Candidates::new(); nq];
-        for (q, top) in found {
-            out[q] = top;
-        }
-        out
+            }
+            top
+        })
     }
 }
 

@@ -56,6 +56,24 @@ pub(crate) fn push_top(top: &mut Candidates, cap: usize, c: (usize, f32)) {
     top.truncate(cap);
 }
 
+/// Runs `search` for every query in parallel, visiting them in `order` (a permutation of 0..n chosen so that
+/// neighbouring queries read the same database rows), and returns the results indexed by query.
+pub(crate) fn search_in_order(
+    order: &[usize],
+    search: impl Fn(usize) -> Candidates + Sync,
+) -> Vec<Candidates> {
+    let found: Vec<(usize, Candidates)> = order
+        .par_iter()
+        .with_min_len(64)
+        .map(|&q| (q, search(q)))
+        .collect();
+    let mut out = vec![Candidates::new(); order.len()];
+    for (q, top) in found {
+        out[q] = top;
+    }
+    out
+}
+
 /// Exact top-`cap` database rows (score ≥ `delta`) of every query row, by blocked GEMM in parallel.
 ///
 /// `queries` is nq × dim, `db` is nd × dim, both row-major and L2-normalised (scores are cosines).

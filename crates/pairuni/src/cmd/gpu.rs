@@ -777,18 +777,19 @@ fn device_sampled_steps(
     let valid = vec![vec![true]; 2 * b];
     let mut codes = Vec::with_capacity(steps);
     let mut lps = Vec::with_capacity(steps);
+    let mut noise = pairuni_model::sampling::GumbelNoise::new(&dev, 0)?;
     dev.synchronize()?;
     let t0 = Instant::now();
     for _ in 0..steps {
         let logits = model.gen_head(&last)?;
-        let lc = logits.narrow(0, 0, b)?;
-        let lu = logits.narrow(0, b, b)?;
-        let mixed = (&lu + ((&lc - &lu)? * cfg_weight)?)?;
-        let u = Tensor::rand(1e-10f32, 1f32, mixed.shape(), &dev)?;
-        let gumbel = u.log()?.neg()?.log()?.neg()?;
-        let code = (mixed + gumbel)?.argmax_keepdim(candle_core::D::Minus1)?; // [b, 1] u32
-        let lp = lc.broadcast_sub(&lc.exp()?.sum_keepdim(candle_core::D::Minus1)?.log()?)?;
-        lps.push(lp.gather(&code, candle_core::D::Minus1)?);
+        let (code, lp) = pairuni_model::sampling::device_cfg_draw(
+            &logits.narrow(0, 0, b)?,
+            &logits.narrow(0, b, b)?,
+            cfg_weight,
+            1.0,
+            &mut noise,
+        )?;
+        lps.push(lp);
         let both = Tensor::cat(&[&code, &code], 0)?;
         let e = model.code_embeddings(&both)?.to_dtype(model.dtype())?;
         let (h, c) = model.decoder_step(&e, &valid, &cache)?;
