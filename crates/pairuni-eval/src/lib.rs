@@ -15,6 +15,7 @@ pub mod error;
 pub mod geneval;
 pub mod mcq;
 pub mod mme;
+pub mod paired;
 pub mod parse;
 pub mod pope;
 pub mod predictions;

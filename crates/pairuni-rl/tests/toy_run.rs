@@ -114,15 +114,16 @@ fn sft_then_grpo(seed: u64, grpo_steps: usize) -> Vec<(f64, f64)> {
     .unwrap();
     let pairs = pairuni_data::jsonl::read_pairs(w.join("pairs.jsonl")).unwrap();
     // Image paths are relative to the pairs file: keep it in the world folder.
-    let pairs_file = w.join(format!("pairs4-{seed}.jsonl"));
-    pairuni_data::jsonl::write_pairs(&pairs_file, &pairs[..4]).unwrap();
+    let n_pairs = env("T_BP", 4);
+    let pairs_file = w.join(format!("pairs{n_pairs}-{seed}.jsonl"));
+    pairuni_data::jsonl::write_pairs(&pairs_file, &pairs[..n_pairs]).unwrap();
     let tc = TrainConfig {
         pairs: pairs_file,
         out_dir: tmp.path().join("grpo"),
         steps: grpo_steps,
-        batch_pairs: 4,
-        group_size_und: env("T_G", 8),
-        group_size_gen: env("T_G", 8),
+        batch_pairs: n_pairs,
+        group_size_und: env("T_GU", 8),
+        group_size_gen: env("T_GG", 8),
         cfg_weight: 3.0,
         checkpoint_every: 0,
         optim: pairuni_rl::config::OptimConfig {

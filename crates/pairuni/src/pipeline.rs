@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
+use pairuni_eval::paired::PairedChange;
 use pairuni_model::{Device, Janus};
 use pairuni_rl::grpo::RunOptions;
 
@@ -214,6 +215,45 @@ pub fn headline(metrics: &serde_json::Value) -> Headline {
     }
 }
 
+/// Per-question comparison of two evaluations' toy-MCQ answers (None when the benchmark has no MCQ file).
+pub fn mcq_change(
+    cfg: &PairuniConfig,
+    layout: &Layout,
+    before: &Path,
+    after: &Path,
+) -> Result<Option<PairedChange>> {
+    compare_mcq_files(
+        &layout.world().join("bench/mcq/questions.jsonl"),
+        before,
+        after,
+        cfg.eval.mcq_rule,
+        cfg.eval.seed,
+    )
+}
+
+/// Compares the `predictions/mcq.jsonl` of two evaluation folders on `gold` (None when a file is missing).
+pub fn compare_mcq_files(
+    gold: &Path,
+    before: &Path,
+    after: &Path,
+    rule: pairuni_eval::mcq::ChoiceRule,
+    seed: u64,
+) -> Result<Option<PairedChange>> {
+    let (b, a) = (
+        before.join("predictions/mcq.jsonl"),
+        after.join("predictions/mcq.jsonl"),
+    );
+    if !gold.is_file() || !b.is_file() || !a.is_file() {
+        return Ok(None);
+    }
+    let gold = pairuni_eval::mcq::read_mcq(gold)?;
+    let b = pairuni_eval::predictions::read_predictions(&b)?;
+    let a = pairuni_eval::predictions::read_predictions(&a)?;
+    Ok(Some(pairuni_eval::paired::compare_mcq(
+        &gold, &b, &a, rule, seed,
+    )))
+}
+
 /// What a whole pipeline run measured.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PipelineSummary {
@@ -223,6 +263,8 @@ pub struct PipelineSummary {
     pub sft: Headline,
     /// Scores after PairGRPO.
     pub last: Headline,
+    /// Toy-MCQ answers the PairGRPO model got right or wrong where the SFT model did not (None without MCQ).
+    pub mcq_change: Option<PairedChange>,
     /// Wall-clock seconds of this process's work.
     pub seconds: f64,
 }
@@ -254,6 +296,7 @@ pub fn run_all(
         seed: cfg.seed,
         sft: headline(&sft_metrics),
         last: headline(&final_metrics),
+        mcq_change: mcq_change(cfg, layout, &layout.eval("sft"), &layout.eval("final"))?,
         seconds: start.elapsed().as_secs_f64(),
     };
     pairuni_data::atomic::write_atomic_bytes(

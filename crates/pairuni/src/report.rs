@@ -265,6 +265,33 @@ fn read_eval_metrics(run: &Path) -> Result<BTreeMap<String, BTreeMap<String, f64
     Ok(out)
 }
 
+/// The SFT → final toy-MCQ comparison, judged with the rule and seed the final evaluation recorded.
+fn mcq_change(run: &Path) -> Result<Option<pairuni_eval::paired::PairedChange>> {
+    let (before, after) = (run.join("eval/sft"), run.join("eval/final"));
+    let metrics_path = after.join("metrics.json");
+    let Ok(text) = std::fs::read_to_string(&metrics_path) else {
+        return Ok(None);
+    };
+    let metrics: Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not valid JSON", metrics_path.display()))?;
+    let (Some(bench), Some(mcq)) = (metrics["bench_dir"].as_str(), metrics.get("mcq")) else {
+        return Ok(None);
+    };
+    if mcq.is_null() {
+        return Ok(None);
+    }
+    let rule: pairuni_eval::mcq::ChoiceRule = serde_json::from_value(mcq["rule"].clone())
+        .with_context(|| format!("{}: mcq.rule", metrics_path.display()))?;
+    let seed = mcq["seed"].as_u64().unwrap_or_default();
+    crate::pipeline::compare_mcq_files(
+        &Path::new(bench).join("mcq/questions.jsonl"),
+        &before,
+        &after,
+        rule,
+        seed,
+    )
+}
+
 /// Metric keys worth a chart of their own; rewards go together in one chart.
 fn chart_groups(series: &BTreeMap<String, Series>) -> Vec<(String, Vec<String>)> {
     let mut groups = Vec::new();
@@ -508,6 +535,13 @@ img.px{image-rendering:pixelated;width:96px;height:96px;display:block;margin:4px
     html.push_str("<h2>Benchmarks: SFT checkpoint vs final</h2>");
     let evals = read_eval_metrics(run)?;
     benchmark_table(&mut html, &evals);
+    if let Some(change) = mcq_change(run)? {
+        let _ = write!(
+            html,
+            "<p>{}</p>",
+            escape(&crate::cmd::demo::change_line(&change))
+        );
+    }
     for label in ["sft", "final"] {
         let recipe = run.join("eval").join(label).join("results.md");
         if let Ok(text) = std::fs::read_to_string(&recipe) {
@@ -648,6 +682,48 @@ mod tests {
         assert!(
             html.contains("data:image/png;base64,"),
             "charts are inlined"
+        );
+    }
+
+    #[test]
+    fn report_counts_the_mcq_answers_the_final_model_changed() {
+        let run = tempfile::tempdir().unwrap();
+        let bench = run.path().join("world/bench");
+        let q = |id: &str, answer: &str| {
+            format!(
+                r#"{{"question_id":"{id}","question":"Which? A. x B. y","options":["x","y"],"answer":"{answer}","category":"c"}}"#
+            )
+        };
+        write(
+            &bench.join("mcq/questions.jsonl"),
+            &[q("a", "A"), q("b", "B"), q("c", "A")].join("\n"),
+        );
+        let p = |id: &str, out: &str| format!(r#"{{"question_id":"{id}","output":"{out}"}}"#);
+        write(
+            &run.path().join("eval/sft/predictions/mcq.jsonl"),
+            &[p("a", "B"), p("b", "A"), p("c", "A")].join("\n"),
+        );
+        write(
+            &run.path().join("eval/final/predictions/mcq.jsonl"),
+            &[p("a", "A"), p("b", "B"), p("c", "A")].join("\n"),
+        );
+        write(
+            &run.path().join("eval/sft/metrics.json"),
+            r#"{"mcq":{"overall":{"accuracy":33.3}}}"#,
+        );
+        let metrics = serde_json::json!({
+            "bench_dir": bench.display().to_string(),
+            "mcq": {"rule": "mm-star", "seed": 0, "overall": {"accuracy": 100.0}},
+        });
+        write(
+            &run.path().join("eval/final/metrics.json"),
+            &metrics.to_string(),
+        );
+        let html = std::fs::read_to_string(write_report(run.path()).unwrap().html).unwrap();
+        // Two answers turned right, none wrong: P(X ≥ 2 | n = 2) = 1/4.
+        assert!(
+            html.contains("2 wrong → right, 0 right → wrong (one-sided sign test p = 0.250)"),
+            "{html}"
         );
     }
 

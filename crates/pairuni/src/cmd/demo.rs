@@ -7,6 +7,7 @@ use anyhow::Context;
 
 use crate::config::PairuniConfig;
 use crate::pipeline::{self, Headline, Layout};
+use pairuni_eval::paired::PairedChange;
 
 /// Arguments of `pairuni demo`.
 #[derive(clap::Args, Debug)]
@@ -68,6 +69,16 @@ pub fn table(sft: &Headline, last: &Headline) -> String {
     .join("\n")
 }
 
+/// One line on which toy-MCQ answers PairGRPO changed, with the sign test's p-value.
+pub fn change_line(c: &PairedChange) -> String {
+    format!(
+        "toy-MCQ answers changed by PairGRPO: {} wrong → right, {} right → wrong (one-sided sign test p = {:.3})",
+        c.improved,
+        c.regressed,
+        c.sign_test_p()
+    )
+}
+
 /// Runs `pairuni demo`.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let mut cfg = load_config(args.config.as_ref(), args.quick)?;
@@ -82,6 +93,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let summary = pipeline::run_all(&cfg, &layout, &device, true)
         .with_context(|| format!("demo in {}", args.out.display()))?;
     println!("{}", table(&summary.sft, &summary.last));
+    if let Some(c) = &summary.mcq_change {
+        println!("{}", change_line(c));
+    }
     println!("report: {}", args.out.join("report.html").display());
     Ok(ExitCode::SUCCESS)
 }
