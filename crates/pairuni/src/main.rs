@@ -100,8 +100,40 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", error_chain(&err));
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// The error and its causes joined by ": ", leaving out a cause whose text the message before it already
+/// ends with (the library errors name their file and quote their I/O cause in one line).
+fn error_chain(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if out.ends_with(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_chain;
+
+    #[test]
+    fn error_chain_keeps_context_and_drops_a_cause_already_quoted() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file");
+        let data = pairuni_data::DataError::io("/x.jsonl", io);
+        let err = anyhow::Error::new(data).context("reading pairs");
+        assert_eq!(error_chain(&err), "reading pairs: /x.jsonl: No such file");
+        let plain = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(error_chain(&plain), "outer: inner");
     }
 }
