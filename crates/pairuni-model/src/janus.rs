@@ -21,8 +21,8 @@ use crate::janus_config::{ImageTokenizerKind, JanusConfig};
 use crate::layers::{log_softmax_last, Act, InitKind, Linear, ParamMode, Params};
 use crate::llama::{last_position, KvCache, Llama};
 use crate::sampling::{
-    argmax, device_cfg_draw, log_softmax_t, sample_index, CfgLogprobPolicy, GumbelNoise,
-    ImageRollout, ImageSamplerSite, ImageSampling, ParamSelection, TextRollout, TextSampling,
+    argmax, device_cfg_draw, log_prob_t, sample_index, CfgLogprobPolicy, GumbelNoise, ImageRollout,
+    ImageSamplerSite, ImageSampling, ParamSelection, TextRollout, TextSampling,
 };
 use crate::tokenizer::TextTokenizer;
 use crate::vision::{AlignerMlp, VisionModel};
@@ -799,7 +799,7 @@ impl Janus {
                 } else {
                     sample_index(&logits[r], s.temperature, s.top_p, rng)
                 };
-                lps[r].push(log_softmax_t(&logits[r], t_lp)[tok]);
+                lps[r].push(log_prob_t(&logits[r], t_lp, tok));
                 answers[r].push(tok as u32);
                 next[r] = tok as u32;
                 if tok as u32 == eos {
@@ -993,7 +993,7 @@ impl Janus {
                 let (lc, lu) = (&logits[r], &logits[p + r]);
                 let mixed: Vec<f32> = lc.iter().zip(lu).map(|(&c, &u)| u + w * (c - u)).collect();
                 let code = sample_index(&mixed, s.temperature, s.top_p, rng);
-                lps[r].push(log_softmax_t(lc, lp_t)[code]);
+                lps[r].push(log_prob_t(lc, lp_t, code));
                 codes[r].push(code as u32);
                 step_codes.push(code as u32);
             }

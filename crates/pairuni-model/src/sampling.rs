@@ -129,16 +129,29 @@ pub struct ImageRollout {
 
 /// log-softmax of `logits / t` in f64 for numerical headroom, returned as f32.
 pub(crate) fn log_softmax_t(logits: &[f32], t: f64) -> Vec<f32> {
+    let (max, lse) = max_and_logsumexp_t(logits, t);
+    logits
+        .iter()
+        .map(|&l| ((l as f64 - max) / t - lse) as f32)
+        .collect()
+}
+
+/// log-softmax(logits / t)[index] alone, with exactly `log_softmax_t`'s arithmetic (so the same bits) but
+/// without building the whole vector: the CFG decode loop needs one entry per row and step.
+pub(crate) fn log_prob_t(logits: &[f32], t: f64, index: usize) -> f32 {
+    let (max, lse) = max_and_logsumexp_t(logits, t);
+    ((logits[index] as f64 - max) / t - lse) as f32
+}
+
+/// The largest logit and log Σ exp((l − max) / t), in f64.
+fn max_and_logsumexp_t(logits: &[f32], t: f64) -> (f64, f64) {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     let lse = logits
         .iter()
         .map(|&l| ((l as f64 - max) / t).exp())
         .sum::<f64>()
         .ln();
-    logits
-        .iter()
-        .map(|&l| ((l as f64 - max) / t - lse) as f32)
-        .collect()
+    (max, lse)
 }
 
 /// Index of the largest value (first on ties).
@@ -273,6 +286,23 @@ mod tests {
         // Lower temperature sharpens: the top token gains probability.
         assert!(b[2] > a[2]);
         assert!((b[2] - log_softmax_t(&[2.0, 4.0, 6.0], 1.0)[2]).abs() < 1e-6);
+    }
+
+    #[test]
+    fn one_log_prob_has_the_same_bits_as_the_whole_vector_entry() {
+        let l: Vec<f32> = (0..97)
+            .map(|i| ((i * 37) % 23) as f32 * 0.37 - 3.1)
+            .collect();
+        for t in [0.7, 1.0, 1.3] {
+            let all = log_softmax_t(&l, t);
+            for (i, want) in all.iter().enumerate() {
+                assert_eq!(
+                    log_prob_t(&l, t, i).to_bits(),
+                    want.to_bits(),
+                    "t {t} index {i}"
+                );
+            }
+        }
     }
 
     #[test]

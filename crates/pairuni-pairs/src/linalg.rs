@@ -14,32 +14,9 @@ pub fn matmul_abt(a: &[f32], m: usize, b: &[f32], n: usize, k: usize, out: &mut 
         out.fill(0.0);
         return;
     }
-    let par = gemm_parallelism();
     // SAFETY: the asserts above guarantee every strided access stays inside the three slices: lhs is m×k with
     // row stride k, rhs is read as the k×n transpose of b (row stride 1, column stride k), dst is m×n row-major.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.as_ptr(),
-            1,
-            k as isize,
-            b.as_ptr(),
-            k as isize,
-            1,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        );
-    }
+    unsafe { gemm_into(out, (m, n, k), (a, 1, k as isize), (b, k as isize, 1)) }
 }
 
 /// The `gemm` parallelism for rayon's current pool (serial when it has one thread).
@@ -62,33 +39,51 @@ pub fn gram(x: &[f32], s: usize, dim: usize, out: &mut [f32]) {
         out.fill(0.0);
         return;
     }
-    let par = gemm_parallelism();
     // SAFETY: the asserts above keep every strided access inside the slices: lhs is xᵀ (dim × s; element (i, t)
     // at t·dim + i, so column stride dim, row stride 1), rhs is x (s × dim; element (t, j) at t·dim + j, column
     // stride 1, row stride dim), dst is dim × dim row-major.
     unsafe {
-        gemm::gemm(
-            dim,
-            dim,
-            s,
-            out.as_mut_ptr(),
-            1,
-            dim as isize,
-            false,
-            x.as_ptr(),
-            dim as isize,
-            1,
-            x.as_ptr(),
-            1,
-            dim as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        );
+        gemm_into(
+            out,
+            (dim, dim, s),
+            (x, dim as isize, 1),
+            (x, 1, dim as isize),
+        )
     }
+}
+
+/// `out = lhs · rhs` (m × n, row-major) where each operand is given as (data, column stride, row stride).
+///
+/// # Safety
+/// Every element the strides address for an m × k lhs and a k × n rhs must lie inside its slice, and `out`
+/// must hold m × n values.
+unsafe fn gemm_into(
+    out: &mut [f32],
+    (m, n, k): (usize, usize, usize),
+    (lhs, lhs_cs, lhs_rs): (&[f32], isize, isize),
+    (rhs, rhs_cs, rhs_rs): (&[f32], isize, isize),
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        out.as_mut_ptr(),
+        1,
+        n as isize,
+        false,
+        lhs.as_ptr(),
+        lhs_cs,
+        lhs_rs,
+        rhs.as_ptr(),
+        rhs_cs,
+        rhs_rs,
+        0.0,
+        1.0,
+        false,
+        false,
+        false,
+        gemm_parallelism(),
+    );
 }
 
 /// Scales every row of the row-major `data` (rows of length `dim`) to unit L2 norm; zero rows stay zero.

@@ -282,7 +282,9 @@ fn mcq_change(run: &Path) -> Result<Option<pairuni_eval::paired::PairedChange>> 
     }
     let rule: pairuni_eval::mcq::ChoiceRule = serde_json::from_value(mcq["rule"].clone())
         .with_context(|| format!("{}: mcq.rule", metrics_path.display()))?;
-    let seed = mcq["seed"].as_u64().unwrap_or_default();
+    let seed = mcq["seed"]
+        .as_u64()
+        .with_context(|| format!("{}: mcq.seed is not a seed", metrics_path.display()))?;
     crate::pipeline::compare_mcq_files(
         &Path::new(bench).join("mcq/questions.jsonl"),
         &before,
