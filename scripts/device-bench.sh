@@ -77,16 +77,20 @@ if [[ -n "$bin" ]]; then
     rc=$?
     echo "rc=$rc $(cat "$OUT/candle_step.json")"
     (( rc != 0 )) && tail -n 20 "$OUT/candle_step.log"
-    # A bf16 failure that is not a timeout (an op without a bf16 CUDA kernel, say): one f32 run, so that the call
-    # still brings back a candle number. Same files (at most 8 come back); the JSON's dtype says which ran.
-    t=$(( $(left) - 10 ))
-    if (( rc != 0 && rc != 124 && rc != 137 && t > 90 )); then
-        echo "== (c') candle step in f32 after the bf16 failure (limit ${t} s)"
-        echo "==== retry in f32" >>"$OUT/candle_step.log"
-        timeout "$t" "$bin" --log info bench gpu-step --device "$dev" --shapes "$shapes" --dtype f32 --no-warmup --json \
+    # A failure that is not a timeout (a fused kernel or an op without a bf16 CUDA kernel, say): retry without the
+    # fused sampling kernels, then also in f32, so that the call still brings back a candle number. Same files (at
+    # most 8 come back); the JSON's dtype and fused_sampling say which ran.
+    for retry in "--fused-sampling off" "--fused-sampling off --dtype f32"; do
+        t=$(( $(left) - 10 ))
+        (( rc != 0 && rc != 124 && rc != 137 && t > 90 )) || break
+        echo "== (c') candle step again with $retry (limit ${t} s)"
+        echo "==== retry with $retry" >>"$OUT/candle_step.log"
+        # shellcheck disable=SC2086 # $retry is a list of flags
+        timeout "$t" "$bin" --log info bench gpu-step --device "$dev" --shapes "$shapes" $retry --no-warmup --json \
             >"$OUT/candle_step.json" 2>>"$OUT/candle_step.log"
-        echo "rc=$? $(cat "$OUT/candle_step.json")"
-    fi
+        rc=$?
+        echo "rc=$rc $(cat "$OUT/candle_step.json")"
+    done
 fi
 
 python3 - "$OUT" <<'EOF' | tee "$OUT/summary.txt"
@@ -123,7 +127,8 @@ for k in keys:
 for name, d in (("pytorch", pt), ("candle", cd)):
     if d:
         extra = {k: d.get(k) for k in ("dtype", "image_tokens", "answer_tokens", "grad_norm", "params_with_grad",
-                                       "init_ms", "peak_mem_gib", "image_sampler", "image_step_probe") if k in d}
+                                       "init_ms", "peak_mem_gib", "image_sampler", "fused_sampling",
+                                       "image_step_probe") if k in d}
         print(name, json.dumps(extra))
     else:
         print(name, "did not finish: see its log")

@@ -184,6 +184,14 @@ impl Module for RmsNorm {
     }
 }
 
+impl RmsNorm {
+    /// The same norm through candle's fused kernel (one launch, f32 accumulation, one rounding; no backward):
+    /// for sampling, where nothing is differentiated.
+    pub fn forward_fused(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps as f32)
+    }
+}
+
 /// LayerNorm with affine weight and bias, statistics in f32.
 #[derive(Debug, Clone)]
 pub(crate) struct LayerNorm {
@@ -333,6 +341,49 @@ impl Rotary {
             .to_dtype(dtype)?;
         Ok((cos, sin))
     }
+}
+
+/// Rotary tables for candle's fused rotary kernel: cos/sin [B, T, half] for keys, and for queries the same
+/// tables times the attention scale 1/√head_dim, which saves the decoder one launch per layer.
+#[derive(Debug, Clone)]
+pub(crate) struct FusedRotaryTables {
+    pub cos_k: Tensor,
+    pub sin_k: Tensor,
+    pub cos_q: Tensor,
+    pub sin_q: Tensor,
+}
+
+impl Rotary {
+    /// Tables of `fused` kind for positions `pos` [B, T] whose largest value is `max`, in `dtype`; queries get
+    /// `q_scale` folded in (computed in f32, rounded to `dtype` once).
+    pub fn fused_tables(
+        &self,
+        pos: &Tensor,
+        max: usize,
+        dtype: DType,
+        q_scale: f64,
+    ) -> Result<FusedRotaryTables> {
+        let (b, t) = pos.dims2()?;
+        let (cos, sin) = self.tables_checked(pos, max, DType::F32)?;
+        let half = cos.dim(D::Minus1)?;
+        let cos = cos.reshape((b, t, half))?;
+        let sin = sin.reshape((b, t, half))?;
+        Ok(FusedRotaryTables {
+            cos_q: cos.affine(q_scale, 0.0)?.to_dtype(dtype)?,
+            sin_q: sin.affine(q_scale, 0.0)?.to_dtype(dtype)?,
+            cos_k: cos.to_dtype(dtype)?,
+            sin_k: sin.to_dtype(dtype)?,
+        })
+    }
+}
+
+/// [`apply_rope`] through candle's fused kernel (no backward): x [B, H, T, D] contiguous, cos/sin [B, T, D/2].
+pub(crate) fn apply_rope_fused(
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> candle_core::Result<Tensor> {
+    candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)
 }
 
 /// Non-interleaved (rotate-half) rotary embedding of x [B, H, T, D] with cos/sin [B, 1, T, D/2].

@@ -18,7 +18,13 @@ use candle_core::{DType, Module, Tensor};
 
 use crate::error::{ModelError, Result};
 use crate::janus_config::TextConfig;
-use crate::layers::{apply_rope, softmax_last, InitKind, Linear, Params, RmsNorm, Rotary};
+use crate::layers::{
+    apply_rope, apply_rope_fused, softmax_last, FusedRotaryTables, InitKind, Linear, Params,
+    RmsNorm, Rotary,
+};
+
+/// The additive mask value of a key that must not be attended to.
+const MASKED: f32 = -1e30;
 
 /// Keys and values of every layer for the tokens seen so far, plus which of them are real (not padding).
 #[derive(Debug, Clone)]
@@ -32,6 +38,9 @@ pub struct KvCache {
     next_pos: Vec<u32>,
     /// `Some` for a preallocated cache.
     prealloc: Option<Prealloc>,
+    /// A preallocated cache's additive key mask [B, 1, 1, capacity] (f32, 0 or `MASKED`; 0 past the written
+    /// positions), kept on the device next to the keys so that a decode step uploads no mask.
+    key_bias: Option<Tensor>,
 }
 
 /// Bookkeeping of a preallocated cache.
@@ -69,6 +78,7 @@ impl KvCache {
                 .into_iter()
                 .map(|(k, v)| (k.detach(), v.detach()))
                 .collect(),
+            key_bias: self.key_bias.map(|b| b.detach()),
             ..self
         }
     }
@@ -159,6 +169,77 @@ fn append_prealloc(
     Ok(((kb, vb), (kview, vview)))
 }
 
+/// The key mask buffer [B, 1, 1, capacity] of a preallocated cache once the newest positions (`new_valid`, one
+/// row per batch row) follow `past` cached ones; `key_valid` covers all of them. Positions nobody has written
+/// yet hold 0, so an all-real step (every image code, most text tokens) writes nothing and uploads nothing.
+fn key_bias_buffer(
+    old: Option<&Tensor>,
+    placement: Placement,
+    capacity: usize,
+    past: usize,
+    new_valid: &[Vec<bool>],
+    key_valid: &[Vec<bool>],
+    dev: &candle_core::Device,
+) -> candle_core::Result<Tensor> {
+    let b = key_valid.len();
+    let buf = match (placement, old) {
+        (Placement::InPlace, Some(o)) => o.clone(),
+        (Placement::Copy, Some(o)) => {
+            let tail = Tensor::zeros((b, 1, 1, capacity - past), DType::F32, dev)?;
+            Tensor::cat(&[&o.narrow(3, 0, past)?, &tail], 3)?
+        }
+        _ => {
+            let mut bias = vec![0f32; b * capacity];
+            for (row, kv) in bias.chunks_mut(capacity).zip(key_valid) {
+                for (slot, &ok) in row.iter_mut().zip(kv) {
+                    if !ok {
+                        *slot = MASKED;
+                    }
+                }
+            }
+            return Tensor::from_vec(bias, (b, 1, 1, capacity), dev);
+        }
+    };
+    if new_valid.iter().flatten().any(|&ok| !ok) {
+        let t = new_valid.first().map_or(0, Vec::len);
+        let vals: Vec<f32> = new_valid
+            .iter()
+            .flatten()
+            .map(|&ok| if ok { 0.0 } else { MASKED })
+            .collect();
+        buf.slice_set(&Tensor::from_vec(vals, (b, 1, 1, t), dev)?, 3, past)?;
+    }
+    Ok(buf)
+}
+
+/// The additive attention mask [B, 1, T, T_all] built on the host: causal, and blind to padded keys.
+fn host_mask(
+    key_valid: &[Vec<bool>],
+    past: usize,
+    t: usize,
+    dev: &candle_core::Device,
+) -> candle_core::Result<Tensor> {
+    let total = past + t;
+    let mut mask = Vec::with_capacity(key_valid.len() * t * total);
+    for kv in key_valid {
+        for i in 0..t {
+            let qi = past + i;
+            for (j, &ok) in kv.iter().enumerate() {
+                mask.push(if ok && j <= qi { 0f32 } else { MASKED });
+            }
+        }
+    }
+    Tensor::from_vec(mask, (key_valid.len(), 1, t, total), dev)
+}
+
+/// Rotary tables for one forward, in the form the chosen kernels take.
+enum RopeTables {
+    /// cos/sin [B, 1, T, half] for the differentiable composition of basic ops.
+    Composed { cos: Tensor, sin: Tensor },
+    /// Tables for candle's fused kernel, the attention scale folded into the queries'.
+    Fused(FusedRotaryTables),
+}
+
 struct Attention {
     q: Linear,
     k: Linear,
@@ -189,6 +270,11 @@ pub struct Llama {
     norm: RmsNorm,
     rotary: Rotary,
     cfg: TextConfig,
+    /// Whether forwards through a preallocated cache (sampling) use candle's fused RMSNorm, rotary and softmax
+    /// kernels instead of the differentiable compositions: about 23 launches per layer and decode step instead
+    /// of 58 (docs/GPU.md). On by default on accelerators; off on the CPU, where the compositions are what every
+    /// recorded toy-world result was sampled with.
+    fused_sampling: bool,
 }
 
 impl Llama {
@@ -232,7 +318,18 @@ impl Llama {
             norm,
             rotary,
             cfg: cfg.clone(),
+            fused_sampling: !p.device.is_cpu(),
         })
+    }
+
+    /// Whether sampling forwards use the fused kernels.
+    pub fn fused_sampling(&self) -> bool {
+        self.fused_sampling
+    }
+
+    /// Chooses the kernels of sampling forwards (see the field); training forwards always compose basic ops.
+    pub fn set_fused_sampling(&mut self, on: bool) {
+        self.fused_sampling = on;
     }
 
     /// Token embeddings of `ids` [B, T] (u32) → [B, T, H].
@@ -249,6 +346,7 @@ impl Llama {
             key_valid: vec![Vec::new(); batch],
             next_pos: vec![0; batch],
             prealloc: None,
+            key_bias: None,
         }
     }
 
@@ -293,7 +391,16 @@ impl Llama {
         }
         let max_pos = pos.iter().copied().max().unwrap_or(0) as usize;
         let pos = Tensor::from_vec(pos, (b, t), dev)?;
-        let (cos, sin) = self.rotary.tables_checked(&pos, max_pos, x.dtype())?;
+        let plan = cache.plan_append(t);
+        // Only sampling goes through a preallocated cache, and nothing there is differentiated.
+        let fused = plan.is_some() && self.fused_sampling;
+        let rope = if fused {
+            let scale = 1.0 / (self.cfg.head_dim() as f64).sqrt();
+            RopeTables::Fused(self.rotary.fused_tables(&pos, max_pos, x.dtype(), scale)?)
+        } else {
+            let (cos, sin) = self.rotary.tables_checked(&pos, max_pos, x.dtype())?;
+            RopeTables::Composed { cos, sin }
+        };
 
         let past = cache.len();
         let total = past + t;
@@ -301,18 +408,28 @@ impl Llama {
         for (kv, row) in key_valid.iter_mut().zip(valid) {
             kv.extend_from_slice(row);
         }
-        let mut mask = Vec::with_capacity(b * t * total);
-        for kv in &key_valid {
-            for i in 0..t {
-                let qi = past + i;
-                for (j, &ok) in kv.iter().enumerate() {
-                    mask.push(if ok && j <= qi { 0f32 } else { -1e30 });
-                }
+        // A one-token step attends to every real key, so the cache's own key mask serves as it is; longer
+        // extensions also need the causal part, built on the host.
+        let (mask, key_bias) = match &plan {
+            Some((placement, pre)) => {
+                let bias = key_bias_buffer(
+                    cache.key_bias.as_ref(),
+                    *placement,
+                    pre.capacity,
+                    past,
+                    valid,
+                    &key_valid,
+                    dev,
+                )?;
+                let mask = if t == 1 {
+                    bias.narrow(3, 0, total)?
+                } else {
+                    host_mask(&key_valid, past, t, dev)?
+                };
+                (mask, Some(bias))
             }
-        }
-        let mask = Tensor::from_vec(mask, (b, 1, t, total), dev)?;
-
-        let plan = cache.plan_append(t);
+            None => (host_mask(&key_valid, past, t, dev)?, None),
+        };
         // Keys and values are made contiguous before the matmuls, as they always were, on the CPU (sampling stays
         // bit for bit what it was: the CPU gemm's summation order depends on the operands' layout) and for a
         // growing cache (the differentiable path keeps its layout). On an accelerator, attention reads the
@@ -322,8 +439,12 @@ impl Llama {
         let mut new_layers = Vec::with_capacity(self.layers.len());
         for (li, layer) in self.layers.iter().enumerate() {
             let past_kv = cache.layers.get(li);
-            let normed = layer.input_norm.forward(&h)?;
-            let (q, k, v) = layer.attn.project(&normed, &cos, &sin)?;
+            let normed = if fused {
+                layer.input_norm.forward_fused(&h)?
+            } else {
+                layer.input_norm.forward(&h)?
+            };
+            let (q, k, v) = layer.attn.project(&normed, &rope)?;
             let (stored, (ks, vs)) = match &plan {
                 Some((placement, pre)) => {
                     append_prealloc(past_kv, (&k, &v), past, *placement, pre.capacity)?
@@ -336,15 +457,23 @@ impl Llama {
                     ((k.clone(), v.clone()), (k, v))
                 }
             };
-            let attn_out = layer.attn.attend(&q, &ks, &vs, &mask, copy_kv)?;
+            let attn_out = layer.attn.attend(&q, &ks, &vs, &mask, copy_kv, fused)?;
             h = (h + attn_out)?;
-            let normed = layer.post_norm.forward(&h)?;
+            let normed = if fused {
+                layer.post_norm.forward_fused(&h)?
+            } else {
+                layer.post_norm.forward(&h)?
+            };
             let m = &layer.mlp;
             let act = (m.gate.forward(&normed)?.silu()? * m.up.forward(&normed)?)?;
             h = (h + m.down.forward(&act)?)?;
             new_layers.push(stored);
         }
-        let h = self.norm.forward(&h)?;
+        let h = if fused {
+            self.norm.forward_fused(&h)?
+        } else {
+            self.norm.forward(&h)?
+        };
         Ok((
             h,
             KvCache {
@@ -352,18 +481,19 @@ impl Llama {
                 key_valid,
                 next_pos,
                 prealloc: plan.map(|(_, pre)| pre),
+                key_bias,
             },
         ))
     }
 }
 
 impl Attention {
-    /// Queries, keys and values [B, heads, T, D] of `x` [B, T, H], with rotary positions applied.
+    /// Queries, keys and values [B, heads, T, D] of `x` [B, T, H], with rotary positions applied (and, with the
+    /// fused tables, the queries scaled by 1/√D).
     fn project(
         &self,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        rope: &RopeTables,
     ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let (b, t, _) = x.dims3()?;
         let split = |y: Tensor, heads: usize| -> candle_core::Result<Tensor> {
@@ -374,12 +504,22 @@ impl Attention {
         let q = split(self.q.forward(x)?, self.heads)?;
         let k = split(self.k.forward(x)?, self.kv_heads)?;
         let v = split(self.v.forward(x)?, self.kv_heads)?;
-        Ok((apply_rope(&q, cos, sin)?, apply_rope(&k, cos, sin)?, v))
+        match rope {
+            RopeTables::Composed { cos, sin } => {
+                Ok((apply_rope(&q, cos, sin)?, apply_rope(&k, cos, sin)?, v))
+            }
+            RopeTables::Fused(tb) => Ok((
+                apply_rope_fused(&q, &tb.cos_q, &tb.sin_q)?,
+                apply_rope_fused(&k, &tb.cos_k, &tb.sin_k)?,
+                v,
+            )),
+        }
     }
 
     /// Attention of `q` [B, heads, T, D] over all keys/values `k`, `v` [B, kv_heads, T_all, D] (possibly views into
     /// a larger buffer) under the additive `mask` [B, 1, T, T_all], through the output projection → [B, T, H].
-    /// `copy_kv` makes the keys and values contiguous first (the CPU path's historical layout).
+    /// `copy_kv` makes the keys and values contiguous first (the CPU path's historical layout). `fused` takes
+    /// queries already scaled and runs candle's softmax kernel (f32, no backward).
     fn attend(
         &self,
         q: &Tensor,
@@ -387,6 +527,7 @@ impl Attention {
         v: &Tensor,
         mask: &Tensor,
         copy_kv: bool,
+        fused: bool,
     ) -> Result<Tensor> {
         let (b, _, t, _) = q.dims4()?;
         let rep = self.heads / self.kv_heads;
@@ -405,9 +546,14 @@ impl Attention {
         } else {
             (ke.t()?, ve)
         };
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = (q.matmul(&kt)? * scale)?.to_dtype(DType::F32)?;
-        let probs = softmax_last(&scores.broadcast_add(mask)?)?.to_dtype(q.dtype())?;
+        let probs = if fused {
+            let scores = q.matmul(&kt)?.to_dtype(DType::F32)?.broadcast_add(mask)?;
+            candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(q.dtype())?
+        } else {
+            let scale = 1.0 / (self.head_dim as f64).sqrt();
+            let scores = (q.matmul(&kt)? * scale)?.to_dtype(DType::F32)?;
+            softmax_last(&scores.broadcast_add(mask)?)?.to_dtype(q.dtype())?
+        };
         let out = probs.matmul(&ve)?;
         let out = out
             .transpose(1, 2)?

@@ -1,10 +1,18 @@
 //! The preallocated KV cache: incremental decoding through it equals the full forward, also when the announced
 //! capacity is exceeded and when one cache value is extended twice (a fork), and it matches the growing cache.
+//! Each of these also holds with the fused sampling kernels (the accelerators' default), run here on the CPU.
 
 mod common;
 
 use common::{rel_err, toy};
-use pairuni_model::{Janus, KvCache, Tensor};
+use pairuni_model::{DType, Device, Janus, JanusConfig, KvCache, Tensor};
+
+/// The toy model with the sampling kernels chosen.
+fn toy_with(seed: u64, fused: bool) -> Janus {
+    let mut m = toy(seed);
+    m.set_fused_sampling(fused);
+    m
+}
 
 fn rows() -> Vec<Vec<u32>> {
     vec![
@@ -44,18 +52,36 @@ fn check_stepwise(
 
 #[test]
 fn decoding_through_a_preallocated_cache_equals_the_full_forward() {
+    for fused in [false, true] {
+        let m = toy_with(1, fused);
+        assert_eq!(m.fused_sampling(), fused);
+        let emb = m.token_embeddings(&rows()).unwrap();
+        let (full, _) = m
+            .decoder_step(&emb, &vec![vec![true; 10]; 2], &m.empty_cache(2))
+            .unwrap();
+        let cache = check_stepwise(&m, &emb, &full, 3, m.empty_cache_with_capacity(2, 10));
+        assert_eq!((cache.len(), cache.capacity()), (10, Some(10)));
+    }
+}
+
+#[test]
+fn the_cpu_samples_with_the_composed_kernels_by_default() {
     let m = toy(1);
-    let emb = m.token_embeddings(&rows()).unwrap();
-    let (full, _) = m
-        .decoder_step(&emb, &vec![vec![true; 10]; 2], &m.empty_cache(2))
-        .unwrap();
-    let cache = check_stepwise(&m, &emb, &full, 3, m.empty_cache_with_capacity(2, 10));
-    assert_eq!((cache.len(), cache.capacity()), (10, Some(10)));
+    assert!(!m.fused_sampling());
+    let mut m = m;
+    m.set_fused_sampling(true);
+    assert!(m.clone_frozen().unwrap().fused_sampling());
 }
 
 #[test]
 fn exceeding_the_capacity_reallocates_and_stays_exact() {
-    let m = toy(1);
+    for fused in [false, true] {
+        exceeding_the_capacity(fused);
+    }
+}
+
+fn exceeding_the_capacity(fused: bool) {
+    let m = toy_with(1, fused);
     let emb = m.token_embeddings(&rows()).unwrap();
     let (full, _) = m
         .decoder_step(&emb, &vec![vec![true; 10]; 2], &m.empty_cache(2))
@@ -71,9 +97,15 @@ fn exceeding_the_capacity_reallocates_and_stays_exact() {
 
 #[test]
 fn extending_one_cache_value_twice_keeps_both_branches_exact() {
+    for fused in [false, true] {
+        forked_branches(fused);
+    }
+}
+
+fn forked_branches(fused: bool) {
     // A cache is a value: extending the same prefix with two different tokens must not let the second write
     // clobber the first branch's keys in the shared buffers.
-    let m = toy(2);
+    let m = toy_with(2, fused);
     let a = vec![
         vec![1u32, 9, 10, 11, 30, 31],
         vec![1u32, 20, 21, 22, 32, 33],
@@ -114,31 +146,84 @@ fn extending_one_cache_value_twice_keeps_both_branches_exact() {
     assert!(rel_err(&hb, &fb.narrow(1, 5, 1).unwrap()) < 1e-5);
 }
 
-#[test]
-fn preallocated_and_growing_caches_agree_bit_for_bit_with_padding() {
-    let m = toy(3);
+/// Hidden states of a left-padded prefill then three decode steps, in which row 1 stops being real after the
+/// first (as a finished answer feeds padding), through `cache`.
+fn padded_run(m: &Janus, mut cache: KvCache) -> Vec<f32> {
     let padded = vec![vec![1u32, 9, 10, 11, 12], vec![0u32, 0, 1, 20, 21]];
     let valid = vec![vec![true; 5], vec![false, false, true, true, true]];
     let emb = m.token_embeddings(&padded).unwrap();
-    let run = |mut cache: KvCache| {
-        let (h, c) = m.decoder_step(&emb, &valid, &cache).unwrap();
-        cache = c;
-        let mut out = vec![h];
-        for tok in [13u32, 14, 15] {
-            let e = m.token_embeddings(&[vec![tok], vec![tok + 10]]).unwrap();
-            let (h, c) = m.decoder_step(&e, &vec![vec![true]; 2], &cache).unwrap();
-            cache = c.detach();
-            out.push(h);
-        }
-        Tensor::cat(&out, 1)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-    };
+    let (h, c) = m.decoder_step(&emb, &valid, &cache).unwrap();
+    cache = c;
+    let mut out = vec![h];
+    for (i, tok) in [13u32, 14, 15].into_iter().enumerate() {
+        let e = m.token_embeddings(&[vec![tok], vec![tok + 10]]).unwrap();
+        let (h, c) = m
+            .decoder_step(&e, &[vec![true], vec![i == 0]], &cache)
+            .unwrap();
+        cache = c.detach();
+        out.push(h);
+    }
+    Tensor::cat(&out, 1)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn preallocated_and_growing_caches_agree_bit_for_bit_with_padding() {
+    let m = toy(3);
     assert_eq!(
-        run(m.empty_cache(2)),
-        run(m.empty_cache_with_capacity(2, 8))
+        padded_run(&m, m.empty_cache(2)),
+        padded_run(&m, m.empty_cache_with_capacity(2, 8))
     );
+}
+
+#[test]
+fn fused_sampling_kernels_match_the_composed_ones_with_padding() {
+    let composed = toy_with(3, false);
+    let fused = toy_with(3, true);
+    let reference = padded_run(&composed, composed.empty_cache(2));
+    // Capacity 6 < 8 positions: the key mask buffer is copied into a bigger one mid-run too.
+    for capacity in [8, 6] {
+        let got = padded_run(&fused, fused.empty_cache_with_capacity(2, capacity));
+        let scale = reference.iter().fold(0f32, |a, x| a.max(x.abs()));
+        let err = got
+            .iter()
+            .zip(&reference)
+            .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+        assert!(scale > 0.1, "degenerate hidden states");
+        assert!(
+            err / scale < 1e-5,
+            "capacity {capacity}: rel err {}",
+            err / scale
+        );
+    }
+    // A growing cache is for teacher forcing: it never takes the fused kernels.
+    assert_eq!(padded_run(&fused, fused.empty_cache(2)), reference);
+}
+
+#[test]
+fn fused_sampling_kernels_stay_within_bf16_tolerance() {
+    // bf16 is what an accelerator samples in; the CPU runs the same kernels (candle's CPU versions).
+    let mut cfg = JanusConfig::toy(64, 32);
+    cfg.text_config.num_hidden_layers = 3;
+    let run = |fused: bool| {
+        let mut m = Janus::new_random(&cfg, None, None, 5, &Device::Cpu, DType::BF16).unwrap();
+        m.set_fused_sampling(fused);
+        padded_run(&m, m.empty_cache_with_capacity(2, 8))
+    };
+    let f32_model = Janus::new_random(&cfg, None, None, 5, &Device::Cpu, DType::F32).unwrap();
+    let reference = padded_run(&f32_model, f32_model.empty_cache(2));
+    let scale = reference.iter().fold(0f32, |a, x| a.max(x.abs()));
+    for fused in [false, true] {
+        let err = run(fused)
+            .iter()
+            .zip(&reference)
+            .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+        assert!(err / scale < 3e-2, "fused {fused}: rel err {}", err / scale);
+    }
 }

@@ -56,6 +56,17 @@ impl SamplerArg {
     }
 }
 
+/// Which kernels sampling forwards use (`auto`: fused on accelerators, composed on the CPU).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FusedArg {
+    /// The library's choice for the device.
+    Auto,
+    /// candle's fused RMSNorm, rotary and softmax kernels.
+    On,
+    /// The differentiable compositions of basic ops that training uses.
+    Off,
+}
+
 /// Model shapes for the step benchmark.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Shapes {
@@ -170,6 +181,9 @@ pub struct BenchGpuStepArgs {
     /// Where the image rollout samples: auto (device unless CPU) | host | device.
     #[arg(long, value_enum, default_value_t = SamplerArg::Auto)]
     pub image_sampler: SamplerArg,
+    /// Kernels of the sampling forwards: auto (fused unless CPU) | on | off. The probe times both either way.
+    #[arg(long, value_enum, default_value_t = FusedArg::Auto)]
+    pub fused_sampling: FusedArg,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -499,7 +513,12 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
     let mut rng = ChaCha8Rng::seed_from_u64(a.seed);
 
     let t0 = Instant::now();
-    let model = build_model(&cfg, a.seed, &dev, dtype)?;
+    let mut model = build_model(&cfg, a.seed, &dev, dtype)?;
+    match a.fused_sampling {
+        FusedArg::Auto => {}
+        FusedArg::On => model.set_fused_sampling(true),
+        FusedArg::Off => model.set_fused_sampling(false),
+    }
     dev.synchronize()?;
     let init_ms = t0.elapsed().as_secs_f64() * 1e3;
     tracing::info!(
@@ -527,7 +546,7 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
     }
 
     let probe = if a.probe_steps > 0 {
-        let p = probe_image_step(&model, &inputs.gen_prompts, a.cfg_weight, a.probe_steps)?;
+        let p = probe_image_step(&mut model, &inputs.gen_prompts, a.cfg_weight, a.probe_steps)?;
         tracing::info!(probe = %p, "image decode step split");
         p
     } else {
@@ -574,6 +593,7 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
         "grad_norm": out.grad_norm,
         "params_with_grad": format!("{}/{}", out.params_with_grad, out.params_trained),
         "image_sampler": a.image_sampler.resolved(&dev),
+        "fused_sampling": model.fused_sampling(),
         "image_step_probe": probe,
     });
     if a.json {
@@ -621,9 +641,10 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
 /// forward and generation head, logits to the host, CFG mix + log-softmax + draw on the host), each part on its
 /// own clock, so that the benchmark says where a decode step's time goes. Starts right after the prompt's
 /// prefill. The cache is preallocated as the library's sampler does; the same forwards through a cache that grows
-/// by concatenation (the old path) are timed too (`forward_grown_cache_ms`).
+/// by concatenation (the old path) are timed too (`forward_grown_cache_ms`). The device-sampled steps run with
+/// the composed and with the fused sampling kernels, each with its count of tensors created per step.
 fn probe_image_step(
-    model: &Janus,
+    model: &mut Janus,
     prompts: &[Vec<u32>],
     cfg_weight: f64,
     steps: usize,
@@ -688,7 +709,33 @@ fn probe_image_step(
         host += (t3 - t2).as_secs_f64();
     }
     let per = |x: f64| (x * 1e3 / steps as f64 * 1000.0).round() / 1000.0;
-    let device_sampled = device_sampled_steps(model, &emb, b, cfg_weight, steps)?;
+    let chosen = model.fused_sampling();
+    let mut device_sampled = 0.0;
+    let mut kernels = serde_json::Map::new();
+    for fused in [false, true] {
+        model.set_fused_sampling(fused);
+        let run = device_sampled_steps(model, &emb, b, cfg_weight, steps)
+            .and_then(|secs| Ok((secs, tensors_per_decode_step(model, &emb, b, cfg_weight)?)));
+        let name = if fused { "fused" } else { "composed" };
+        let entry = match run {
+            Ok((secs, tensors)) => {
+                if fused == chosen {
+                    device_sampled = secs;
+                }
+                json!({ "device_sampling_total_ms": per(secs), "tensors_per_step": tensors })
+            }
+            // The kernel set the step does not use may fail without costing the device call its measurement.
+            Err(e) if fused != chosen => json!({ "error": format!("{e:#}") }),
+            Err(e) => {
+                model.set_fused_sampling(chosen);
+                return Err(e.context(format!(
+                    "device-sampled decode steps with the {name} kernels"
+                )));
+            }
+        };
+        kernels.insert(name.into(), entry);
+    }
+    model.set_fused_sampling(chosen);
     let grown = grown_cache_forwards(model, &emb, b, steps)?;
     Ok(json!({
         "steps": steps,
@@ -699,7 +746,66 @@ fn probe_image_step(
         "host_sampling_ms": per(host),
         "total_ms": per(fwd + down + host),
         "device_sampling_total_ms": per(device_sampled),
+        "fused_sampling": chosen,
+        "sampling_kernels": kernels,
     }))
+}
+
+/// Tensor values candle creates in one device-sampled CFG decode step after a prefill (generation head, draw,
+/// code embedding, decoder), views included: an upper bound on the kernels the step launches.
+fn tensors_per_decode_step(
+    model: &Janus,
+    prompt_emb: &Tensor,
+    b: usize,
+    cfg_weight: f64,
+) -> anyhow::Result<usize> {
+    let t = prompt_emb.dim(1)?;
+    let start = model.empty_cache_with_capacity(2 * b, t + 1);
+    let (h, cache) = model.decoder_step(prompt_emb, &vec![vec![true; t]; 2 * b], &start)?;
+    let (cache, last) = (cache.detach(), h.narrow(1, t - 1, 1)?.squeeze(1)?.detach());
+    let mut noise = pairuni_model::sampling::GumbelNoise::new(model.device(), 0)?;
+    let before = next_tensor_id()?;
+    let step = device_decode_step(model, &last, &cache, |logits| {
+        Ok(pairuni_model::sampling::device_cfg_draw(
+            &logits.narrow(0, 0, b)?,
+            &logits.narrow(0, b, b)?,
+            cfg_weight,
+            1.0,
+            &mut noise,
+        )?
+        .0)
+    })?;
+    let after = next_tensor_id()?;
+    std::hint::black_box(step);
+    // The second probe tensor is counted by the difference too.
+    Ok(after - before - 1)
+}
+
+/// The id candle gives the next tensor (its ids come from one global counter), spending one id to read it.
+fn next_tensor_id() -> anyhow::Result<usize> {
+    let probe = Tensor::zeros((), DType::U8, &Device::Cpu)?;
+    let text = format!("{:?}", probe.id());
+    text.trim_start_matches("TensorId(")
+        .trim_end_matches(')')
+        .parse()
+        .with_context(|| format!("candle's tensor id `{text}` is not `TensorId(<n>)`"))
+}
+
+/// One CFG decode step from the hidden states `last` [2b, H] through `cache`: generation head, `pick` on the
+/// [2b, K] logits (a code per prompt, [b, 1] on the device), the code fed to both rows. Returns the code, the
+/// next hidden states and the extended cache.
+fn device_decode_step(
+    model: &Janus,
+    last: &Tensor,
+    cache: &KvCache,
+    pick: impl FnOnce(&Tensor) -> anyhow::Result<Tensor>,
+) -> anyhow::Result<(Tensor, Tensor, KvCache)> {
+    let code = pick(&model.gen_head(last)?)?.detach();
+    let both = Tensor::cat(&[&code, &code], 0)?;
+    let e = model.code_embeddings(&both)?.to_dtype(model.dtype())?;
+    let valid = vec![vec![true]; both.dim(0)?];
+    let (h, c) = model.decoder_step(&e, &valid, cache)?;
+    Ok((code, h.squeeze(1)?.detach(), c.detach()))
 }
 
 /// `steps` decode forwards (decoder and generation head, code fed back) through a cache that grows by
@@ -736,17 +842,12 @@ fn timed_device_steps(
     let (h, cache) = model.decoder_step(prompt_emb, &vec![vec![true; t]; 2 * b], &start)?;
     let mut cache = cache.detach();
     let mut last = h.narrow(1, t - 1, 1)?.squeeze(1)?.detach();
-    let valid = vec![vec![true]; 2 * b];
     let mut codes = Vec::with_capacity(steps);
     dev.synchronize()?;
     let t0 = Instant::now();
     for _ in 0..steps {
-        let code = pick(&model.gen_head(&last)?)?.detach();
-        let both = Tensor::cat(&[&code, &code], 0)?;
-        let e = model.code_embeddings(&both)?.to_dtype(model.dtype())?;
-        let (h, c) = model.decoder_step(&e, &valid, &cache)?;
-        cache = c.detach();
-        last = h.squeeze(1)?.detach();
+        let code;
+        (code, last, cache) = device_decode_step(model, &last, &cache, &mut pick)?;
         codes.push(code);
     }
     let codes = Tensor::cat(&codes, 1)?;
@@ -878,11 +979,38 @@ fn id_rows(t: &Tensor) -> anyhow::Result<Vec<Vec<u32>>> {
         .collect())
 }
 
-/// Every fixture output of `m`, in the fixture's names.
+/// Generation-head logits [B, L+N, K] of prompts followed by codes, computed the way sampling computes them: the
+/// prompts prefilled into a preallocated cache, then one code per decode step (the fused sampling kernels where
+/// the model uses them). Equal to the one-pass `gen_logits`.
+fn decoded_gen_logits(
+    m: &Janus,
+    prompts: &[Vec<u32>],
+    codes: &[Vec<u32>],
+) -> anyhow::Result<Tensor> {
+    let (b, l) = (prompts.len(), prompts.first().map_or(0, Vec::len));
+    let n = codes.first().map_or(0, Vec::len);
+    let dev = m.device();
+    let emb = m.token_embeddings(prompts)?;
+    let cache = m.empty_cache_with_capacity(b, l + n);
+    let (h, mut cache) = m.decoder_step(&emb, &vec![vec![true; l]; b], &cache)?;
+    let mut hidden = vec![h];
+    for i in 0..n {
+        let step: Vec<u32> = codes.iter().map(|c| c[i]).collect();
+        let e = m
+            .code_embeddings(&Tensor::from_vec(step, (b, 1), dev)?)?
+            .to_dtype(m.dtype())?;
+        let (h, c) = m.decoder_step(&e, &vec![vec![true]; b], &cache)?;
+        cache = c.detach();
+        hidden.push(h);
+    }
+    Ok(m.gen_head(&Tensor::cat(&hidden, 1)?)?)
+}
+
+/// Every fixture output of `m`: (what it is, the fixture's reference tensor, the output).
 fn fixture_outputs(
     m: &Janus,
     f: &std::collections::HashMap<String, Tensor>,
-) -> anyhow::Result<Vec<(&'static str, Tensor)>> {
+) -> anyhow::Result<Vec<(&'static str, &'static str, Tensor)>> {
     let dev = m.device();
     let get = |k: &str| {
         f.get(k)
@@ -898,16 +1026,22 @@ fn fixture_outputs(
     let dcodes = get("vq.decode_codes")?
         .to_dtype(DType::U32)?
         .to_device(dev)?;
+    let same = |name: &'static str, t: Tensor| (name, name, t);
     Ok(vec![
-        ("vision.last_hidden_state", m.vision_hidden(&px)?),
-        ("vision.image_embeds", m.image_features(&px)?),
-        ("und.logits", m.text_logits(&ids, Some(&px))?),
-        (
+        same("vision.last_hidden_state", m.vision_hidden(&px)?),
+        same("vision.image_embeds", m.image_features(&px)?),
+        same("und.logits", m.text_logits(&ids, Some(&px))?),
+        same(
             "gen.code_embeds",
             m.code_embeddings(&Tensor::new(codes.clone(), dev)?)?,
         ),
-        ("gen.logits", m.gen_logits(&prompts, &codes)?),
-        ("vq.decode_pixels", vq.decode_tensor(&dcodes)?),
+        same("gen.logits", m.gen_logits(&prompts, &codes)?),
+        (
+            "gen.logits (cached decode)",
+            "gen.logits",
+            decoded_gen_logits(m, &prompts, &codes)?,
+        ),
+        same("vq.decode_pixels", vq.decode_tensor(&dcodes)?),
     ])
 }
 
@@ -927,13 +1061,14 @@ pub fn run_bench_gpu_parity(a: BenchGpuParityArgs) -> anyhow::Result<ExitCode> {
         let m = Janus::load(&a.fixtures, &dev, dtype)
             .with_context(|| format!("loading {} on {}", a.fixtures.display(), spec))?;
         let out = fixture_outputs(&m, &f)?;
-        for ((name, t), (_, c)) in out.iter().zip(&cpu_out) {
-            let vs_ref = rel_err(t, &f[*name])?;
+        for ((name, key, t), (_, _, c)) in out.iter().zip(&cpu_out) {
+            let vs_ref = rel_err(t, &f[*key])?;
             let vs_cpu = rel_err(t, c)?;
             let pass = vs_ref <= tol && vs_ref.is_finite();
             ok &= pass;
             rows.push(json!({
                 "tensor": name, "device": spec.to_string(), "dtype": format!("{dtype:?}").to_lowercase(),
+                "fused_sampling": m.fused_sampling(),
                 "rel_err_vs_reference": vs_ref, "rel_err_vs_cpu_f32": vs_cpu, "tolerance": tol, "pass": pass,
             }));
         }
@@ -945,12 +1080,12 @@ pub fn run_bench_gpu_parity(a: BenchGpuParityArgs) -> anyhow::Result<ExitCode> {
         );
     } else {
         println!(
-            "{:<26}{:>8}{:>8}{:>14}{:>14}{:>10}",
+            "{:<28}{:>8}{:>8}{:>14}{:>14}{:>10}",
             "tensor", "device", "dtype", "vs reference", "vs cpu f32", "result"
         );
         for r in &rows {
             println!(
-                "{:<26}{:>8}{:>8}{:>14.3e}{:>14.3e}{:>10}",
+                "{:<28}{:>8}{:>8}{:>14.3e}{:>14.3e}{:>10}",
                 r["tensor"].as_str().unwrap_or("?"),
                 r["device"].as_str().unwrap_or("?"),
                 r["dtype"].as_str().unwrap_or("?"),
@@ -993,6 +1128,7 @@ mod tests {
             no_warmup: true,
             probe_steps: 2,
             image_sampler: SamplerArg::Auto,
+            fused_sampling: FusedArg::Auto,
             json: true,
         }
     }
@@ -1149,15 +1285,42 @@ mod tests {
     fn probe_splits_a_decode_step() {
         let a = tiny_args();
         let cfg = a.shapes.config().unwrap();
-        let model = build_model(&cfg, 1, &Device::Cpu, DType::F32).unwrap();
+        let mut model = build_model(&cfg, 1, &Device::Cpu, DType::F32).unwrap();
         let mut rng = ChaCha8Rng::seed_from_u64(1);
         let inputs = step_inputs(&cfg, &a, &Device::Cpu, &mut rng).unwrap();
-        let p = probe_image_step(&model, &inputs.gen_prompts, 5.0, 3).unwrap();
+        let p = probe_image_step(&mut model, &inputs.gen_prompts, 5.0, 3).unwrap();
         assert_eq!(p["steps"], 3);
         assert_eq!(p["cache_len_start"], a.prompt_len);
         assert!(p["forward_ms"].as_f64().unwrap() > 0.0);
         assert!(p["device_sampling_total_ms"].as_f64().unwrap() > 0.0);
         assert!(p["forward_grown_cache_ms"].as_f64().unwrap() > 0.0);
+        // The probe tries both kernel sets and leaves the model's choice as it found it (composed on the CPU).
+        // Their tensor counts are checked in tests/bench_cli.rs, in a process of their own: candle's id counter
+        // is global, and the other tests here create tensors at the same time.
+        assert_eq!(p["fused_sampling"], false);
+        assert!(!model.fused_sampling());
+        for k in ["composed", "fused"] {
+            assert!(p["sampling_kernels"][k]["tensors_per_step"].is_u64(), "{p}");
+        }
+    }
+
+    #[test]
+    fn cached_decode_reproduces_the_fixture_logits_with_either_kernel_set() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/janus");
+        let f =
+            candle_core::safetensors::load(dir.join("fixtures.safetensors"), &Device::Cpu).unwrap();
+        let mut m = Janus::load(&dir, &Device::Cpu, DType::F32).unwrap();
+        for fused in [false, true] {
+            m.set_fused_sampling(fused);
+            let out = fixture_outputs(&m, &f).unwrap();
+            let (_, key, t) = out
+                .iter()
+                .find(|(name, _, _)| name.contains("cached decode"))
+                .unwrap();
+            let e = rel_err(t, &f[*key]).unwrap();
+            assert!(e < 1e-4, "fused {fused}: rel err {e}");
+        }
     }
 
     #[test]
