@@ -3,8 +3,10 @@
 //!
 //! The moments are f32 whatever the weights' dtype, and the update is computed in f32 and rounded to the
 //! weights' dtype once: in bf16 (8 mantissa bits) the second moment's (1 − β₂) = 0.001 share of g² would be
-//! rounded away against v, and m̂ / √v̂ would carry bf16 error into every step. For f32 weights every operation
-//! is what it was before, bit for bit.
+//! rounded away against v, and m̂ / √v̂ would carry bf16 error into every step. Weights stored in bf16/f16 also
+//! get an f32 master copy (`OptimConfig::master_weights`, on by default) that accumulates the updates: rounding
+//! the weight itself after every step would drop any update smaller than half its spacing, which at lr 1e-6 is
+//! nearly all of them. For f32 weights every operation is what it was before, bit for bit.
 
 use std::collections::HashMap;
 
@@ -20,6 +22,8 @@ pub struct AdamW {
     m: Vec<Tensor>,
     /// Second moments, f32, one per variable.
     v: Vec<Tensor>,
+    /// f32 master weights of the variables stored in a narrower float dtype (when enabled), else `None`.
+    master: Vec<Option<Tensor>>,
     /// Number of updates applied so far (bias correction uses it).
     pub t: u64,
     cfg: OptimConfig,
@@ -46,13 +50,23 @@ impl AdamW {
             .iter()
             .map(|(_, v)| zeros(v))
             .collect::<Result<Vec<_>>>()?;
+        let master = vars
+            .iter()
+            .map(|(_, var)| master_of(var, cfg.master_weights))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             vars,
             m,
             v,
+            master,
             t: 0,
             cfg: cfg.clone(),
         })
+    }
+
+    /// How many trained variables have an f32 master copy.
+    pub fn master_count(&self) -> usize {
+        self.master.iter().flatten().count()
     }
 
     /// The trained variables.
@@ -103,11 +117,16 @@ impl AdamW {
             let v = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
             let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + self.cfg.eps)?)?;
             // Decoupled decay: shrink the weights directly, not through the gradient.
-            let theta = var
-                .as_tensor()
-                .to_dtype(DType::F32)?
-                .affine(1.0 - lr * self.cfg.weight_decay, 0.0)?;
-            var.set(&(theta - (update * lr)?)?.to_dtype(var.dtype())?)?;
+            let theta = match &self.master[i] {
+                Some(w) => w.clone(),
+                None => var.as_tensor().to_dtype(DType::F32)?,
+            }
+            .affine(1.0 - lr * self.cfg.weight_decay, 0.0)?;
+            let theta = (theta - (update * lr)?)?;
+            var.set(&theta.to_dtype(var.dtype())?)?;
+            if self.master[i].is_some() {
+                self.master[i] = Some(theta);
+            }
             self.m[i] = m;
             self.v[i] = v;
         }
@@ -117,21 +136,42 @@ impl AdamW {
         })
     }
 
-    /// Moments as named f32 tensors (`m.<name>`, `v.<name>`) for a checkpoint.
+    /// Moments and master weights as named f32 tensors (`m.<name>`, `v.<name>`, `w.<name>`) for a checkpoint.
     pub fn state_tensors(&self) -> HashMap<String, Tensor> {
         let mut out = HashMap::new();
         for (i, (name, _)) in self.vars.iter().enumerate() {
             out.insert(format!("m.{name}"), self.m[i].clone());
             out.insert(format!("v.{name}"), self.v[i].clone());
+            if let Some(w) = &self.master[i] {
+                out.insert(format!("w.{name}"), w.clone());
+            }
         }
         out
     }
 
     /// Restores moments saved by [`AdamW::state_tensors`] and the update count; every trained variable must be
     /// present with its shape, else an error names the first missing or mismatched one. Moments of any float
-    /// dtype (older checkpoints kept them in the weights' dtype) are converted to f32.
+    /// dtype (older checkpoints kept them in the weights' dtype) are converted to f32. Master weights come from
+    /// `w.<name>`; a checkpoint without them (older, or saved with master weights off) starts them from the
+    /// variables' current values, so restore the weights first.
     pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, t: u64) -> Result<()> {
         for (i, (name, var)) in self.vars.iter().enumerate() {
+            self.master[i] = match (
+                master_of(var, self.cfg.master_weights)?,
+                tensors.get(&format!("w.{name}")),
+            ) {
+                (Some(_), Some(saved)) => {
+                    if saved.shape() != var.shape() {
+                        candle_core::bail!(
+                            "optimizer tensor `w.{name}` has shape {:?}, parameter has {:?}",
+                            saved.shape(),
+                            var.shape()
+                        )
+                    }
+                    Some(saved.to_device(var.device())?.to_dtype(DType::F32)?)
+                }
+                (fresh, _) => fresh,
+            };
             for (prefix, slot) in [("m", &mut self.m[i]), ("v", &mut self.v[i])] {
                 let key = format!("{prefix}.{name}");
                 let Some(tensor) = tensors.get(&key) else {
@@ -150,6 +190,14 @@ impl AdamW {
         self.t = t;
         Ok(())
     }
+}
+
+/// An f32 copy of `var` when it is stored in a narrower float dtype and master weights are `enabled`.
+fn master_of(var: &Var, enabled: bool) -> Result<Option<Tensor>> {
+    Ok(match var.dtype() {
+        DType::BF16 | DType::F16 if enabled => Some(var.as_tensor().to_dtype(DType::F32)?),
+        _ => None,
+    })
 }
 
 /// Learning rate at 0-based `step` of `total` steps.
@@ -333,6 +381,115 @@ mod tests {
             one(DType::BF16).to_vec1::<f32>().unwrap(),
             one(DType::F32).to_vec1::<f32>().unwrap()
         );
+    }
+
+    #[test]
+    fn master_weights_accumulate_updates_below_the_bf16_spacing() {
+        // The paper's lr 1e-6 on a bf16 weight of 0.02 (spacing 2⁻¹³ ≈ 1.22e-4 there): every Adam step moves by
+        // ≈ lr, 1/120 of the spacing. 300 steps must move the weight by ≈ 3e-4 with master weights; without
+        // them each step rounds back and the weight never moves.
+        let dev = Device::Cpu;
+        let run = |master_weights: bool| {
+            let x = Var::from_tensor(
+                &Tensor::new(&[0.02f32, -0.02], &dev)
+                    .unwrap()
+                    .to_dtype(DType::BF16)
+                    .unwrap(),
+            )
+            .unwrap();
+            let start = x
+                .as_tensor()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let c = OptimConfig {
+                master_weights,
+                ..cfg()
+            };
+            let mut opt = AdamW::new(vec![("x".into(), x.clone())], &c).unwrap();
+            assert_eq!(opt.master_count(), usize::from(master_weights));
+            let coef = Tensor::new(&[1.0f32, -1.0], &dev)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap();
+            for _ in 0..300 {
+                let loss = (x.as_tensor() * &coef).unwrap().sum_all().unwrap();
+                opt.step(&loss.backward().unwrap(), 1e-6).unwrap();
+            }
+            let end = x
+                .as_tensor()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            (start, end, opt)
+        };
+        let (start, end, opt) = run(true);
+        for (i, sign) in [(0, -1.0f32), (1, 1.0)] {
+            let moved = end[i] - start[i];
+            assert!(
+                (moved - sign * 3e-4).abs() < 1.3e-4,
+                "weight {i} moved {moved}"
+            );
+        }
+        let w = opt.state_tensors()["w.x"].to_vec1::<f32>().unwrap();
+        assert!((w[0] - (start[0] - 3e-4)).abs() < 1e-6, "master {w:?}");
+        let (start, end, opt) = run(false);
+        assert_eq!(
+            start, end,
+            "without master weights every update rounds away"
+        );
+        assert!(!opt.state_tensors().contains_key("w.x"));
+    }
+
+    #[test]
+    fn master_weights_round_trip_and_start_from_the_weights_when_absent() {
+        let dev = Device::Cpu;
+        let bf16 = |v: [f32; 2]| {
+            Var::from_tensor(
+                &Tensor::new(&v, &dev)
+                    .unwrap()
+                    .to_dtype(DType::BF16)
+                    .unwrap(),
+            )
+            .unwrap()
+        };
+        let x = bf16([0.5, -0.25]);
+        let mut opt = AdamW::new(vec![("x".into(), x.clone())], &cfg()).unwrap();
+        let loss = x.as_tensor().sum_all().unwrap();
+        opt.step(&loss.backward().unwrap(), 1e-3).unwrap();
+        let state = opt.state_tensors();
+        let saved = state["w.x"].to_vec1::<f32>().unwrap();
+        // A fresh optimiser over other weights takes the saved master, not its own weights.
+        let mut fresh = AdamW::new(vec![("x".into(), bf16([9.0, 9.0]))], &cfg()).unwrap();
+        fresh.load_state(&state, 1).unwrap();
+        assert_eq!(
+            fresh.state_tensors()["w.x"].to_vec1::<f32>().unwrap(),
+            saved
+        );
+        // Without `w.x` (an older checkpoint), the master starts from the (already restored) weights.
+        let y = bf16([1.5, 2.5]);
+        let mut older = AdamW::new(vec![("x".into(), y.clone())], &cfg()).unwrap();
+        y.set(
+            &Tensor::new(&[3.0f32, 4.0], &dev)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap(),
+        )
+        .unwrap();
+        let mut without = state.clone();
+        without.remove("w.x");
+        older.load_state(&without, 1).unwrap();
+        assert_eq!(
+            older.state_tensors()["w.x"].to_vec1::<f32>().unwrap(),
+            [3.0, 4.0]
+        );
+        // A master of the wrong shape is named.
+        let mut bad = state;
+        bad.insert("w.x".into(), Tensor::zeros(3, DType::F32, &dev).unwrap());
+        let err = older.load_state(&bad, 1).unwrap_err().to_string();
+        assert!(err.contains("w.x"), "{err}");
     }
 
     #[test]
