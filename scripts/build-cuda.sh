@@ -69,13 +69,24 @@ export RUSTFLAGS="${RUSTFLAGS:-} -L native=$linkdir"
 # 4. Build from a snapshot of the repo: the command-line patch rewrites Cargo.lock, which must not touch the
 #    committed one, and a snapshot also keeps other people's half-saved edits from changing mid-build.
 ws="$CARGO_TARGET_DIR/workspace"
-rm -rf "$ws.new"
-mkdir -p "$ws.new"
-# tar keeps modification times, so cargo sees unchanged files as unchanged and the rebuild stays incremental.
-(cd "$repo" && tar -cf - --exclude='./target*' --exclude=./.cuda --exclude=./.dev --exclude=./.git \
-    --exclude=./.whl --exclude=./runs --exclude=./.gl .) | (cd "$ws.new" && tar -xf -)
-rm -rf "$ws"
-mv "$ws.new" "$ws"
+mkdir -p "$ws"
+# Sync file by file: an unchanged file keeps the snapshot's copy and its time stamp, so the rebuild stays
+# incremental; a changed one is written anew and stamped now. (Copying the repo's own time stamps, as tar does,
+# let a file edited while a build ran keep a time older than that build's artifacts, and cargo then took the
+# stale artifact for current.) Only what git tracks or would track is copied; what the repo no longer has goes.
+listed="$ws/.snapshot-files"
+(cd "$repo" && git ls-files --cached --others --exclude-standard) | sort >"$listed.new"
+while IFS= read -r f; do
+    [[ -f "$repo/$f" ]] || continue
+    if ! cmp -s "$repo/$f" "$ws/$f"; then
+        mkdir -p "$(dirname "$ws/$f")"
+        cp "$repo/$f" "$ws/$f"
+    fi
+done <"$listed.new"
+if [[ -f "$listed" ]]; then
+    comm -23 "$listed" "$listed.new" | while IFS= read -r f; do rm -f "$ws/$f"; done
+fi
+mv "$listed.new" "$listed"
 cd "$ws"
 nice -n "$nice_level" cargo build --release -p pairuni --features cuda \
     --config "patch.crates-io.candle-core.path=\"$patched\""

@@ -21,8 +21,9 @@ use crate::janus_config::{ImageTokenizerKind, JanusConfig};
 use crate::layers::{log_softmax_last, Act, InitKind, Linear, ParamMode, Params};
 use crate::llama::{last_position, KvCache, Llama};
 use crate::sampling::{
-    argmax, device_cfg_draw, log_prob_t, sample_index, CfgLogprobPolicy, GumbelNoise, ImageRollout,
-    ImageSamplerSite, ImageSampling, ParamSelection, TextRollout, TextSampling,
+    argmax, device_cfg_draw, draw_rows, log_prob_t, sample_index_at, sample_with_logprob_at,
+    CfgLogprobPolicy, GumbelNoise, ImageRollout, ImageSamplerSite, ImageSampling, ParamSelection,
+    TextRollout, TextSampling,
 };
 use crate::tokenizer::TextTokenizer;
 use crate::vision::{AlignerMlp, VisionModel};
@@ -792,26 +793,24 @@ impl Janus {
         let mut done = vec![false; b];
         let mut bias: Vec<f32> = Vec::new();
         for step in 0..s.max_new_tokens {
-            let mut logits = self.lm_logits(&last)?.to_vec2::<f32>()?;
+            let logits = self.lm_logits(&last)?.to_vec2::<f32>()?;
             if bias.is_empty() {
                 bias = self.answer_logit_bias(logits.first().map_or(0, Vec::len));
             }
-            for row in &mut logits {
-                for (l, b) in row.iter_mut().zip(&bias) {
-                    *l += *b;
-                }
-            }
-            let mut next = vec![pad; b];
-            for r in 0..b {
-                if done[r] {
-                    continue;
-                }
-                let tok = if s.greedy {
-                    argmax(&logits[r])
+            let width = bias.len();
+            let active: Vec<usize> = (0..b).filter(|&r| !done[r]).collect();
+            let draws = draw_rows(&active, width, !s.greedy, rng, |r, u| {
+                let row: Vec<f32> = logits[r].iter().zip(&bias).map(|(l, b)| l + b).collect();
+                if s.greedy {
+                    let tok = argmax(&row);
+                    (tok, log_prob_t(&row, t_lp, tok))
                 } else {
-                    sample_index(&logits[r], s.temperature, s.top_p, rng)
-                };
-                lps[r].push(log_prob_t(&logits[r], t_lp, tok));
+                    sample_with_logprob_at(&row, s.temperature, s.top_p, u, t_lp)
+                }
+            });
+            let mut next = vec![pad; b];
+            for (&r, (tok, lp)) in active.iter().zip(draws) {
+                lps[r].push(lp);
                 answers[r].push(tok as u32);
                 next[r] = tok as u32;
                 if tok as u32 == eos {
@@ -1000,12 +999,17 @@ impl Janus {
         let mut lps: Vec<Vec<f32>> = vec![Vec::with_capacity(n); p];
         for k in 0..n {
             let logits = self.gen_head(&last)?.to_vec2::<f32>()?;
-            let mut step_codes = Vec::with_capacity(p);
-            for r in 0..p {
+            let rows: Vec<usize> = (0..p).collect();
+            let width = logits.first().map_or(0, Vec::len);
+            let draws = draw_rows(&rows, width, s.temperature > 0.0, rng, |r, u| {
                 let (lc, lu) = (&logits[r], &logits[p + r]);
                 let mixed: Vec<f32> = lc.iter().zip(lu).map(|(&c, &u)| u + w * (c - u)).collect();
-                let code = sample_index(&mixed, s.temperature, s.top_p, rng);
-                lps[r].push(log_prob_t(lc, lp_t, code));
+                let code = sample_index_at(&mixed, s.temperature, s.top_p, u);
+                (code, log_prob_t(lc, lp_t, code))
+            });
+            let mut step_codes = Vec::with_capacity(p);
+            for (r, (code, lp)) in draws.into_iter().enumerate() {
+                lps[r].push(lp);
                 codes[r].push(code as u32);
                 step_codes.push(code as u32);
             }
