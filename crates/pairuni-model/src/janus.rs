@@ -464,11 +464,20 @@ impl Janus {
 
     /// Deep copy with its own storage (a frozen reference model for KL); tokenizers are shared by reload.
     pub fn clone_frozen(&self) -> Result<Self> {
+        self.with_dtype(self.dtype)
+    }
+
+    /// A deep copy whose weights are stored in `dtype` (e.g. a toy model built in f32, trained in bf16).
+    pub fn with_dtype(&self, dtype: DType) -> Result<Self> {
         let varmap = VarMap::new();
         {
             let mut data = varmap.data().lock().expect("varmap lock");
             for (n, v) in self.all_vars() {
-                data.insert(n, Var::from_tensor(&v.as_tensor().copy()?)?);
+                // `copy` after the cast: casting to the same dtype would share the storage.
+                data.insert(
+                    n,
+                    Var::from_tensor(&v.as_tensor().to_dtype(dtype)?.copy()?)?,
+                );
             }
         }
         let image_tokenizer = self.image_tokenizer.clone();
@@ -478,7 +487,7 @@ impl Janus {
             ParamMode::Load {
                 origin: "<clone>".into(),
             },
-            self.dtype,
+            dtype,
             &self.device,
             self.tokenizer.clone(),
             image_tokenizer,

@@ -654,6 +654,29 @@ mod tests {
     }
 
     #[test]
+    fn fused_kernels_over_strided_views_match_the_composed_copies() {
+        // What an accelerator runs by default: fused kernels, keys and values read through views of the buffers.
+        for kv in [None, Some(2)] {
+            let mut m = decoder(kv);
+            let x = embeddings(&m, 9);
+            let (composed, _) = stepwise(&m, &x, m.empty_cache_with_capacity(2, 16));
+            m.set_fused_sampling(true);
+            FORCE_VIEWS.with(|f| f.set(true));
+            let (fused, _) = stepwise(&m, &x, m.empty_cache_with_capacity(2, 16));
+            FORCE_VIEWS.with(|f| f.set(false));
+            let scale = composed.iter().fold(0f32, |a, x| a.max(x.abs()));
+            let err = composed
+                .iter()
+                .zip(&fused)
+                .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+            assert!(
+                err <= 1e-5 * scale,
+                "kv heads {kv:?}: max |Δ| {err} (scale {scale})"
+            );
+        }
+    }
+
+    #[test]
     fn preallocated_cache_is_bit_identical_to_the_growing_one_on_cpu() {
         let m = decoder(Some(2));
         let x = embeddings(&m, 9);

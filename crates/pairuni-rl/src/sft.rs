@@ -420,8 +420,18 @@ pub fn initial_model(
     seed: u64,
     device: &pairuni_model::Device,
 ) -> Result<Janus, TrainError> {
+    initial_model_in(cfg, seed, device, candle_core::DType::F32)
+}
+
+/// [`initial_model`] with its weights stored in `dtype` (the toy model is built in f32, then cast).
+pub fn initial_model_in(
+    cfg: &SftConfig,
+    seed: u64,
+    device: &pairuni_model::Device,
+    dtype: candle_core::DType,
+) -> Result<Janus, TrainError> {
     if let Some(dir) = &cfg.init {
-        return Ok(Janus::load(dir, device, candle_core::DType::F32)?);
+        return Ok(Janus::load(dir, device, dtype)?);
     }
     let pool = pairuni_data::jsonl::read_generation_pool(&cfg.generation)
         .map_err(|e| TrainError::Data(e.to_string()))?;
@@ -438,5 +448,10 @@ pub fn initial_model(
         .collect::<Result<Vec<_>, _>>()?;
     let words = pairuni_toyworld::text::vocabulary();
     let jcfg = pairuni_model::JanusConfig::toy(words.len(), 512);
-    Ok(Janus::new_toy(&jcfg, &words, &images, seed, device)?)
+    let model = Janus::new_toy(&jcfg, &words, &images, seed, device)?;
+    Ok(if dtype == candle_core::DType::F32 {
+        model
+    } else {
+        model.with_dtype(dtype)?
+    })
 }

@@ -56,7 +56,7 @@ struct BenchArgs {
 /// The benchmarks.
 #[derive(Subcommand, Debug)]
 enum Bench {
-    /// PairGRPO steps on the CPU with the `[train]` config: time breakdown and tokens/s as JSON.
+    /// PairGRPO steps with the `[train]` config (CPU by default): time breakdown and tokens/s as JSON.
     Step(cmd::train::BenchStepArgs),
     /// One PairGRPO step (rollouts, VQ decode, train) on a device at Janus-Pro-1B shapes, with a time breakdown.
     GpuStep(cmd::gpu::BenchGpuStepArgs),

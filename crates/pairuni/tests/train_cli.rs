@@ -1,0 +1,144 @@
+//! `pairuni sft` and `pairuni train` through the binary with `--dtype bf16`: a tiny toy world, two steps each.
+//! The weights come out in bf16 and the optimiser checkpoints keep f32 master copies of them.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use candle_core::{DType, Device};
+
+fn pairuni(args: &[&str], dir: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pairuni"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap()
+}
+
+fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("pairuni-train-cli-{name}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn dtypes(file: &Path) -> Vec<(String, DType)> {
+    let mut v: Vec<(String, DType)> = candle_core::safetensors::load(file, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(k, t)| (k, t.dtype()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+const CONFIG: &str = r#"
+[sft]
+understanding = "w/understanding.jsonl"
+generation = "w/generation.jsonl"
+steps = 2
+batch_understanding = 4
+batch_generation = 4
+codebook_images = 32
+checkpoint_every = 2
+
+[train]
+pairs = "p/pairs.jsonl"
+init = "sft/final"
+steps = 2
+batch_pairs = 1
+group_size_und = 2
+group_size_gen = 2
+checkpoint_every = 2
+"#;
+
+#[test]
+fn sft_and_train_run_in_bf16_with_f32_master_weights() {
+    let dir = scratch("bf16");
+    ok(pairuni(
+        &[
+            "world",
+            "generate",
+            "--out",
+            "w",
+            "--understanding",
+            "60",
+            "--generation",
+            "60",
+            "--bench",
+            "12",
+        ],
+        &dir,
+    ));
+    ok(pairuni(
+        &[
+            "pairs",
+            "build",
+            "--understanding",
+            "w/understanding.jsonl",
+            "--generation",
+            "w/generation.jsonl",
+            "--out",
+            "p/pairs.jsonl",
+        ],
+        &dir,
+    ));
+    fs::write(dir.join("c.toml"), CONFIG).unwrap();
+    for (stage, out) in [("sft", "sft"), ("train", "train")] {
+        ok(pairuni(
+            &[
+                stage, "--config", "c.toml", "--out", out, "--dtype", "bf16", "--quiet",
+            ],
+            &dir,
+        ));
+        let weights = dtypes(&dir.join(out).join("final/model.safetensors"));
+        assert!(!weights.is_empty());
+        assert!(
+            weights.iter().all(|(_, d)| *d == DType::BF16),
+            "{stage}: {weights:?}"
+        );
+        let optimizer = dtypes(
+            &dir.join(out)
+                .join("checkpoints/step-2/optimizer.safetensors"),
+        );
+        let masters: Vec<_> = optimizer
+            .iter()
+            .filter(|(k, _)| k.starts_with("w."))
+            .collect();
+        assert!(!masters.is_empty(), "{stage}: no master weights");
+        assert!(
+            optimizer.iter().all(|(_, d)| *d == DType::F32),
+            "{stage}: {optimizer:?}"
+        );
+    }
+    // A dtype or device this build cannot run is a clear error, not a panic.
+    let bad = pairuni(
+        &[
+            "train", "--config", "c.toml", "--out", "t2", "--dtype", "f64",
+        ],
+        &dir,
+    );
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("f64"));
+    if !cfg!(feature = "cuda") {
+        let bad = pairuni(
+            &[
+                "sft", "--config", "c.toml", "--out", "s2", "--device", "cuda",
+            ],
+            &dir,
+        );
+        assert!(!bad.status.success());
+        assert!(String::from_utf8_lossy(&bad.stderr).contains("without CUDA"));
+    }
+    let _ = fs::remove_dir_all(&dir);
+}
