@@ -7,6 +7,7 @@
 #   (a) parity   pairuni bench gpu-parity: the committed Janus fixtures on cuda in f32 and bf16 vs reference
 #   (b) pytorch  scripts/torch_step_bench.py: one PairGRPO step, transformers eager, same card
 #   (c) candle   pairuni bench gpu-step: the same step through pairuni's library
+#   (d) smoke    the toy pipeline's commands (world, pairs, sft, train, eval) on the device, two steps each
 # and prints a table with the ratio. Logs and JSON land in $OUT (at most 8 files come back from the device).
 # Testing without a GPU: BENCH_DEVICE=cpu BENCH_SHAPES=tiny CARRY_DIR=.dev/gpu-cpu bash scripts/device-bench.sh
 set -uo pipefail
@@ -93,6 +94,55 @@ if [[ -n "$bin" ]]; then
     done
 fi
 
+# (d) the toy pipeline's own commands on the device (bf16 there): world, pairs, sft, train, eval, two steps each.
+# The step benchmark calls the library; this runs the trainers, checkpoints and samplers a user runs. Its
+# lines go to candle_step.log (at most 8 files come back) and one `smoke:` line to the summary.
+if [[ -n "$bin" ]] && (( $(left) > 60 )); then
+    t=$(( $(left) - 15 )); (( t > 120 )) && t=120
+    echo "== (d) toy pipeline on $dev (limit ${t} s)"
+    smoke=$(mktemp -d)
+    cat >"$smoke/c.toml" <<'TOML'
+[sft]
+understanding = "w/understanding.jsonl"
+generation = "w/generation.jsonl"
+steps = 2
+batch_understanding = 4
+batch_generation = 4
+codebook_images = 32
+
+[train]
+pairs = "p/pairs.jsonl"
+init = "sft/final"
+steps = 2
+batch_pairs = 1
+group_size_und = 2
+group_size_gen = 2
+
+[eval.limits]
+mcq = 8
+pope = 8
+geneval = 4
+TOML
+    smoke_start=$(date +%s)
+    abs_bin=$(readlink -f "$bin")
+    (
+        cd "$smoke" &&
+            "$abs_bin" --log warn world generate --out w --understanding 60 --generation 60 --bench 12 &&
+            "$abs_bin" --log warn pairs build --understanding w/understanding.jsonl --generation w/generation.jsonl --out p/pairs.jsonl &&
+            "$abs_bin" --log warn sft --config c.toml --out sft --device "$dev" --quiet &&
+            "$abs_bin" --log warn train --config c.toml --out train --device "$dev" --quiet &&
+            "$abs_bin" --log warn eval --config c.toml --model train/final --bench w/bench --out e --device "$dev"
+    ) >"$smoke/out.log" 2>&1 &
+    pid=$!
+    ( sleep "$t"; kill "$pid" 2>/dev/null ) & watchdog=$!
+    wait "$pid"; rc=$?
+    kill "$watchdog" 2>/dev/null
+    { echo "==== (d) toy pipeline on $dev"; cat "$smoke/out.log"; } >>"$OUT/candle_step.log"
+    echo "smoke: toy world -> pairs -> sft -> train -> eval on $dev: rc=$rc in $(( $(date +%s) - smoke_start )) s" \
+        | tee -a "$OUT/candle_step.log"
+    (( rc != 0 )) && tail -n 15 "$smoke/out.log"
+fi
+
 python3 - "$OUT" <<'EOF' | tee "$OUT/summary.txt"
 import json, os, sys
 out = sys.argv[1]
@@ -124,6 +174,13 @@ for k in keys:
     fa = f"{a:.{prec}f}" if isinstance(a, (int, float)) else "-"
     fb = f"{b:.{prec}f}" if isinstance(b, (int, float)) else "-"
     print(f"{k:<20}{fa:>12}{fb:>12}{r:>16}")
+try:
+    with open(os.path.join(out, "candle_step.log")) as f:
+        for line in f:
+            if line.startswith("smoke:"):
+                print(line.rstrip())
+except OSError:
+    pass
 for name, d in (("pytorch", pt), ("candle", cd)):
     if d:
         extra = {k: d.get(k) for k in ("dtype", "image_tokens", "answer_tokens", "grad_norm", "params_with_grad",
