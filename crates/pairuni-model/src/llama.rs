@@ -9,7 +9,9 @@
 //! through it). One made by [`Llama::empty_cache_with_capacity`] keeps every layer's keys and values in buffers
 //! sized for the whole rollout and writes each step in place, so a decode step no longer copies the whole cache
 //! (docs/GPU.md). The value semantics survive: a cache value only owns the prefix it was returned with, and a
-//! second extension of the same value (a fork) first copies that prefix into fresh buffers.
+//! second extension of the same value (a fork) first copies that prefix into fresh buffers. Such a cache also
+//! keeps its key mask on the device, and forwards through it may take candle's fused (backward-less) kernels:
+//! only sampling makes one.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
