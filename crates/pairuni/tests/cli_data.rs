@@ -1,25 +1,18 @@
 //! End-to-end checks of `pairuni data check` and `pairuni config show` through the built binary.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
+use std::path::PathBuf;
+
+use common::pairuni;
 use pairuni_data::image::save_png_atomic;
 use pairuni_data::RgbImage;
 
 const GOOD_UNDERSTANDING: &str = r#"{"id": "u1", "image_path": "images/a.png", "question": "How many cubes? A. 1 B. 2", "answer": "B", "options": ["1", "2"], "tag": "counting"}"#;
 
-fn pairuni(args: &[&str], dir: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_pairuni"))
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("run the pairuni binary")
-}
-
 /// A fresh folder under cargo's per-test scratch space, with one decodable image at images/a.png.
 fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("cli_data-{name}"));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = common::scratch("cli_data", name);
     let img = RgbImage::from_pixel(3, 3, pairuni_data::image::Rgb([1, 2, 3]));
     save_png_atomic(dir.join("images/a.png"), &img).unwrap();
     dir

@@ -1,33 +1,13 @@
 //! `pairuni eval` end to end through the binary: an untrained toy model over a small toy world, then
 //! `pairuni eval score` on the written predictions reproduces the run's numbers.
 
+mod common;
+
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 
+use common::{bin, ok, scratch};
 use pairuni_model::{Device, Janus, JanusConfig};
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_pairuni"))
-}
-
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// A fresh scratch folder (removed at the start of the next run of the same test).
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("pairuni-eval-cli-{name}-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 fn save_toy_model(world: &Path, dir: &Path) {
     let images: Vec<_> = (0..8)
@@ -48,7 +28,7 @@ fn json(text: &str) -> serde_json::Value {
 
 #[test]
 fn eval_runs_toy_model_and_score_reproduces_it() {
-    let tmp = scratch("run");
+    let tmp = scratch("eval_cli", "run");
     let world = tmp.join("world");
     ok(bin()
         .args([

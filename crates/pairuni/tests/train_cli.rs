@@ -1,36 +1,13 @@
 //! `pairuni sft` and `pairuni train` through the binary with `--dtype bf16`: a tiny toy world, two steps each.
 //! The weights come out in bf16 and the optimiser checkpoints keep f32 master copies of them.
 
+mod common;
+
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 
 use candle_core::{DType, Device};
-
-fn pairuni(args: &[&str], dir: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_pairuni"))
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap()
-}
-
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("pairuni-train-cli-{name}-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).unwrap();
-    dir
-}
+use common::{ok, pairuni, scratch};
 
 fn dtypes(file: &Path) -> Vec<(String, DType)> {
     let mut v: Vec<(String, DType)> = candle_core::safetensors::load(file, &Device::Cpu)
@@ -64,7 +41,7 @@ checkpoint_every = 2
 
 #[test]
 fn sft_and_train_run_in_bf16_with_f32_master_weights() {
-    let dir = scratch("bf16");
+    let dir = scratch("train_cli", "bf16");
     ok(pairuni(
         &[
             "world",
