@@ -1,57 +1,53 @@
 //! Configuration of this stage: the `[model]` section of a pairuni TOML file.
 
-use std::path::PathBuf;
-
 use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 
-use crate::device::{parse_device, parse_dtype};
+use crate::device::{default_dtype, parse_device, parse_dtype};
 use crate::error::{ModelError, Result};
-use crate::janus::Janus;
 
-/// Which model to load, on which device and in which dtype.
+/// On which device and in which dtype the commands run the model, and the toy model's codebook size. Which
+/// checkpoint runs is each stage's own key (`sft.init`, `train.init`, `eval --model`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
-    /// Checkpoint folder to load (config.json + safetensors [+ tokenizer.json]); absent = the stage builds the
-    /// toy model itself (default: absent).
-    pub checkpoint: Option<PathBuf>,
-    /// Device: `cpu`, `cuda` or `cuda:N` (default `cpu`).
+    /// Device: `cpu`, `cuda` or `cuda:N`; a command's `--device` wins over it (default `cpu`).
     pub device: String,
-    /// Weight dtype: `f32`, `bf16` or `f16`; logits and log-probs are always f32 (default `f32`).
+    /// Weight dtype: `auto` (bf16 on CUDA, f32 on the CPU), `f32`, `bf16` or `f16`; logits and log-probs are
+    /// always f32, and trained bf16/f16 weights keep f32 master copies. A command's `--dtype` wins over it
+    /// (default `auto`).
     pub dtype: String,
-    /// Codes in the toy patch codebook, at most (TOYWORLD.md: K ≈ 512) (default 512).
+    /// Codes in the toy patch codebook, at most (TOYWORLD.md: K ≈ 512), when SFT builds the toy model
+    /// (default 512).
     pub toy_codebook_size: usize,
 }
 
 impl Default for ModelConfig {
     fn default() -> Self {
         Self {
-            checkpoint: None,
             device: "cpu".into(),
-            dtype: "f32".into(),
+            dtype: "auto".into(),
             toy_codebook_size: 512,
         }
     }
 }
 
 impl ModelConfig {
-    /// The configured device.
-    pub fn device(&self) -> Result<Device> {
-        parse_device(&self.device).map_err(|e| ModelError::input(format!("[model] device: {e}")))
-    }
-
-    /// The configured dtype.
-    pub fn dtype(&self) -> Result<DType> {
-        parse_dtype(&self.dtype).map_err(|e| ModelError::input(format!("[model] dtype: {e}")))
-    }
-
-    /// Loads `checkpoint` on the configured device and dtype; None when no checkpoint is configured.
-    pub fn load_checkpoint(&self) -> Result<Option<Janus>> {
-        match &self.checkpoint {
-            None => Ok(None),
-            Some(dir) => Ok(Some(Janus::load(dir, &self.device()?, self.dtype()?)?)),
-        }
+    /// The device and weight dtype to run on: `device` / `dtype` from the command line when given, else this
+    /// section's; errors name where the bad value came from.
+    pub fn resolve(&self, device: Option<&str>, dtype: Option<&str>) -> Result<(Device, DType)> {
+        let dev = match device {
+            Some(d) => parse_device(d).map_err(|e| ModelError::input(e.to_string()))?,
+            None => parse_device(&self.device)
+                .map_err(|e| ModelError::input(format!("[model] device: {e}")))?,
+        };
+        let dtype = match dtype {
+            Some(d) => parse_dtype(d).map_err(|e| ModelError::input(e.to_string()))?,
+            None if self.dtype == "auto" => default_dtype(&dev),
+            None => parse_dtype(&self.dtype)
+                .map_err(|e| ModelError::input(format!("[model] dtype: {e}")))?,
+        };
+        Ok((dev, dtype))
     }
 }
 
@@ -60,29 +56,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn defaults_parse_and_bad_values_name_the_key() {
+    fn the_command_line_wins_and_bad_values_name_their_source() {
         let c = ModelConfig::default();
-        assert!(c.device().unwrap().is_cpu());
-        assert_eq!(c.dtype().unwrap(), DType::F32);
-        assert!(c.load_checkpoint().unwrap().is_none());
-        let bad = ModelConfig {
-            dtype: "f8".into(),
+        let (dev, dtype) = c.resolve(None, None).unwrap();
+        assert!(dev.is_cpu());
+        assert_eq!(dtype, DType::F32);
+        let half = ModelConfig {
+            dtype: "bf16".into(),
             ..c.clone()
         };
-        assert!(bad
-            .dtype()
-            .unwrap_err()
-            .to_string()
-            .contains("[model] dtype"));
-        let missing = ModelConfig {
-            checkpoint: Some("/nonexistent/ckpt".into()),
+        assert_eq!(half.resolve(None, None).unwrap().1, DType::BF16);
+        assert_eq!(half.resolve(None, Some("f32")).unwrap().1, DType::F32);
+        let bad = ModelConfig {
+            dtype: "f8".into(),
+            device: "gpu".into(),
             ..c
         };
-        assert!(missing
-            .load_checkpoint()
-            .err()
-            .unwrap()
-            .to_string()
-            .contains("/nonexistent/ckpt"));
+        let err = bad.resolve(None, Some("f32")).unwrap_err().to_string();
+        assert!(err.contains("[model] device"), "{err}");
+        let err = bad.resolve(Some("cpu"), None).unwrap_err().to_string();
+        assert!(err.contains("[model] dtype"), "{err}");
+        // A bad command-line value is not blamed on the config.
+        let err = bad
+            .resolve(Some("cpu"), Some("f8"))
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("[model]") && err.contains("f8"), "{err}");
     }
 }

@@ -420,15 +420,17 @@ pub fn initial_model(
     seed: u64,
     device: &pairuni_model::Device,
 ) -> Result<Janus, TrainError> {
-    initial_model_in(cfg, seed, device, candle_core::DType::F32)
+    initial_model_in(cfg, seed, device, candle_core::DType::F32, 512)
 }
 
-/// [`initial_model`] with its weights stored in `dtype` (the toy model is built in f32, then cast).
+/// [`initial_model`] with its weights stored in `dtype` (the toy model is built in f32, then cast) and a toy
+/// patch codebook of at most `toy_codebook_size` codes.
 pub fn initial_model_in(
     cfg: &SftConfig,
     seed: u64,
     device: &pairuni_model::Device,
     dtype: candle_core::DType,
+    toy_codebook_size: usize,
 ) -> Result<Janus, TrainError> {
     if let Some(dir) = &cfg.init {
         return Ok(Janus::load(dir, device, dtype)?);
@@ -447,7 +449,7 @@ pub fn initial_model_in(
         .map(|s| cache.get(&base, &s.image_path))
         .collect::<Result<Vec<_>, _>>()?;
     let words = pairuni_toyworld::text::vocabulary();
-    let jcfg = pairuni_model::JanusConfig::toy(words.len(), 512);
+    let jcfg = pairuni_model::JanusConfig::toy(words.len(), toy_codebook_size);
     let model = Janus::new_toy(&jcfg, &words, &images, seed, device)?;
     Ok(if dtype == candle_core::DType::F32 {
         model

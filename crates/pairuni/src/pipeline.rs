@@ -122,14 +122,37 @@ pub fn pairs_stage(cfg: &PairuniConfig, layout: &Layout) -> Result<()> {
     Ok(())
 }
 
+/// Where the pipeline's models run: the device and the dtype of their weights.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The device every stage loads its model on.
+    pub device: Device,
+    /// The weights' dtype (trained bf16/f16 weights keep f32 master copies).
+    pub dtype: candle_core::DType,
+}
+
+impl Target {
+    /// `device` / `dtype` from the command line when given, else the config's `[model]` section.
+    pub fn resolve(cfg: &PairuniConfig, device: Option<&str>, dtype: Option<&str>) -> Result<Self> {
+        let (device, dtype) = cfg.model.resolve(device, dtype)?;
+        Ok(Self { device, dtype })
+    }
+}
+
 /// Stage 3: SFT warm-up (resumes from its latest checkpoint); returns the final model folder.
-pub fn sft_stage(cfg: &PairuniConfig, device: &Device) -> Result<PathBuf> {
+pub fn sft_stage(cfg: &PairuniConfig, target: &Target) -> Result<PathBuf> {
     let final_dir = cfg.sft.out_dir.join("final");
     if final_dir.join("config.json").is_file() {
         tracing::info!(dir = %final_dir.display(), "SFT already finished");
         return Ok(final_dir);
     }
-    let model = pairuni_rl::sft::initial_model(&cfg.sft, cfg.seed, device)?;
+    let model = pairuni_rl::sft::initial_model_in(
+        &cfg.sft,
+        cfg.seed,
+        &target.device,
+        target.dtype,
+        cfg.model.toy_codebook_size,
+    )?;
     let opts = RunOptions {
         progress: true,
         config_toml: Some(cfg.to_toml_string()?),
@@ -142,13 +165,13 @@ pub fn sft_stage(cfg: &PairuniConfig, device: &Device) -> Result<PathBuf> {
 }
 
 /// Stage 4: PairGRPO from the SFT model (resumes from its latest checkpoint); returns the final model folder.
-pub fn train_stage(cfg: &PairuniConfig, device: &Device) -> Result<PathBuf> {
+pub fn train_stage(cfg: &PairuniConfig, target: &Target) -> Result<PathBuf> {
     let final_dir = cfg.train.out_dir.join("final");
     if final_dir.join("config.json").is_file() {
         tracing::info!(dir = %final_dir.display(), "PairGRPO already finished");
         return Ok(final_dir);
     }
-    let policy = Janus::load(&cfg.train.init, device, candle_core::DType::F32)
+    let policy = Janus::load(&cfg.train.init, &target.device, target.dtype)
         .with_context(|| format!("loading the SFT model {}", cfg.train.init.display()))?;
     let opts = RunOptions {
         progress: true,
@@ -167,11 +190,11 @@ pub fn eval_stage(
     layout: &Layout,
     model_dir: &Path,
     out: &Path,
-    device: &Device,
+    target: &Target,
 ) -> Result<serde_json::Value> {
     let metrics = out.join("metrics.json");
     if !metrics.is_file() {
-        let model = Janus::load(model_dir, device, candle_core::DType::F32)
+        let model = Janus::load(model_dir, &target.device, target.dtype)
             .with_context(|| format!("loading {}", model_dir.display()))?;
         let mut bars = crate::cmd::eval::Bars::default();
         pairuni_runner::evaluate_named(
@@ -273,7 +296,7 @@ pub struct PipelineSummary {
 pub fn run_all(
     cfg: &PairuniConfig,
     layout: &Layout,
-    device: &Device,
+    target: &Target,
     report: bool,
 ) -> Result<PipelineSummary> {
     let start = Instant::now();
@@ -285,10 +308,10 @@ pub fn run_all(
     )?;
     world_stage(cfg, layout)?;
     pairs_stage(cfg, layout)?;
-    let sft_model = sft_stage(cfg, device)?;
-    let final_model = train_stage(cfg, device)?;
-    let sft_metrics = eval_stage(cfg, layout, &sft_model, &layout.eval("sft"), device)?;
-    let final_metrics = eval_stage(cfg, layout, &final_model, &layout.eval("final"), device)?;
+    let sft_model = sft_stage(cfg, target)?;
+    let final_model = train_stage(cfg, target)?;
+    let sft_metrics = eval_stage(cfg, layout, &sft_model, &layout.eval("sft"), target)?;
+    let final_metrics = eval_stage(cfg, layout, &final_model, &layout.eval("final"), target)?;
     if report {
         crate::report::write_report(&layout.root)?;
     }

@@ -1,5 +1,6 @@
-//! `pairuni sft` and `pairuni train` through the binary with `--dtype bf16`: a tiny toy world, two steps each.
-//! The weights come out in bf16 and the optimiser checkpoints keep f32 master copies of them.
+//! `pairuni sft` and `pairuni train` through the binary in bf16 (from the config's `[model]` section or from
+//! `--dtype`): a tiny toy world, two steps each. The weights come out in bf16 and the optimiser checkpoints keep
+//! f32 master copies of them; the command line wins over the config, and `[model] toy_codebook_size` holds.
 
 mod common;
 
@@ -20,6 +21,10 @@ fn dtypes(file: &Path) -> Vec<(String, DType)> {
 }
 
 const CONFIG: &str = r#"
+[model]
+dtype = "bf16"
+toy_codebook_size = 16
+
 [sft]
 understanding = "w/understanding.jsonl"
 generation = "w/generation.jsonl"
@@ -71,13 +76,14 @@ fn sft_and_train_run_in_bf16_with_f32_master_weights() {
         &dir,
     ));
     fs::write(dir.join("c.toml"), CONFIG).unwrap();
-    for (stage, out) in [("sft", "sft"), ("train", "train")] {
-        ok(pairuni(
-            &[
-                stage, "--config", "c.toml", "--out", out, "--dtype", "bf16", "--quiet",
-            ],
-            &dir,
-        ));
+    // SFT takes bf16 from [model]; train is told on the command line too.
+    for (stage, out, flags) in [
+        ("sft", "sft", &[][..]),
+        ("train", "train", &["--dtype", "bf16"][..]),
+    ] {
+        let mut args = vec![stage, "--config", "c.toml", "--out", out, "--quiet"];
+        args.extend_from_slice(flags);
+        ok(pairuni(&args, &dir));
         let weights = dtypes(&dir.join(out).join("final/model.safetensors"));
         assert!(!weights.is_empty());
         assert!(
@@ -98,6 +104,29 @@ fn sft_and_train_run_in_bf16_with_f32_master_weights() {
             "{stage}: {optimizer:?}"
         );
     }
+    let config: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(dir.join("sft/final/config.json")).unwrap())
+            .unwrap();
+    let codes = config["vq_config"]["num_embeddings"].as_u64().unwrap();
+    assert!((2..=16).contains(&codes), "toy codebook of {codes} codes");
+    // The command line wins over [model].
+    ok(pairuni(
+        &[
+            "sft", "--config", "c.toml", "--out", "sft32", "--dtype", "f32", "--quiet",
+        ],
+        &dir,
+    ));
+    let weights = dtypes(&dir.join("sft32/final/model.safetensors"));
+    assert!(weights.iter().all(|(_, d)| *d == DType::F32));
+    // A bad [model] value names its key.
+    fs::write(
+        dir.join("bad.toml"),
+        CONFIG.replace("dtype = \"bf16\"", "device = \"gpu\""),
+    )
+    .unwrap();
+    let bad = pairuni(&["sft", "--config", "bad.toml", "--out", "s3"], &dir);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("[model] device"));
     // A dtype or device this build cannot run is a clear error, not a panic.
     let bad = pairuni(
         &[

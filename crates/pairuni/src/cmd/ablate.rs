@@ -35,9 +35,12 @@ pub struct Args {
     /// Only these variants (comma-separated names, e.g. pairgrpo,unpaired).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
-    /// Device: cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    /// Device: cpu, cuda or cuda:N (default: the config's `[model] device`, cpu).
+    #[arg(long)]
+    device: Option<String>,
+    /// Weight dtype (f32, bf16, f16) (default: the config's `[model] dtype`, bf16 on CUDA and f32 on CPU).
+    #[arg(long)]
+    dtype: Option<String>,
 }
 
 /// One ablation variant: a name and the one config change it makes.
@@ -109,7 +112,7 @@ pub fn mean_std(values: &[f64]) -> (f64, f64) {
 /// Runs `pairuni ablate`.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let base = crate::cmd::demo::load_config(args.config.as_ref(), args.quick)?;
-    let device = pairuni_model::device::parse_device(&args.device)?;
+    let target = pipeline::Target::resolve(&base, args.device.as_deref(), args.dtype.as_deref())?;
     let chosen: Vec<Variant> = variants()
         .into_iter()
         .filter(|v| args.only.is_empty() || args.only.iter().any(|o| o == v.name))
@@ -136,9 +139,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         std::fs::create_dir_all(&layout.root)?;
         pipeline::world_stage(&cfg, &layout)?;
         pipeline::pairs_stage(&cfg, &layout)?;
-        let sft_model = pipeline::sft_stage(&cfg, &device)?;
+        let sft_model = pipeline::sft_stage(&cfg, &target)?;
         let sft_metrics =
-            pipeline::eval_stage(&cfg, &layout, &sft_model, &layout.eval("sft"), &device)?;
+            pipeline::eval_stage(&cfg, &layout, &sft_model, &layout.eval("sft"), &target)?;
         sft_results.push(pipeline::headline(&sft_metrics));
         for (index, variant) in chosen.iter().enumerate() {
             let mut vcfg = cfg.clone();
@@ -146,10 +149,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             let vroot = layout.root.join("variants").join(variant.name);
             vcfg.train.out_dir = vroot.join("train");
             tracing::info!(seed, variant = variant.name, "ablation variant");
-            let model = pipeline::train_stage(&vcfg, &device)
+            let model = pipeline::train_stage(&vcfg, &target)
                 .with_context(|| format!("variant {} seed {seed}", variant.name))?;
             let metrics =
-                pipeline::eval_stage(&vcfg, &layout, &model, &vroot.join("eval"), &device)?;
+                pipeline::eval_stage(&vcfg, &layout, &model, &vroot.join("eval"), &target)?;
             results[index].push(pipeline::headline(&metrics));
         }
     }

@@ -30,9 +30,12 @@ pub struct Args {
     /// A configuration file instead of the built-in configs/toy.toml (or toy-quick.toml with --quick).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Device: cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    /// Device: cpu, cuda or cuda:N (default: the config's `[model] device`, cpu).
+    #[arg(long)]
+    device: Option<String>,
+    /// Weight dtype (f32, bf16, f16) (default: the config's `[model] dtype`, bf16 on CUDA and f32 on CPU).
+    #[arg(long)]
+    dtype: Option<String>,
 }
 
 /// Loads `--config`, else the built-in toy config.
@@ -89,8 +92,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         root: args.out.clone(),
     };
     pipeline::place(&mut cfg, &layout);
-    let device = pairuni_model::device::parse_device(&args.device)?;
-    let summary = pipeline::run_all(&cfg, &layout, &device, true)
+    let target = pipeline::Target::resolve(&cfg, args.device.as_deref(), args.dtype.as_deref())?;
+    let summary = pipeline::run_all(&cfg, &layout, &target, true)
         .with_context(|| format!("demo in {}", args.out.display()))?;
     println!("{}", table(&summary.sft, &summary.last));
     if let Some(c) = &summary.mcq_change {

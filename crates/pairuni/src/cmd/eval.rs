@@ -10,7 +10,7 @@ use pairuni_eval::mcq::{read_mcq, score_mcq, ChoiceRule};
 use pairuni_eval::mme::{read_mme, score_mme};
 use pairuni_eval::pope::{read_pope, score_pope, YesNoRule};
 use pairuni_eval::predictions::read_predictions;
-use pairuni_model::device::{default_dtype, parse_device, parse_dtype};
+use pairuni_model::config::ModelConfig;
 use pairuni_model::Janus;
 use pairuni_runner::{evaluate_named, Progress};
 
@@ -49,10 +49,10 @@ struct RunArgs {
     /// Override the recipe's seed.
     #[arg(long)]
     seed: Option<u64>,
-    /// Device: cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// Weight dtype (f32, bf16, f16); default bf16 on CUDA, f32 on CPU.
+    /// Device: cpu, cuda or cuda:N (default: the config's `[model] device`, cpu).
+    #[arg(long)]
+    device: Option<String>,
+    /// Weight dtype (f32, bf16, f16) (default: the config's `[model] dtype`, bf16 on CUDA and f32 on CPU).
     #[arg(long)]
     dtype: Option<String>,
 }
@@ -147,10 +147,14 @@ impl Progress for Bars {
     }
 }
 
-fn load_recipe(config: Option<&Path>) -> anyhow::Result<EvalConfig> {
+/// The recipe (`[eval]`) and the model placement (`[model]`) of `--config`, or their defaults.
+fn load_recipe(config: Option<&Path>) -> anyhow::Result<(EvalConfig, ModelConfig)> {
     match config {
-        Some(path) => Ok(crate::config::PairuniConfig::load(path)?.eval),
-        None => Ok(EvalConfig::default()),
+        Some(path) => {
+            let cfg = crate::config::PairuniConfig::load(path)?;
+            Ok((cfg.eval, cfg.model))
+        }
+        None => Ok((EvalConfig::default(), ModelConfig::default())),
     }
 }
 
@@ -158,15 +162,11 @@ fn run_model(a: RunArgs) -> anyhow::Result<ExitCode> {
     let (Some(model_dir), Some(bench)) = (a.model, a.bench) else {
         bail!("pairuni eval needs --model DIR and --bench DIR (or use `pairuni eval score`)");
     };
-    let mut recipe = load_recipe(a.config.as_deref())?;
+    let (mut recipe, placement) = load_recipe(a.config.as_deref())?;
     if let Some(seed) = a.seed {
         recipe.seed = seed;
     }
-    let device = parse_device(&a.device)?;
-    let dtype = match &a.dtype {
-        Some(d) => parse_dtype(d)?,
-        None => default_dtype(&device),
-    };
+    let (device, dtype) = placement.resolve(a.device.as_deref(), a.dtype.as_deref())?;
     let model = Janus::load(&model_dir, &device, dtype)
         .with_context(|| format!("loading model {}", model_dir.display()))?;
     let mut bars = Bars::default();

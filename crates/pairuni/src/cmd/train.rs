@@ -5,8 +5,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::Context;
-use pairuni_model::device::{default_dtype, parse_device, parse_dtype};
-use pairuni_model::{DType, Device, Janus};
+use pairuni_model::Janus;
 use pairuni_rl::grpo::{read_pairs, GrpoTrainer, RunOptions};
 use serde_json::{json, Value};
 
@@ -30,23 +29,13 @@ pub struct Args {
     /// Hide the progress bar.
     #[arg(long)]
     quiet: bool,
-    /// Device: cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// Weight dtype (f32, bf16, f16); default bf16 on CUDA, f32 on CPU. Trained bf16/f16 weights keep f32
-    /// master copies (`optim.master_weights`).
+    /// Device: cpu, cuda or cuda:N (default: the config's `[model] device`, cpu).
+    #[arg(long)]
+    device: Option<String>,
+    /// Weight dtype (f32, bf16, f16) (default: the config's `[model] dtype`, bf16 on CUDA and f32 on CPU).
+    /// Trained bf16/f16 weights keep f32 master copies (`optim.master_weights`).
     #[arg(long)]
     dtype: Option<String>,
-}
-
-/// The device and weight dtype `--device` / `--dtype` ask for.
-fn device_and_dtype(device: &str, dtype: Option<&str>) -> anyhow::Result<(Device, DType)> {
-    let device = parse_device(device)?;
-    let dtype = match dtype {
-        Some(d) => parse_dtype(d)?,
-        None => default_dtype(&device),
-    };
-    Ok((device, dtype))
 }
 
 fn load(args: &Args) -> anyhow::Result<PairuniConfig> {
@@ -69,9 +58,17 @@ pub fn run_sft(args: Args) -> anyhow::Result<ExitCode> {
     if let Some(n) = args.steps {
         cfg.sft.steps = n;
     }
-    let (device, dtype) = device_and_dtype(&args.device, args.dtype.as_deref())?;
-    let model = pairuni_rl::sft::initial_model_in(&cfg.sft, cfg.seed, &device, dtype)
-        .context("building the model")?;
+    let (device, dtype) = cfg
+        .model
+        .resolve(args.device.as_deref(), args.dtype.as_deref())?;
+    let model = pairuni_rl::sft::initial_model_in(
+        &cfg.sft,
+        cfg.seed,
+        &device,
+        dtype,
+        cfg.model.toy_codebook_size,
+    )
+    .context("building the model")?;
     let opts = RunOptions {
         progress: !args.quiet,
         config_toml: Some(cfg.to_toml_string()?),
@@ -101,7 +98,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if let Some(n) = args.steps {
         cfg.train.steps = n;
     }
-    let (device, dtype) = device_and_dtype(&args.device, args.dtype.as_deref())?;
+    let (device, dtype) = cfg
+        .model
+        .resolve(args.device.as_deref(), args.dtype.as_deref())?;
     let model = Janus::load(&cfg.train.init, &device, dtype)
         .with_context(|| format!("loading `train.init` = {}", cfg.train.init.display()))?;
     let opts = RunOptions {
@@ -139,10 +138,10 @@ pub struct BenchStepArgs {
     /// Measured steps after one warm-up step.
     #[arg(long, default_value_t = 2)]
     steps: usize,
-    /// Device: cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// Weight dtype (f32, bf16, f16); default bf16 on CUDA, f32 on CPU.
+    /// Device: cpu, cuda or cuda:N (default: the config's `[model] device`, cpu).
+    #[arg(long)]
+    device: Option<String>,
+    /// Weight dtype (f32, bf16, f16) (default: the config's `[model] dtype`, bf16 on CUDA and f32 on CPU).
     #[arg(long)]
     dtype: Option<String>,
 }
@@ -156,7 +155,9 @@ pub fn run_bench_step(args: BenchStepArgs) -> anyhow::Result<ExitCode> {
     if let Some(init) = &args.init {
         cfg.train.init = init.clone();
     }
-    let (device, dtype) = device_and_dtype(&args.device, args.dtype.as_deref())?;
+    let (device, dtype) = cfg
+        .model
+        .resolve(args.device.as_deref(), args.dtype.as_deref())?;
     let model = Janus::load(&cfg.train.init, &device, dtype)
         .with_context(|| format!("loading `train.init` = {}", cfg.train.init.display()))?;
     let pairs = read_pairs(&cfg.train.pairs)?;
@@ -179,7 +180,7 @@ pub fn run_bench_step(args: BenchStepArgs) -> anyhow::Result<ExitCode> {
     println!(
         "{}",
         serde_json::to_string_pretty(&json!({
-            "device": args.device,
+            "device": format!("{:?}", device.location()),
             "dtype": format!("{dtype:?}").to_lowercase(),
             "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             "batch_pairs": cfg.train.batch_pairs,
