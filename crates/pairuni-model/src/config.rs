@@ -5,6 +5,20 @@ use serde::{Deserialize, Serialize};
 
 use crate::device::{default_dtype, parse_device, parse_dtype};
 use crate::error::{ModelError, Result};
+use crate::janus::Janus;
+
+/// Which kernels sampling forwards use (docs/GPU.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum FusedSampling {
+    /// candle's fused RMSNorm, rotary and softmax kernels on accelerators, the composed ops on the CPU.
+    #[default]
+    Auto,
+    /// The fused kernels on every device.
+    On,
+    /// The differentiable compositions of basic ops that training uses, on every device.
+    Off,
+}
 
 /// On which device and in which dtype the commands run the model, and the toy model's codebook size. Which
 /// checkpoint runs is each stage's own key (`sft.init`, `train.init`, `eval --model`).
@@ -20,6 +34,9 @@ pub struct ModelConfig {
     /// Codes in the toy patch codebook, at most (TOYWORLD.md: K ≈ 512), when SFT builds the toy model
     /// (default 512).
     pub toy_codebook_size: usize,
+    /// Kernels of the sampling forwards: `auto` (fused on accelerators, composed on the CPU), `on` or `off`;
+    /// `off` is the escape hatch should a fused kernel misbehave on some GPU (default `auto`).
+    pub fused_sampling: FusedSampling,
 }
 
 impl Default for ModelConfig {
@@ -28,6 +45,7 @@ impl Default for ModelConfig {
             device: "cpu".into(),
             dtype: "auto".into(),
             toy_codebook_size: 512,
+            fused_sampling: FusedSampling::Auto,
         }
     }
 }
@@ -51,9 +69,37 @@ impl ModelConfig {
     }
 }
 
+impl ModelConfig {
+    /// Applies the settings that live on a loaded model (the sampling kernels).
+    pub fn configure(&self, model: &mut Janus) {
+        match self.fused_sampling {
+            FusedSampling::Auto => {}
+            FusedSampling::On => model.set_fused_sampling(true),
+            FusedSampling::Off => model.set_fused_sampling(false),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fused_sampling_setting_reaches_the_model() {
+        let cfg = crate::JanusConfig::toy(16, 8);
+        let mut m = Janus::new_random(&cfg, None, None, 1, &Device::Cpu, DType::F32).unwrap();
+        let mut c = ModelConfig::default();
+        c.configure(&mut m);
+        assert!(!m.fused_sampling(), "auto keeps the CPU's composed kernels");
+        c.fused_sampling = FusedSampling::On;
+        c.configure(&mut m);
+        assert!(m.fused_sampling());
+        c.fused_sampling = FusedSampling::Off;
+        c.configure(&mut m);
+        assert!(!m.fused_sampling());
+        let parsed: ModelConfig = toml::from_str("fused_sampling = \"on\"").unwrap();
+        assert_eq!(parsed.fused_sampling, FusedSampling::On);
+    }
 
     #[test]
     fn the_command_line_wins_and_bad_values_name_their_source() {

@@ -146,13 +146,14 @@ pub fn sft_stage(cfg: &PairuniConfig, target: &Target) -> Result<PathBuf> {
         tracing::info!(dir = %final_dir.display(), "SFT already finished");
         return Ok(final_dir);
     }
-    let model = pairuni_rl::sft::initial_model_in(
+    let mut model = pairuni_rl::sft::initial_model_in(
         &cfg.sft,
         cfg.seed,
         &target.device,
         target.dtype,
         cfg.model.toy_codebook_size,
     )?;
+    cfg.model.configure(&mut model);
     let opts = RunOptions {
         progress: true,
         config_toml: Some(cfg.to_toml_string()?),
@@ -171,8 +172,9 @@ pub fn train_stage(cfg: &PairuniConfig, target: &Target) -> Result<PathBuf> {
         tracing::info!(dir = %final_dir.display(), "PairGRPO already finished");
         return Ok(final_dir);
     }
-    let policy = Janus::load(&cfg.train.init, &target.device, target.dtype)
+    let mut policy = Janus::load(&cfg.train.init, &target.device, target.dtype)
         .with_context(|| format!("loading the SFT model {}", cfg.train.init.display()))?;
+    cfg.model.configure(&mut policy);
     let opts = RunOptions {
         progress: true,
         config_toml: Some(cfg.to_toml_string()?),
@@ -194,8 +196,9 @@ pub fn eval_stage(
 ) -> Result<serde_json::Value> {
     let metrics = out.join("metrics.json");
     if !metrics.is_file() {
-        let model = Janus::load(model_dir, &target.device, target.dtype)
+        let mut model = Janus::load(model_dir, &target.device, target.dtype)
             .with_context(|| format!("loading {}", model_dir.display()))?;
+        cfg.model.configure(&mut model);
         let mut bars = crate::cmd::eval::Bars::default();
         pairuni_runner::evaluate_named(
             &model,

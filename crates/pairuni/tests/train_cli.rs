@@ -1,6 +1,7 @@
 //! `pairuni sft` and `pairuni train` through the binary in bf16 (from the config's `[model]` section or from
 //! `--dtype`): a tiny toy world, two steps each. The weights come out in bf16 and the optimiser checkpoints keep
 //! f32 master copies of them; the command line wins over the config, and `[model] toy_codebook_size` holds.
+//! The trainer samples with the fused kernels (`[model] fused_sampling = "on"`), as it does on a GPU.
 
 mod common;
 
@@ -24,6 +25,7 @@ const CONFIG: &str = r#"
 [model]
 dtype = "bf16"
 toy_codebook_size = 16
+fused_sampling = "on"
 
 [sft]
 understanding = "w/understanding.jsonl"

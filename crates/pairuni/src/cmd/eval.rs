@@ -167,8 +167,9 @@ fn run_model(a: RunArgs) -> anyhow::Result<ExitCode> {
         recipe.seed = seed;
     }
     let (device, dtype) = placement.resolve(a.device.as_deref(), a.dtype.as_deref())?;
-    let model = Janus::load(&model_dir, &device, dtype)
+    let mut model = Janus::load(&model_dir, &device, dtype)
         .with_context(|| format!("loading model {}", model_dir.display()))?;
+    placement.configure(&mut model);
     let mut bars = Bars::default();
     let report = evaluate_named(
         &model,

@@ -61,7 +61,7 @@ pub fn run_sft(args: Args) -> anyhow::Result<ExitCode> {
     let (device, dtype) = cfg
         .model
         .resolve(args.device.as_deref(), args.dtype.as_deref())?;
-    let model = pairuni_rl::sft::initial_model_in(
+    let mut model = pairuni_rl::sft::initial_model_in(
         &cfg.sft,
         cfg.seed,
         &device,
@@ -69,6 +69,7 @@ pub fn run_sft(args: Args) -> anyhow::Result<ExitCode> {
         cfg.model.toy_codebook_size,
     )
     .context("building the model")?;
+    cfg.model.configure(&mut model);
     let opts = RunOptions {
         progress: !args.quiet,
         config_toml: Some(cfg.to_toml_string()?),
@@ -101,8 +102,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let (device, dtype) = cfg
         .model
         .resolve(args.device.as_deref(), args.dtype.as_deref())?;
-    let model = Janus::load(&cfg.train.init, &device, dtype)
+    let mut model = Janus::load(&cfg.train.init, &device, dtype)
         .with_context(|| format!("loading `train.init` = {}", cfg.train.init.display()))?;
+    cfg.model.configure(&mut model);
     let opts = RunOptions {
         progress: !args.quiet,
         config_toml: Some(cfg.to_toml_string()?),
@@ -158,8 +160,9 @@ pub fn run_bench_step(args: BenchStepArgs) -> anyhow::Result<ExitCode> {
     let (device, dtype) = cfg
         .model
         .resolve(args.device.as_deref(), args.dtype.as_deref())?;
-    let model = Janus::load(&cfg.train.init, &device, dtype)
+    let mut model = Janus::load(&cfg.train.init, &device, dtype)
         .with_context(|| format!("loading `train.init` = {}", cfg.train.init.display()))?;
+    cfg.model.configure(&mut model);
     let pairs = read_pairs(&cfg.train.pairs)?;
     let dir = cfg
         .train
