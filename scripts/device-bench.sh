@@ -101,28 +101,7 @@ if [[ -n "$bin" ]] && (( $(left) > 60 )); then
     t=$(( $(left) - 15 )); (( t > 120 )) && t=120
     echo "== (d) toy pipeline on $dev (limit ${t} s)"
     smoke=$(mktemp -d)
-    cat >"$smoke/c.toml" <<'TOML'
-[sft]
-understanding = "w/understanding.jsonl"
-generation = "w/generation.jsonl"
-steps = 2
-batch_understanding = 4
-batch_generation = 4
-codebook_images = 32
-
-[train]
-pairs = "p/pairs.jsonl"
-init = "sft/final"
-steps = 2
-batch_pairs = 1
-group_size_und = 2
-group_size_gen = 2
-
-[eval.limits]
-mcq = 8
-pope = 8
-geneval = 4
-TOML
+    cp configs/tiny-run.toml "$smoke/c.toml"
     smoke_start=$(date +%s)
     abs_bin=$(readlink -f "$bin")
     (

@@ -11,7 +11,7 @@ use crate::mcq::{judge_choice, ChoiceRule, McqGold};
 use crate::predictions::Predictions;
 
 /// Per-question outcome counts of `after` against `before` on the questions both answered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 pub struct PairedChange {
     /// Wrong before, right after.
     pub improved: usize,
@@ -69,12 +69,7 @@ pub fn compare_mcq(
     rule: ChoiceRule,
     seed: u64,
 ) -> PairedChange {
-    let mut change = PairedChange {
-        improved: 0,
-        regressed: 0,
-        both_right: 0,
-        both_wrong: 0,
-    };
+    let mut change = PairedChange::default();
     for q in &gold.questions {
         let (Some(b), Some(a)) = (before.get(&q.question_id), after.get(&q.question_id)) else {
             continue;

@@ -1,5 +1,8 @@
 //! Configuration of this stage: the `[model]` section of a pairuni TOML file.
 
+use std::path::Path;
+use std::str::FromStr;
+
 use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 
@@ -18,6 +21,71 @@ pub enum FusedSampling {
     On,
     /// The differentiable compositions of basic ops that training uses, on every device.
     Off,
+}
+
+impl FusedSampling {
+    /// Sets `model`'s sampling kernels (`Auto` keeps the model's per-device default).
+    pub fn apply(self, model: &mut Janus) {
+        match self {
+            Self::Auto => {}
+            Self::On => model.set_fused_sampling(true),
+            Self::Off => model.set_fused_sampling(false),
+        }
+    }
+}
+
+impl FromStr for FusedSampling {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "on" => Ok(Self::On),
+            "off" => Ok(Self::Off),
+            other => Err(format!("`{other}` is not auto, on or off")),
+        }
+    }
+}
+
+/// Where and how a command runs its model: device, weight dtype and sampling kernels, resolved from the command
+/// line and the `[model]` section ([`ModelConfig::resolve`]).
+#[derive(Debug, Clone)]
+pub struct Placement {
+    /// The device the model lives on.
+    pub device: Device,
+    /// The weights' dtype (trained bf16/f16 weights keep f32 master copies in the optimiser).
+    pub dtype: DType,
+    /// The kernels of sampling forwards.
+    pub fused_sampling: FusedSampling,
+}
+
+impl Placement {
+    /// f32 weights on `device` with the per-device kernels (what the toy world's recorded results used).
+    pub fn f32_on(device: &Device) -> Self {
+        Self {
+            device: device.clone(),
+            dtype: DType::F32,
+            fused_sampling: FusedSampling::Auto,
+        }
+    }
+
+    /// Loads the checkpoint folder `dir` here.
+    pub fn load(&self, dir: &Path) -> Result<Janus> {
+        let mut model = Janus::load(dir, &self.device, self.dtype)?;
+        self.fused_sampling.apply(&mut model);
+        Ok(model)
+    }
+
+    /// Takes a model built on this device in another dtype (the toy is built in f32) into this placement.
+    pub fn adopt(&self, model: Janus) -> Result<Janus> {
+        let mut model = if model.dtype() == self.dtype {
+            model
+        } else {
+            model.with_dtype(self.dtype)?
+        };
+        self.fused_sampling.apply(&mut model);
+        Ok(model)
+    }
 }
 
 /// On which device and in which dtype the commands run the model, and the toy model's codebook size. Which
@@ -51,9 +119,9 @@ impl Default for ModelConfig {
 }
 
 impl ModelConfig {
-    /// The device and weight dtype to run on: `device` / `dtype` from the command line when given, else this
-    /// section's; errors name where the bad value came from.
-    pub fn resolve(&self, device: Option<&str>, dtype: Option<&str>) -> Result<(Device, DType)> {
+    /// Where to run: `device` / `dtype` from the command line when given, else this section's; errors name where
+    /// the bad value came from.
+    pub fn resolve(&self, device: Option<&str>, dtype: Option<&str>) -> Result<Placement> {
         let dev = match device {
             Some(d) => parse_device(d).map_err(|e| ModelError::input(e.to_string()))?,
             None => parse_device(&self.device)
@@ -65,18 +133,11 @@ impl ModelConfig {
             None => parse_dtype(&self.dtype)
                 .map_err(|e| ModelError::input(format!("[model] dtype: {e}")))?,
         };
-        Ok((dev, dtype))
-    }
-}
-
-impl ModelConfig {
-    /// Applies the settings that live on a loaded model (the sampling kernels).
-    pub fn configure(&self, model: &mut Janus) {
-        match self.fused_sampling {
-            FusedSampling::Auto => {}
-            FusedSampling::On => model.set_fused_sampling(true),
-            FusedSampling::Off => model.set_fused_sampling(false),
-        }
+        Ok(Placement {
+            device: dev,
+            dtype,
+            fused_sampling: self.fused_sampling,
+        })
     }
 }
 
@@ -85,34 +146,38 @@ mod tests {
     use super::*;
 
     #[test]
-    fn fused_sampling_setting_reaches_the_model() {
+    fn the_placement_reaches_the_model() {
         let cfg = crate::JanusConfig::toy(16, 8);
-        let mut m = Janus::new_random(&cfg, None, None, 1, &Device::Cpu, DType::F32).unwrap();
+        let toy = || Janus::new_random(&cfg, None, None, 1, &Device::Cpu, DType::F32).unwrap();
         let mut c = ModelConfig::default();
-        c.configure(&mut m);
+        let m = c.resolve(None, None).unwrap().adopt(toy()).unwrap();
         assert!(!m.fused_sampling(), "auto keeps the CPU's composed kernels");
+        assert_eq!(m.dtype(), DType::F32);
         c.fused_sampling = FusedSampling::On;
-        c.configure(&mut m);
+        let m = c.resolve(None, Some("bf16")).unwrap().adopt(toy()).unwrap();
         assert!(m.fused_sampling());
-        c.fused_sampling = FusedSampling::Off;
-        c.configure(&mut m);
+        assert_eq!(m.dtype(), DType::BF16);
+        let mut m = m;
+        FusedSampling::Off.apply(&mut m);
         assert!(!m.fused_sampling());
         let parsed: ModelConfig = toml::from_str("fused_sampling = \"on\"").unwrap();
         assert_eq!(parsed.fused_sampling, FusedSampling::On);
+        assert_eq!("off".parse::<FusedSampling>(), Ok(FusedSampling::Off));
+        assert!("yes".parse::<FusedSampling>().unwrap_err().contains("yes"));
     }
 
     #[test]
     fn the_command_line_wins_and_bad_values_name_their_source() {
         let c = ModelConfig::default();
-        let (dev, dtype) = c.resolve(None, None).unwrap();
-        assert!(dev.is_cpu());
-        assert_eq!(dtype, DType::F32);
+        let p = c.resolve(None, None).unwrap();
+        assert!(p.device.is_cpu());
+        assert_eq!(p.dtype, DType::F32);
         let half = ModelConfig {
             dtype: "bf16".into(),
             ..c.clone()
         };
-        assert_eq!(half.resolve(None, None).unwrap().1, DType::BF16);
-        assert_eq!(half.resolve(None, Some("f32")).unwrap().1, DType::F32);
+        assert_eq!(half.resolve(None, None).unwrap().dtype, DType::BF16);
+        assert_eq!(half.resolve(None, Some("f32")).unwrap().dtype, DType::F32);
         let bad = ModelConfig {
             dtype: "f8".into(),
             device: "gpu".into(),

@@ -1006,9 +1006,9 @@ impl Janus {
         };
         let mut codes: Vec<Vec<u32>> = vec![Vec::with_capacity(n); p];
         let mut lps: Vec<Vec<f32>> = vec![Vec::with_capacity(n); p];
+        let rows: Vec<usize> = (0..p).collect();
         for k in 0..n {
             let logits = self.gen_head(&last)?.to_vec2::<f32>()?;
-            let rows: Vec<usize> = (0..p).collect();
             let width = logits.first().map_or(0, Vec::len);
             let draws = draw_rows(&rows, width, s.temperature > 0.0, rng, |r, u| {
                 let (lc, lu) = (&logits[r], &logits[p + r]);

@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 use pairuni_data::{GenerationSample, RgbImage, UnderstandingSample};
+use pairuni_model::config::Placement;
 use pairuni_model::{CfgLogprobPolicy, ImageRollout, Janus, TextRollout};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -420,20 +421,20 @@ pub fn initial_model(
     seed: u64,
     device: &pairuni_model::Device,
 ) -> Result<Janus, TrainError> {
-    initial_model_in(cfg, seed, device, candle_core::DType::F32, 512)
+    let codebook = pairuni_model::config::ModelConfig::default().toy_codebook_size;
+    initial_model_in(cfg, seed, &Placement::f32_on(device), codebook)
 }
 
-/// [`initial_model`] with its weights stored in `dtype` (the toy model is built in f32, then cast) and a toy
-/// patch codebook of at most `toy_codebook_size` codes.
+/// [`initial_model`] at `placement` (the toy model is built in f32, then cast) with a toy patch codebook of at
+/// most `toy_codebook_size` codes.
 pub fn initial_model_in(
     cfg: &SftConfig,
     seed: u64,
-    device: &pairuni_model::Device,
-    dtype: candle_core::DType,
+    placement: &Placement,
     toy_codebook_size: usize,
 ) -> Result<Janus, TrainError> {
     if let Some(dir) = &cfg.init {
-        return Ok(Janus::load(dir, device, dtype)?);
+        return Ok(placement.load(dir)?);
     }
     let pool = pairuni_data::jsonl::read_generation_pool(&cfg.generation)
         .map_err(|e| TrainError::Data(e.to_string()))?;
@@ -450,10 +451,6 @@ pub fn initial_model_in(
         .collect::<Result<Vec<_>, _>>()?;
     let words = pairuni_toyworld::text::vocabulary();
     let jcfg = pairuni_model::JanusConfig::toy(words.len(), toy_codebook_size);
-    let model = Janus::new_toy(&jcfg, &words, &images, seed, device)?;
-    Ok(if dtype == candle_core::DType::F32 {
-        model
-    } else {
-        model.with_dtype(dtype)?
-    })
+    let model = Janus::new_toy(&jcfg, &words, &images, seed, &placement.device)?;
+    Ok(placement.adopt(model)?)
 }

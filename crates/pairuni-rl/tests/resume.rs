@@ -75,19 +75,11 @@ fn read_metrics(dir: &Path) -> Vec<Map<String, Value>> {
 
 fn weights(dir: &Path) -> Vec<(String, Vec<f32>)> {
     let m = Janus::load(&dir.join("final"), &Device::Cpu, DType::F32).unwrap();
-    m.all_vars()
-        .into_iter()
-        .map(|(n, v)| {
-            (
-                n,
-                v.as_tensor()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap(),
-            )
-        })
-        .collect()
+    common::f32_values(
+        m.all_vars()
+            .into_iter()
+            .map(|(n, v)| (n, v.as_tensor().clone())),
+    )
 }
 
 #[test]
@@ -127,20 +119,14 @@ fn pairgrpo_resume_is_exact() {
         assert!(va == vb, "weight {na} differs after resume");
     }
     // Training moved the weights at all (the comparison above is not vacuous).
-    let init: Vec<(String, Vec<f32>)> = load()
-        .all_vars()
-        .into_iter()
-        .map(|(n, v)| {
-            (
-                n,
-                v.as_tensor()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap(),
-            )
-        })
-        .collect();
+    let init = common::f32_values(
+        load()
+            .all_vars()
+            .into_iter()
+            .map(|(n, v)| (n, v.as_tensor().clone())),
+    );
+    // Same names in the same order, so each weight is compared with its own start.
+    assert!(init.iter().map(|(n, _)| n).eq(wa.iter().map(|(n, _)| n)));
     assert!(init.iter().zip(&wa).any(|((_, a), (_, b))| a != b));
 }
 

@@ -11,7 +11,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use pairuni_eval::paired::PairedChange;
-use pairuni_model::{Device, Janus};
+use pairuni_model::config::Placement;
 use pairuni_rl::grpo::RunOptions;
 
 use crate::config::PairuniConfig;
@@ -122,38 +122,19 @@ pub fn pairs_stage(cfg: &PairuniConfig, layout: &Layout) -> Result<()> {
     Ok(())
 }
 
-/// Where the pipeline's models run: the device and the dtype of their weights.
-#[derive(Debug, Clone)]
-pub struct Target {
-    /// The device every stage loads its model on.
-    pub device: Device,
-    /// The weights' dtype (trained bf16/f16 weights keep f32 master copies).
-    pub dtype: candle_core::DType,
-}
-
-impl Target {
-    /// `device` / `dtype` from the command line when given, else the config's `[model]` section.
-    pub fn resolve(cfg: &PairuniConfig, device: Option<&str>, dtype: Option<&str>) -> Result<Self> {
-        let (device, dtype) = cfg.model.resolve(device, dtype)?;
-        Ok(Self { device, dtype })
-    }
-}
-
 /// Stage 3: SFT warm-up (resumes from its latest checkpoint); returns the final model folder.
-pub fn sft_stage(cfg: &PairuniConfig, target: &Target) -> Result<PathBuf> {
+pub fn sft_stage(cfg: &PairuniConfig, placement: &Placement) -> Result<PathBuf> {
     let final_dir = cfg.sft.out_dir.join("final");
     if final_dir.join("config.json").is_file() {
         tracing::info!(dir = %final_dir.display(), "SFT already finished");
         return Ok(final_dir);
     }
-    let mut model = pairuni_rl::sft::initial_model_in(
+    let model = pairuni_rl::sft::initial_model_in(
         &cfg.sft,
         cfg.seed,
-        &target.device,
-        target.dtype,
+        placement,
         cfg.model.toy_codebook_size,
     )?;
-    cfg.model.configure(&mut model);
     let opts = RunOptions {
         progress: true,
         config_toml: Some(cfg.to_toml_string()?),
@@ -166,15 +147,15 @@ pub fn sft_stage(cfg: &PairuniConfig, target: &Target) -> Result<PathBuf> {
 }
 
 /// Stage 4: PairGRPO from the SFT model (resumes from its latest checkpoint); returns the final model folder.
-pub fn train_stage(cfg: &PairuniConfig, target: &Target) -> Result<PathBuf> {
+pub fn train_stage(cfg: &PairuniConfig, placement: &Placement) -> Result<PathBuf> {
     let final_dir = cfg.train.out_dir.join("final");
     if final_dir.join("config.json").is_file() {
         tracing::info!(dir = %final_dir.display(), "PairGRPO already finished");
         return Ok(final_dir);
     }
-    let mut policy = Janus::load(&cfg.train.init, &target.device, target.dtype)
+    let policy = placement
+        .load(&cfg.train.init)
         .with_context(|| format!("loading the SFT model {}", cfg.train.init.display()))?;
-    cfg.model.configure(&mut policy);
     let opts = RunOptions {
         progress: true,
         config_toml: Some(cfg.to_toml_string()?),
@@ -192,13 +173,13 @@ pub fn eval_stage(
     layout: &Layout,
     model_dir: &Path,
     out: &Path,
-    target: &Target,
+    placement: &Placement,
 ) -> Result<serde_json::Value> {
     let metrics = out.join("metrics.json");
     if !metrics.is_file() {
-        let mut model = Janus::load(model_dir, &target.device, target.dtype)
+        let model = placement
+            .load(model_dir)
             .with_context(|| format!("loading {}", model_dir.display()))?;
-        cfg.model.configure(&mut model);
         let mut bars = crate::cmd::eval::Bars::default();
         pairuni_runner::evaluate_named(
             &model,
@@ -299,7 +280,7 @@ pub struct PipelineSummary {
 pub fn run_all(
     cfg: &PairuniConfig,
     layout: &Layout,
-    target: &Target,
+    placement: &Placement,
     report: bool,
 ) -> Result<PipelineSummary> {
     let start = Instant::now();
@@ -311,10 +292,10 @@ pub fn run_all(
     )?;
     world_stage(cfg, layout)?;
     pairs_stage(cfg, layout)?;
-    let sft_model = sft_stage(cfg, target)?;
-    let final_model = train_stage(cfg, target)?;
-    let sft_metrics = eval_stage(cfg, layout, &sft_model, &layout.eval("sft"), target)?;
-    let final_metrics = eval_stage(cfg, layout, &final_model, &layout.eval("final"), target)?;
+    let sft_model = sft_stage(cfg, placement)?;
+    let final_model = train_stage(cfg, placement)?;
+    let sft_metrics = eval_stage(cfg, layout, &sft_model, &layout.eval("sft"), placement)?;
+    let final_metrics = eval_stage(cfg, layout, &final_model, &layout.eval("final"), placement)?;
     if report {
         crate::report::write_report(&layout.root)?;
     }

@@ -21,30 +21,11 @@ fn dtypes(file: &Path) -> Vec<(String, DType)> {
     v
 }
 
-const CONFIG: &str = r#"
-[model]
-dtype = "bf16"
-toy_codebook_size = 16
-fused_sampling = "on"
-
-[sft]
-understanding = "w/understanding.jsonl"
-generation = "w/generation.jsonl"
-steps = 2
-batch_understanding = 4
-batch_generation = 4
-codebook_images = 32
-checkpoint_every = 2
-
-[train]
-pairs = "p/pairs.jsonl"
-init = "sft/final"
-steps = 2
-batch_pairs = 1
-group_size_und = 2
-group_size_gen = 2
-checkpoint_every = 2
-"#;
+/// `configs/tiny-run.toml` (shared with the device call's smoke run) with this test's `[model]` section.
+fn config() -> String {
+    let model = "[model]\ndtype = \"bf16\"\ntoy_codebook_size = 16\nfused_sampling = \"on\"\n\n";
+    format!("{model}{}", include_str!("../../../configs/tiny-run.toml"))
+}
 
 #[test]
 fn sft_and_train_run_in_bf16_with_f32_master_weights() {
@@ -77,7 +58,7 @@ fn sft_and_train_run_in_bf16_with_f32_master_weights() {
         ],
         &dir,
     ));
-    fs::write(dir.join("c.toml"), CONFIG).unwrap();
+    fs::write(dir.join("c.toml"), config()).unwrap();
     // SFT takes bf16 from [model]; train is told on the command line too.
     for (stage, out, flags) in [
         ("sft", "sft", &[][..]),
@@ -106,10 +87,12 @@ fn sft_and_train_run_in_bf16_with_f32_master_weights() {
             "{stage}: {optimizer:?}"
         );
     }
-    let config: serde_json::Value =
+    let janus_config: serde_json::Value =
         serde_json::from_str(&fs::read_to_string(dir.join("sft/final/config.json")).unwrap())
             .unwrap();
-    let codes = config["vq_config"]["num_embeddings"].as_u64().unwrap();
+    let codes = janus_config["vq_config"]["num_embeddings"]
+        .as_u64()
+        .unwrap();
     assert!((2..=16).contains(&codes), "toy codebook of {codes} codes");
     // The command line wins over [model].
     ok(pairuni(
@@ -123,7 +106,7 @@ fn sft_and_train_run_in_bf16_with_f32_master_weights() {
     // A bad [model] value names its key.
     fs::write(
         dir.join("bad.toml"),
-        CONFIG.replace("dtype = \"bf16\"", "device = \"gpu\""),
+        config().replace("dtype = \"bf16\"", "device = \"gpu\""),
     )
     .unwrap();
     let bad = pairuni(&["sft", "--config", "bad.toml", "--out", "s3"], &dir);

@@ -89,3 +89,22 @@ fn write_pairs(dir: &Path) {
     }
     pairuni_data::jsonl::write_pairs(dir.join("pairs.jsonl"), &pairs).unwrap();
 }
+
+/// Named tensors as f32 values, sorted by name (to compare two runs' weights exactly).
+pub fn f32_values(
+    tensors: impl IntoIterator<Item = (String, candle_core::Tensor)>,
+) -> Vec<(String, Vec<f32>)> {
+    let mut out: Vec<(String, Vec<f32>)> = tensors
+        .into_iter()
+        .map(|(name, t)| {
+            let values = t
+                .to_dtype(candle_core::DType::F32)
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1())
+                .unwrap();
+            (name, values)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}

@@ -112,7 +112,9 @@ pub fn mean_std(values: &[f64]) -> (f64, f64) {
 /// Runs `pairuni ablate`.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let base = crate::cmd::demo::load_config(args.config.as_ref(), args.quick)?;
-    let target = pipeline::Target::resolve(&base, args.device.as_deref(), args.dtype.as_deref())?;
+    let placement = base
+        .model
+        .resolve(args.device.as_deref(), args.dtype.as_deref())?;
     let chosen: Vec<Variant> = variants()
         .into_iter()
         .filter(|v| args.only.is_empty() || args.only.iter().any(|o| o == v.name))
@@ -139,9 +141,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         std::fs::create_dir_all(&layout.root)?;
         pipeline::world_stage(&cfg, &layout)?;
         pipeline::pairs_stage(&cfg, &layout)?;
-        let sft_model = pipeline::sft_stage(&cfg, &target)?;
+        let sft_model = pipeline::sft_stage(&cfg, &placement)?;
         let sft_metrics =
-            pipeline::eval_stage(&cfg, &layout, &sft_model, &layout.eval("sft"), &target)?;
+            pipeline::eval_stage(&cfg, &layout, &sft_model, &layout.eval("sft"), &placement)?;
         sft_results.push(pipeline::headline(&sft_metrics));
         for (index, variant) in chosen.iter().enumerate() {
             let mut vcfg = cfg.clone();
@@ -149,10 +151,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             let vroot = layout.root.join("variants").join(variant.name);
             vcfg.train.out_dir = vroot.join("train");
             tracing::info!(seed, variant = variant.name, "ablation variant");
-            let model = pipeline::train_stage(&vcfg, &target)
+            let model = pipeline::train_stage(&vcfg, &placement)
                 .with_context(|| format!("variant {} seed {seed}", variant.name))?;
             let metrics =
-                pipeline::eval_stage(&vcfg, &layout, &model, &vroot.join("eval"), &target)?;
+                pipeline::eval_stage(&vcfg, &layout, &model, &vroot.join("eval"), &placement)?;
             results[index].push(pipeline::headline(&metrics));
         }
     }

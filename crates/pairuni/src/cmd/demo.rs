@@ -92,8 +92,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         root: args.out.clone(),
     };
     pipeline::place(&mut cfg, &layout);
-    let target = pipeline::Target::resolve(&cfg, args.device.as_deref(), args.dtype.as_deref())?;
-    let summary = pipeline::run_all(&cfg, &layout, &target, true)
+    let placement = cfg
+        .model
+        .resolve(args.device.as_deref(), args.dtype.as_deref())?;
+    let summary = pipeline::run_all(&cfg, &layout, &placement, true)
         .with_context(|| format!("demo in {}", args.out.display()))?;
     println!("{}", table(&summary.sft, &summary.last));
     if let Some(c) = &summary.mcq_change {

@@ -11,7 +11,6 @@ use pairuni_eval::mme::{read_mme, score_mme};
 use pairuni_eval::pope::{read_pope, score_pope, YesNoRule};
 use pairuni_eval::predictions::read_predictions;
 use pairuni_model::config::ModelConfig;
-use pairuni_model::Janus;
 use pairuni_runner::{evaluate_named, Progress};
 
 /// Arguments of `pairuni eval`: either a model run (`--model --bench`) or the `score` subcommand.
@@ -162,14 +161,14 @@ fn run_model(a: RunArgs) -> anyhow::Result<ExitCode> {
     let (Some(model_dir), Some(bench)) = (a.model, a.bench) else {
         bail!("pairuni eval needs --model DIR and --bench DIR (or use `pairuni eval score`)");
     };
-    let (mut recipe, placement) = load_recipe(a.config.as_deref())?;
+    let (mut recipe, model_cfg) = load_recipe(a.config.as_deref())?;
     if let Some(seed) = a.seed {
         recipe.seed = seed;
     }
-    let (device, dtype) = placement.resolve(a.device.as_deref(), a.dtype.as_deref())?;
-    let mut model = Janus::load(&model_dir, &device, dtype)
+    let model = model_cfg
+        .resolve(a.device.as_deref(), a.dtype.as_deref())?
+        .load(&model_dir)
         .with_context(|| format!("loading model {}", model_dir.display()))?;
-    placement.configure(&mut model);
     let mut bars = Bars::default();
     let report = evaluate_named(
         &model,

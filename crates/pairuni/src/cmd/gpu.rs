@@ -13,6 +13,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use candle_core::backprop::GradStore;
 use candle_core::Var;
+use pairuni_model::config::FusedSampling;
 use pairuni_model::device::{default_dtype, parse_dtype, DeviceSpec};
 use pairuni_model::image_codec::{vq_config, ImageCodec};
 use pairuni_model::vq::JanusVq;
@@ -54,17 +55,6 @@ impl SamplerArg {
             Self::Host => "host",
         }
     }
-}
-
-/// Which kernels sampling forwards use (`auto`: fused on accelerators, composed on the CPU).
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FusedArg {
-    /// The library's choice for the device.
-    Auto,
-    /// candle's fused RMSNorm, rotary and softmax kernels.
-    On,
-    /// The differentiable compositions of basic ops that training uses.
-    Off,
 }
 
 /// Model shapes for the step benchmark.
@@ -182,8 +172,8 @@ pub struct BenchGpuStepArgs {
     #[arg(long, value_enum, default_value_t = SamplerArg::Auto)]
     pub image_sampler: SamplerArg,
     /// Kernels of the sampling forwards: auto (fused unless CPU) | on | off. The probe times both either way.
-    #[arg(long, value_enum, default_value_t = FusedArg::Auto)]
-    pub fused_sampling: FusedArg,
+    #[arg(long, default_value = "auto")]
+    pub fused_sampling: FusedSampling,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -514,11 +504,7 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
 
     let t0 = Instant::now();
     let mut model = build_model(&cfg, a.seed, &dev, dtype)?;
-    match a.fused_sampling {
-        FusedArg::Auto => {}
-        FusedArg::On => model.set_fused_sampling(true),
-        FusedArg::Off => model.set_fused_sampling(false),
-    }
+    a.fused_sampling.apply(&mut model);
     dev.synchronize()?;
     let init_ms = t0.elapsed().as_secs_f64() * 1e3;
     tracing::info!(
@@ -1128,7 +1114,7 @@ mod tests {
             no_warmup: true,
             probe_steps: 2,
             image_sampler: SamplerArg::Auto,
-            fused_sampling: FusedArg::Auto,
+            fused_sampling: FusedSampling::Auto,
             json: true,
         }
     }

@@ -5,7 +5,6 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::Context;
-use pairuni_model::Janus;
 use pairuni_rl::grpo::{read_pairs, GrpoTrainer, RunOptions};
 use serde_json::{json, Value};
 
@@ -58,18 +57,16 @@ pub fn run_sft(args: Args) -> anyhow::Result<ExitCode> {
     if let Some(n) = args.steps {
         cfg.sft.steps = n;
     }
-    let (device, dtype) = cfg
+    let placement = cfg
         .model
         .resolve(args.device.as_deref(), args.dtype.as_deref())?;
-    let mut model = pairuni_rl::sft::initial_model_in(
+    let model = pairuni_rl::sft::initial_model_in(
         &cfg.sft,
         cfg.seed,
-        &device,
-        dtype,
+        &placement,
         cfg.model.toy_codebook_size,
     )
     .context("building the model")?;
-    cfg.model.configure(&mut model);
     let opts = RunOptions {
         progress: !args.quiet,
         config_toml: Some(cfg.to_toml_string()?),
@@ -99,12 +96,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if let Some(n) = args.steps {
         cfg.train.steps = n;
     }
-    let (device, dtype) = cfg
+    let placement = cfg
         .model
         .resolve(args.device.as_deref(), args.dtype.as_deref())?;
-    let mut model = Janus::load(&cfg.train.init, &device, dtype)
+    let model = placement
+        .load(&cfg.train.init)
         .with_context(|| format!("loading `train.init` = {}", cfg.train.init.display()))?;
-    cfg.model.configure(&mut model);
     let opts = RunOptions {
         progress: !args.quiet,
         config_toml: Some(cfg.to_toml_string()?),
@@ -157,12 +154,12 @@ pub fn run_bench_step(args: BenchStepArgs) -> anyhow::Result<ExitCode> {
     if let Some(init) = &args.init {
         cfg.train.init = init.clone();
     }
-    let (device, dtype) = cfg
+    let placement = cfg
         .model
         .resolve(args.device.as_deref(), args.dtype.as_deref())?;
-    let mut model = Janus::load(&cfg.train.init, &device, dtype)
+    let model = placement
+        .load(&cfg.train.init)
         .with_context(|| format!("loading `train.init` = {}", cfg.train.init.display()))?;
-    cfg.model.configure(&mut model);
     let pairs = read_pairs(&cfg.train.pairs)?;
     let dir = cfg
         .train
@@ -183,8 +180,8 @@ pub fn run_bench_step(args: BenchStepArgs) -> anyhow::Result<ExitCode> {
     println!(
         "{}",
         serde_json::to_string_pretty(&json!({
-            "device": format!("{:?}", device.location()),
-            "dtype": format!("{dtype:?}").to_lowercase(),
+            "device": format!("{:?}", placement.device.location()),
+            "dtype": format!("{:?}", placement.dtype).to_lowercase(),
             "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             "batch_pairs": cfg.train.batch_pairs,
             "group_size_und": cfg.train.group_size_und,
