@@ -6,7 +6,8 @@
 # Runs, each under its own time limit so the whole stays under BUDGET_S (default 470 s):
 #   (a) parity   pairuni bench gpu-parity: the committed Janus fixtures on cuda in f32 and bf16 vs reference
 #   (b) pytorch  scripts/torch_step_bench.py: one PairGRPO step, transformers eager, same card
-#   (c) candle   pairuni bench gpu-step: the same step through pairuni's library
+#   (c) candle   pairuni bench gpu-step: the same step through pairuni's library, then its image rollout once
+#                more with CUDA graphs (--compare-graphs)
 #   (d) smoke    the toy pipeline's commands (world, pairs, sft, train, eval) on the device, two steps each
 # and prints a table with the ratio. Logs and JSON land in $OUT (at most 8 files come back from the device).
 # Testing without a GPU: BENCH_DEVICE=cpu BENCH_SHAPES=tiny CARRY_DIR=.dev/gpu-cpu bash scripts/device-bench.sh
@@ -74,7 +75,9 @@ echo "rc=$? $(cat "$OUT/torch_step.json")"
 if [[ -n "$bin" ]]; then
     t=$(( $(left) - 10 ))
     echo "== (c) candle step (limit ${t} s)"
-    timeout "$t" "$bin" --log info bench gpu-step --device "$dev" --shapes "$shapes" --json >"$OUT/candle_step.json" 2>"$OUT/candle_step.log"
+    # --compare-graphs: the image rollout once more with CUDA graphs (rollout_image_other in the JSON).
+    timeout "$t" "$bin" --log info bench gpu-step --device "$dev" --shapes "$shapes" --compare-graphs --json \
+        >"$OUT/candle_step.json" 2>"$OUT/candle_step.log"
     rc=$?
     echo "rc=$rc $(cat "$OUT/candle_step.json")"
     (( rc != 0 )) && tail -n 20 "$OUT/candle_step.log"
@@ -144,7 +147,7 @@ if par is not None:
 else:
     print("parity: no result (see parity.log)")
 keys = ["rollout_image", "rollout_text", "decode_vq", "train", "total", "ms_per_image_step"]
-print(f"{'phase (ms)':<20}{'pytorch':>12}{'candle':>12}{'pytorch/candle':>16}")
+print(f"{'phase (ms)':<26}{'pytorch':>12}{'candle':>12}{'pytorch/candle':>16}")
 for k in keys:
     a = (pt or {}).get(k)
     b = (cd or {}).get(k)
@@ -152,7 +155,20 @@ for k in keys:
     prec = 3 if k == "ms_per_image_step" else 1  # the per-step target is 3 ms
     fa = f"{a:.{prec}f}" if isinstance(a, (int, float)) else "-"
     fb = f"{b:.{prec}f}" if isinstance(b, (int, float)) else "-"
-    print(f"{k:<20}{fa:>12}{fb:>12}{r:>16}")
+    print(f"{k:<26}{fa:>12}{fb:>12}{r:>16}")
+other = (cd or {}).get("rollout_image_other")
+if other:
+    label = "graphs" if other.get("cuda_graphs") else "no graphs"
+    if "error" in other:
+        print(f"candle image rollout with {label}: failed: {other['error']}")
+    else:
+        for k in ("rollout_image", "ms_per_image_step"):
+            a, b = (pt or {}).get(k), other.get(k)
+            r = f"{a / b:.2f}x" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b > 0 else "-"
+            prec = 3 if k == "ms_per_image_step" else 1
+            fa = f"{a:.{prec}f}" if isinstance(a, (int, float)) else "-"
+            print(f"{k + ' (' + label + ')':<26}{fa:>12}{b:>12.{prec}f}{r:>16}")
+    print("graph report:", json.dumps(other.get("graph_report")))
 try:
     with open(os.path.join(out, "candle_step.log")) as f:
         for line in f:
@@ -164,7 +180,7 @@ for name, d in (("pytorch", pt), ("candle", cd)):
     if d:
         extra = {k: d.get(k) for k in ("dtype", "image_tokens", "answer_tokens", "grad_norm", "params_with_grad",
                                        "init_ms", "peak_mem_gib", "image_sampler", "fused_sampling",
-                                       "image_step_probe") if k in d}
+                                       "cuda_graphs", "graph_report", "image_step_probe") if k in d}
         print(name, json.dumps(extra))
     else:
         print(name, "did not finish: see its log")

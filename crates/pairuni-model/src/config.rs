@@ -10,31 +10,31 @@ use crate::device::{default_dtype, parse_device, parse_dtype};
 use crate::error::{ModelError, Result};
 use crate::janus::Janus;
 
-/// Which kernels sampling forwards use (docs/GPU.md).
+/// A `[model]` switch whose `auto` leaves the choice to the model's per-device default.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
-pub enum FusedSampling {
-    /// candle's fused RMSNorm, rotary and softmax kernels on accelerators, the composed ops on the CPU.
+pub enum Toggle {
+    /// The per-device default.
     #[default]
     Auto,
-    /// The fused kernels on every device.
+    /// On, on every device.
     On,
-    /// The differentiable compositions of basic ops that training uses, on every device.
+    /// Off, on every device.
     Off,
 }
 
-impl FusedSampling {
-    /// Sets `model`'s sampling kernels (`Auto` keeps the model's per-device default).
-    pub fn apply(self, model: &mut Janus) {
+impl Toggle {
+    /// `Some(on)` when the switch is forced, `None` for `auto`.
+    pub fn forced(self) -> Option<bool> {
         match self {
-            Self::Auto => {}
-            Self::On => model.set_fused_sampling(true),
-            Self::Off => model.set_fused_sampling(false),
+            Self::Auto => None,
+            Self::On => Some(true),
+            Self::Off => Some(false),
         }
     }
 }
 
-impl FromStr for FusedSampling {
+impl FromStr for Toggle {
     type Err = String;
 
     fn from_str(s: &str) -> std::result::Result<Self, String> {
@@ -55,8 +55,11 @@ pub struct Placement {
     pub device: Device,
     /// The weights' dtype (trained bf16/f16 weights keep f32 master copies in the optimiser).
     pub dtype: DType,
-    /// The kernels of sampling forwards.
-    pub fused_sampling: FusedSampling,
+    /// The kernels of sampling forwards: candle's fused ones (`auto`: on accelerators) or the compositions.
+    pub fused_sampling: Toggle,
+    /// Whether the device-side image decode takes fixed-shape steps, captured as CUDA graphs on CUDA devices
+    /// (`auto`: off until a GPU run has measured it, docs/GPU.md).
+    pub cuda_graphs: Toggle,
 }
 
 impl Placement {
@@ -65,14 +68,25 @@ impl Placement {
         Self {
             device: device.clone(),
             dtype: DType::F32,
-            fused_sampling: FusedSampling::Auto,
+            fused_sampling: Toggle::Auto,
+            cuda_graphs: Toggle::Auto,
+        }
+    }
+
+    /// Sets `model`'s sampling switches (`auto` keeps the model's per-device default).
+    pub fn configure(&self, model: &mut Janus) {
+        if let Some(on) = self.fused_sampling.forced() {
+            model.set_fused_sampling(on);
+        }
+        if let Some(on) = self.cuda_graphs.forced() {
+            model.set_static_decode(on);
         }
     }
 
     /// Loads the checkpoint folder `dir` here.
     pub fn load(&self, dir: &Path) -> Result<Janus> {
         let mut model = Janus::load(dir, &self.device, self.dtype)?;
-        self.fused_sampling.apply(&mut model);
+        self.configure(&mut model);
         Ok(model)
     }
 
@@ -83,7 +97,7 @@ impl Placement {
         } else {
             model.with_dtype(self.dtype)?
         };
-        self.fused_sampling.apply(&mut model);
+        self.configure(&mut model);
         Ok(model)
     }
 }
@@ -104,7 +118,11 @@ pub struct ModelConfig {
     pub toy_codebook_size: usize,
     /// Kernels of the sampling forwards: `auto` (fused on accelerators, composed on the CPU), `on` or `off`;
     /// `off` is the escape hatch should a fused kernel misbehave on some GPU (default `auto`).
-    pub fused_sampling: FusedSampling,
+    pub fused_sampling: Toggle,
+    /// Image rollouts sampled on the device in fixed-shape steps, each attention width's step captured once as a
+    /// CUDA graph and replayed: `on`, `off`, or `auto` (off until a GPU run has measured it). It concerns the
+    /// device-side image sampler, the default on CUDA; the CPU samples images on the host (default `auto`).
+    pub cuda_graphs: Toggle,
 }
 
 impl Default for ModelConfig {
@@ -113,7 +131,8 @@ impl Default for ModelConfig {
             device: "cpu".into(),
             dtype: "auto".into(),
             toy_codebook_size: 512,
-            fused_sampling: FusedSampling::Auto,
+            fused_sampling: Toggle::Auto,
+            cuda_graphs: Toggle::Auto,
         }
     }
 }
@@ -137,6 +156,7 @@ impl ModelConfig {
             device: dev,
             dtype,
             fused_sampling: self.fused_sampling,
+            cuda_graphs: self.cuda_graphs,
         })
     }
 }
@@ -152,18 +172,30 @@ mod tests {
         let mut c = ModelConfig::default();
         let m = c.resolve(None, None).unwrap().adopt(toy()).unwrap();
         assert!(!m.fused_sampling(), "auto keeps the CPU's composed kernels");
+        assert!(!m.static_decode(), "auto leaves graphs off until measured");
         assert_eq!(m.dtype(), DType::F32);
-        c.fused_sampling = FusedSampling::On;
-        let m = c.resolve(None, Some("bf16")).unwrap().adopt(toy()).unwrap();
+        c.fused_sampling = Toggle::On;
+        c.cuda_graphs = Toggle::On;
+        let placed = c.resolve(None, Some("bf16")).unwrap();
+        let m = placed.adopt(toy()).unwrap();
         assert!(m.fused_sampling());
+        assert!(m.static_decode());
         assert_eq!(m.dtype(), DType::BF16);
         let mut m = m;
-        FusedSampling::Off.apply(&mut m);
+        Placement {
+            fused_sampling: Toggle::Off,
+            cuda_graphs: Toggle::Off,
+            ..placed
+        }
+        .configure(&mut m);
         assert!(!m.fused_sampling());
-        let parsed: ModelConfig = toml::from_str("fused_sampling = \"on\"").unwrap();
-        assert_eq!(parsed.fused_sampling, FusedSampling::On);
-        assert_eq!("off".parse::<FusedSampling>(), Ok(FusedSampling::Off));
-        assert!("yes".parse::<FusedSampling>().unwrap_err().contains("yes"));
+        assert!(!m.static_decode());
+        let parsed: ModelConfig =
+            toml::from_str("fused_sampling = \"on\"\ncuda_graphs = \"off\"").unwrap();
+        assert_eq!(parsed.fused_sampling, Toggle::On);
+        assert_eq!(parsed.cuda_graphs, Toggle::Off);
+        assert_eq!("off".parse::<Toggle>(), Ok(Toggle::Off));
+        assert!("yes".parse::<Toggle>().unwrap_err().contains("yes"));
     }
 
     #[test]

@@ -123,9 +123,11 @@ impl DeviceSpec {
                 }
                 // cudarc panics (rather than erroring) on some driver/library failures; keep the CLI's
                 // promise of a clear error instead of a backtrace.
-                let opened = std::panic::catch_unwind(|| Device::new_cuda(ordinal));
+                // A stream of its own rather than the per-thread default stream: every thread then queues on the
+                // same stream, and it can be captured as a CUDA graph (`crate::graphs`).
+                let opened = std::panic::catch_unwind(|| Device::new_cuda_with_stream(ordinal));
                 match opened {
-                    Ok(Ok(dev)) => Ok(dev),
+                    Ok(Ok(dev)) => Ok(without_event_tracking(dev)),
                     Ok(Err(e)) => Err(DeviceError::CudaOpen {
                         given,
                         reason: e.to_string(),
@@ -142,6 +144,29 @@ impl DeviceSpec {
             }
         }
     }
+}
+
+/// Turns off cudarc's per-allocation event tracking on a freshly opened CUDA device.
+///
+/// cudarc creates two CUDA events for every buffer it allocates (and destroys them when it is freed), and records
+/// and waits on them at every use once a context has a stream of its own, so that it can order uses across
+/// streams. pairuni runs everything on the one stream the device was opened with, so that is four to ten driver
+/// calls per tensor for nothing: thousands per Janus-Pro decode step. It must happen before any tensor exists,
+/// since it applies to buffers allocated afterwards.
+#[cfg(feature = "cuda")]
+fn without_event_tracking(dev: Device) -> Device {
+    if let Device::Cuda(cuda) = &dev {
+        // SAFETY: cudarc's condition is that the caller orders work across streams itself. This device has one
+        // stream (pairuni never creates another; cuBLAS and cuRAND are bound to it), so there is nothing to order.
+        unsafe { cuda.disable_event_tracking() };
+    }
+    dev
+}
+
+/// A CPU build never opens a CUDA device.
+#[cfg(not(feature = "cuda"))]
+fn without_event_tracking(dev: Device) -> Device {
+    dev
 }
 
 /// Parses and opens `cpu`, `cuda` or `cuda:N`.

@@ -31,6 +31,9 @@ pub enum ModelError {
     /// Caller passed something unusable (empty batch, wrong lengths, unknown ids).
     #[error("invalid input: {0}")]
     Input(String),
+    /// The accelerator failed outside a tensor op (a CUDA graph's capture or replay).
+    #[error("device: {0}")]
+    Device(String),
     /// File system error with the path.
     #[error("{path}: {source}")]
     Io {

@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use candle_core::{DType, Device, Module, Tensor, Var, D};
 use candle_nn::VarMap;
@@ -15,15 +16,16 @@ use pairuni_data::RgbImage;
 use rand_chacha::ChaCha8Rng;
 
 use crate::error::{ModelError, Result};
+use crate::graphs::{GraphReport, StepGraphs};
 use crate::image_codec::ImageCodec;
 use crate::image_tokenizer::ImageTokenizer;
 use crate::janus_config::{ImageTokenizerKind, JanusConfig};
 use crate::layers::{log_softmax_last, Act, InitKind, Linear, ParamMode, Params};
-use crate::llama::{last_position, KvCache, Llama};
+use crate::llama::{last_position, KvCache, Llama, WIDTH_STEP};
 use crate::sampling::{
-    argmax, device_cfg_draw, draw_rows, log_prob_t, sample_index_at, sample_with_logprob_at,
-    CfgLogprobPolicy, GumbelNoise, ImageRollout, ImageSamplerSite, ImageSampling, ParamSelection,
-    TextRollout, TextSampling,
+    argmax, device_cfg_draw, device_cfg_draw_with, draw_rows, log_prob_t, sample_index_at,
+    sample_with_logprob_at, CfgLogprobPolicy, GumbelNoise, ImageRollout, ImageSamplerSite,
+    ImageSampling, ParamSelection, TextRollout, TextSampling,
 };
 use crate::tokenizer::TextTokenizer;
 use crate::vision::{AlignerMlp, VisionModel};
@@ -121,6 +123,10 @@ pub struct Janus {
     m: Modules,
     tokenizer: Option<TextTokenizer>,
     image_tokenizer: Option<ImageCodec>,
+    /// Whether the device-side CFG image decode runs fixed-shape steps, captured as CUDA graphs on CUDA devices.
+    static_decode: bool,
+    /// What the graphs of the last static image decode did.
+    graph_report: Mutex<Option<GraphReport>>,
 }
 
 /// Reads a single `model.safetensors` or a sharded `model.safetensors.index.json` from `dir`.
@@ -294,6 +300,8 @@ impl Janus {
             m,
             tokenizer,
             image_tokenizer,
+            static_decode: false,
+            graph_report: Mutex::new(None),
         })
     }
 
@@ -428,6 +436,23 @@ impl Janus {
     pub fn set_fused_sampling(&mut self, on: bool) {
         self.m.lm.set_fused_sampling(on);
     }
+    /// Whether the device-side CFG image decode ([`ImageSamplerSite::Device`], the default on CUDA) takes
+    /// fixed-shape steps (`llama::StaticDecode`), captured once per attention width as CUDA graphs and replayed
+    /// on CUDA devices, run as they are elsewhere (the tests force it on the CPU). Off by default.
+    pub fn static_decode(&self) -> bool {
+        self.static_decode
+    }
+    /// Chooses the image decode's steps (see [`Janus::static_decode`]).
+    pub fn set_static_decode(&mut self, on: bool) {
+        self.static_decode = on;
+    }
+    /// What the CUDA graphs of the last static image decode did (`None` before the first).
+    pub fn last_graph_report(&self) -> Option<GraphReport> {
+        self.graph_report
+            .lock()
+            .map(|r| r.clone())
+            .unwrap_or_default()
+    }
     /// The text tokenizer, if the checkpoint has one.
     pub fn tokenizer(&self) -> Option<&TextTokenizer> {
         self.tokenizer.as_ref()
@@ -493,6 +518,7 @@ impl Janus {
             image_tokenizer,
         )?;
         clone.set_fused_sampling(self.fused_sampling());
+        clone.set_static_decode(self.static_decode());
         Ok(clone)
     }
 
@@ -951,8 +977,13 @@ impl Janus {
         let mut all_valid = valid.clone();
         all_valid.extend(valid.iter().cloned());
         let emb = self.m.lm.embed(&ids_tensor(&all_rows, &self.device)?)?;
-        // Room for the prompt and every code but the last (which is never fed back).
-        let room = rows[0].len() + n;
+        // Room for the prompt and every code but the last (which is never fed back); a static decode feeds the
+        // last one too and rounds its buffers up to whole attention widths, which it can then take over.
+        let room = if on_device && self.static_decode {
+            (rows[0].len() + n).div_ceil(WIDTH_STEP) * WIDTH_STEP
+        } else {
+            rows[0].len() + n
+        };
         let (h, cache) = self.m.lm.forward(
             &emb,
             &all_valid,
@@ -960,7 +991,9 @@ impl Janus {
         )?;
         let cache = cache.detach();
         let last = last_position(&h)?.detach();
-        let (codes, lps) = if on_device {
+        let (codes, lps) = if on_device && self.static_decode {
+            self.cfg_decode_static(p, n, s, cache, last, rng)?
+        } else if on_device {
             self.cfg_decode_on_device(p, n, s, cache, last, rng)?
         } else {
             self.cfg_decode_on_host(p, n, s, cache, last, rng)?
@@ -1065,6 +1098,64 @@ impl Janus {
         let codes = Tensor::cat(&codes, 1)?.to_vec2::<u32>()?;
         let lps = Tensor::cat(&lps, 1)?.to_vec2::<f32>()?;
         Ok((codes, lps))
+    }
+
+    /// `cfg_decode_on_device` through a static decode: each step (generation head, draw, code embedding,
+    /// decoder) reads and writes only fixed device buffers, so on CUDA it is captured once per attention width
+    /// and replayed. The noise is drawn outside the step, as `cfg_decode_on_device` draws it, so both paths
+    /// sample the same codes from the same seed up to the rounding of the wider attention.
+    fn cfg_decode_static(
+        &self,
+        p: usize,
+        n: usize,
+        s: &ImageSampling,
+        cache: KvCache,
+        last: Tensor,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<CodesAndLogprobs> {
+        use rand::RngCore;
+        let mut noise = GumbelNoise::new(&self.device, rng.next_u64())?;
+        let codebook = self.m.gen_out.weight.dim(0)?;
+        let mut sd = self.m.lm.static_decode(cache, n)?;
+        // Fixed buffers the step reads and writes: `copy` gives `last` storage of its own (`last_position` is a
+        // strided view, and `contiguous` alone may share the storage).
+        let last = last.contiguous()?.copy()?;
+        let gumbel = Tensor::zeros((p, codebook), DType::F32, &self.device)?;
+        let codes = Tensor::zeros((p, n), DType::U32, &self.device)?;
+        let lps = Tensor::zeros((p, n), DType::F32, &self.device)?;
+        let sampled = s.temperature > 0.0;
+        let mut graphs = StepGraphs::new(&self.device);
+        for _ in 0..n {
+            if sampled {
+                gumbel.slice_set(&noise.sample((p, codebook))?, 0, 0)?;
+            }
+            let width = sd.next_width();
+            let sd_ref = &sd;
+            graphs.run(width, || {
+                let logits = self.gen_head(&last)?;
+                let (code, lp) = device_cfg_draw_with(
+                    &logits.narrow(0, 0, p)?,
+                    &logits.narrow(0, p, p)?,
+                    s.cfg_weight,
+                    s.temperature,
+                    sampled.then_some(&gumbel),
+                )?;
+                let at = sd_ref.step_indices(&[p, 1])?;
+                codes.scatter_set(&at, &code, 1)?;
+                lps.scatter_set(&at, &lp, 1)?;
+                // The last code is fed too: one wasted step of n keeps every step the same graph.
+                let both = Tensor::cat(&[&code, &code], 0)?;
+                let emb = self.code_embeddings(&both)?.to_dtype(self.dtype)?;
+                let h = self.m.lm.static_step(&emb, sd_ref, width)?;
+                last.slice_set(&h, 0, 0)?;
+                sd_ref.count_step()
+            })?;
+            sd.advance();
+        }
+        if let Ok(mut r) = self.graph_report.lock() {
+            *r = Some(graphs.report());
+        }
+        Ok((codes.to_vec2::<u32>()?, lps.to_vec2::<f32>()?))
     }
 
     /// Images for code sequences (image tokenizer decode).

@@ -11,6 +11,7 @@
 pub mod config;
 pub mod device;
 pub mod error;
+pub mod graphs;
 pub mod image_codec;
 pub mod image_tokenizer;
 pub mod janus;

@@ -20,6 +20,9 @@ use candle_core::{DType, Module, Tensor};
 
 use crate::error::{ModelError, Result};
 use crate::janus_config::TextConfig;
+mod static_decode;
+pub use static_decode::{StaticDecode, WIDTH_STEP};
+
 use crate::layers::{
     apply_rope, apply_rope_fused, softmax_last, FusedRotaryTables, InitKind, Linear, Params,
     RmsNorm, Rotary,
@@ -396,13 +399,7 @@ impl Llama {
         let plan = cache.plan_append(t);
         // Only sampling goes through a preallocated cache, and nothing there is differentiated.
         let fused = plan.is_some() && self.fused_sampling;
-        let rope = if fused {
-            let scale = 1.0 / (self.cfg.head_dim() as f64).sqrt();
-            RopeTables::Fused(self.rotary.fused_tables(&pos, max_pos, x.dtype(), scale)?)
-        } else {
-            let (cos, sin) = self.rotary.tables_checked(&pos, max_pos, x.dtype())?;
-            RopeTables::Composed { cos, sin }
-        };
+        let rope = self.rope_tables(&pos, max_pos, x.dtype(), fused)?;
 
         let past = cache.len();
         let total = past + t;
@@ -436,46 +433,34 @@ impl Llama {
         // bit for bit what it was: the CPU gemm's summation order depends on the operands' layout) and for a
         // growing cache (the differentiable path keeps its layout). On an accelerator, attention reads the
         // preallocated buffers through strided views, with no copy of the cache per step.
-        let copy_kv = plan.is_none() || (dev.is_cpu() && !views_forced());
+        let kernels = Kernels {
+            fused,
+            copy_kv: plan.is_none() || (dev.is_cpu() && !views_forced()),
+        };
         let mut h = x.clone();
         let mut new_layers = Vec::with_capacity(self.layers.len());
         for (li, layer) in self.layers.iter().enumerate() {
             let past_kv = cache.layers.get(li);
-            let normed = if fused {
-                layer.input_norm.forward_fused(&h)?
-            } else {
-                layer.input_norm.forward(&h)?
-            };
-            let (q, k, v) = layer.attn.project(&normed, &rope)?;
-            let (stored, (ks, vs)) = match &plan {
-                Some((placement, pre)) => {
-                    append_prealloc(past_kv, (&k, &v), past, *placement, pre.capacity)?
-                }
-                None => {
-                    let (k, v) = match past_kv {
-                        Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
-                        None => (k, v),
-                    };
-                    ((k.clone(), v.clone()), (k, v))
-                }
-            };
-            let attn_out = layer.attn.attend(&q, &ks, &vs, &mask, copy_kv, fused)?;
-            h = (h + attn_out)?;
-            let normed = if fused {
-                layer.post_norm.forward_fused(&h)?
-            } else {
-                layer.post_norm.forward(&h)?
-            };
-            let m = &layer.mlp;
-            let act = (m.gate.forward(&normed)?.silu()? * m.up.forward(&normed)?)?;
-            h = (h + m.down.forward(&act)?)?;
-            new_layers.push(stored);
+            h = layer.forward(&h, &rope, &mask, kernels, |k, v| {
+                let (stored, views) = match &plan {
+                    Some((placement, pre)) => {
+                        append_prealloc(past_kv, (k, v), past, *placement, pre.capacity)?
+                    }
+                    None => {
+                        let (k, v) = match past_kv {
+                            Some((pk, pv)) => {
+                                (Tensor::cat(&[pk, k], 2)?, Tensor::cat(&[pv, v], 2)?)
+                            }
+                            None => (k.clone(), v.clone()),
+                        };
+                        ((k.clone(), v.clone()), (k, v))
+                    }
+                };
+                new_layers.push(stored);
+                Ok(views)
+            })?;
         }
-        let h = if fused {
-            self.norm.forward_fused(&h)?
-        } else {
-            self.norm.forward(&h)?
-        };
+        let h = self.final_norm(&h, fused)?;
         Ok((
             h,
             KvCache {
@@ -486,6 +471,74 @@ impl Llama {
                 key_bias,
             },
         ))
+    }
+}
+
+impl Llama {
+    /// Rotary tables for positions `pos` [B, T] whose largest value is `max_pos`, for the chosen kernels.
+    fn rope_tables(
+        &self,
+        pos: &Tensor,
+        max_pos: usize,
+        dtype: DType,
+        fused: bool,
+    ) -> Result<RopeTables> {
+        Ok(if fused {
+            let scale = 1.0 / (self.cfg.head_dim() as f64).sqrt();
+            RopeTables::Fused(self.rotary.fused_tables(pos, max_pos, dtype, scale)?)
+        } else {
+            let (cos, sin) = self.rotary.tables_checked(pos, max_pos, dtype)?;
+            RopeTables::Composed { cos, sin }
+        })
+    }
+
+    /// The final RMSNorm, through candle's fused kernel when `fused`.
+    fn final_norm(&self, h: &Tensor, fused: bool) -> candle_core::Result<Tensor> {
+        if fused {
+            self.norm.forward_fused(h)
+        } else {
+            self.norm.forward(h)
+        }
+    }
+}
+
+/// Which kernels one forward's layers run.
+#[derive(Debug, Clone, Copy)]
+struct Kernels {
+    /// candle's fused RMSNorm, rotary and softmax kernels (no backward) instead of compositions of basic ops.
+    fused: bool,
+    /// Make keys and values contiguous before the attention matmuls (the CPU's and the growing cache's layout).
+    copy_kv: bool,
+}
+
+impl Layer {
+    /// The layer on `h` [B, T, H] under the additive `mask`: `store` takes the new keys and values
+    /// [B, kv_heads, T, D] and returns all the keys and values to attend over.
+    fn forward(
+        &self,
+        h: &Tensor,
+        rope: &RopeTables,
+        mask: &Tensor,
+        kernels: Kernels,
+        store: impl FnOnce(&Tensor, &Tensor) -> candle_core::Result<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let norm = |n: &RmsNorm, x: &Tensor| {
+            if kernels.fused {
+                n.forward_fused(x)
+            } else {
+                n.forward(x)
+            }
+        };
+        let (q, k, v) = self.attn.project(&norm(&self.input_norm, h)?, rope)?;
+        let (ks, vs) = store(&k, &v)?;
+        let attn_out = self
+            .attn
+            .attend(&q, &ks, &vs, mask, kernels.copy_kv, kernels.fused)?;
+        let h = (h + attn_out)?;
+        let normed = norm(&self.post_norm, &h)?;
+        let m = &self.mlp;
+        let act = (m.gate.forward(&normed)?.silu()? * m.up.forward(&normed)?)?;
+        Ok((h + m.down.forward(&act)?)?)
     }
 }
 
@@ -596,7 +649,7 @@ mod tests {
         pub(super) static FORCE_VIEWS: Cell<bool> = const { Cell::new(false) };
     }
 
-    fn decoder(kv_heads: Option<usize>) -> Llama {
+    pub(super) fn decoder(kv_heads: Option<usize>) -> Llama {
         let mut cfg = JanusConfig::toy(48, 64).text_config;
         cfg.num_key_value_heads = kv_heads;
         let store = VarMap::new();
@@ -611,7 +664,7 @@ mod tests {
         Llama::new(&cfg, &p).unwrap()
     }
 
-    fn embeddings(m: &Llama, t: usize) -> Tensor {
+    pub(super) fn embeddings(m: &Llama, t: usize) -> Tensor {
         let ids: Vec<u32> = (0..2 * t as u32).map(|i| (i * 7 + 3) % 48).collect();
         m.embed(&Tensor::from_vec(ids, (2, t), &Device::Cpu).unwrap())
             .unwrap()

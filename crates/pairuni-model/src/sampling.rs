@@ -333,13 +333,33 @@ pub fn device_cfg_draw(
     temperature: f64,
     noise: &mut GumbelNoise,
 ) -> candle_core::Result<(Tensor, Tensor)> {
+    let gumbel = if temperature > 0.0 {
+        Some(noise.sample(cond.dims2()?)?)
+    } else {
+        None
+    };
+    device_cfg_draw_with(cond, uncond, cfg_weight, temperature, gumbel.as_ref())
+}
+
+/// [`device_cfg_draw`] with its Gumbel noise [p, K] given (drawn beforehand, or read from a fixed buffer by a
+/// captured decode step); `None` only when `temperature` ≤ 0.
+pub fn device_cfg_draw_with(
+    cond: &Tensor,
+    uncond: &Tensor,
+    cfg_weight: f64,
+    temperature: f64,
+    gumbel: Option<&Tensor>,
+) -> candle_core::Result<(Tensor, Tensor)> {
     let (cond, uncond) = (cond.to_dtype(DType::F32)?, uncond.to_dtype(DType::F32)?);
     let mixed = (&uncond + ((&cond - &uncond)? * cfg_weight)?)?;
-    let code = if temperature > 0.0 {
-        let scores = (mixed.affine(1.0 / temperature, 0.0)? + noise.sample(mixed.dims2()?)?)?;
-        scores.argmax_keepdim(D::Minus1)?
-    } else {
-        mixed.argmax_keepdim(D::Minus1)?
+    let code = match gumbel {
+        Some(g) if temperature > 0.0 => {
+            (mixed.affine(1.0 / temperature, 0.0)? + g)?.argmax_keepdim(D::Minus1)?
+        }
+        None if temperature > 0.0 => {
+            candle_core::bail!("a draw at temperature {temperature} needs Gumbel noise")
+        }
+        _ => mixed.argmax_keepdim(D::Minus1)?,
     };
     let lp_t = if temperature > 0.0 { temperature } else { 1.0 };
     let lp = crate::layers::log_softmax_last(&cond.affine(1.0 / lp_t, 0.0)?)?;

@@ -4,29 +4,10 @@
 
 mod common;
 
-use common::toy;
-use pairuni_model::{ImageRollout, ImageSamplerSite, ImageSampling, Janus};
+use common::{gen_prompts as prompts, sample_at as sample, toy};
+use pairuni_model::{ImageSamplerSite, ImageSampling};
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-
-fn prompts(m: &Janus) -> Vec<Vec<u32>> {
-    ["a red circle", "two blue squares left of a yellow triangle"]
-        .iter()
-        .map(|p| m.generation_prompt(p).unwrap())
-        .collect()
-}
-
-fn sample(m: &Janus, s: &ImageSampling, site: ImageSamplerSite, seed: u64) -> Vec<ImageRollout> {
-    let n = m.image_tokens_per_image();
-    m.sample_image_codes_at(
-        &prompts(m),
-        s,
-        n,
-        site,
-        &mut ChaCha8Rng::seed_from_u64(seed),
-    )
-    .unwrap()
-}
 
 /// log-softmax(logits / t)[i] in f64.
 fn log_softmax_at(logits: &[f32], t: f64, i: usize) -> f64 {

@@ -2,7 +2,9 @@
 
 #![allow(dead_code)]
 
-use pairuni_model::{Device, Janus, JanusConfig, RgbImage};
+use pairuni_model::{
+    Device, ImageRollout, ImageSamplerSite, ImageSampling, Janus, JanusConfig, RgbImage,
+};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -71,4 +73,29 @@ pub fn rel_err(a: &pairuni_model::Tensor, b: &pairuni_model::Tensor) -> f32 {
         .zip(&b)
         .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
         / scale
+}
+
+/// Two generation prompts of different lengths: the shorter is left-padded, and its unconditional row masked.
+pub fn gen_prompts(m: &Janus) -> Vec<Vec<u32>> {
+    ["a red circle", "two blue squares left of a yellow triangle"]
+        .iter()
+        .map(|p| m.generation_prompt(p).unwrap())
+        .collect()
+}
+
+/// Whole image rollouts of `gen_prompts` sampled at `site` from `seed`.
+pub fn sample_at(
+    m: &Janus,
+    s: &ImageSampling,
+    site: ImageSamplerSite,
+    seed: u64,
+) -> Vec<ImageRollout> {
+    m.sample_image_codes_at(
+        &gen_prompts(m),
+        s,
+        m.image_tokens_per_image(),
+        site,
+        &mut ChaCha8Rng::seed_from_u64(seed),
+    )
+    .unwrap()
 }

@@ -13,7 +13,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use candle_core::backprop::GradStore;
 use candle_core::Var;
-use pairuni_model::config::FusedSampling;
+use pairuni_model::config::Toggle;
 use pairuni_model::device::{default_dtype, parse_dtype, DeviceSpec};
 use pairuni_model::image_codec::{vq_config, ImageCodec};
 use pairuni_model::vq::JanusVq;
@@ -173,7 +173,14 @@ pub struct BenchGpuStepArgs {
     pub image_sampler: SamplerArg,
     /// Kernels of the sampling forwards: auto (fused unless CPU) | on | off. The probe times both either way.
     #[arg(long, default_value = "auto")]
-    pub fused_sampling: FusedSampling,
+    pub fused_sampling: Toggle,
+    /// Image rollout in fixed-shape steps captured as CUDA graphs: auto (off for now) | on | off.
+    #[arg(long, default_value = "auto")]
+    pub cuda_graphs: Toggle,
+    /// After the step, time the image rollout once more with the other `--cuda-graphs` setting (reported as
+    /// `rollout_image_other`; a failure there is reported, not fatal).
+    #[arg(long)]
+    pub compare_graphs: bool,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -504,7 +511,12 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
 
     let t0 = Instant::now();
     let mut model = build_model(&cfg, a.seed, &dev, dtype)?;
-    a.fused_sampling.apply(&mut model);
+    if let Some(on) = a.fused_sampling.forced() {
+        model.set_fused_sampling(on);
+    }
+    if let Some(on) = a.cuda_graphs.forced() {
+        model.set_static_decode(on);
+    }
     dev.synchronize()?;
     let init_ms = t0.elapsed().as_secs_f64() * 1e3;
     tracing::info!(
@@ -555,6 +567,22 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
     )?;
     let total = t_step.elapsed().as_secs_f64() * 1e3;
     let per_step = ph.get("rollout_image") / out.image_tokens.max(1) as f64;
+    let graphs_in_step = model.static_decode();
+    let step_graph_report = graph_report_json(&model);
+    if a.compare_graphs {
+        // The comparison runs code that a GPU has not run before: the step's numbers go to the log first.
+        tracing::info!(
+            total_ms = format!("{total:.1}"),
+            rollout_image_ms = format!("{:.1}", ph.get("rollout_image")),
+            ms_per_image_step = format!("{per_step:.3}"),
+            "step measured; timing the image rollout with the other --cuda-graphs setting"
+        );
+    }
+    let other = if a.compare_graphs {
+        rollout_with_other_graphs(&mut model, &inputs, &a, &mut rng)
+    } else {
+        serde_json::Value::Null
+    };
     let result = json!({
         "impl": "candle",
         "device": device_name(&dev),
@@ -580,6 +608,9 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
         "params_with_grad": format!("{}/{}", out.params_with_grad, out.params_trained),
         "image_sampler": a.image_sampler.resolved(&dev),
         "fused_sampling": model.fused_sampling(),
+        "cuda_graphs": graphs_in_step,
+        "graph_report": step_graph_report,
+        "rollout_image_other": other,
         "image_step_probe": probe,
     });
     if a.json {
@@ -621,6 +652,60 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The last static image decode's graph report as JSON (null when the model has not run one).
+fn graph_report_json(model: &Janus) -> serde_json::Value {
+    match model.last_graph_report() {
+        Some(r) => json!({
+            "captured": r.captured,
+            "replayed": r.replayed,
+            "eager": r.eager,
+            "failure": r.failure,
+        }),
+        None => serde_json::Value::Null,
+    }
+}
+
+/// The step's image rollout again with the other `--cuda-graphs` setting: its time, its time per code and its
+/// graph report, or the error it ended with (so that a failing capture or replay does not cost the device call
+/// the step's own measurement).
+fn rollout_with_other_graphs(
+    model: &mut Janus,
+    inputs: &StepInputs,
+    a: &BenchGpuStepArgs,
+    rng: &mut ChaCha8Rng,
+) -> serde_json::Value {
+    let chosen = model.static_decode();
+    model.set_static_decode(!chosen);
+    let s = ImageSampling {
+        cfg_weight: a.cfg_weight,
+        temperature: a.temperature,
+        top_p: 1.0,
+    };
+    let n = model.image_tokens_per_image();
+    let timed = (|| -> anyhow::Result<f64> {
+        model.device().synchronize()?;
+        let t0 = Instant::now();
+        let rolls =
+            model.sample_image_codes_at(&inputs.gen_prompts, &s, n, a.image_sampler.site(), rng)?;
+        model.device().synchronize()?;
+        std::hint::black_box(rolls);
+        Ok(t0.elapsed().as_secs_f64() * 1e3)
+    })();
+    let report = graph_report_json(model);
+    model.set_static_decode(chosen);
+    match timed {
+        Ok(ms) => json!({
+            "cuda_graphs": !chosen,
+            "rollout_image": round1(ms),
+            "ms_per_image_step": (ms / n.max(1) as f64 * 1000.0).round() / 1000.0,
+            "graph_report": report,
+        }),
+        Err(e) => {
+            json!({ "cuda_graphs": !chosen, "error": format!("{e:#}"), "graph_report": report })
+        }
+    }
 }
 
 /// Times `steps` CFG image decode steps the way `Janus::sample_images_ids` takes them on the host path (device
@@ -1114,7 +1199,9 @@ mod tests {
             no_warmup: true,
             probe_steps: 2,
             image_sampler: SamplerArg::Auto,
-            fused_sampling: FusedSampling::Auto,
+            fused_sampling: Toggle::Auto,
+            cuda_graphs: Toggle::Auto,
+            compare_graphs: false,
             json: true,
         }
     }
@@ -1265,6 +1352,28 @@ mod tests {
         // The optimizer step moved the weights.
         let moved = rel_err(var.as_tensor(), &before).unwrap();
         assert!(moved > 1e-4, "AdamW did not update {name}: {moved}");
+    }
+
+    #[test]
+    fn the_other_graph_setting_times_the_static_rollout_and_restores_the_model() {
+        let a = BenchGpuStepArgs {
+            image_sampler: SamplerArg::Device,
+            ..tiny_args()
+        };
+        let cfg = a.shapes.config().unwrap();
+        let mut model = build_model(&cfg, 2, &Device::Cpu, DType::F32).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        let inputs = step_inputs(&cfg, &a, &Device::Cpu, &mut rng).unwrap();
+        let other = rollout_with_other_graphs(&mut model, &inputs, &a, &mut rng);
+        assert_eq!(other["cuda_graphs"], true, "{other}");
+        assert!(other["rollout_image"].as_f64().unwrap() > 0.0, "{other}");
+        // No graphs on the CPU: every one of the 16 steps ran eagerly.
+        assert_eq!(other["graph_report"]["eager"], 16, "{other}");
+        assert_eq!(other["graph_report"]["captured"], 0, "{other}");
+        assert!(
+            !model.static_decode(),
+            "the model's own setting is restored"
+        );
     }
 
     #[test]

@@ -1,0 +1,372 @@
+//! Decoding with every step's shapes and kernel arguments fixed, so that a step can be captured once as a CUDA
+//! graph and replayed (`crate::graphs`, docs/GPU.md).
+//!
+//! A step of [`Llama::forward`] through a preallocated cache differs from the previous one in ways a graph
+//! cannot replay: the positions and the write offset are kernel arguments or host uploads, and attention reads
+//! a view one key longer. Here everything that changes lives on the device: a step counter, from which each
+//! step computes its positions and the column it writes (scatter with device indices); keys are attended over a
+//! width rounded up to [`WIDTH_STEP`], the columns not yet written masked out. So steps of one width launch the
+//! same kernels with the same arguments, and a rollout of n codes needs about n / `WIDTH_STEP` graphs.
+
+use std::sync::atomic::Ordering;
+
+use candle_core::{DType, Tensor};
+
+use super::{Kernels, KvCache, Llama, MASKED};
+use crate::error::{ModelError, Result};
+
+/// Granularity of the attention width: coarser means fewer graphs to capture, finer fewer masked keys read
+/// (on average half a step's worth per decode step).
+pub const WIDTH_STEP: usize = 64;
+
+/// The device state of a static decode: key/value buffers, key mask, step counter and the constants the steps
+/// read, all at fixed addresses. Made from a prefilled cache by [`Llama::static_decode`].
+pub struct StaticDecode {
+    /// Per layer (k, v) [B, kv_heads, capacity, D].
+    layers: Vec<(Tensor, Tensor)>,
+    /// Additive key mask [B, 1, 1, capacity] (f32): 0 for real keys, `MASKED` for padding and unwritten columns.
+    bias: Tensor,
+    /// Per row, the position of the first decoded token [B, 1] (u32).
+    base_pos: Tensor,
+    /// The column of the first decoded token [1] (u32): the prefilled length.
+    base_col: Tensor,
+    /// Steps taken, on the device [1] (u32); the step body advances it.
+    step: Tensor,
+    /// 1 [1] (u32), what the counter advances by.
+    one: Tensor,
+    /// 0 [B, 1, 1, 1] (f32), what unmasks a written column.
+    open: Tensor,
+    /// Prefilled length (host copy of `base_col`).
+    past: usize,
+    /// Columns of the buffers.
+    capacity: usize,
+    /// Steps reserved at creation.
+    steps: usize,
+    /// Steps taken, on the host (the step widths are chosen here).
+    taken: usize,
+    /// The largest position any reserved step reaches (checked against the rotary table once).
+    max_pos: usize,
+}
+
+impl StaticDecode {
+    /// Steps taken so far (the host's count; the device's advances inside the step body).
+    pub fn taken(&self) -> usize {
+        self.taken
+    }
+
+    /// Steps reserved at creation.
+    pub fn steps(&self) -> usize {
+        self.steps
+    }
+
+    /// Key columns the buffers hold.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// The attention width of the next step: the keys it sees, rounded up to [`WIDTH_STEP`].
+    pub fn next_width(&self) -> usize {
+        let keys = self.past + self.taken + 1;
+        keys.div_ceil(WIDTH_STEP)
+            .saturating_mul(WIDTH_STEP)
+            .min(self.capacity)
+    }
+
+    /// Records on the host that a step ran (its body advanced the device counter).
+    pub fn advance(&mut self) {
+        self.taken += 1;
+    }
+
+    /// The device step counter broadcast to `shape` and made contiguous (scatter indices).
+    pub fn step_indices(&self, shape: &[usize]) -> Result<Tensor> {
+        let ones = vec![1; shape.len()];
+        Ok(self.step.reshape(ones)?.broadcast_as(shape)?.contiguous()?)
+    }
+
+    /// Advances the device step counter: the last part of a step body.
+    pub fn count_step(&self) -> Result<()> {
+        let next = (&self.step + &self.one)?;
+        self.step.slice_set(&next, 0, 0)?;
+        Ok(())
+    }
+}
+
+impl Llama {
+    /// Turns a prefilled preallocated cache into a static decode of `steps` one-token steps. The cache's buffers
+    /// are taken over when they are large enough and nobody has written past its prefix; otherwise its prefix
+    /// is copied into new ones.
+    pub fn static_decode(&self, cache: KvCache, steps: usize) -> Result<StaticDecode> {
+        let past = cache.len();
+        let (Some(pre), Some(bias)) = (cache.prealloc.as_ref(), cache.key_bias.as_ref()) else {
+            return Err(ModelError::input(
+                "a static decode starts from a prefilled preallocated cache",
+            ));
+        };
+        if cache.layers.is_empty() || steps == 0 {
+            return Err(ModelError::input(
+                "a static decode needs a prefilled cache and at least one step",
+            ));
+        }
+        let b = cache.batch();
+        let dev = bias.device().clone();
+        let capacity = (past + steps).div_ceil(WIDTH_STEP) * WIDTH_STEP;
+        let max_pos = cache.next_pos.iter().copied().max().unwrap_or(0) as usize + steps - 1;
+        if max_pos >= self.cfg.max_position_embeddings {
+            return Err(ModelError::input(format!(
+                "a decode of {steps} steps reaches position {max_pos}, beyond max_position_embeddings {}",
+                self.cfg.max_position_embeddings
+            )));
+        }
+        // Claiming every column keeps a sibling cache value from writing into these buffers: its next forward
+        // fails the claim and copies.
+        let owned = pre.capacity >= capacity
+            && pre
+                .written
+                .compare_exchange(past, pre.capacity, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok();
+        let (layers, bias) = if owned {
+            (cache.layers.clone(), bias.clone())
+        } else {
+            let widen = |t: &Tensor, dim: usize| -> candle_core::Result<Tensor> {
+                let mut shape = t.dims().to_vec();
+                shape[dim] = capacity;
+                let buf = Tensor::zeros(shape, t.dtype(), t.device())?;
+                buf.slice_set(&t.narrow(dim, 0, past)?.contiguous()?, dim, 0)?;
+                Ok(buf)
+            };
+            let layers = cache
+                .layers
+                .iter()
+                .map(|(k, v)| Ok((widen(k, 2)?, widen(v, 2)?)))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            (layers, widen(bias, 3)?)
+        };
+        // Columns from the prefix on are masked until a step writes them.
+        let tail = bias.dim(3)? - past;
+        bias.slice_set(&Tensor::full(MASKED, (b, 1, 1, tail), &dev)?, 3, past)?;
+        let base_pos = Tensor::from_vec(cache.next_pos.clone(), (b, 1), &dev)?;
+        Ok(StaticDecode {
+            layers,
+            bias,
+            base_pos,
+            base_col: Tensor::from_vec(vec![past as u32], 1, &dev)?,
+            step: Tensor::zeros(1, DType::U32, &dev)?,
+            one: Tensor::ones(1, DType::U32, &dev)?,
+            open: Tensor::zeros((b, 1, 1, 1), DType::F32, &dev)?,
+            past,
+            capacity,
+            steps,
+            taken: 0,
+            max_pos,
+        })
+    }
+
+    /// One decode step of the static decode `sd` on `x` [B, 1, H] (every row real), attending over `width` key
+    /// columns (`sd.next_width()`); returns the final-normed hidden states [B, H]. Reads the step counter but does
+    /// not advance it ([`StaticDecode::count_step`] ends a step body), and creates no tensor from host data, so
+    /// it can be captured.
+    pub fn static_step(&self, x: &Tensor, sd: &StaticDecode, width: usize) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        if t != 1 || b != sd.base_pos.dim(0)? {
+            return Err(ModelError::input(format!(
+                "a static decode step takes [{}, 1, H] embeddings, got [{b}, {t}, H]",
+                sd.base_pos.dim(0)?
+            )));
+        }
+        if sd.taken >= sd.steps || width > sd.capacity {
+            return Err(ModelError::input(format!(
+                "static decode step {} of {} reserved (width {width} of {})",
+                sd.taken + 1,
+                sd.steps,
+                sd.capacity
+            )));
+        }
+        let fused = self.fused_sampling;
+        let pos = sd.base_pos.broadcast_add(&sd.step)?;
+        let rope = self.rope_tables(&pos, sd.max_pos, x.dtype(), fused)?;
+        let col = (&sd.base_col + &sd.step)?.reshape((1, 1, 1, 1))?;
+        sd.bias
+            .scatter_set(&col.broadcast_as((b, 1, 1, 1))?.contiguous()?, &sd.open, 3)?;
+        let mask = sd.bias.narrow(3, 0, width)?;
+        let (kvh, d) = (self.cfg.kv_heads(), self.cfg.head_dim());
+        let write_at = col.broadcast_as((b, kvh, 1, d))?.contiguous()?;
+        let kernels = Kernels {
+            fused,
+            copy_kv: x.device().is_cpu() && !super::views_forced(),
+        };
+        let mut h = x.clone();
+        for (layer, (kb, vb)) in self.layers.iter().zip(&sd.layers) {
+            h = layer.forward(&h, &rope, &mask, kernels, |k, v| {
+                kb.scatter_set(&write_at, k, 2)?;
+                vb.scatter_set(&write_at, v, 2)?;
+                Ok((kb.narrow(2, 0, width)?, vb.narrow(2, 0, width)?))
+            })?;
+        }
+        Ok(self.final_norm(&h, fused)?.squeeze(1)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{decoder, embeddings};
+    use super::*;
+
+    /// Hidden states of decoding `x` [2, T, H] one token at a time after a `prefill`-token prompt, through a
+    /// preallocated cache of `capacity` (`forward`) or a static decode made from it.
+    fn decode(m: &Llama, x: &Tensor, prefill: usize, capacity: usize, fixed: bool) -> Vec<f32> {
+        let t = x.dim(1).unwrap();
+        let (_, mut cache) = m
+            .forward(
+                &x.narrow(1, 0, prefill).unwrap(),
+                &vec![vec![true; prefill]; 2],
+                &m.empty_cache_with_capacity(2, capacity),
+            )
+            .unwrap();
+        let mut out = Vec::new();
+        if fixed {
+            let mut sd = m.static_decode(cache, t - prefill).unwrap();
+            for i in prefill..t {
+                let width = sd.next_width();
+                let h = m
+                    .static_step(&x.narrow(1, i, 1).unwrap(), &sd, width)
+                    .unwrap();
+                sd.count_step().unwrap();
+                sd.advance();
+                out.extend(h.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            }
+        } else {
+            for i in prefill..t {
+                let (h, c) = m
+                    .forward(&x.narrow(1, i, 1).unwrap(), &vec![vec![true]; 2], &cache)
+                    .unwrap();
+                cache = c;
+                out.extend(h.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            }
+        }
+        out
+    }
+
+    fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+        a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+    }
+
+    #[test]
+    fn static_steps_equal_the_growing_decode_across_widths() {
+        // 70 tokens: widths 64 then 128, so the step shape changes mid-decode.
+        for (kv, fused) in [(None, false), (Some(2), false), (None, true)] {
+            let mut m = decoder(kv);
+            m.set_fused_sampling(fused);
+            let x = embeddings(&m, 70);
+            let want = decode(&m, &x, 5, 70, false);
+            // Capacity 70 < 128: the static decode copies the prefix into wider buffers.
+            let copied = decode(&m, &x, 5, 70, true);
+            // Capacity 128: it takes the buffers over.
+            let taken = decode(&m, &x, 5, 128, true);
+            for got in [&copied, &taken] {
+                let err = max_rel_diff(got, &want);
+                assert!(err < 1e-5, "kv {kv:?} fused {fused}: rel err {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn widths_round_up_and_stop_at_the_capacity() {
+        let m = decoder(None);
+        let x = embeddings(&m, 8);
+        let (_, cache) = m
+            .forward(
+                &x,
+                &vec![vec![true; 8]; 2],
+                &m.empty_cache_with_capacity(2, 8),
+            )
+            .unwrap();
+        let mut sd = m.static_decode(cache, 60).unwrap();
+        assert_eq!(sd.capacity(), 128);
+        assert_eq!(sd.next_width(), 64);
+        // 8 prefilled keys: the 56th step writes key 64, the 57th key 65.
+        for _ in 0..55 {
+            sd.advance();
+        }
+        assert_eq!(sd.next_width(), 64);
+        sd.advance();
+        assert_eq!(sd.next_width(), 128);
+        for _ in 56..60 {
+            sd.advance();
+        }
+        let err = m
+            .static_step(&x.narrow(1, 0, 1).unwrap(), &sd, 128)
+            .unwrap_err();
+        assert!(err.to_string().contains("61 of 60"), "{err}");
+    }
+
+    #[test]
+    fn a_sibling_of_the_cache_still_decodes_its_own_branch() {
+        let m = decoder(None);
+        let x = embeddings(&m, 12);
+        let (_, cache) = m
+            .forward(
+                &x.narrow(1, 0, 4).unwrap(),
+                &vec![vec![true; 4]; 2],
+                &m.empty_cache_with_capacity(2, 64),
+            )
+            .unwrap();
+        let sibling = cache.clone();
+        let mut sd = m.static_decode(cache, 8).unwrap();
+        for i in 4..12 {
+            let w = sd.next_width();
+            m.static_step(&x.narrow(1, i, 1).unwrap(), &sd, w).unwrap();
+            sd.count_step().unwrap();
+            sd.advance();
+        }
+        // The sibling continues with other tokens; the static decode owns the buffers, so it must copy.
+        let other = x.narrow(1, 0, 1).unwrap();
+        let (got, _) = m
+            .forward(&other, &[vec![true], vec![true]], &sibling)
+            .unwrap();
+        let (_, fresh) = m
+            .forward(
+                &x.narrow(1, 0, 4).unwrap(),
+                &vec![vec![true; 4]; 2],
+                &m.empty_cache(2),
+            )
+            .unwrap();
+        let (want, _) = m
+            .forward(&other, &[vec![true], vec![true]], &fresh)
+            .unwrap();
+        let (got, want) = (
+            got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        assert!(max_rel_diff(&got, &want) < 1e-5);
+    }
+
+    #[test]
+    fn bad_starts_are_clear_errors() {
+        let m = decoder(None);
+        let err = m
+            .static_decode(m.empty_cache_with_capacity(2, 8), 4)
+            .err()
+            .expect("an empty cache has nothing to decode from");
+        assert!(err.to_string().contains("prefilled"), "{err}");
+        let x = embeddings(&m, 3);
+        let (_, grown) = m
+            .forward(&x, &vec![vec![true; 3]; 2], &m.empty_cache(2))
+            .unwrap();
+        assert!(m.static_decode(grown, 4).is_err());
+        let (_, pre) = m
+            .forward(
+                &x,
+                &vec![vec![true; 3]; 2],
+                &m.empty_cache_with_capacity(2, 8),
+            )
+            .unwrap();
+        let too_far = m.cfg.max_position_embeddings;
+        let err = m
+            .static_decode(pre, too_far)
+            .err()
+            .expect("beyond the table");
+        assert!(err.to_string().contains("max_position_embeddings"), "{err}");
+    }
+}
