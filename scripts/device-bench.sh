@@ -168,6 +168,13 @@ if other:
             prec = 3 if k == "ms_per_image_step" else 1
             fa = f"{a:.{prec}f}" if isinstance(a, (int, float)) else "-"
             print(f"{k + ' (' + label + ')':<26}{fa:>12}{b:>12.{prec}f}{r:>16}")
+        # The same step with this rollout in place of the step's own one (the other phases do not change).
+        a, t, r0, r1 = (pt or {}).get("total"), (cd or {}).get("total"), (cd or {}).get("rollout_image"), other.get("rollout_image")
+        if all(isinstance(x, (int, float)) for x in (t, r0, r1)):
+            tt = t - r0 + r1
+            ratio = f"{a / tt:.2f}x" if isinstance(a, (int, float)) and tt > 0 else "-"
+            fa = f"{a:.1f}" if isinstance(a, (int, float)) else "-"
+            print(f"{'total (' + label + ')':<26}{fa:>12}{tt:>12.1f}{ratio:>16}")
     print("graph report:", json.dumps(other.get("graph_report")))
 try:
     with open(os.path.join(out, "candle_step.log")) as f:
