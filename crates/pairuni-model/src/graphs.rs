@@ -134,8 +134,10 @@ impl StepGraphs {
     ) -> std::result::Result<Graph, String> {
         use candle_core::cuda_backend::cudarc::driver::sys;
         let stream = cuda.cuda_stream();
+        // Relaxed: a library that allocates on first use (cuBLAS's workspace) may do so during the capture
+        // without invalidating it; what the step queues is captured all the same.
         stream
-            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
             .map_err(|e| format!("beginning the capture of width {key}: {e}"))?;
         let recorded = body();
         // The capture must end whatever happened in the body, or the stream stays in capture mode.

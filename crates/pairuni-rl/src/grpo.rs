@@ -24,6 +24,7 @@ use crate::loss::{self, Tokens};
 use crate::optim::{learning_rate, AdamW};
 use crate::reward::{is_understanding_reward, RewardInput, Scored, WeightedSum};
 use crate::run::{restore_vars, RngState, RunDir, TrainState};
+use crate::run_loop::{self, RunOptions, Stepper, TrainSummary};
 use crate::TrainError;
 
 /// Maps the config's parameter selection onto the model's.
@@ -657,30 +658,6 @@ pub fn validate(cfg: &TrainConfig) -> Result<(), TrainError> {
     Ok(())
 }
 
-/// Options of a whole run that are not part of the config.
-#[derive(Debug, Clone, Default)]
-pub struct RunOptions {
-    /// Show an indicatif progress bar.
-    pub progress: bool,
-    /// The resolved config to store as `config.toml`.
-    pub config_toml: Option<String>,
-    /// Stop after this many steps in this process (tests of resume: "killed" after N steps).
-    pub stop_after: Option<usize>,
-}
-
-/// What a run did.
-#[derive(Debug, Clone)]
-pub struct TrainSummary {
-    /// Step the run started from (0 for a fresh run).
-    pub resumed_from: usize,
-    /// Completed steps.
-    pub steps: usize,
-    /// Metrics of the steps this process ran.
-    pub metrics: Vec<Map<String, Value>>,
-    /// The saved final model (when the run reached `cfg.steps`).
-    pub final_dir: Option<PathBuf>,
-}
-
 /// Reads the PairUG file named in `cfg.pairs`.
 pub fn read_pairs(path: &Path) -> Result<Vec<PairRecord>, TrainError> {
     pairuni_data::jsonl::read_pairs(path).map_err(|e| TrainError::Data(e.to_string()))
@@ -700,60 +677,39 @@ pub fn train(
         .map(Path::to_path_buf)
         .unwrap_or_default();
     let mut trainer = GrpoTrainer::new(cfg.clone(), seed, policy, pairs, pairs_dir)?;
-    let run = RunDir::create(&cfg.out_dir)?;
-    if let Some(text) = &opts.config_toml {
-        run.write_config(text)?;
+    run_loop::run(
+        &mut trainer,
+        &cfg.out_dir,
+        cfg.steps,
+        cfg.checkpoint_every,
+        opts,
+    )
+}
+
+impl Stepper for GrpoTrainer {
+    const LABEL: &'static str = "PairGRPO";
+    fn steps_done(&self) -> usize {
+        self.step
     }
-    let resumed_from = trainer.resume(&run)?.unwrap_or(0);
-    run.truncate_metrics(resumed_from)?;
-    if resumed_from > 0 {
-        tracing::info!(step = resumed_from, dir = %cfg.out_dir.display(), "resuming PairGRPO run");
+    fn run_step(&mut self) -> Result<Map<String, Value>, TrainError> {
+        Ok(self.step()?.metrics)
     }
-    let bar = crate::progress_bar(opts.progress, cfg.steps, resumed_from, "PairGRPO");
-    let mut metrics = Vec::new();
-    let mut ran = 0;
-    while trainer.step < cfg.steps {
-        if opts.stop_after.is_some_and(|n| ran >= n) {
-            return Ok(TrainSummary {
-                resumed_from,
-                steps: trainer.step,
-                metrics,
-                final_dir: None,
-            });
-        }
-        let report = trainer.step()?;
-        run.append_metrics(&Value::Object(report.metrics.clone()))?;
-        bar.set_position(report.step as u64);
-        bar.set_message(format!(
+    fn resume_from(&mut self, run: &RunDir) -> Result<Option<usize>, TrainError> {
+        self.resume(run)
+    }
+    fn checkpoint(&self, run: &RunDir) -> Result<(), TrainError> {
+        self.save_checkpoint(run).map(|_| ())
+    }
+    fn model(&self) -> &Janus {
+        self.policy()
+    }
+    fn progress_message(m: &Map<String, Value>) -> String {
+        format!(
             "reward und {:.3} gen {:.3}",
-            report
-                .metrics
-                .get("reward/und")
-                .and_then(Value::as_f64)
-                .unwrap_or(0.0),
-            report
-                .metrics
-                .get("reward/gen")
-                .and_then(Value::as_f64)
-                .unwrap_or(0.0)
-        ));
-        metrics.push(report.metrics);
-        ran += 1;
-        if (cfg.checkpoint_every > 0 && trainer.step % cfg.checkpoint_every == 0)
-            || trainer.step == cfg.steps
-        {
-            trainer.save_checkpoint(&run)?;
-        }
+            run_loop::metric(m, "reward/und"),
+            run_loop::metric(m, "reward/gen")
+        )
     }
-    bar.finish();
-    let final_dir = run.final_dir();
-    trainer.policy().save(&final_dir)?;
-    Ok(TrainSummary {
-        resumed_from,
-        steps: trainer.step,
-        metrics,
-        final_dir: Some(final_dir),
-    })
 }
 
 /// Mean of a metric over a slice of steps (None if absent everywhere).

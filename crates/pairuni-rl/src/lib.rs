@@ -4,7 +4,8 @@
 //! method (advantages, pair weight, ratio, clip, KL, aggregation); `optim` is AdamW with checkpointable moments
 //! and the learning-rate schedule; `reward` turns rollouts into numbers (answer parsers, toy-GenEval); `data`
 //! draws batches of pairs with a resumable cursor; `run` holds run folders, checkpoints and metrics files;
-//! `grpo` and `sft` put these together around a `pairuni_model::Janus`.
+//! `grpo` and `sft` put these together around a `pairuni_model::Janus`, and `run_loop` drives either through a
+//! whole run (resume, metrics, checkpoints, final model).
 
 pub mod config;
 pub mod data;
@@ -13,9 +14,11 @@ pub mod loss;
 pub mod optim;
 pub mod reward;
 pub mod run;
+pub mod run_loop;
 pub mod sft;
 
-pub use grpo::{train, GrpoTrainer, RunOptions, StepReport, TrainSummary};
+pub use grpo::{train, GrpoTrainer, StepReport};
+pub use run_loop::{RunOptions, TrainSummary};
 pub use sft::{sft, SftTrainer};
 
 /// Everything that can stop a trainer, with the file, field or step concerned.

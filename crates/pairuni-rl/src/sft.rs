@@ -5,7 +5,7 @@
 //! Examples come from the pools or from both sides of PairUG records. Batches are drawn with the trainer's
 //! own generator, whose state is checkpointed, so a resumed run continues exactly.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use candle_core::Tensor;
@@ -18,9 +18,10 @@ use serde_json::{json, Map, Value};
 
 use crate::config::{SftConfig, SftSource};
 use crate::data::Cursor;
-use crate::grpo::{param_selection, ImageCache, RunOptions, TrainSummary};
+use crate::grpo::{param_selection, ImageCache};
 use crate::optim::{learning_rate, AdamW};
 use crate::run::{restore_vars, RngState, RunDir, TrainState};
+use crate::run_loop::{self, RunOptions, Stepper, TrainSummary};
 use crate::TrainError;
 
 /// The question used for caption examples (every word is in the toy vocabulary).
@@ -365,52 +366,40 @@ pub fn sft(
 ) -> Result<TrainSummary, TrainError> {
     let data = SftData::load(cfg)?;
     let mut trainer = SftTrainer::new(cfg.clone(), seed, model, data)?;
-    let run = RunDir::create(&cfg.out_dir)?;
-    if let Some(text) = &opts.config_toml {
-        run.write_config(text)?;
+    run_loop::run(
+        &mut trainer,
+        &cfg.out_dir,
+        cfg.steps,
+        cfg.checkpoint_every,
+        opts,
+    )
+}
+
+impl Stepper for SftTrainer {
+    const LABEL: &'static str = "SFT";
+    fn steps_done(&self) -> usize {
+        self.step
     }
-    let resumed_from = trainer.resume(&run)?.unwrap_or(0);
-    run.truncate_metrics(resumed_from)?;
-    let bar = crate::progress_bar(opts.progress, cfg.steps, resumed_from, "SFT");
-    let mut metrics = Vec::new();
-    let mut ran = 0;
-    while trainer.step < cfg.steps {
-        if opts.stop_after.is_some_and(|n| ran >= n) {
-            return Ok(TrainSummary {
-                resumed_from,
-                steps: trainer.step,
-                metrics,
-                final_dir: None,
-            });
-        }
-        let m = trainer.step()?;
-        run.append_metrics(&Value::Object(m.clone()))?;
-        bar.set_position(trainer.step as u64);
-        bar.set_message(format!(
-            "loss {:.3}",
-            m.get("loss").and_then(Value::as_f64).unwrap_or(f64::NAN)
-        ));
-        metrics.push(m);
-        ran += 1;
-        if (cfg.checkpoint_every > 0 && trainer.step % cfg.checkpoint_every == 0)
-            || trainer.step == cfg.steps
-        {
-            run.save_checkpoint(
-                &trainer.model.all_vars(),
-                &trainer.opt.state_tensors(),
-                &trainer.state(),
-            )?;
-        }
+    fn run_step(&mut self) -> Result<Map<String, Value>, TrainError> {
+        self.step()
     }
-    bar.finish();
-    let final_dir: PathBuf = run.final_dir();
-    trainer.model.save(&final_dir)?;
-    Ok(TrainSummary {
-        resumed_from,
-        steps: trainer.step,
-        metrics,
-        final_dir: Some(final_dir),
-    })
+    fn resume_from(&mut self, run: &RunDir) -> Result<Option<usize>, TrainError> {
+        self.resume(run)
+    }
+    fn checkpoint(&self, run: &RunDir) -> Result<(), TrainError> {
+        run.save_checkpoint(
+            &self.model.all_vars(),
+            &self.opt.state_tensors(),
+            &self.state(),
+        )?;
+        Ok(())
+    }
+    fn model(&self) -> &Janus {
+        &self.model
+    }
+    fn progress_message(m: &Map<String, Value>) -> String {
+        format!("loss {:.3}", run_loop::metric(m, "loss"))
+    }
 }
 
 /// The model an SFT run starts from: `cfg.init` loaded if set, else a new toy model (seeded random weights,

@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use pairuni_eval::paired::PairedChange;
 use pairuni_model::config::Placement;
-use pairuni_rl::grpo::RunOptions;
+use pairuni_rl::RunOptions;
 
 use crate::config::PairuniConfig;
 

@@ -5,7 +5,8 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::Context;
-use pairuni_rl::grpo::{read_pairs, GrpoTrainer, RunOptions};
+use pairuni_rl::grpo::{read_pairs, GrpoTrainer};
+use pairuni_rl::RunOptions;
 use serde_json::{json, Value};
 
 use crate::config::PairuniConfig;
