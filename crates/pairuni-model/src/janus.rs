@@ -181,68 +181,6 @@ fn read_weights(dir: &Path, device: &Device) -> Result<HashMap<String, Tensor>> 
     })
 }
 
-/// Serialises tensors as one safetensors file (names sorted), f32/bf16/f16 only.
-pub(crate) fn safetensors_bytes(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
-    let mut sorted: Vec<&(String, Tensor)> = tensors.iter().collect();
-    sorted.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut header = serde_json::Map::new();
-    let mut data: Vec<u8> = Vec::new();
-    for (name, t) in sorted {
-        let flat = t.flatten_all()?;
-        let (dt, bytes): (&str, Vec<u8>) = match t.dtype() {
-            DType::F32 => (
-                "F32",
-                flat.to_vec1::<f32>()?
-                    .iter()
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect(),
-            ),
-            DType::BF16 => (
-                "BF16",
-                flat.to_vec1::<half::bf16>()?
-                    .iter()
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect(),
-            ),
-            DType::F16 => (
-                "F16",
-                flat.to_vec1::<half::f16>()?
-                    .iter()
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect(),
-            ),
-            DType::U32 => (
-                "U32",
-                flat.to_vec1::<u32>()?
-                    .iter()
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect(),
-            ),
-            other => {
-                return Err(ModelError::input(format!(
-                    "cannot save tensor `{name}` of dtype {other:?}"
-                )))
-            }
-        };
-        let start = data.len();
-        data.extend_from_slice(&bytes);
-        header.insert(
-            name.clone(),
-            serde_json::json!({"dtype": dt, "shape": t.dims(), "data_offsets": [start, data.len()]}),
-        );
-    }
-    let mut h = serde_json::Value::Object(header).to_string().into_bytes();
-    // The format wants the data section 8-byte aligned.
-    while !h.len().is_multiple_of(8) {
-        h.push(b' ');
-    }
-    let mut out = Vec::with_capacity(8 + h.len() + data.len());
-    out.extend_from_slice(&(h.len() as u64).to_le_bytes());
-    out.extend_from_slice(&h);
-    out.extend_from_slice(&data);
-    Ok(out)
-}
-
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     pairuni_data::atomic::write_atomic_bytes(path, bytes).map_err(|e| ModelError::Checkpoint {
         path: path.display().to_string(),
@@ -392,10 +330,14 @@ impl Janus {
             .into_iter()
             .map(|(n, v)| (n, v.as_tensor().clone()))
             .collect();
-        write_atomic(
-            &dir.join("model.safetensors"),
-            &safetensors_bytes(&tensors)?,
-        )?;
+        let path = dir.join("model.safetensors");
+        // candle's tensors are safetensors views; the format orders them by alignment, then name.
+        let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), None)
+            .map_err(|e| ModelError::Checkpoint {
+                path: path.display().to_string(),
+                msg: e.to_string(),
+            })?;
+        write_atomic(&path, &bytes)?;
         // A stale index would shadow nothing (single file wins) but would confuse readers: remove it.
         let _ = std::fs::remove_file(dir.join("model.safetensors.index.json"));
         if let Some(tok) = &self.tokenizer {
