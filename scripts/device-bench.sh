@@ -186,7 +186,7 @@ except OSError:
 for name, d in (("pytorch", pt), ("candle", cd)):
     if d:
         extra = {k: d.get(k) for k in ("dtype", "image_tokens", "answer_tokens", "grad_norm", "params_with_grad",
-                                       "init_ms", "peak_mem_gib", "image_sampler", "fused_sampling",
+                                       "init_ms", "peak_mem_gib", "image_sampler", "text_sampler", "fused_sampling",
                                        "cuda_graphs", "graph_report", "image_step_probe") if k in d}
         print(name, json.dumps(extra))
     else:

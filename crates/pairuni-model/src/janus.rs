@@ -23,9 +23,9 @@ use crate::janus_config::{ImageTokenizerKind, JanusConfig};
 use crate::layers::{log_softmax_last, Act, InitKind, Linear, ParamMode, Params};
 use crate::llama::{last_position, KvCache, Llama, WIDTH_STEP};
 use crate::sampling::{
-    argmax, device_cfg_draw, device_cfg_draw_with, draw_rows, log_prob_t, sample_index_at,
-    sample_with_logprob_at, CfgLogprobPolicy, GumbelNoise, ImageRollout, ImageSamplerSite,
-    ImageSampling, ParamSelection, TextRollout, TextSampling,
+    argmax, device_cfg_draw, device_cfg_draw_with, device_token_draw, draw_rows, log_prob_t,
+    sample_index_at, sample_with_logprob_at, CfgLogprobPolicy, GumbelNoise, ImageRollout,
+    ImageSampling, ParamSelection, SamplerSite, TextRollout, TextSampling,
 };
 use crate::tokenizer::TextTokenizer;
 use crate::vision::{AlignerMlp, VisionModel};
@@ -378,7 +378,7 @@ impl Janus {
     pub fn set_fused_sampling(&mut self, on: bool) {
         self.m.lm.set_fused_sampling(on);
     }
-    /// Whether the device-side CFG image decode ([`ImageSamplerSite::Device`], the default on CUDA) takes
+    /// Whether the device-side CFG image decode ([`SamplerSite::Device`], the default on CUDA) takes
     /// fixed-shape steps (`llama::StaticDecode`), captured once per attention width as CUDA graphs and replayed
     /// on CUDA devices, run as they are elsewhere (the tests force it on the CPU). Off by default.
     pub fn static_decode(&self) -> bool {
@@ -728,12 +728,26 @@ impl Janus {
         self.sample_answers_ids(&pixels, &prompts, s, rng)
     }
 
-    /// `sample_answers` on preprocessed pixels [3, S, S] and prompt ids (custom templates).
+    /// `sample_answers` on preprocessed pixels [3, S, S] and prompt ids (custom templates). Draws where
+    /// [`SamplerSite::Auto`] says: on the host on the CPU, on the device otherwise (unless top-p is on).
     pub fn sample_answers_ids(
         &self,
         pixels: &[Tensor],
         prompts: &[Vec<u32>],
         s: &TextSampling,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Vec<TextRollout>> {
+        self.sample_answers_ids_at(pixels, prompts, s, SamplerSite::Auto, rng)
+    }
+
+    /// `sample_answers_ids` with the site of the draws chosen by the caller (tests force the device path on the
+    /// CPU; benchmarks compare the two). The host path is the reference: seeded runs reproduce it bit for bit.
+    pub fn sample_answers_ids_at(
+        &self,
+        pixels: &[Tensor],
+        prompts: &[Vec<u32>],
+        s: &TextSampling,
+        site: SamplerSite,
         rng: &mut ChaCha8Rng,
     ) -> Result<Vec<TextRollout>> {
         let b = prompts.len();
@@ -751,6 +765,17 @@ impl Janus {
                 "text temperature must be > 0 unless greedy",
             ));
         }
+        let nucleus = !s.greedy && s.top_p < 1.0;
+        let on_device = match site {
+            SamplerSite::Auto => !self.device.is_cpu() && !nucleus,
+            SamplerSite::Host => false,
+            SamplerSite::Device if nucleus => {
+                return Err(ModelError::input(
+                    "device-side answer sampling has no top-p; use the host sampler",
+                ))
+            }
+            SamplerSite::Device => true,
+        };
         let t_lp = s.logprob_temperature();
         let eos = self.eos_token();
         let pad = self.pad_token();
@@ -768,23 +793,46 @@ impl Janus {
         let mut answers: Vec<Vec<u32>> = vec![Vec::new(); b];
         let mut lps: Vec<Vec<f32>> = vec![Vec::new(); b];
         let mut done = vec![false; b];
-        let mut bias: Vec<f32> = Vec::new();
-        for step in 0..s.max_new_tokens {
-            let logits = self.lm_logits(&last)?.to_vec2::<f32>()?;
-            if bias.is_empty() {
-                bias = self.answer_logit_bias(logits.first().map_or(0, Vec::len));
-            }
+        let bias = self.answer_logit_bias(self.m.lm_head.dim(0)?);
+        let mut device_draws = if on_device {
+            use rand::RngCore;
+            // One value of the caller's stream whatever the device, as the image sampler takes.
+            let noise = GumbelNoise::new(&self.device, rng.next_u64())?;
             let width = bias.len();
+            Some((
+                noise,
+                Tensor::from_vec(bias.clone(), (1, width), &self.device)?,
+            ))
+        } else {
+            None
+        };
+        for step in 0..s.max_new_tokens {
             let active: Vec<usize> = (0..b).filter(|&r| !done[r]).collect();
-            let draws = draw_rows(&active, width, !s.greedy, rng, |r, u| {
-                let row: Vec<f32> = logits[r].iter().zip(&bias).map(|(l, b)| l + b).collect();
-                if s.greedy {
-                    let tok = argmax(&row);
-                    (tok, log_prob_t(&row, t_lp, tok))
-                } else {
-                    sample_with_logprob_at(&row, s.temperature, s.top_p, u, t_lp)
+            let logits = self.lm_logits(&last)?;
+            let draws: Vec<(usize, f32)> = match &mut device_draws {
+                Some((noise, bias)) => {
+                    // Finished rows draw too (their tokens are dropped): the batch keeps its shape.
+                    let (tok, lp) = device_token_draw(&logits, bias, s, noise)?;
+                    let (tok, lp) = (
+                        tok.flatten_all()?.to_vec1::<u32>()?,
+                        lp.flatten_all()?.to_vec1::<f32>()?,
+                    );
+                    active.iter().map(|&r| (tok[r] as usize, lp[r])).collect()
                 }
-            });
+                None => {
+                    let logits = logits.to_vec2::<f32>()?;
+                    draw_rows(&active, bias.len(), !s.greedy, rng, |r, u| {
+                        let row: Vec<f32> =
+                            logits[r].iter().zip(&bias).map(|(l, b)| l + b).collect();
+                        if s.greedy {
+                            let tok = argmax(&row);
+                            (tok, log_prob_t(&row, t_lp, tok))
+                        } else {
+                            sample_with_logprob_at(&row, s.temperature, s.top_p, u, t_lp)
+                        }
+                    })
+                }
+            };
             let mut next = vec![pad; b];
             for (&r, (tok, lp)) in active.iter().zip(draws) {
                 lps[r].push(lp);
@@ -861,7 +909,7 @@ impl Janus {
     }
 
     /// `sample_images_ids` stopping after the first `n` codes (benchmarks; rollouts need the full count).
-    /// Samples where [`ImageSamplerSite::Auto`] says: on the host on the CPU, on the device otherwise.
+    /// Samples where [`SamplerSite::Auto`] says: on the host on the CPU, on the device otherwise.
     pub fn sample_image_codes(
         &self,
         prompts: &[Vec<u32>],
@@ -869,7 +917,7 @@ impl Janus {
         n: usize,
         rng: &mut ChaCha8Rng,
     ) -> Result<Vec<ImageRollout>> {
-        self.sample_image_codes_at(prompts, s, n, ImageSamplerSite::Auto, rng)
+        self.sample_image_codes_at(prompts, s, n, SamplerSite::Auto, rng)
     }
 
     /// `sample_image_codes` with the sampling site chosen by the caller (tests force the device path on the CPU;
@@ -879,7 +927,7 @@ impl Janus {
         prompts: &[Vec<u32>],
         s: &ImageSampling,
         n: usize,
-        site: ImageSamplerSite,
+        site: SamplerSite,
         rng: &mut ChaCha8Rng,
     ) -> Result<Vec<ImageRollout>> {
         let p = prompts.len();
@@ -899,9 +947,9 @@ impl Janus {
             ));
         }
         let on_device = match site {
-            ImageSamplerSite::Auto => !self.device.is_cpu() && s.top_p >= 1.0,
-            ImageSamplerSite::Host => false,
-            ImageSamplerSite::Device => {
+            SamplerSite::Auto => !self.device.is_cpu() && s.top_p >= 1.0,
+            SamplerSite::Host => false,
+            SamplerSite::Device => {
                 if s.top_p < 1.0 {
                     return Err(ModelError::input(
                         "device-side image sampling has no top-p; use the host sampler",

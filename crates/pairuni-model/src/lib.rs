@@ -32,7 +32,7 @@ pub use janus_config::{ImageTokenizerKind, JanusConfig, PromptTemplate};
 pub use llama::KvCache;
 pub use pairuni_data::RgbImage;
 pub use sampling::{
-    CfgLogprobPolicy, ImageRollout, ImageSamplerSite, ImageSampling, ParamSelection, TextRollout,
+    CfgLogprobPolicy, ImageRollout, ImageSampling, ParamSelection, SamplerSite, TextRollout,
     TextSampling,
 };
 pub use tokenizer::TextTokenizer;

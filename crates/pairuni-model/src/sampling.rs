@@ -75,19 +75,41 @@ pub enum CfgLogprobPolicy {
     },
 }
 
-/// Where CFG image sampling mixes the logits and draws the codes.
+/// Where a sampler turns logits into tokens: CFG image codes, or answer tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub enum ImageSamplerSite {
-    /// [`ImageSamplerSite::Host`] on the CPU, [`ImageSamplerSite::Device`] on an accelerator when top-p is off.
+pub enum SamplerSite {
+    /// [`SamplerSite::Host`] on the CPU, [`SamplerSite::Device`] on an accelerator when top-p is off.
     #[default]
     Auto,
     /// Logits go to the host every step; the draw uses the caller's ChaCha stream directly (bit-reproducible,
     /// supports top-p).
     Host,
-    /// CFG mix, Gumbel-max draw and log-prob on the device; codes and log-probs are read back once at the end.
-    /// The noise comes from one seed drawn from the caller's stream: same distribution as the host sampler,
-    /// different draws. No top-p.
+    /// Gumbel-max draw and log-prob on the device (after the CFG mix, for images). Image codes and log-probs are
+    /// read back once at the end; answer tokens each step, as the few bytes the host needs to tell finished rows
+    /// (instead of the whole vocabulary's logits). The noise comes from one seed drawn from the caller's stream:
+    /// same distribution as the host sampler, different draws. No top-p.
     Device,
+}
+
+/// One draw of the next answer token for every row on the logits' device. `logits`: [b, V] f32; `bias` [1, V]
+/// is added first (banned tokens). Greedy takes the argmax; otherwise Gumbel-max at `temperature`. Returns the
+/// tokens [b, 1] (u32) and their log-probs under softmax((logits + bias) / `logprob_temperature`) [b, 1] (f32).
+pub fn device_token_draw(
+    logits: &Tensor,
+    bias: &Tensor,
+    s: &TextSampling,
+    noise: &mut GumbelNoise,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let biased = logits.to_dtype(DType::F32)?.broadcast_add(bias)?;
+    let tok = if s.greedy {
+        biased.argmax_keepdim(D::Minus1)?
+    } else {
+        let g = noise.sample(biased.dims2()?)?;
+        (biased.affine(1.0 / s.temperature, 0.0)? + g)?.argmax_keepdim(D::Minus1)?
+    };
+    let lp = crate::layers::log_softmax_last(&biased.affine(1.0 / s.logprob_temperature(), 0.0)?)?
+        .gather(&tok, D::Minus1)?;
+    Ok((tok, lp))
 }
 
 /// Which parameters a trainer updates.
@@ -561,6 +583,37 @@ mod device_draw_tests {
     fn rows(v: &[f32], n: usize) -> Tensor {
         let flat: Vec<f32> = (0..n).flat_map(|_| v.iter().copied()).collect();
         Tensor::from_vec(flat, (n, v.len()), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn device_token_draws_follow_the_tempered_softmax_and_skip_banned_tokens() {
+        // 20000 identical rows: token frequencies must match softmax((l + bias) / T); token 1 is banned.
+        let l = [0.5f32, 3.0, 1.0, -0.5, 1.5];
+        let bias = Tensor::from_vec(vec![0f32, -1e9, 0.0, 0.0, 0.0], (1, 5), &Device::Cpu).unwrap();
+        let s = TextSampling {
+            temperature: 0.7,
+            ..TextSampling::default()
+        };
+        let n = 20000;
+        let mut noise = GumbelNoise::new(&Device::Cpu, 5).unwrap();
+        let (tok, lp) = device_token_draw(&rows(&l, n), &bias, &s, &mut noise).unwrap();
+        let toks = tok.flatten_all().unwrap().to_vec1::<u32>().unwrap();
+        let lps = lp.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let allowed = [l[0], f32::NEG_INFINITY, l[2], l[3], l[4]];
+        let want = log_softmax_t(&allowed, 0.7);
+        for (k, w) in want.iter().enumerate() {
+            let got = toks.iter().filter(|&&c| c as usize == k).count() as f64 / n as f64;
+            // 4σ of a binomial proportion at n = 20000 is at most 0.014.
+            assert!(
+                (got - (*w as f64).exp()).abs() < 0.015,
+                "token {k}: {got} vs {}",
+                w.exp()
+            );
+        }
+        assert!(!toks.contains(&1), "a banned token was drawn");
+        for (t, l) in toks.iter().zip(&lps) {
+            assert!((want[*t as usize] - l).abs() < 1e-5);
+        }
     }
 
     #[test]

@@ -1,11 +1,13 @@
-//! The device-side CFG image sampler, forced on the CPU: it is seeded, takes exactly one value of the caller's
-//! stream, gives the host sampler's argmax at temperature 0 (and near it), and records the conditional log-prob
-//! of the code it drew. The host path itself is covered by janus_toy.rs.
+//! The device-side samplers, forced on the CPU. The CFG image sampler is seeded, takes exactly one value of the
+//! caller's stream, gives the host sampler's argmax at temperature 0 (and near it), and records the conditional
+//! log-prob of the code it drew. The answer sampler likewise: greedy it gives the host's tokens, sampled it
+//! records the teacher-forced log-probs, stops rows at eos, and refuses top-p. The host paths themselves are
+//! covered by janus_toy.rs.
 
 mod common;
 
 use common::{gen_prompts as prompts, sample_at as sample, toy};
-use pairuni_model::{ImageSamplerSite, ImageSampling};
+use pairuni_model::{ImageSampling, Janus, SamplerSite, TextRollout, TextSampling};
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -28,13 +30,13 @@ fn zero_and_near_zero_temperature_give_the_host_argmax() {
         temperature: 0.0,
         top_p: 1.0,
     };
-    let host = sample(&m, &greedy, ImageSamplerSite::Host, 1);
-    let dev = sample(&m, &greedy, ImageSamplerSite::Device, 2);
+    let host = sample(&m, &greedy, SamplerSite::Host, 1);
+    let dev = sample(&m, &greedy, SamplerSite::Device, 2);
     let cold = ImageSampling {
         temperature: 1e-6,
         ..greedy.clone()
     };
-    let dev_cold = sample(&m, &cold, ImageSamplerSite::Device, 3);
+    let dev_cold = sample(&m, &cold, SamplerSite::Device, 3);
     for ((h, d), c) in host.iter().zip(&dev).zip(&dev_cold) {
         assert_eq!(h.codes, d.codes);
         assert_eq!(h.codes, c.codes);
@@ -52,7 +54,7 @@ fn device_logprobs_are_the_conditional_log_softmax_at_the_drawn_codes() {
         temperature: 0.9,
         top_p: 1.0,
     };
-    let rolls = sample(&m, &s, ImageSamplerSite::Device, 7);
+    let rolls = sample(&m, &s, SamplerSite::Device, 7);
     // Teacher forcing of prompt + codes in one pass: position L−1+i predicts code i.
     let n = m.image_tokens_per_image();
     let mut worst = 0f64;
@@ -82,7 +84,7 @@ fn device_logprobs_are_the_conditional_log_softmax_at_the_drawn_codes() {
             temperature: 0.0,
             ..s.clone()
         },
-        ImageSamplerSite::Host,
+        SamplerSite::Host,
         7,
     );
     assert_ne!(rolls[0].codes, greedy[0].codes);
@@ -92,14 +94,14 @@ fn device_logprobs_are_the_conditional_log_softmax_at_the_drawn_codes() {
 fn device_sampling_is_seeded_and_takes_one_value_of_the_stream() {
     let m = toy(5);
     let s = ImageSampling::default();
-    let a = sample(&m, &s, ImageSamplerSite::Device, 11);
-    let b = sample(&m, &s, ImageSamplerSite::Device, 11);
-    let c = sample(&m, &s, ImageSamplerSite::Device, 12);
+    let a = sample(&m, &s, SamplerSite::Device, 11);
+    let b = sample(&m, &s, SamplerSite::Device, 11);
+    let c = sample(&m, &s, SamplerSite::Device, 12);
     assert_eq!(a[1].codes, b[1].codes);
     assert_eq!(a[1].logprobs, b[1].logprobs);
     assert_ne!(a[1].codes, c[1].codes);
     let mut rng = ChaCha8Rng::seed_from_u64(11);
-    m.sample_image_codes_at(&prompts(&m), &s, 4, ImageSamplerSite::Device, &mut rng)
+    m.sample_image_codes_at(&prompts(&m), &s, 4, SamplerSite::Device, &mut rng)
         .unwrap();
     let mut expect = ChaCha8Rng::seed_from_u64(11);
     expect.next_u64();
@@ -116,7 +118,7 @@ fn auto_samples_on_the_host_on_the_cpu_and_device_refuses_top_p() {
     let auto = m
         .sample_images_ids(&prompts(&m), &s, &mut ChaCha8Rng::seed_from_u64(2))
         .unwrap();
-    let host = sample(&m, &s, ImageSamplerSite::Host, 2);
+    let host = sample(&m, &s, SamplerSite::Host, 2);
     assert_eq!(auto[0].codes, host[0].codes);
     assert_eq!(auto[1].logprobs, host[1].logprobs);
     let err = m
@@ -124,9 +126,120 @@ fn auto_samples_on_the_host_on_the_cpu_and_device_refuses_top_p() {
             &prompts(&m),
             &s,
             4,
-            ImageSamplerSite::Device,
+            SamplerSite::Device,
             &mut ChaCha8Rng::seed_from_u64(2),
         )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("top-p"), "{err}");
+}
+
+/// Answers to three toy questions about three scenes, drawn at `site` from `seed`.
+fn answers(m: &Janus, s: &TextSampling, site: SamplerSite, seed: u64) -> Vec<TextRollout> {
+    let pixels: Vec<_> = common::scenes(3, 4)
+        .iter()
+        .map(|i| m.preprocess_image(i).unwrap())
+        .collect();
+    let prompts: Vec<Vec<u32>> = [
+        "how many red circles are there ?",
+        "what color is the square ?",
+        "is there a blue triangle ?",
+    ]
+    .iter()
+    .map(|q| m.understanding_prompt(q).unwrap())
+    .collect();
+    m.sample_answers_ids_at(
+        &pixels,
+        &prompts,
+        s,
+        site,
+        &mut ChaCha8Rng::seed_from_u64(seed),
+    )
+    .unwrap()
+}
+
+#[test]
+fn device_answer_draws_are_greedy_exact_and_record_teacher_forced_logprobs() {
+    let m = toy(12);
+    let greedy = TextSampling {
+        max_new_tokens: 6,
+        temperature: 1.0,
+        top_p: 1.0,
+        greedy: true,
+    };
+    let host = answers(&m, &greedy, SamplerSite::Host, 1);
+    let dev = answers(&m, &greedy, SamplerSite::Device, 2);
+    for (h, d) in host.iter().zip(&dev) {
+        assert_eq!(h.answer_ids, d.answer_ids);
+        for (a, b) in h.logprobs.iter().zip(&d.logprobs) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+    }
+    let s = TextSampling {
+        max_new_tokens: 6,
+        temperature: 0.8,
+        top_p: 1.0,
+        greedy: false,
+    };
+    let rolls = answers(&m, &s, SamplerSite::Device, 3);
+    let (lp, mask) = m.answer_logprobs_at(&rolls, 0.8).unwrap();
+    let (lp, mask) = (lp.to_vec2::<f32>().unwrap(), mask.to_vec2::<f32>().unwrap());
+    let eos = m.eos_token();
+    for (r, roll) in rolls.iter().enumerate() {
+        assert_eq!(roll.logprobs.len(), roll.answer_ids.len());
+        // Tokens stop at the first eos: a finished row's later draws are dropped.
+        if let Some(p) = roll.answer_ids.iter().position(|&t| t == eos) {
+            assert_eq!(p + 1, roll.answer_ids.len(), "tokens after eos");
+        }
+        for (i, &got) in roll.logprobs.iter().enumerate() {
+            assert_eq!(mask[r][i], 1.0);
+            assert!(
+                (lp[r][i] - got).abs() < 1e-5,
+                "row {r} token {i}: {} vs {got}",
+                lp[r][i]
+            );
+        }
+    }
+    // Sampling at T = 0.8 is not the argmax everywhere.
+    let drawn: Vec<_> = rolls.iter().map(|r| r.answer_ids.clone()).collect();
+    let argmax: Vec<_> = host.iter().map(|r| r.answer_ids.clone()).collect();
+    assert_ne!(drawn, argmax);
+}
+
+#[test]
+fn device_answer_draws_are_seeded_take_one_stream_value_and_refuse_top_p() {
+    let m = toy(13);
+    let s = TextSampling {
+        max_new_tokens: 5,
+        ..TextSampling::default()
+    };
+    let a = answers(&m, &s, SamplerSite::Device, 21);
+    let b = answers(&m, &s, SamplerSite::Device, 21);
+    let c = answers(&m, &s, SamplerSite::Device, 22);
+    let ids = |v: &[TextRollout]| v.iter().map(|r| r.answer_ids.clone()).collect::<Vec<_>>();
+    assert_eq!(ids(&a), ids(&b));
+    assert_ne!(ids(&a), ids(&c));
+    // On the CPU, auto draws on the host, bit for bit.
+    let auto = answers(&m, &s, SamplerSite::Auto, 21);
+    let host = answers(&m, &s, SamplerSite::Host, 21);
+    assert_eq!(ids(&auto), ids(&host));
+    assert_eq!(auto[0].logprobs, host[0].logprobs);
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    let px = vec![m.preprocess_image(&common::scenes(1, 1)[0]).unwrap()];
+    let q = vec![m
+        .understanding_prompt("what color is the square ?")
+        .unwrap()];
+    m.sample_answers_ids_at(&px, &q, &s, SamplerSite::Device, &mut rng)
+        .unwrap();
+    let mut expect = ChaCha8Rng::seed_from_u64(4);
+    expect.next_u64();
+    assert_eq!(rng.next_u64(), expect.next_u64());
+    let nucleus = TextSampling {
+        top_p: 0.9,
+        ..s.clone()
+    };
+    let err = m
+        .sample_answers_ids_at(&px, &q, &nucleus, SamplerSite::Device, &mut rng)
         .unwrap_err()
         .to_string();
     assert!(err.contains("top-p"), "{err}");

@@ -7,7 +7,7 @@ mod common;
 
 use common::{gen_prompts as prompts, sample_at as sample, toy};
 use pairuni_model::graphs::GraphReport;
-use pairuni_model::{ImageSamplerSite, ImageSampling};
+use pairuni_model::{ImageSampling, SamplerSite};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
@@ -21,9 +21,9 @@ fn static_steps_sample_what_the_device_sampler_samples() {
     for fused in [false, true] {
         let mut m = toy(8);
         m.set_fused_sampling(fused);
-        let plain = sample(&m, &s, ImageSamplerSite::Device, 21);
+        let plain = sample(&m, &s, SamplerSite::Device, 21);
         m.set_static_decode(true);
-        let fixed = sample(&m, &s, ImageSamplerSite::Device, 21);
+        let fixed = sample(&m, &s, SamplerSite::Device, 21);
         let n = m.image_tokens_per_image();
         // The toy's prompts plus 64 codes cross the first width (64 keys), so two step shapes ran.
         assert!(prompts(&m)[1].len() + n > 64);
@@ -54,9 +54,9 @@ fn greedy_static_steps_give_the_host_argmax() {
         temperature: 0.0,
         top_p: 1.0,
     };
-    let host = sample(&m, &greedy, ImageSamplerSite::Host, 1);
+    let host = sample(&m, &greedy, SamplerSite::Host, 1);
     m.set_static_decode(true);
-    let fixed = sample(&m, &greedy, ImageSamplerSite::Device, 2);
+    let fixed = sample(&m, &greedy, SamplerSite::Device, 2);
     for (h, f) in host.iter().zip(&fixed) {
         assert_eq!(h.codes, f.codes);
     }
@@ -68,23 +68,17 @@ fn the_static_decode_is_seeded_and_leaves_the_caller_stream_as_the_device_sample
     let mut m = toy(10);
     m.set_static_decode(true);
     let s = ImageSampling::default();
-    let a = sample(&m, &s, ImageSamplerSite::Device, 5);
-    let b = sample(&m, &s, ImageSamplerSite::Device, 5);
-    let c = sample(&m, &s, ImageSamplerSite::Device, 6);
+    let a = sample(&m, &s, SamplerSite::Device, 5);
+    let b = sample(&m, &s, SamplerSite::Device, 5);
+    let c = sample(&m, &s, SamplerSite::Device, 6);
     assert_eq!(a[0].codes, b[0].codes);
     assert_ne!(a[0].codes, c[0].codes);
     let mut with_static = ChaCha8Rng::seed_from_u64(3);
-    m.sample_image_codes_at(
-        &prompts(&m),
-        &s,
-        4,
-        ImageSamplerSite::Device,
-        &mut with_static,
-    )
-    .unwrap();
+    m.sample_image_codes_at(&prompts(&m), &s, 4, SamplerSite::Device, &mut with_static)
+        .unwrap();
     m.set_static_decode(false);
     let mut plain = ChaCha8Rng::seed_from_u64(3);
-    m.sample_image_codes_at(&prompts(&m), &s, 4, ImageSamplerSite::Device, &mut plain)
+    m.sample_image_codes_at(&prompts(&m), &s, 4, SamplerSite::Device, &mut plain)
         .unwrap();
     assert_eq!(with_static.next_u64(), plain.next_u64());
 }
@@ -109,7 +103,7 @@ fn static_decode_timing() {
                     &many,
                     &s,
                     n,
-                    ImageSamplerSite::Device,
+                    SamplerSite::Device,
                     &mut ChaCha8Rng::seed_from_u64(r),
                 )
                 .unwrap();

@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use pairuni_model::{
-    Device, ImageRollout, ImageSamplerSite, ImageSampling, Janus, JanusConfig, RgbImage,
+    Device, ImageRollout, ImageSampling, Janus, JanusConfig, RgbImage, SamplerSite,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -84,12 +84,7 @@ pub fn gen_prompts(m: &Janus) -> Vec<Vec<u32>> {
 }
 
 /// Whole image rollouts of `gen_prompts` sampled at `site` from `seed`.
-pub fn sample_at(
-    m: &Janus,
-    s: &ImageSampling,
-    site: ImageSamplerSite,
-    seed: u64,
-) -> Vec<ImageRollout> {
+pub fn sample_at(m: &Janus, s: &ImageSampling, site: SamplerSite, seed: u64) -> Vec<ImageRollout> {
     m.sample_image_codes_at(
         &gen_prompts(m),
         s,

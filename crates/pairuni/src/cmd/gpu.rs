@@ -18,8 +18,8 @@ use pairuni_model::device::{default_dtype, parse_dtype, DeviceSpec};
 use pairuni_model::image_codec::{vq_config, ImageCodec};
 use pairuni_model::vq::JanusVq;
 use pairuni_model::{
-    CfgLogprobPolicy, DType, Device, ImageRollout, ImageSamplerSite, ImageSampling, Janus,
-    JanusConfig, KvCache, ParamSelection, Tensor, TextRollout, TextSampling,
+    CfgLogprobPolicy, DType, Device, ImageRollout, ImageSampling, Janus, JanusConfig, KvCache,
+    ParamSelection, SamplerSite, Tensor, TextRollout, TextSampling,
 };
 use pairuni_rl::config::{LossAggregation, OptimConfig, RewardScaling};
 use pairuni_rl::loss::{aggregate, clipped_surrogate, group_advantages, ratio, Tokens};
@@ -35,16 +35,17 @@ pub enum SamplerArg {
     Auto,
     /// Logits to the host every step.
     Host,
-    /// CFG mix, draw and log-prob on the device; codes read back once.
+    /// Draw and log-prob on the device (after the CFG mix, for images); image codes read back once, answer
+    /// tokens each step.
     Device,
 }
 
 impl SamplerArg {
-    fn site(self) -> ImageSamplerSite {
+    fn site(self) -> SamplerSite {
         match self {
-            Self::Auto => ImageSamplerSite::Auto,
-            Self::Host => ImageSamplerSite::Host,
-            Self::Device => ImageSamplerSite::Device,
+            Self::Auto => SamplerSite::Auto,
+            Self::Host => SamplerSite::Host,
+            Self::Device => SamplerSite::Device,
         }
     }
     /// The site `auto` resolves to on `dev` (top-p is off in this benchmark).
@@ -171,6 +172,9 @@ pub struct BenchGpuStepArgs {
     /// Where the image rollout samples: auto (device unless CPU) | host | device.
     #[arg(long, value_enum, default_value_t = SamplerArg::Auto)]
     pub image_sampler: SamplerArg,
+    /// Where the answer rollout draws: auto (device unless CPU) | host | device.
+    #[arg(long, value_enum, default_value_t = SamplerArg::Auto)]
+    pub text_sampler: SamplerArg,
     /// Kernels of the sampling forwards: auto (fused unless CPU) | on | off. The probe times both either way.
     #[arg(long, default_value = "auto")]
     pub fused_sampling: Toggle,
@@ -362,7 +366,13 @@ fn run_step(
         )?)
     })?;
     let mut answers: Vec<TextRollout> = ph.time("rollout_text", || {
-        Ok(model.sample_answers_ids(&inputs.pixels, &inputs.und_prompts, &txt_s, rng)?)
+        Ok(model.sample_answers_ids_at(
+            &inputs.pixels,
+            &inputs.und_prompts,
+            &txt_s,
+            a.text_sampler.site(),
+            rng,
+        )?)
     })?;
     // A random-weight model can sample the image placeholder id as an answer token (p ≈ 1e-5 per token), which
     // teacher forcing would then read as an image slot; a trained model never does. Swap it for an ordinary id.
@@ -607,6 +617,7 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
         "grad_norm": out.grad_norm,
         "params_with_grad": format!("{}/{}", out.params_with_grad, out.params_trained),
         "image_sampler": a.image_sampler.resolved(&dev),
+        "text_sampler": a.text_sampler.resolved(&dev),
         "fused_sampling": model.fused_sampling(),
         "cuda_graphs": graphs_in_step,
         "graph_report": step_graph_report,
@@ -927,7 +938,7 @@ fn timed_device_steps(
 }
 
 /// The same decode steps with CFG mix, Gumbel-max draw and the conditional log-prob computed on the device and
-/// the codes never read back until the end: no host round trip per token (what `ImageSamplerSite::Device` does
+/// the codes never read back until the end: no host round trip per token (what `SamplerSite::Device` does
 /// in the library). Returns the wall time in seconds. The draw is from the same distribution as the host
 /// sampler's, not the same stream.
 fn device_sampled_steps(
@@ -1199,6 +1210,7 @@ mod tests {
             no_warmup: true,
             probe_steps: 2,
             image_sampler: SamplerArg::Auto,
+            text_sampler: SamplerArg::Auto,
             fused_sampling: Toggle::Auto,
             cuda_graphs: Toggle::Auto,
             compare_graphs: false,
@@ -1290,7 +1302,7 @@ mod tests {
 
     #[test]
     fn tiny_step_on_cpu_trains_every_language_model_tensor() {
-        // Both image samplers: the device one runs on the CPU too when asked.
+        // Both sites of both samplers: the device ones run on the CPU too when asked.
         for sampler in [SamplerArg::Host, SamplerArg::Device] {
             tiny_step(sampler);
         }
@@ -1299,6 +1311,7 @@ mod tests {
     fn tiny_step(sampler: SamplerArg) {
         let a = BenchGpuStepArgs {
             image_sampler: sampler,
+            text_sampler: sampler,
             ..tiny_args()
         };
         let dev = Device::Cpu;
