@@ -16,7 +16,7 @@ use pairuni_data::RgbImage;
 use rand_chacha::ChaCha8Rng;
 
 use crate::error::{ModelError, Result};
-use crate::graphs::{GraphReport, StepGraphs};
+use crate::graphs::{device_graphs, GraphReport};
 use crate::image_codec::ImageCodec;
 use crate::image_tokenizer::ImageTokenizer;
 use crate::janus_config::{ImageTokenizerKind, JanusConfig};
@@ -1114,7 +1114,7 @@ impl Janus {
         let codes = Tensor::zeros((p, n), DType::U32, &self.device)?;
         let lps = Tensor::zeros((p, n), DType::F32, &self.device)?;
         let sampled = s.temperature > 0.0;
-        let mut graphs = StepGraphs::new(&self.device);
+        let mut graphs = device_graphs(&self.device);
         for _ in 0..n {
             if sampled {
                 gumbel.slice_set(&noise.sample((p, codebook))?, 0, 0)?;
