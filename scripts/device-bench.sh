@@ -6,8 +6,8 @@
 # Runs, each under its own time limit so the whole stays under BUDGET_S (default 470 s):
 #   (a) parity   pairuni bench gpu-parity: the committed Janus fixtures on cuda in f32 and bf16 vs reference
 #   (b) pytorch  scripts/torch_step_bench.py: one PairGRPO step, transformers eager, same card
-#   (c) candle   pairuni bench gpu-step: the same step through pairuni's library, then its image rollout once
-#                more with CUDA graphs (--compare-graphs)
+#   (c) candle   pairuni bench gpu-step: the same step through pairuni's library (with CUDA graphs if its
+#                graph check passes), then its image rollout once more the other way (--compare-graphs)
 #   (d) smoke    the toy pipeline's commands (world, pairs, sft, train, eval) on the device, two steps each
 # and prints a table with the ratio. Logs and JSON land in $OUT (at most 8 files come back from the device).
 # Testing without a GPU: BENCH_DEVICE=cpu BENCH_SHAPES=tiny CARRY_DIR=.dev/gpu-cpu bash scripts/device-bench.sh
@@ -75,7 +75,8 @@ echo "rc=$? $(cat "$OUT/torch_step.json")"
 if [[ -n "$bin" ]]; then
     t=$(( $(left) - 10 ))
     echo "== (c) candle step (limit ${t} s)"
-    # --compare-graphs: the image rollout once more with CUDA graphs (rollout_image_other in the JSON).
+    # The graph check decides whether the step runs with CUDA graphs; --compare-graphs times the image rollout
+    # once more with the other setting (rollout_image_other in the JSON).
     timeout "$t" "$bin" --log info bench gpu-step --device "$dev" --shapes "$shapes" --compare-graphs --json \
         >"$OUT/candle_step.json" 2>"$OUT/candle_step.log"
     rc=$?
@@ -178,6 +179,10 @@ if other:
             fa = f"{a:.1f}" if isinstance(a, (int, float)) else "-"
             print(f"{'total (' + label + ')':<26}{fa:>12}{tt:>12.1f}{ratio:>16}")
     print("graph report:", json.dumps(other.get("graph_report")))
+gc = (cd or {}).get("graph_check")
+if gc:
+    print("graph check (captured vs eager static steps, same seed):", json.dumps(gc),
+          "-> the step ran with graphs" if (cd or {}).get("cuda_graphs") else "-> the step ran eagerly")
 try:
     with open(os.path.join(out, "candle_step.log")) as f:
         for line in f:

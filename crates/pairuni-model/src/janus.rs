@@ -16,7 +16,7 @@ use pairuni_data::RgbImage;
 use rand_chacha::ChaCha8Rng;
 
 use crate::error::{ModelError, Result};
-use crate::graphs::{device_graphs, GraphReport};
+use crate::graphs::{device_graphs, GraphReport, StepGraphs};
 use crate::image_codec::ImageCodec;
 use crate::image_tokenizer::ImageTokenizer;
 use crate::janus_config::{ImageTokenizerKind, JanusConfig};
@@ -125,6 +125,8 @@ pub struct Janus {
     image_tokenizer: Option<ImageCodec>,
     /// Whether the device-side CFG image decode runs fixed-shape steps, captured as CUDA graphs on CUDA devices.
     static_decode: bool,
+    /// Whether those steps are captured (off: run eagerly, to check the graphs against).
+    capture_graphs: bool,
     /// What the graphs of the last static image decode did.
     graph_report: Mutex<Option<GraphReport>>,
 }
@@ -239,6 +241,7 @@ impl Janus {
             tokenizer,
             image_tokenizer,
             static_decode: false,
+            capture_graphs: true,
             graph_report: Mutex::new(None),
         })
     }
@@ -388,7 +391,12 @@ impl Janus {
     pub fn set_static_decode(&mut self, on: bool) {
         self.static_decode = on;
     }
-    /// What the CUDA graphs of the last static image decode did (`None` before the first).
+    /// Whether static decode steps are captured as CUDA graphs where they can be (default); off, they run eagerly
+    /// on every device, which computes the same thing and is what a graph is checked against.
+    pub fn set_graph_capture(&mut self, on: bool) {
+        self.capture_graphs = on;
+    }
+    /// What the CUDA graphs of the last image sampling call did (`None` when it ran no static decode).
     pub fn last_graph_report(&self) -> Option<GraphReport> {
         self.graph_report
             .lock()
@@ -461,6 +469,7 @@ impl Janus {
         )?;
         clone.set_fused_sampling(self.fused_sampling());
         clone.set_static_decode(self.static_decode());
+        clone.set_graph_capture(self.capture_graphs);
         Ok(clone)
     }
 
@@ -930,6 +939,10 @@ impl Janus {
         site: SamplerSite,
         rng: &mut ChaCha8Rng,
     ) -> Result<Vec<ImageRollout>> {
+        // The report describes this call's decode, or says that it ran none.
+        if let Ok(mut r) = self.graph_report.lock() {
+            *r = None;
+        }
         let p = prompts.len();
         if p == 0 || n == 0 {
             return Ok(prompts
@@ -1114,7 +1127,11 @@ impl Janus {
         let codes = Tensor::zeros((p, n), DType::U32, &self.device)?;
         let lps = Tensor::zeros((p, n), DType::F32, &self.device)?;
         let sampled = s.temperature > 0.0;
-        let mut graphs = device_graphs(&self.device);
+        let mut graphs = if self.capture_graphs {
+            device_graphs(&self.device)
+        } else {
+            StepGraphs::with_backend(None)
+        };
         for _ in 0..n {
             if sampled {
                 gumbel.slice_set(&noise.sample((p, codebook))?, 0, 0)?;

@@ -16,6 +16,7 @@ use candle_core::Var;
 use pairuni_model::config::Toggle;
 use pairuni_model::device::{default_dtype, parse_dtype, DeviceSpec};
 use pairuni_model::image_codec::{vq_config, ImageCodec};
+use pairuni_model::llama::WIDTH_STEP;
 use pairuni_model::vq::JanusVq;
 use pairuni_model::{
     CfgLogprobPolicy, DType, Device, ImageRollout, ImageSampling, Janus, JanusConfig, KvCache,
@@ -178,7 +179,9 @@ pub struct BenchGpuStepArgs {
     /// Kernels of the sampling forwards: auto (fused unless CPU) | on | off. The probe times both either way.
     #[arg(long, default_value = "auto")]
     pub fused_sampling: Toggle,
-    /// Image rollout in fixed-shape steps captured as CUDA graphs: auto (off for now) | on | off.
+    /// Image rollout in fixed-shape steps captured as CUDA graphs: on | off | auto, which is on for the step
+    /// when the graph check before it passes (a CUDA device, every width captured, the codes bit-identical to
+    /// the same steps run eagerly) and off otherwise.
     #[arg(long, default_value = "auto")]
     pub cuda_graphs: Toggle,
     /// After the step, time the image rollout once more with the other `--cuda-graphs` setting (reported as
@@ -561,6 +564,12 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
         serde_json::Value::Null
     };
 
+    // The check runs on every device (it is cheap at tiny shapes, and CI exercises it); only a CUDA device can
+    // pass it, since elsewhere nothing is captured.
+    let graph_check = check_graphs(&mut model, &inputs.gen_prompts, a.cfg_weight)?;
+    if a.cuda_graphs == Toggle::Auto {
+        model.set_static_decode(graph_check["pass"] == true);
+    }
     let mut ph = Phases {
         device: dev.clone(),
         ms: Vec::new(),
@@ -622,6 +631,7 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
         "cuda_graphs": graphs_in_step,
         "graph_report": step_graph_report,
         "rollout_image_other": other,
+        "graph_check": graph_check,
         "image_step_probe": probe,
     });
     if a.json {
@@ -717,6 +727,63 @@ fn rollout_with_other_graphs(
             json!({ "cuda_graphs": !chosen, "error": format!("{e:#}"), "graph_report": report })
         }
     }
+}
+
+/// Codes of a CFG image rollout long enough to cross two attention widths, drawn with the static decode's
+/// steps captured as CUDA graphs and again with the same steps run eagerly, from one seed: a graph replays the
+/// kernels the eager step launches, so the codes must be bit-identical. `pass` needs graphs actually captured
+/// (a CUDA device) without a failure. The model's settings are restored.
+fn check_graphs(
+    model: &mut Janus,
+    prompts: &[Vec<u32>],
+    cfg_weight: f64,
+) -> anyhow::Result<serde_json::Value> {
+    let steps = (2 * WIDTH_STEP + 2).min(model.image_tokens_per_image());
+    let s = ImageSampling {
+        cfg_weight,
+        temperature: 1.0,
+        top_p: 1.0,
+    };
+    let chosen = model.static_decode();
+    model.set_static_decode(true);
+    let mut run = |capture: bool| {
+        model.set_graph_capture(capture);
+        let rolls = model.sample_image_codes_at(
+            prompts,
+            &s,
+            steps,
+            SamplerSite::Device,
+            &mut ChaCha8Rng::seed_from_u64(17),
+        );
+        (rolls, model.last_graph_report())
+    };
+    let (graphed, report) = run(true);
+    let (eager, _) = run(false);
+    model.set_graph_capture(true);
+    model.set_static_decode(chosen);
+    let report = report.unwrap_or_default();
+    let (graphed, eager) = match (graphed, eager) {
+        (Ok(g), Ok(e)) => (g, e),
+        (Err(e), _) | (_, Err(e)) => {
+            return Ok(json!({ "steps": steps, "pass": false, "error": format!("{e:#}") }))
+        }
+    };
+    let codes_equal = graphed.iter().zip(&eager).all(|(g, e)| g.codes == e.codes);
+    let max_lp_diff = graphed
+        .iter()
+        .zip(&eager)
+        .flat_map(|(g, e)| g.logprobs.iter().zip(&e.logprobs))
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    Ok(json!({
+        "steps": steps,
+        "codes_equal": codes_equal,
+        "max_abs_logprob_diff": max_lp_diff,
+        "captured": report.captured,
+        "replayed": report.replayed,
+        "eager": report.eager,
+        "failure": report.failure,
+        "pass": codes_equal && report.captured > 0 && report.failure.is_none(),
+    }))
 }
 
 /// Times `steps` CFG image decode steps the way `Janus::sample_images_ids` takes them on the host path (device
@@ -1387,6 +1454,27 @@ mod tests {
             !model.static_decode(),
             "the model's own setting is restored"
         );
+    }
+
+    #[test]
+    fn the_graph_check_compares_captured_with_eager_steps_and_fails_without_cuda() {
+        let a = tiny_args();
+        let cfg = a.shapes.config().unwrap();
+        let mut model = build_model(&cfg, 3, &Device::Cpu, DType::F32).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let inputs = step_inputs(&cfg, &a, &Device::Cpu, &mut rng).unwrap();
+        let c = check_graphs(&mut model, &inputs.gen_prompts, 5.0).unwrap();
+        // Both runs are eager on the CPU, so they agree bit for bit, but nothing was captured: no pass.
+        assert_eq!(c["steps"], 16, "{c}");
+        assert_eq!(c["codes_equal"], true, "{c}");
+        assert_eq!(c["max_abs_logprob_diff"], 0.0, "{c}");
+        assert_eq!(
+            (c["captured"].as_u64(), c["eager"].as_u64()),
+            (Some(0), Some(16)),
+            "{c}"
+        );
+        assert_eq!(c["pass"], false, "{c}");
+        assert!(!model.static_decode(), "the model's setting is restored");
     }
 
     #[test]
