@@ -18,7 +18,7 @@ use candle_core::Device;
 use crate::error::{ModelError, Result};
 
 /// What the graphs of one decode did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct GraphReport {
     /// Graphs captured.
     pub captured: usize,
@@ -131,9 +131,9 @@ fn capture<C: Capture>(
     }
 }
 
-/// The backend of `device`: CUDA's stream capture on a CUDA device, none elsewhere.
-pub(crate) fn device_graphs(device: &Device) -> StepGraphs<DeviceCapture> {
-    StepGraphs::with_backend(DeviceCapture::of(device))
+/// A runner on `device`: with CUDA's stream capture on a CUDA device when `capture`, with no backend otherwise.
+pub(crate) fn device_graphs(device: &Device, capture: bool) -> StepGraphs<DeviceCapture> {
+    StepGraphs::with_backend(DeviceCapture::of(device).filter(|_| capture))
 }
 
 /// Stream capture on a CUDA device's stream.
@@ -327,6 +327,9 @@ mod tests {
         }
         assert_eq!(executed.get(), 3);
         assert_eq!(graphs.report().eager, 3);
-        assert_eq!(device_graphs(&Device::Cpu).report(), GraphReport::default());
+        assert_eq!(
+            device_graphs(&Device::Cpu, true).report(),
+            GraphReport::default()
+        );
     }
 }

@@ -16,7 +16,7 @@ use pairuni_data::RgbImage;
 use rand_chacha::ChaCha8Rng;
 
 use crate::error::{ModelError, Result};
-use crate::graphs::{device_graphs, GraphReport, StepGraphs};
+use crate::graphs::{device_graphs, GraphReport};
 use crate::image_codec::ImageCodec;
 use crate::image_tokenizer::ImageTokenizer;
 use crate::janus_config::{ImageTokenizerKind, JanusConfig};
@@ -1127,17 +1127,12 @@ impl Janus {
         let codes = Tensor::zeros((p, n), DType::U32, &self.device)?;
         let lps = Tensor::zeros((p, n), DType::F32, &self.device)?;
         let sampled = s.temperature > 0.0;
-        let mut graphs = if self.capture_graphs {
-            device_graphs(&self.device)
-        } else {
-            StepGraphs::with_backend(None)
-        };
+        let mut graphs = device_graphs(&self.device, self.capture_graphs);
         for _ in 0..n {
             if sampled {
                 gumbel.slice_set(&noise.sample((p, codebook))?, 0, 0)?;
             }
             let width = sd.next_width();
-            let sd_ref = &sd;
             graphs.run(width, || {
                 let logits = self.gen_head(&last)?;
                 let (code, lp) = device_cfg_draw_with(
@@ -1147,15 +1142,15 @@ impl Janus {
                     s.temperature,
                     sampled.then_some(&gumbel),
                 )?;
-                let at = sd_ref.step_indices(&[p, 1])?;
+                let at = sd.step_indices(&[p, 1])?;
                 codes.scatter_set(&at, &code, 1)?;
                 lps.scatter_set(&at, &lp, 1)?;
                 // The last code is fed too: one wasted step of n keeps every step the same graph.
                 let both = Tensor::cat(&[&code, &code], 0)?;
                 let emb = self.code_embeddings(&both)?.to_dtype(self.dtype)?;
-                let h = self.m.lm.static_step(&emb, sd_ref, width)?;
+                let h = self.m.lm.static_step(&emb, &sd, width)?;
                 last.slice_set(&h, 0, 0)?;
-                sd_ref.count_step()
+                sd.count_step()
             })?;
             sd.advance();
         }

@@ -185,10 +185,14 @@ impl Module for RmsNorm {
 }
 
 impl RmsNorm {
-    /// The same norm through candle's fused kernel (one launch, f32 accumulation, one rounding; no backward):
-    /// for sampling, where nothing is differentiated.
-    pub fn forward_fused(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps as f32)
+    /// The norm, through candle's fused kernel when `fused` (one launch, f32 accumulation, one rounding; no
+    /// backward: for sampling, where nothing is differentiated), else the differentiable composition.
+    pub fn forward_with(&self, x: &Tensor, fused: bool) -> candle_core::Result<Tensor> {
+        if fused {
+            candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps as f32)
+        } else {
+            self.forward(x)
+        }
     }
 }
 

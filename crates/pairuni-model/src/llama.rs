@@ -20,13 +20,13 @@ use candle_core::{DType, Module, Tensor};
 
 use crate::error::{ModelError, Result};
 use crate::janus_config::TextConfig;
-mod static_decode;
-pub use static_decode::{StaticDecode, WIDTH_STEP};
-
 use crate::layers::{
     apply_rope, apply_rope_fused, softmax_last, FusedRotaryTables, InitKind, Linear, Params,
     RmsNorm, Rotary,
 };
+
+mod static_decode;
+pub use static_decode::{StaticDecode, WIDTH_STEP};
 
 /// The additive mask value of a key that must not be attended to.
 const MASKED: f32 = -1e30;
@@ -435,7 +435,7 @@ impl Llama {
         // preallocated buffers through strided views, with no copy of the cache per step.
         let kernels = Kernels {
             fused,
-            copy_kv: plan.is_none() || (dev.is_cpu() && !views_forced()),
+            copy_kv: plan.is_none() || prealloc_copies_kv(dev),
         };
         let mut h = x.clone();
         let mut new_layers = Vec::with_capacity(self.layers.len());
@@ -460,7 +460,7 @@ impl Llama {
                 Ok(views)
             })?;
         }
-        let h = self.final_norm(&h, fused)?;
+        let h = self.norm.forward_with(&h, fused)?;
         Ok((
             h,
             KvCache {
@@ -491,15 +491,6 @@ impl Llama {
             RopeTables::Composed { cos, sin }
         })
     }
-
-    /// The final RMSNorm, through candle's fused kernel when `fused`.
-    fn final_norm(&self, h: &Tensor, fused: bool) -> candle_core::Result<Tensor> {
-        if fused {
-            self.norm.forward_fused(h)
-        } else {
-            self.norm.forward(h)
-        }
-    }
 }
 
 /// Which kernels one forward's layers run.
@@ -522,20 +513,14 @@ impl Layer {
         kernels: Kernels,
         store: impl FnOnce(&Tensor, &Tensor) -> candle_core::Result<(Tensor, Tensor)>,
     ) -> Result<Tensor> {
-        let norm = |n: &RmsNorm, x: &Tensor| {
-            if kernels.fused {
-                n.forward_fused(x)
-            } else {
-                n.forward(x)
-            }
-        };
-        let (q, k, v) = self.attn.project(&norm(&self.input_norm, h)?, rope)?;
+        let normed = self.input_norm.forward_with(h, kernels.fused)?;
+        let (q, k, v) = self.attn.project(&normed, rope)?;
         let (ks, vs) = store(&k, &v)?;
         let attn_out = self
             .attn
             .attend(&q, &ks, &vs, mask, kernels.copy_kv, kernels.fused)?;
         let h = (h + attn_out)?;
-        let normed = norm(&self.post_norm, &h)?;
+        let normed = self.post_norm.forward_with(&h, kernels.fused)?;
         let m = &self.mlp;
         let act = (m.gate.forward(&normed)?.silu()? * m.up.forward(&normed)?)?;
         Ok((h + m.down.forward(&act)?)?)
@@ -615,6 +600,12 @@ impl Attention {
             .reshape((b, t, self.heads * self.head_dim))?;
         Ok(self.o.forward(&out)?)
     }
+}
+
+/// Whether attention over a preallocated cache copies the keys and values first: on the CPU (where sampling stays
+/// bit for bit what it was), unless a test asks for the accelerators' strided views.
+fn prealloc_copies_kv(dev: &candle_core::Device) -> bool {
+    dev.is_cpu() && !views_forced()
 }
 
 /// Whether a test asked for the accelerator's strided-view attention on the CPU.

@@ -91,27 +91,6 @@ pub enum SamplerSite {
     Device,
 }
 
-/// One draw of the next answer token for every row on the logits' device. `logits`: [b, V] f32; `bias` [1, V]
-/// is added first (banned tokens). Greedy takes the argmax; otherwise Gumbel-max at `temperature`. Returns the
-/// tokens [b, 1] (u32) and their log-probs under softmax((logits + bias) / `logprob_temperature`) [b, 1] (f32).
-pub fn device_token_draw(
-    logits: &Tensor,
-    bias: &Tensor,
-    s: &TextSampling,
-    noise: &mut GumbelNoise,
-) -> candle_core::Result<(Tensor, Tensor)> {
-    let biased = logits.to_dtype(DType::F32)?.broadcast_add(bias)?;
-    let tok = if s.greedy {
-        biased.argmax_keepdim(D::Minus1)?
-    } else {
-        let g = noise.sample(biased.dims2()?)?;
-        (biased.affine(1.0 / s.temperature, 0.0)? + g)?.argmax_keepdim(D::Minus1)?
-    };
-    let lp = crate::layers::log_softmax_last(&biased.affine(1.0 / s.logprob_temperature(), 0.0)?)?
-        .gather(&tok, D::Minus1)?;
-    Ok((tok, lp))
-}
-
 /// Which parameters a trainer updates.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ParamSelection {
@@ -374,19 +353,51 @@ pub fn device_cfg_draw_with(
 ) -> candle_core::Result<(Tensor, Tensor)> {
     let (cond, uncond) = (cond.to_dtype(DType::F32)?, uncond.to_dtype(DType::F32)?);
     let mixed = (&uncond + ((&cond - &uncond)? * cfg_weight)?)?;
-    let code = match gumbel {
-        Some(g) if temperature > 0.0 => {
-            (mixed.affine(1.0 / temperature, 0.0)? + g)?.argmax_keepdim(D::Minus1)?
-        }
+    let draw = match gumbel {
+        Some(g) if temperature > 0.0 => Some((temperature, g)),
         None if temperature > 0.0 => {
             candle_core::bail!("a draw at temperature {temperature} needs Gumbel noise")
         }
-        _ => mixed.argmax_keepdim(D::Minus1)?,
+        _ => None,
     };
+    let code = gumbel_argmax(&mixed, draw)?;
     let lp_t = if temperature > 0.0 { temperature } else { 1.0 };
-    let lp = crate::layers::log_softmax_last(&cond.affine(1.0 / lp_t, 0.0)?)?;
-    let lp = lp.gather(&code, D::Minus1)?;
+    let lp = log_prob_at(&cond, lp_t, &code)?;
     Ok((code.detach(), lp.detach()))
+}
+
+/// One draw of the next answer token for every row on the logits' device. `logits`: [b, V] f32; `bias` [1, V]
+/// is added first (banned tokens). Greedy takes the argmax; otherwise Gumbel-max at `temperature`. Returns the
+/// tokens [b, 1] (u32) and their log-probs under softmax((logits + bias) / `logprob_temperature`) [b, 1] (f32).
+pub fn device_token_draw(
+    logits: &Tensor,
+    bias: &Tensor,
+    s: &TextSampling,
+    noise: &mut GumbelNoise,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let biased = logits.to_dtype(DType::F32)?.broadcast_add(bias)?;
+    let gumbel = if s.greedy {
+        None
+    } else {
+        Some(noise.sample(biased.dims2()?)?)
+    };
+    let tok = gumbel_argmax(&biased, gumbel.as_ref().map(|g| (s.temperature, g)))?;
+    let lp = log_prob_at(&biased, s.logprob_temperature(), &tok)?;
+    Ok((tok, lp))
+}
+
+/// The argmax over the last dim [b, 1] (u32) of `scores`, or with `draw` = (T, Gumbel noise) of scores / T + noise:
+/// a draw from softmax(scores / T).
+fn gumbel_argmax(scores: &Tensor, draw: Option<(f64, &Tensor)>) -> candle_core::Result<Tensor> {
+    match draw {
+        Some((t, g)) => (scores.affine(1.0 / t, 0.0)? + g)?.argmax_keepdim(D::Minus1),
+        None => scores.argmax_keepdim(D::Minus1),
+    }
+}
+
+/// log-softmax(logits / t) [b, V] at the indices `idx` [b, 1].
+fn log_prob_at(logits: &Tensor, t: f64, idx: &Tensor) -> candle_core::Result<Tensor> {
+    crate::layers::log_softmax_last(&logits.affine(1.0 / t, 0.0)?)?.gather(idx, D::Minus1)
 }
 
 #[cfg(test)]

@@ -140,14 +140,10 @@ fn answers(m: &Janus, s: &TextSampling, site: SamplerSite, seed: u64) -> Vec<Tex
         .iter()
         .map(|i| m.preprocess_image(i).unwrap())
         .collect();
-    let prompts: Vec<Vec<u32>> = [
-        "how many red circles are there ?",
-        "what color is the square ?",
-        "is there a blue triangle ?",
-    ]
-    .iter()
-    .map(|q| m.understanding_prompt(q).unwrap())
-    .collect();
+    let prompts: Vec<Vec<u32>> = common::questions()
+        .iter()
+        .map(|q| m.understanding_prompt(q).unwrap())
+        .collect();
     m.sample_answers_ids_at(
         &pixels,
         &prompts,

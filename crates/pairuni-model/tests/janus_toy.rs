@@ -3,7 +3,7 @@
 mod common;
 
 use candle_core::backprop::GradStore;
-use common::{rel_err, scenes, toy};
+use common::{questions, rel_err, scenes, toy};
 use pairuni_model::{
     CfgLogprobPolicy, DType, Device, ImageSampling, Janus, ParamSelection, Tensor, TextRollout,
     TextSampling,
@@ -69,17 +69,6 @@ fn incremental_decoding_equals_the_full_forward_with_padding() {
         &alone.get(0).unwrap(),
     );
     assert!(e < 1e-5, "left padding changed the result: {e}");
-}
-
-fn questions() -> Vec<String> {
-    [
-        "how many red circles are there ?",
-        "what color is the square ?",
-        "is there a blue triangle ?",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
 }
 
 #[test]

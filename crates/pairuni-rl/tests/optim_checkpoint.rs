@@ -97,21 +97,13 @@ fn final_weights(run: &Path) -> Vec<(String, Vec<f32>)> {
 #[test]
 fn bf16_training_checkpoints_its_f32_master_weights_and_resumes_exactly() {
     let tmp = tempfile::tempdir().unwrap();
-    let w = common::world();
     let model_dir = tmp.path().join("model");
     let sft = |out: &Path| SftConfig {
-        understanding: w.join("understanding.jsonl"),
-        generation: w.join("generation.jsonl"),
-        out_dir: out.to_path_buf(),
-        steps: 4,
-        batch_understanding: 4,
-        batch_generation: 4,
-        checkpoint_every: 2,
         optim: OptimConfig {
             lr: 3e-4,
             ..Default::default()
         },
-        ..SftConfig::default()
+        ..common::short_sft(out)
     };
     let (straight, split) = (tmp.path().join("straight"), tmp.path().join("split"));
     let start = bf16_model(&model_dir);

@@ -133,17 +133,7 @@ fn pairgrpo_resume_is_exact() {
 #[test]
 fn sft_resume_is_exact() {
     let tmp = tempfile::tempdir().unwrap();
-    let w = common::world();
-    let cfg = |out: &Path| SftConfig {
-        understanding: w.join("understanding.jsonl"),
-        generation: w.join("generation.jsonl"),
-        out_dir: out.to_path_buf(),
-        steps: 4,
-        batch_understanding: 4,
-        batch_generation: 4,
-        checkpoint_every: 2,
-        ..SftConfig::default()
-    };
+    let cfg = common::short_sft;
     let straight = tmp.path().join("a");
     pairuni_rl::sft(&cfg(&straight), 2, load(), &RunOptions::default()).unwrap();
     let split = tmp.path().join("b");

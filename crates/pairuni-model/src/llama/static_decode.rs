@@ -49,16 +49,6 @@ pub struct StaticDecode {
 }
 
 impl StaticDecode {
-    /// Steps taken so far (the host's count; the device's advances inside the step body).
-    pub fn taken(&self) -> usize {
-        self.taken
-    }
-
-    /// Steps reserved at creation.
-    pub fn steps(&self) -> usize {
-        self.steps
-    }
-
     /// Key columns the buffers hold.
     pub fn capacity(&self) -> usize {
         self.capacity
@@ -192,7 +182,7 @@ impl Llama {
         let write_at = col.broadcast_as((b, kvh, 1, d))?.contiguous()?;
         let kernels = Kernels {
             fused,
-            copy_kv: x.device().is_cpu() && !super::views_forced(),
+            copy_kv: super::prealloc_copies_kv(x.device()),
         };
         let mut h = x.clone();
         for (layer, (kb, vb)) in self.layers.iter().zip(&sd.layers) {
@@ -202,7 +192,7 @@ impl Llama {
                 Ok((kb.narrow(2, 0, width)?, vb.narrow(2, 0, width)?))
             })?;
         }
-        Ok(self.final_norm(&h, fused)?.squeeze(1)?)
+        Ok(self.norm.forward_with(&h, fused)?.squeeze(1)?)
     }
 }
 

@@ -75,6 +75,18 @@ pub fn rel_err(a: &pairuni_model::Tensor, b: &pairuni_model::Tensor) -> f32 {
         / scale
 }
 
+/// Three toy questions (count, colour, yes/no).
+pub fn questions() -> Vec<String> {
+    [
+        "how many red circles are there ?",
+        "what color is the square ?",
+        "is there a blue triangle ?",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
 /// Two generation prompts of different lengths: the shorter is left-padded, and its unconditional row masked.
 pub fn gen_prompts(m: &Janus) -> Vec<Vec<u32>> {
     ["a red circle", "two blue squares left of a yellow triangle"]

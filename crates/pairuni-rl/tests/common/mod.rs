@@ -90,6 +90,22 @@ fn write_pairs(dir: &Path) {
     pairuni_data::jsonl::write_pairs(dir.join("pairs.jsonl"), &pairs).unwrap();
 }
 
+/// A 4-step SFT run on the test world into `out`, batches of 4, a checkpoint every 2 steps (resume tests stop
+/// it after 2 and finish it in a second process).
+pub fn short_sft(out: &Path) -> pairuni_rl::config::SftConfig {
+    let w = world();
+    pairuni_rl::config::SftConfig {
+        understanding: w.join("understanding.jsonl"),
+        generation: w.join("generation.jsonl"),
+        out_dir: out.to_path_buf(),
+        steps: 4,
+        batch_understanding: 4,
+        batch_generation: 4,
+        checkpoint_every: 2,
+        ..Default::default()
+    }
+}
+
 /// Named tensors as f32 values, sorted by name (to compare two runs' weights exactly).
 pub fn f32_values(
     tensors: impl IntoIterator<Item = (String, candle_core::Tensor)>,

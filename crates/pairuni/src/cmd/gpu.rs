@@ -193,6 +193,17 @@ pub struct BenchGpuStepArgs {
     pub json: bool,
 }
 
+impl BenchGpuStepArgs {
+    /// The image rollouts' sampling settings (top-p off: the device samplers have none).
+    fn image_sampling(&self) -> ImageSampling {
+        ImageSampling {
+            cfg_weight: self.cfg_weight,
+            temperature: self.temperature,
+            top_p: 1.0,
+        }
+    }
+}
+
 /// Phase timer that synchronises the device so that queued kernels are counted in the phase that queued them.
 struct Phases {
     device: Device,
@@ -348,11 +359,7 @@ fn run_step(
     ph: &mut Phases,
 ) -> anyhow::Result<StepOutcome> {
     let cfg = model.config().clone();
-    let img_s = ImageSampling {
-        cfg_weight: a.cfg_weight,
-        temperature: a.temperature,
-        top_p: 1.0,
-    };
+    let img_s = a.image_sampling();
     let txt_s = TextSampling {
         max_new_tokens: max_answer,
         temperature: a.temperature,
@@ -566,7 +573,7 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
 
     // The check runs on every device (it is cheap at tiny shapes, and CI exercises it); only a CUDA device can
     // pass it, since elsewhere nothing is captured.
-    let graph_check = check_graphs(&mut model, &inputs.gen_prompts, a.cfg_weight)?;
+    let graph_check = check_graphs(&mut model, &inputs.gen_prompts, &a.image_sampling())?;
     if a.cuda_graphs == Toggle::Auto {
         model.set_static_decode(graph_check["pass"] == true);
     }
@@ -675,17 +682,9 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The last static image decode's graph report as JSON (null when the model has not run one).
+/// The last image sampling call's graph report as JSON (null when it ran no static decode).
 fn graph_report_json(model: &Janus) -> serde_json::Value {
-    match model.last_graph_report() {
-        Some(r) => json!({
-            "captured": r.captured,
-            "replayed": r.replayed,
-            "eager": r.eager,
-            "failure": r.failure,
-        }),
-        None => serde_json::Value::Null,
-    }
+    json!(model.last_graph_report())
 }
 
 /// The step's image rollout again with the other `--cuda-graphs` setting: its time, its time per code and its
@@ -699,11 +698,7 @@ fn rollout_with_other_graphs(
 ) -> serde_json::Value {
     let chosen = model.static_decode();
     model.set_static_decode(!chosen);
-    let s = ImageSampling {
-        cfg_weight: a.cfg_weight,
-        temperature: a.temperature,
-        top_p: 1.0,
-    };
+    let s = a.image_sampling();
     let n = model.image_tokens_per_image();
     let timed = (|| -> anyhow::Result<f64> {
         model.device().synchronize()?;
@@ -736,21 +731,16 @@ fn rollout_with_other_graphs(
 fn check_graphs(
     model: &mut Janus,
     prompts: &[Vec<u32>],
-    cfg_weight: f64,
+    s: &ImageSampling,
 ) -> anyhow::Result<serde_json::Value> {
     let steps = (2 * WIDTH_STEP + 2).min(model.image_tokens_per_image());
-    let s = ImageSampling {
-        cfg_weight,
-        temperature: 1.0,
-        top_p: 1.0,
-    };
     let chosen = model.static_decode();
     model.set_static_decode(true);
     let mut run = |capture: bool| {
         model.set_graph_capture(capture);
         let rolls = model.sample_image_codes_at(
             prompts,
-            &s,
+            s,
             steps,
             SamplerSite::Device,
             &mut ChaCha8Rng::seed_from_u64(17),
@@ -778,11 +768,8 @@ fn check_graphs(
         "steps": steps,
         "codes_equal": codes_equal,
         "max_abs_logprob_diff": max_lp_diff,
-        "captured": report.captured,
-        "replayed": report.replayed,
-        "eager": report.eager,
-        "failure": report.failure,
         "pass": codes_equal && report.captured > 0 && report.failure.is_none(),
+        "graph_report": report,
     }))
 }
 
@@ -1259,6 +1246,15 @@ pub fn run_bench_gpu_parity(a: BenchGpuParityArgs) -> anyhow::Result<ExitCode> {
 mod tests {
     use super::*;
 
+    /// The tiny-shape random model on the CPU, its step inputs and the rng that drew them, from `seed`.
+    fn tiny_model(a: &BenchGpuStepArgs, seed: u64) -> (Janus, StepInputs, ChaCha8Rng) {
+        let cfg = a.shapes.config().unwrap();
+        let model = build_model(&cfg, seed, &Device::Cpu, DType::F32).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let inputs = step_inputs(&cfg, a, &Device::Cpu, &mut rng).unwrap();
+        (model, inputs, rng)
+    }
+
     fn tiny_args() -> BenchGpuStepArgs {
         BenchGpuStepArgs {
             device: "cpu".into(),
@@ -1440,10 +1436,7 @@ mod tests {
             image_sampler: SamplerArg::Device,
             ..tiny_args()
         };
-        let cfg = a.shapes.config().unwrap();
-        let mut model = build_model(&cfg, 2, &Device::Cpu, DType::F32).unwrap();
-        let mut rng = ChaCha8Rng::seed_from_u64(2);
-        let inputs = step_inputs(&cfg, &a, &Device::Cpu, &mut rng).unwrap();
+        let (mut model, inputs, mut rng) = tiny_model(&a, 2);
         let other = rollout_with_other_graphs(&mut model, &inputs, &a, &mut rng);
         assert_eq!(other["cuda_graphs"], true, "{other}");
         assert!(other["rollout_image"].as_f64().unwrap() > 0.0, "{other}");
@@ -1459,17 +1452,15 @@ mod tests {
     #[test]
     fn the_graph_check_compares_captured_with_eager_steps_and_fails_without_cuda() {
         let a = tiny_args();
-        let cfg = a.shapes.config().unwrap();
-        let mut model = build_model(&cfg, 3, &Device::Cpu, DType::F32).unwrap();
-        let mut rng = ChaCha8Rng::seed_from_u64(3);
-        let inputs = step_inputs(&cfg, &a, &Device::Cpu, &mut rng).unwrap();
-        let c = check_graphs(&mut model, &inputs.gen_prompts, 5.0).unwrap();
+        let (mut model, inputs, _) = tiny_model(&a, 3);
+        let c = check_graphs(&mut model, &inputs.gen_prompts, &a.image_sampling()).unwrap();
         // Both runs are eager on the CPU, so they agree bit for bit, but nothing was captured: no pass.
         assert_eq!(c["steps"], 16, "{c}");
         assert_eq!(c["codes_equal"], true, "{c}");
         assert_eq!(c["max_abs_logprob_diff"], 0.0, "{c}");
+        let report = &c["graph_report"];
         assert_eq!(
-            (c["captured"].as_u64(), c["eager"].as_u64()),
+            (report["captured"].as_u64(), report["eager"].as_u64()),
             (Some(0), Some(16)),
             "{c}"
         );
@@ -1480,10 +1471,7 @@ mod tests {
     #[test]
     fn probe_splits_a_decode_step() {
         let a = tiny_args();
-        let cfg = a.shapes.config().unwrap();
-        let mut model = build_model(&cfg, 1, &Device::Cpu, DType::F32).unwrap();
-        let mut rng = ChaCha8Rng::seed_from_u64(1);
-        let inputs = step_inputs(&cfg, &a, &Device::Cpu, &mut rng).unwrap();
+        let (mut model, inputs, _) = tiny_model(&a, 1);
         let p = probe_image_step(&mut model, &inputs.gen_prompts, 5.0, 3).unwrap();
         assert_eq!(p["steps"], 3);
         assert_eq!(p["cache_len_start"], a.prompt_len);
