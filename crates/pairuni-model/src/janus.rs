@@ -381,6 +381,15 @@ impl Janus {
     pub fn set_fused_sampling(&mut self, on: bool) {
         self.m.lm.set_fused_sampling(on);
     }
+    /// Whether fused-kernel sampling forwards run q/k/v and gate/up as one batched matmul each, over copies of
+    /// the weights stacked when a rollout's cache first runs (default: yes).
+    pub fn stack_projections(&self) -> bool {
+        self.m.lm.stack_projections()
+    }
+    /// Chooses whether fused-kernel sampling forwards stack their projections (to measure what it buys).
+    pub fn set_stack_projections(&mut self, on: bool) {
+        self.m.lm.set_stack_projections(on);
+    }
     /// Whether the device-side CFG image decode ([`SamplerSite::Device`], the default on CUDA) takes
     /// fixed-shape steps (`llama::StaticDecode`), captured once per attention width as CUDA graphs and replayed
     /// on CUDA devices, run as they are elsewhere (the tests force it on the CPU). Off by default.
@@ -468,6 +477,7 @@ impl Janus {
             image_tokenizer,
         )?;
         clone.set_fused_sampling(self.fused_sampling());
+        clone.set_stack_projections(self.stack_projections());
         clone.set_static_decode(self.static_decode());
         clone.set_graph_capture(self.capture_graphs);
         Ok(clone)

@@ -46,6 +46,9 @@ pub struct KvCache {
     /// A preallocated cache's additive key mask [B, 1, 1, capacity] (f32, 0 or `MASKED`; 0 past the written
     /// positions), kept on the device next to the keys so that a decode step uploads no mask.
     key_bias: Option<Tensor>,
+    /// The projections a fused-kernel forward through this cache multiplies with, stacked at its first forward
+    /// ([`StackedLayer`]); `None` otherwise.
+    stacked: Option<StackedProjections>,
 }
 
 /// Bookkeeping of a preallocated cache.
@@ -280,6 +283,9 @@ pub struct Llama {
     /// of 58 (docs/GPU.md). On by default on accelerators; off on the CPU, where the compositions are what every
     /// recorded toy-world result was sampled with.
     fused_sampling: bool,
+    /// Whether those fused-kernel forwards also run q/k/v and gate/up as stacked batched matmuls
+    /// ([`StackedLayer`]); on by default, off only to measure what the stacks buy.
+    stack_projections: bool,
 }
 
 impl Llama {
@@ -324,6 +330,7 @@ impl Llama {
             rotary,
             cfg: cfg.clone(),
             fused_sampling: !p.device.is_cpu(),
+            stack_projections: true,
         })
     }
 
@@ -335,6 +342,16 @@ impl Llama {
     /// Chooses the kernels of sampling forwards (see the field); training forwards always compose basic ops.
     pub fn set_fused_sampling(&mut self, on: bool) {
         self.fused_sampling = on;
+    }
+
+    /// Whether fused-kernel forwards run the stacked projections.
+    pub fn stack_projections(&self) -> bool {
+        self.stack_projections
+    }
+
+    /// Chooses whether fused-kernel forwards run the stacked projections (caches that have them keep them).
+    pub fn set_stack_projections(&mut self, on: bool) {
+        self.stack_projections = on;
     }
 
     /// Token embeddings of `ids` [B, T] (u32) → [B, T, H].
@@ -352,6 +369,7 @@ impl Llama {
             next_pos: vec![0; batch],
             prealloc: None,
             key_bias: None,
+            stacked: None,
         }
     }
 
@@ -400,6 +418,11 @@ impl Llama {
         // Only sampling goes through a preallocated cache, and nothing there is differentiated.
         let fused = plan.is_some() && self.fused_sampling;
         let rope = self.rope_tables(&pos, max_pos, x.dtype(), fused)?;
+        let stacked = if fused {
+            self.stacked_for(cache.stacked.as_ref())?
+        } else {
+            None
+        };
 
         let past = cache.len();
         let total = past + t;
@@ -441,7 +464,8 @@ impl Llama {
         let mut new_layers = Vec::with_capacity(self.layers.len());
         for (li, layer) in self.layers.iter().enumerate() {
             let past_kv = cache.layers.get(li);
-            h = layer.forward(&h, &rope, &mask, kernels, |k, v| {
+            let stacks = stacked.as_ref().map(|s| &s[li]);
+            h = layer.forward(&h, &rope, &mask, kernels, stacks, |k, v| {
                 let (stored, views) = match &plan {
                     Some((placement, pre)) => {
                         append_prealloc(past_kv, (k, v), past, *placement, pre.capacity)?
@@ -469,8 +493,29 @@ impl Llama {
                 next_pos,
                 prealloc: plan.map(|(_, pre)| pre),
                 key_bias,
+                stacked,
             },
         ))
+    }
+
+    /// The stacked projections of a fused-kernel forward: the cache's own once it has them, else stacked now from
+    /// the current weights (`None` when a projection has a bias, which the stacks do not carry).
+    fn stacked_for(
+        &self,
+        existing: Option<&StackedProjections>,
+    ) -> Result<Option<StackedProjections>> {
+        if let Some(s) = existing {
+            return Ok(Some(s.clone()));
+        }
+        if !self.stack_projections || self.layers.iter().any(Layer::has_bias) {
+            return Ok(None);
+        }
+        let layers = self
+            .layers
+            .iter()
+            .map(Layer::stack)
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Some(Arc::from(layers)))
     }
 }
 
@@ -505,16 +550,18 @@ struct Kernels {
 impl Layer {
     /// The layer on `h` [B, T, H] under the additive `mask`: `store` takes the new keys and values
     /// [B, kv_heads, T, D] and returns all the keys and values to attend over.
+    /// With `stacked`, the q/k/v and gate/up projections each run as one batched matmul over those stacks.
     fn forward(
         &self,
         h: &Tensor,
         rope: &RopeTables,
         mask: &Tensor,
         kernels: Kernels,
+        stacked: Option<&StackedLayer>,
         store: impl FnOnce(&Tensor, &Tensor) -> candle_core::Result<(Tensor, Tensor)>,
     ) -> Result<Tensor> {
         let normed = self.input_norm.forward_with(h, kernels.fused)?;
-        let (q, k, v) = self.attn.project(&normed, rope)?;
+        let (q, k, v) = self.attn.project(&normed, rope, stacked)?;
         let (ks, vs) = store(&k, &v)?;
         let attn_out = self
             .attn
@@ -522,9 +569,80 @@ impl Layer {
         let h = (h + attn_out)?;
         let normed = self.post_norm.forward_with(&h, kernels.fused)?;
         let m = &self.mlp;
-        let act = (m.gate.forward(&normed)?.silu()? * m.up.forward(&normed)?)?;
+        let (gate, up) = match stacked {
+            Some(s) => {
+                let [gate, up] = stacked_matmul(&normed, &s.gate_up)?;
+                (gate, up)
+            }
+            None => (m.gate.forward(&normed)?, m.up.forward(&normed)?),
+        };
+        let act = (gate.silu()? * up)?;
         Ok((h + m.down.forward(&act)?)?)
     }
+
+    /// Whether any projection has a bias.
+    fn has_bias(&self) -> bool {
+        let a = &self.attn;
+        [&a.q, &a.k, &a.v, &self.mlp.gate, &self.mlp.up]
+            .iter()
+            .any(|l| l.bias.is_some())
+    }
+
+    /// Copies of this layer's weights stacked for [`stacked_matmul`] (bias-free layers only).
+    fn stack(&self) -> candle_core::Result<StackedLayer> {
+        let a = &self.attn;
+        let stack =
+            |ws: &[&Tensor]| -> candle_core::Result<Tensor> { Ok(Tensor::stack(ws, 0)?.detach()) };
+        let (qkv, kv_only) = if a.heads == a.kv_heads {
+            (stack(&[&a.q.weight, &a.k.weight, &a.v.weight])?, false)
+        } else {
+            (stack(&[&a.k.weight, &a.v.weight])?, true)
+        };
+        Ok(StackedLayer {
+            qkv,
+            kv_only,
+            gate_up: stack(&[&self.mlp.gate.weight, &self.mlp.up.weight])?,
+        })
+    }
+}
+
+/// One layer's projections that read the same input, stacked into [n, out, in] copies so that each group runs as
+/// a single batched matmul: one launch for q/k/v and one for gate/up instead of five, with three or two times
+/// the output tiles to spread over the device's cores (a decode step's matmuls have only as many rows as the
+/// batch). Sampling only: the copies are made when a rollout's cache first runs, so they hold the weights of
+/// that moment, and no gradient flows through them.
+#[derive(Debug)]
+struct StackedLayer {
+    /// q, k, v [3, heads·D, H]; or k, v [2, kv_heads·D, H] when the heads are grouped (q is then a shape of its
+    /// own and keeps its matmul).
+    qkv: Tensor,
+    /// Whether `qkv` holds only k and v.
+    kv_only: bool,
+    /// gate, up [2, F, H].
+    gate_up: Tensor,
+}
+
+/// Every layer's [`StackedLayer`], shared by the cache values of one rollout.
+type StackedProjections = Arc<[StackedLayer]>;
+
+/// `x` [B, T, in] times each of the `N` stacked weights `w` [N, out, in] (transposed), as one batched matmul over
+/// `x` broadcast (batch stride 0): N contiguous [B, T, out] outputs.
+fn stacked_matmul<const N: usize>(x: &Tensor, w: &Tensor) -> candle_core::Result<[Tensor; N]> {
+    let (b, t, inner) = x.dims3()?;
+    let (n, out, _) = w.dims3()?;
+    if n != N {
+        candle_core::bail!("{n} stacked weights where {N} were expected");
+    }
+    let rows = b * t;
+    let y = x
+        .reshape((1, rows, inner))?
+        .broadcast_as((N, rows, inner))?
+        .matmul(&w.transpose(1, 2)?)?;
+    let mut outs = Vec::with_capacity(N);
+    for j in 0..N {
+        outs.push(y.get(j)?.reshape((b, t, out))?);
+    }
+    Ok(outs.try_into().expect("N outputs"))
 }
 
 impl Attention {
@@ -534,6 +652,7 @@ impl Attention {
         &self,
         x: &Tensor,
         rope: &RopeTables,
+        stacked: Option<&StackedLayer>,
     ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let (b, t, _) = x.dims3()?;
         let split = |y: Tensor, heads: usize| -> candle_core::Result<Tensor> {
@@ -541,9 +660,20 @@ impl Attention {
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let q = split(self.q.forward(x)?, self.heads)?;
-        let k = split(self.k.forward(x)?, self.kv_heads)?;
-        let v = split(self.v.forward(x)?, self.kv_heads)?;
+        let (q, k, v) = match stacked {
+            Some(s) if s.kv_only => {
+                let [k, v] = stacked_matmul(x, &s.qkv)?;
+                (self.q.forward(x)?, k, v)
+            }
+            Some(s) => {
+                let [q, k, v] = stacked_matmul(x, &s.qkv)?;
+                (q, k, v)
+            }
+            None => (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?),
+        };
+        let q = split(q, self.heads)?;
+        let k = split(k, self.kv_heads)?;
+        let v = split(v, self.kv_heads)?;
         match rope {
             RopeTables::Composed { cos, sin } => {
                 Ok((apply_rope(&q, cos, sin)?, apply_rope(&k, cos, sin)?, v))
@@ -641,12 +771,17 @@ mod tests {
     }
 
     pub(super) fn decoder(kv_heads: Option<usize>) -> Llama {
+        decoder_in(&VarMap::new(), kv_heads, false)
+    }
+
+    /// A toy decoder whose weights live in `store`, where a test can change them as an optimizer would.
+    fn decoder_in(store: &VarMap, kv_heads: Option<usize>, bias: bool) -> Llama {
         let mut cfg = JanusConfig::toy(48, 64).text_config;
         cfg.num_key_value_heads = kv_heads;
-        let store = VarMap::new();
+        cfg.attention_bias = bias;
         let mode = ParamMode::Init { seed: 3 };
         let p = Params {
-            store: &store,
+            store,
             prefix: String::new(),
             mode: &mode,
             dtype: DType::F32,
@@ -731,5 +866,93 @@ mod tests {
         assert_eq!(grown, pre);
         assert_eq!(g.capacity(), None);
         assert_eq!(p.capacity(), Some(9));
+    }
+
+    #[test]
+    fn stacked_projections_compute_the_separate_matmuls_bit_for_bit_on_the_cpu() {
+        for kv in [None, Some(2)] {
+            let mut m = decoder(kv);
+            m.set_fused_sampling(true);
+            let x = embeddings(&m, 9);
+            let (stacked, cache) = stepwise(&m, &x, m.empty_cache_with_capacity(2, 16));
+            let stacks = cache.stacked.as_ref().expect("fused forwards stack");
+            assert_eq!(stacks.len(), m.layers.len());
+            // Grouped heads give q a shape of its own: only k and v are stacked with each other.
+            assert_eq!(stacks[0].kv_only, kv.is_some(), "kv heads {kv:?}");
+            assert_eq!(
+                stacks[0].qkv.dim(0).unwrap(),
+                if kv.is_some() { 2 } else { 3 }
+            );
+            m.set_stack_projections(false);
+            let (separate, cache) = stepwise(&m, &x, m.empty_cache_with_capacity(2, 16));
+            assert!(cache.stacked.is_none());
+            // Each batch of the stacked matmul is the gemm the separate projection runs.
+            assert_eq!(stacked, separate, "kv heads {kv:?}");
+        }
+    }
+
+    #[test]
+    fn each_rollout_stacks_the_weights_it_starts_with() {
+        let store = VarMap::new();
+        let mut m = decoder_in(&store, None, false);
+        m.set_fused_sampling(true);
+        let x = embeddings(&m, 9);
+        let (before, _) = stepwise(&m, &x, m.empty_cache_with_capacity(2, 16));
+        // An optimizer step updates the weights in place.
+        for (name, var) in store.data().lock().unwrap().iter() {
+            if name.ends_with("q_proj.weight") || name.ends_with("up_proj.weight") {
+                var.set(&(var.as_tensor() * 1.5).unwrap()).unwrap();
+            }
+        }
+        let (after, _) = stepwise(&m, &x, m.empty_cache_with_capacity(2, 16));
+        m.set_stack_projections(false);
+        let (want, _) = stepwise(&m, &x, m.empty_cache_with_capacity(2, 16));
+        assert_eq!(after, want);
+        assert_ne!(after, before);
+    }
+
+    #[test]
+    fn projections_with_biases_are_not_stacked() {
+        let mut m = decoder_in(&VarMap::new(), None, true);
+        m.set_fused_sampling(true);
+        let x = embeddings(&m, 5);
+        let (_, cache) = stepwise(&m, &x, m.empty_cache_with_capacity(2, 8));
+        assert_eq!(cache.len(), 5);
+        assert!(cache.stacked.is_none());
+    }
+
+    /// The stacks with every weight doubled.
+    pub(super) fn doubled(s: &StackedProjections) -> StackedProjections {
+        s.iter()
+            .map(|l| StackedLayer {
+                qkv: (&l.qkv * 2.0).unwrap(),
+                kv_only: l.kv_only,
+                gate_up: (&l.gate_up * 2.0).unwrap(),
+            })
+            .collect::<Vec<_>>()
+            .into()
+    }
+
+    #[test]
+    fn forwards_through_a_cache_multiply_with_its_stacks() {
+        let mut m = decoder(None);
+        m.set_fused_sampling(true);
+        let x = embeddings(&m, 6);
+        let (_, cache) = m
+            .forward(
+                &x.narrow(1, 0, 5).unwrap(),
+                &vec![vec![true; 5]; 2],
+                &m.empty_cache_with_capacity(2, 8),
+            )
+            .unwrap();
+        let step = |c: &KvCache| {
+            let (h, _) = m
+                .forward(&x.narrow(1, 5, 1).unwrap(), &vec![vec![true]; 2], c)
+                .unwrap();
+            h.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        };
+        let mut other = cache.clone();
+        other.stacked = Some(doubled(cache.stacked.as_ref().unwrap()));
+        assert_ne!(step(&cache), step(&other));
     }
 }

@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 
 use candle_core::{DType, Tensor};
 
-use super::{Kernels, KvCache, Llama, MASKED};
+use super::{Kernels, KvCache, Llama, StackedProjections, MASKED};
 use crate::error::{ModelError, Result};
 
 /// Granularity of the attention width: coarser means fewer graphs to capture, finer fewer masked keys read
@@ -46,6 +46,8 @@ pub struct StaticDecode {
     taken: usize,
     /// The largest position any reserved step reaches (checked against the rotary table once).
     max_pos: usize,
+    /// The stacked projections the steps multiply with when the fused kernels are on (the cache's own).
+    stacked: Option<StackedProjections>,
 }
 
 impl StaticDecode {
@@ -135,6 +137,11 @@ impl Llama {
         let tail = bias.dim(3)? - past;
         bias.slice_set(&Tensor::full(MASKED, (b, 1, 1, tail), &dev)?, 3, past)?;
         let base_pos = Tensor::from_vec(cache.next_pos.clone(), (b, 1), &dev)?;
+        let stacked = if self.fused_sampling {
+            self.stacked_for(cache.stacked.as_ref())?
+        } else {
+            None
+        };
         Ok(StaticDecode {
             layers,
             bias,
@@ -148,6 +155,7 @@ impl Llama {
             steps,
             taken: 0,
             max_pos,
+            stacked,
         })
     }
 
@@ -185,8 +193,13 @@ impl Llama {
             copy_kv: super::prealloc_copies_kv(x.device()),
         };
         let mut h = x.clone();
-        for (layer, (kb, vb)) in self.layers.iter().zip(&sd.layers) {
-            h = layer.forward(&h, &rope, &mask, kernels, |k, v| {
+        for (li, (layer, (kb, vb))) in self.layers.iter().zip(&sd.layers).enumerate() {
+            let stacks = if fused {
+                sd.stacked.as_ref().map(|s| &s[li])
+            } else {
+                None
+            };
+            h = layer.forward(&h, &rope, &mask, kernels, stacks, |k, v| {
                 kb.scatter_set(&write_at, k, 2)?;
                 vb.scatter_set(&write_at, v, 2)?;
                 Ok((kb.narrow(2, 0, width)?, vb.narrow(2, 0, width)?))
@@ -198,7 +211,7 @@ impl Llama {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{decoder, embeddings};
+    use super::super::tests::{decoder, doubled, embeddings};
     use super::*;
 
     /// Hidden states of decoding `x` [2, T, H] one token at a time after a `prefill`-token prompt, through a
@@ -358,5 +371,29 @@ mod tests {
             .err()
             .expect("beyond the table");
         assert!(err.to_string().contains("max_position_embeddings"), "{err}");
+    }
+
+    #[test]
+    fn static_steps_multiply_with_the_caches_stacks() {
+        let mut m = decoder(None);
+        m.set_fused_sampling(true);
+        let x = embeddings(&m, 6);
+        let (_, cache) = m
+            .forward(
+                &x.narrow(1, 0, 5).unwrap(),
+                &vec![vec![true; 5]; 2],
+                &m.empty_cache_with_capacity(2, 64),
+            )
+            .unwrap();
+        let step = |sd: &StaticDecode| {
+            let h = m
+                .static_step(&x.narrow(1, 5, 1).unwrap(), sd, sd.next_width())
+                .unwrap();
+            h.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        };
+        let sd = m.static_decode(cache.clone(), 1).unwrap();
+        let mut other = m.static_decode(cache, 1).unwrap();
+        other.stacked = Some(doubled(sd.stacked.as_ref().expect("the cache's stacks")));
+        assert_ne!(step(&sd), step(&other));
     }
 }

@@ -845,25 +845,32 @@ fn probe_image_step(
         host += (t3 - t2).as_secs_f64();
     }
     let per = |x: f64| (x * 1e3 / steps as f64 * 1000.0).round() / 1000.0;
-    let chosen = model.fused_sampling();
+    let chosen = (model.fused_sampling(), model.stack_projections());
     let mut device_sampled = 0.0;
     let mut kernels = serde_json::Map::new();
-    for fused in [false, true] {
-        model.set_fused_sampling(fused);
+    // The stacking of projections only matters with the fused kernels.
+    for (name, set) in [
+        ("composed", (false, chosen.1)),
+        ("fused", (true, true)),
+        ("fused_unstacked", (true, false)),
+    ] {
+        model.set_fused_sampling(set.0);
+        model.set_stack_projections(set.1);
+        let used = set == chosen;
         let run = device_sampled_steps(model, &emb, b, cfg_weight, steps)
             .and_then(|secs| Ok((secs, tensors_per_decode_step(model, &emb, b, cfg_weight)?)));
-        let name = if fused { "fused" } else { "composed" };
         let entry = match run {
             Ok((secs, tensors)) => {
-                if fused == chosen {
+                if used {
                     device_sampled = secs;
                 }
                 json!({ "device_sampling_total_ms": per(secs), "tensors_per_step": tensors })
             }
             // The kernel set the step does not use may fail without costing the device call its measurement.
-            Err(e) if fused != chosen => json!({ "error": format!("{e:#}") }),
+            Err(e) if !used => json!({ "error": format!("{e:#}") }),
             Err(e) => {
-                model.set_fused_sampling(chosen);
+                model.set_fused_sampling(chosen.0);
+                model.set_stack_projections(chosen.1);
                 return Err(e.context(format!(
                     "device-sampled decode steps with the {name} kernels"
                 )));
@@ -871,7 +878,8 @@ fn probe_image_step(
         };
         kernels.insert(name.into(), entry);
     }
-    model.set_fused_sampling(chosen);
+    model.set_fused_sampling(chosen.0);
+    model.set_stack_projections(chosen.1);
     let grown = grown_cache_forwards(model, &emb, b, steps)?;
     Ok(json!({
         "steps": steps,
@@ -882,7 +890,8 @@ fn probe_image_step(
         "host_sampling_ms": per(host),
         "total_ms": per(fwd + down + host),
         "device_sampling_total_ms": per(device_sampled),
-        "fused_sampling": chosen,
+        "fused_sampling": chosen.0,
+        "stack_projections": chosen.1,
         "sampling_kernels": kernels,
     }))
 }
@@ -1478,12 +1487,13 @@ mod tests {
         assert!(p["forward_ms"].as_f64().unwrap() > 0.0);
         assert!(p["device_sampling_total_ms"].as_f64().unwrap() > 0.0);
         assert!(p["forward_grown_cache_ms"].as_f64().unwrap() > 0.0);
-        // The probe tries both kernel sets and leaves the model's choice as it found it (composed on the CPU).
-        // Their tensor counts are checked in tests/bench_cli.rs, in a process of their own: candle's id counter
-        // is global, and the other tests here create tensors at the same time.
+        // The probe tries every kernel set and leaves the model's choice as it found it (composed on the CPU,
+        // stacking on). Their tensor counts are checked in tests/bench_cli.rs, in a process of their own:
+        // candle's id counter is global, and the other tests here create tensors at the same time.
         assert_eq!(p["fused_sampling"], false);
-        assert!(!model.fused_sampling());
-        for k in ["composed", "fused"] {
+        assert_eq!(p["stack_projections"], true);
+        assert!(!model.fused_sampling() && model.stack_projections());
+        for k in ["composed", "fused", "fused_unstacked"] {
             assert!(p["sampling_kernels"][k]["tensors_per_step"].is_u64(), "{p}");
         }
     }
