@@ -7,7 +7,7 @@
 #   (a) parity   pairuni bench gpu-parity: the committed Janus fixtures on cuda in f32 and bf16 vs reference
 #   (b) pytorch  scripts/torch_step_bench.py: one PairGRPO step, transformers eager, same card
 #   (c) candle   pairuni bench gpu-step: the same step through pairuni's library (with CUDA graphs if its
-#                graph check passes), then its image rollout once more the other way (--compare-graphs)
+#                graph check passes), then its image and answer rollouts once more the other way (--compare-graphs)
 #   (d) smoke    the toy pipeline's commands (world, pairs, sft, train, eval) on the device, two steps each
 # and prints a table with the ratio. Logs and JSON land in $OUT (at most 8 files come back from the device).
 # Testing without a GPU: BENCH_DEVICE=cpu BENCH_SHAPES=tiny CARRY_DIR=.dev/gpu-cpu bash scripts/device-bench.sh
@@ -75,8 +75,8 @@ echo "rc=$? $(cat "$OUT/torch_step.json")"
 if [[ -n "$bin" ]]; then
     t=$(( $(left) - 10 ))
     echo "== (c) candle step (limit ${t} s)"
-    # The graph check decides whether the step runs with CUDA graphs; --compare-graphs times the image rollout
-    # once more with the other setting (rollout_image_other in the JSON).
+    # The graph check decides whether the step runs with CUDA graphs; --compare-graphs times the image and answer
+    # rollouts once more with the other setting (rollout_image_other in the JSON).
     timeout "$t" "$bin" --log info bench gpu-step --device "$dev" --shapes "$shapes" --compare-graphs --json \
         >"$OUT/candle_step.json" 2>"$OUT/candle_step.log"
     rc=$?
@@ -162,23 +162,28 @@ for k in keys:
 other = (cd or {}).get("rollout_image_other")
 if other:
     label = "graphs" if other.get("cuda_graphs") else "no graphs"
-    if "error" in other:
-        print(f"candle image rollout with {label}: failed: {other['error']}")
-    else:
-        for k in ("rollout_image", "ms_per_image_step"):
-            a, b = (pt or {}).get(k), other.get(k)
-            r = f"{a / b:.2f}x" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b > 0 else "-"
-            prec = 3 if k == "ms_per_image_step" else 1
-            fa = f"{a:.{prec}f}" if isinstance(a, (int, float)) else "-"
-            print(f"{k + ' (' + label + ')':<26}{fa:>12}{b:>12.{prec}f}{r:>16}")
-        # The same step with this rollout in place of the step's own one (the other phases do not change).
-        a, t, r0, r1 = (pt or {}).get("total"), (cd or {}).get("total"), (cd or {}).get("rollout_image"), other.get("rollout_image")
-        if all(isinstance(x, (int, float)) for x in (t, r0, r1)):
-            tt = t - r0 + r1
-            ratio = f"{a / tt:.2f}x" if isinstance(a, (int, float)) and tt > 0 else "-"
-            fa = f"{a:.1f}" if isinstance(a, (int, float)) else "-"
-            print(f"{'total (' + label + ')':<26}{fa:>12}{tt:>12.1f}{ratio:>16}")
-    print("graph report:", json.dumps(other.get("graph_report")))
+    for k, err in (("rollout_image", "error"), ("rollout_text", "text_error")):
+        if err in other:
+            print(f"candle {k} with {label}: failed: {other[err]}")
+    for k in ("rollout_image", "ms_per_image_step", "rollout_text"):
+        a, b = (pt or {}).get(k), other.get(k)
+        if not isinstance(b, (int, float)):
+            continue
+        r = f"{a / b:.2f}x" if isinstance(a, (int, float)) and b > 0 else "-"
+        prec = 3 if k == "ms_per_image_step" else 1
+        fa = f"{a:.{prec}f}" if isinstance(a, (int, float)) else "-"
+        print(f"{k + ' (' + label + ')':<26}{fa:>12}{b:>12.{prec}f}{r:>16}")
+    # The same step with these rollouts in place of the step's own ones (the other phases do not change).
+    t = (cd or {}).get("total")
+    swaps = [((cd or {}).get(k), other.get(k)) for k in ("rollout_image", "rollout_text")]
+    swaps = [(x, y) for x, y in swaps if isinstance(x, (int, float)) and isinstance(y, (int, float))]
+    if isinstance(t, (int, float)) and swaps:
+        a = (pt or {}).get("total")
+        tt = t + sum(y - x for x, y in swaps)
+        ratio = f"{a / tt:.2f}x" if isinstance(a, (int, float)) and tt > 0 else "-"
+        fa = f"{a:.1f}" if isinstance(a, (int, float)) else "-"
+        print(f"{'total (' + label + ')':<26}{fa:>12}{tt:>12.1f}{ratio:>16}")
+    print("graph report:", json.dumps(other.get("graph_report")), "answers:", json.dumps(other.get("answer_graph_report")))
 gc = (cd or {}).get("graph_check")
 if gc:
     print("graph check (captured vs eager static steps, same seed):", json.dumps(gc),
@@ -194,7 +199,7 @@ for name, d in (("pytorch", pt), ("candle", cd)):
     if d:
         extra = {k: d.get(k) for k in ("dtype", "image_tokens", "answer_tokens", "grad_norm", "params_with_grad",
                                        "init_ms", "peak_mem_gib", "image_sampler", "text_sampler", "fused_sampling",
-                                       "cuda_graphs", "graph_report", "image_step_probe") if k in d}
+                                       "cuda_graphs", "graph_report", "answer_graph_report", "image_step_probe") if k in d}
         print(name, json.dumps(extra))
     else:
         print(name, "did not finish: see its log")

@@ -57,8 +57,8 @@ pub struct Placement {
     pub dtype: DType,
     /// The kernels of sampling forwards: candle's fused ones (`auto`: on accelerators) or the compositions.
     pub fused_sampling: Toggle,
-    /// Whether the device-side image decode takes fixed-shape steps, captured as CUDA graphs on CUDA devices
-    /// (`auto`: off until a GPU run has measured it, docs/GPU.md).
+    /// Whether the device-side image and answer decodes take fixed-shape steps, captured as CUDA graphs on CUDA
+    /// devices (`auto`: off until a GPU run has measured it, docs/GPU.md).
     pub cuda_graphs: Toggle,
 }
 
@@ -119,9 +119,10 @@ pub struct ModelConfig {
     /// Kernels of the sampling forwards: `auto` (fused on accelerators, composed on the CPU), `on` or `off`;
     /// `off` is the escape hatch should a fused kernel misbehave on some GPU (default `auto`).
     pub fused_sampling: Toggle,
-    /// Image rollouts sampled on the device in fixed-shape steps, each attention width's step captured once as a
-    /// CUDA graph and replayed: `on`, `off`, or `auto` (off until a GPU run has measured it). It concerns the
-    /// device-side image sampler, the default on CUDA; the CPU samples images on the host (default `auto`).
+    /// Rollouts sampled on the device in fixed-shape steps, each attention width's step captured once as a CUDA
+    /// graph and replayed: `on`, `off`, or `auto` (off until a GPU run has measured it). It concerns the
+    /// device-side samplers, the default on CUDA (images always, answers without top-p); the CPU samples on the
+    /// host (default `auto`).
     pub cuda_graphs: Toggle,
 }
 

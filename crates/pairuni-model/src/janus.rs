@@ -23,14 +23,14 @@ use crate::janus_config::{ImageTokenizerKind, JanusConfig};
 use crate::layers::{log_softmax_last, Act, InitKind, Linear, ParamMode, Params};
 use crate::llama::{last_position, KvCache, Llama, WIDTH_STEP};
 use crate::sampling::{
-    argmax, device_cfg_draw, device_cfg_draw_with, device_token_draw, draw_rows, log_prob_t,
-    sample_index_at, sample_with_logprob_at, CfgLogprobPolicy, GumbelNoise, ImageRollout,
-    ImageSampling, ParamSelection, SamplerSite, TextRollout, TextSampling,
+    argmax, device_cfg_draw, device_cfg_draw_with, device_token_draw, device_token_draw_with,
+    draw_rows, log_prob_t, sample_index_at, sample_with_logprob_at, CfgLogprobPolicy, GumbelNoise,
+    ImageRollout, ImageSampling, ParamSelection, SamplerSite, TextRollout, TextSampling,
 };
 use crate::tokenizer::TextTokenizer;
 use crate::vision::{AlignerMlp, VisionModel};
 
-/// Per prompt, the sampled image codes and their sampling-time log-probs.
+/// Per row, the sampled ids (image codes or answer tokens) and their log-probs.
 type CodesAndLogprobs = (Vec<Vec<u32>>, Vec<Vec<f32>>);
 
 /// Logit added to tokens an answer may not contain: exp underflows to exactly 0 in f32 at any temperature ≥ 0.01.
@@ -129,6 +129,8 @@ pub struct Janus {
     capture_graphs: bool,
     /// What the graphs of the last static image decode did.
     graph_report: Mutex<Option<GraphReport>>,
+    /// What the graphs of the last static answer decode did.
+    answer_graph_report: Mutex<Option<GraphReport>>,
 }
 
 /// Reads a single `model.safetensors` or a sharded `model.safetensors.index.json` from `dir`.
@@ -243,6 +245,7 @@ impl Janus {
             static_decode: false,
             capture_graphs: true,
             graph_report: Mutex::new(None),
+            answer_graph_report: Mutex::new(None),
         })
     }
 
@@ -390,13 +393,14 @@ impl Janus {
     pub fn set_stack_projections(&mut self, on: bool) {
         self.m.lm.set_stack_projections(on);
     }
-    /// Whether the device-side CFG image decode ([`SamplerSite::Device`], the default on CUDA) takes
-    /// fixed-shape steps (`llama::StaticDecode`), captured once per attention width as CUDA graphs and replayed
-    /// on CUDA devices, run as they are elsewhere (the tests force it on the CPU). Off by default.
+    /// Whether the device-side samplers ([`SamplerSite::Device`], the default on CUDA: the CFG image decode, and
+    /// the answer decode without top-p) take fixed-shape steps (`llama::StaticDecode`), captured once per
+    /// attention width as CUDA graphs and replayed on CUDA devices, run as they are elsewhere (the tests force it
+    /// on the CPU). Off by default.
     pub fn static_decode(&self) -> bool {
         self.static_decode
     }
-    /// Chooses the image decode's steps (see [`Janus::static_decode`]).
+    /// Chooses the device samplers' steps (see [`Janus::static_decode`]).
     pub fn set_static_decode(&mut self, on: bool) {
         self.static_decode = on;
     }
@@ -407,10 +411,11 @@ impl Janus {
     }
     /// What the CUDA graphs of the last image sampling call did (`None` when it ran no static decode).
     pub fn last_graph_report(&self) -> Option<GraphReport> {
-        self.graph_report
-            .lock()
-            .map(|r| r.clone())
-            .unwrap_or_default()
+        read_report(&self.graph_report)
+    }
+    /// What the CUDA graphs of the last answer sampling call did (`None` when it ran no static decode).
+    pub fn last_answer_graph_report(&self) -> Option<GraphReport> {
+        read_report(&self.answer_graph_report)
     }
     /// The text tokenizer, if the checkpoint has one.
     pub fn tokenizer(&self) -> Option<&TextTokenizer> {
@@ -795,14 +800,24 @@ impl Janus {
             }
             SamplerSite::Device => true,
         };
+        // The report describes this call's decode, or says that it ran none.
+        if let Ok(mut r) = self.answer_graph_report.lock() {
+            *r = None;
+        }
+        let fixed = on_device && self.static_decode;
         let t_lp = s.logprob_temperature();
         let eos = self.eos_token();
         let pad = self.pad_token();
         let (rows, valid) = left_pad(prompts, pad);
         let px = Tensor::stack(pixels, 0)?;
         let emb = self.embed_rows(&rows, Some(&px))?.detach();
-        // Room for the prompt and every answer token, so no decode step copies the cache.
-        let room = rows[0].len() + s.max_new_tokens;
+        // Room for the prompt and every answer token, so no decode step copies the cache; a static decode rounds
+        // its buffers up to whole attention widths, which it can then take over.
+        let room = if fixed {
+            (rows[0].len() + s.max_new_tokens).div_ceil(WIDTH_STEP) * WIDTH_STEP
+        } else {
+            rows[0].len() + s.max_new_tokens
+        };
         let (h, mut cache) =
             self.m
                 .lm
@@ -825,6 +840,10 @@ impl Janus {
         } else {
             None
         };
+        if let (true, Some((noise, bias))) = (fixed, &mut device_draws) {
+            let (answers, lps) = self.answer_decode_static(s, cache, last, noise, bias)?;
+            return Ok(self.text_rollouts(pixels, prompts, answers, lps));
+        }
         for step in 0..s.max_new_tokens {
             let active: Vec<usize> = (0..b).filter(|&r| !done[r]).collect();
             let logits = self.lm_logits(&last)?;
@@ -872,19 +891,106 @@ impl Janus {
             cache = c.detach();
             last = last_position(&h)?.detach();
         }
-        let mut out = Vec::with_capacity(b);
-        for r in 0..b {
-            let ids = &answers[r];
-            let text_ids: Vec<u32> = ids.iter().copied().filter(|&t| t != eos).collect();
-            out.push(TextRollout {
-                image: pixels[r].clone(),
-                prompt_ids: prompts[r].clone(),
-                answer_ids: ids.clone(),
-                logprobs: std::mem::take(&mut lps[r]),
-                text: self.decode_text(&text_ids).unwrap_or_default(),
-            });
+        Ok(self.text_rollouts(pixels, prompts, answers, lps))
+    }
+
+    /// Rollouts of the drawn answer tokens (each ending at its eos, if drawn) and their log-probs.
+    fn text_rollouts(
+        &self,
+        pixels: &[Tensor],
+        prompts: &[Vec<u32>],
+        answers: Vec<Vec<u32>>,
+        lps: Vec<Vec<f32>>,
+    ) -> Vec<TextRollout> {
+        let eos = self.eos_token();
+        pixels
+            .iter()
+            .zip(prompts)
+            .zip(answers.into_iter().zip(lps))
+            .map(|((px, prompt), (ids, logprobs))| {
+                let text_ids: Vec<u32> = ids.iter().copied().filter(|&t| t != eos).collect();
+                TextRollout {
+                    image: px.clone(),
+                    prompt_ids: prompt.clone(),
+                    text: self.decode_text(&text_ids).unwrap_or_default(),
+                    answer_ids: ids,
+                    logprobs,
+                }
+            })
+            .collect()
+    }
+
+    /// The device answer draws in fixed-shape steps (`llama::StaticDecode`), captured once per attention width as
+    /// CUDA graphs on CUDA devices. The step body draws from a noise buffer filled outside it, as the CFG image
+    /// decode does, so the draws are those of the eager device path. A finished row keeps decoding its own draws
+    /// instead of padding (attention is per row: the other rows never see them) and its tokens after eos are
+    /// dropped; the host reads each step's tokens back to stop once every row has finished, as the eager path
+    /// does. Returns each row's tokens (through its eos) and their log-probs.
+    fn answer_decode_static(
+        &self,
+        s: &TextSampling,
+        cache: KvCache,
+        last: Tensor,
+        noise: &mut GumbelNoise,
+        bias: &Tensor,
+    ) -> Result<CodesAndLogprobs> {
+        let b = cache.batch();
+        let n = s.max_new_tokens;
+        let eos = self.eos_token();
+        let vocab = bias.dim(1)?;
+        let mut sd = self.m.lm.static_decode(cache, n)?;
+        // Fixed buffers the step reads and writes (`copy`: `last` gets storage of its own).
+        let last = last.contiguous()?.copy()?;
+        let gumbel = Tensor::zeros((b, vocab), DType::F32, &self.device)?;
+        let tokens = Tensor::zeros((b, n), DType::U32, &self.device)?;
+        let lps = Tensor::zeros((b, n), DType::F32, &self.device)?;
+        let sampled = !s.greedy;
+        let mut graphs = device_graphs(&self.device, self.capture_graphs);
+        let mut done = vec![false; b];
+        let mut taken = 0;
+        while taken < n && !done.iter().all(|&d| d) {
+            if sampled {
+                gumbel.slice_set(&noise.sample((b, vocab))?, 0, 0)?;
+            }
+            let width = sd.next_width();
+            graphs.run(width, || {
+                let logits = self.lm_logits(&last)?;
+                let (tok, lp) =
+                    device_token_draw_with(&logits, bias, s, sampled.then_some(&gumbel))?;
+                let at = sd.step_indices(&[b, 1])?;
+                tokens.scatter_set(&at, &tok, 1)?;
+                lps.scatter_set(&at, &lp, 1)?;
+                // The last token is fed too: one wasted step keeps every step the same graph.
+                let h = self.m.lm.static_step(&self.m.lm.embed(&tok)?, &sd, width)?;
+                last.slice_set(&h, 0, 0)?;
+                sd.count_step()
+            })?;
+            sd.advance();
+            let drawn = tokens
+                .narrow(1, taken, 1)?
+                .flatten_all()?
+                .to_vec1::<u32>()?;
+            for (d, t) in done.iter_mut().zip(drawn) {
+                *d |= t == eos;
+            }
+            taken += 1;
         }
-        Ok(out)
+        if let Ok(mut r) = self.answer_graph_report.lock() {
+            *r = Some(graphs.report());
+        }
+        let tokens = tokens.narrow(1, 0, taken)?.to_vec2::<u32>()?;
+        let lps = lps.narrow(1, 0, taken)?.to_vec2::<f32>()?;
+        Ok(tokens
+            .into_iter()
+            .zip(lps)
+            .map(|(mut ids, mut lp)| {
+                if let Some(end) = ids.iter().position(|&t| t == eos) {
+                    ids.truncate(end + 1);
+                    lp.truncate(end + 1);
+                }
+                (ids, lp)
+            })
+            .unzip())
     }
 
     /// Samples one image per prompt with classifier-free guidance (METHOD.md §3).
@@ -1422,4 +1528,9 @@ impl Janus {
     pub fn image_tokenizer_kind(&self) -> ImageTokenizerKind {
         self.cfg.pairuni.image_tokenizer
     }
+}
+
+/// A graph report slot's content (`None` if it is empty or poisoned).
+fn read_report(slot: &Mutex<Option<GraphReport>>) -> Option<GraphReport> {
+    slot.lock().map(|r| r.clone()).unwrap_or_default()
 }

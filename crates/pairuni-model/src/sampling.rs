@@ -375,13 +375,29 @@ pub fn device_token_draw(
     s: &TextSampling,
     noise: &mut GumbelNoise,
 ) -> candle_core::Result<(Tensor, Tensor)> {
-    let biased = logits.to_dtype(DType::F32)?.broadcast_add(bias)?;
     let gumbel = if s.greedy {
         None
     } else {
-        Some(noise.sample(biased.dims2()?)?)
+        Some(noise.sample(logits.dims2()?)?)
     };
-    let tok = gumbel_argmax(&biased, gumbel.as_ref().map(|g| (s.temperature, g)))?;
+    device_token_draw_with(logits, bias, s, gumbel.as_ref())
+}
+
+/// [`device_token_draw`] with its Gumbel noise [b, V] given (drawn beforehand, or read from a fixed buffer by a
+/// captured decode step); `None` only when greedy.
+pub fn device_token_draw_with(
+    logits: &Tensor,
+    bias: &Tensor,
+    s: &TextSampling,
+    gumbel: Option<&Tensor>,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let biased = logits.to_dtype(DType::F32)?.broadcast_add(bias)?;
+    let draw = match gumbel {
+        Some(g) if !s.greedy => Some((s.temperature, g)),
+        None if !s.greedy => candle_core::bail!("a sampled answer draw needs Gumbel noise"),
+        _ => None,
+    };
+    let tok = gumbel_argmax(&biased, draw)?;
     let lp = log_prob_at(&biased, s.logprob_temperature(), &tok)?;
     Ok((tok, lp))
 }

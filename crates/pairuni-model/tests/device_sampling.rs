@@ -6,8 +6,8 @@
 
 mod common;
 
-use common::{gen_prompts as prompts, sample_at as sample, toy};
-use pairuni_model::{ImageSampling, Janus, SamplerSite, TextRollout, TextSampling};
+use common::{answers_at as answers, gen_prompts as prompts, sample_at as sample, toy};
+use pairuni_model::{ImageSampling, SamplerSite, TextRollout, TextSampling};
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -132,26 +132,6 @@ fn auto_samples_on_the_host_on_the_cpu_and_device_refuses_top_p() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("top-p"), "{err}");
-}
-
-/// Answers to three toy questions about three scenes, drawn at `site` from `seed`.
-fn answers(m: &Janus, s: &TextSampling, site: SamplerSite, seed: u64) -> Vec<TextRollout> {
-    let pixels: Vec<_> = common::scenes(3, 4)
-        .iter()
-        .map(|i| m.preprocess_image(i).unwrap())
-        .collect();
-    let prompts: Vec<Vec<u32>> = common::questions()
-        .iter()
-        .map(|q| m.understanding_prompt(q).unwrap())
-        .collect();
-    m.sample_answers_ids_at(
-        &pixels,
-        &prompts,
-        s,
-        site,
-        &mut ChaCha8Rng::seed_from_u64(seed),
-    )
-    .unwrap()
 }
 
 #[test]

@@ -106,3 +106,28 @@ pub fn sample_at(m: &Janus, s: &ImageSampling, site: SamplerSite, seed: u64) -> 
     )
     .unwrap()
 }
+
+/// Answers to the three `questions()` about three scenes, drawn at `site` from `seed`.
+pub fn answers_at(
+    m: &Janus,
+    s: &pairuni_model::TextSampling,
+    site: SamplerSite,
+    seed: u64,
+) -> Vec<pairuni_model::TextRollout> {
+    let pixels: Vec<_> = scenes(3, 4)
+        .iter()
+        .map(|i| m.preprocess_image(i).unwrap())
+        .collect();
+    let prompts: Vec<Vec<u32>> = questions()
+        .iter()
+        .map(|q| m.understanding_prompt(q).unwrap())
+        .collect();
+    m.sample_answers_ids_at(
+        &pixels,
+        &prompts,
+        s,
+        site,
+        &mut ChaCha8Rng::seed_from_u64(seed),
+    )
+    .unwrap()
+}

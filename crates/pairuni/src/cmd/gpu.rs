@@ -15,6 +15,7 @@ use candle_core::backprop::GradStore;
 use candle_core::Var;
 use pairuni_model::config::Toggle;
 use pairuni_model::device::{default_dtype, parse_dtype, DeviceSpec};
+use pairuni_model::graphs::GraphReport;
 use pairuni_model::image_codec::{vq_config, ImageCodec};
 use pairuni_model::llama::WIDTH_STEP;
 use pairuni_model::vq::JanusVq;
@@ -179,13 +180,13 @@ pub struct BenchGpuStepArgs {
     /// Kernels of the sampling forwards: auto (fused unless CPU) | on | off. The probe times both either way.
     #[arg(long, default_value = "auto")]
     pub fused_sampling: Toggle,
-    /// Image rollout in fixed-shape steps captured as CUDA graphs: on | off | auto, which is on for the step
-    /// when the graph check before it passes (a CUDA device, every width captured, the codes bit-identical to
-    /// the same steps run eagerly) and off otherwise.
+    /// Image and answer rollouts in fixed-shape steps captured as CUDA graphs: on | off | auto, which is on for
+    /// the step when the graph check before it passes (a CUDA device, every width captured, the codes and the
+    /// answer tokens bit-identical to the same steps run eagerly) and off otherwise.
     #[arg(long, default_value = "auto")]
     pub cuda_graphs: Toggle,
-    /// After the step, time the image rollout once more with the other `--cuda-graphs` setting (reported as
-    /// `rollout_image_other`; a failure there is reported, not fatal).
+    /// After the step, time the image and answer rollouts once more with the other `--cuda-graphs` setting
+    /// (reported as `rollout_image_other`; a failure there is reported, not fatal).
     #[arg(long)]
     pub compare_graphs: bool,
     /// Print one JSON object instead of a table.
@@ -200,6 +201,16 @@ impl BenchGpuStepArgs {
             cfg_weight: self.cfg_weight,
             temperature: self.temperature,
             top_p: 1.0,
+        }
+    }
+
+    /// The answer rollouts' sampling settings for `max_new_tokens` (top-p off, as for the images).
+    fn text_sampling(&self, max_new_tokens: usize) -> TextSampling {
+        TextSampling {
+            max_new_tokens,
+            temperature: self.temperature,
+            top_p: 1.0,
+            greedy: false,
         }
     }
 }
@@ -360,12 +371,7 @@ fn run_step(
 ) -> anyhow::Result<StepOutcome> {
     let cfg = model.config().clone();
     let img_s = a.image_sampling();
-    let txt_s = TextSampling {
-        max_new_tokens: max_answer,
-        temperature: a.temperature,
-        top_p: 1.0,
-        greedy: false,
-    };
+    let txt_s = a.text_sampling(max_answer);
     let images: Vec<ImageRollout> = ph.time("rollout_image", || {
         Ok(model.sample_image_codes_at(
             &inputs.gen_prompts,
@@ -573,7 +579,7 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
 
     // The check runs on every device (it is cheap at tiny shapes, and CI exercises it); only a CUDA device can
     // pass it, since elsewhere nothing is captured.
-    let graph_check = check_graphs(&mut model, &inputs.gen_prompts, &a.image_sampling())?;
+    let graph_check = check_graphs(&mut model, &inputs, &a)?;
     if a.cuda_graphs == Toggle::Auto {
         model.set_static_decode(graph_check["pass"] == true);
     }
@@ -595,17 +601,18 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
     let per_step = ph.get("rollout_image") / out.image_tokens.max(1) as f64;
     let graphs_in_step = model.static_decode();
     let step_graph_report = graph_report_json(&model);
+    let step_answer_graph_report = json!(model.last_answer_graph_report());
     if a.compare_graphs {
         // The comparison runs code that a GPU has not run before: the step's numbers go to the log first.
         tracing::info!(
             total_ms = format!("{total:.1}"),
             rollout_image_ms = format!("{:.1}", ph.get("rollout_image")),
             ms_per_image_step = format!("{per_step:.3}"),
-            "step measured; timing the image rollout with the other --cuda-graphs setting"
+            "step measured; timing the rollouts with the other --cuda-graphs setting"
         );
     }
     let other = if a.compare_graphs {
-        rollout_with_other_graphs(&mut model, &inputs, &a, &mut rng)
+        rollout_with_other_graphs(&mut model, &inputs, &a, answer_tokens, &mut rng)
     } else {
         serde_json::Value::Null
     };
@@ -637,6 +644,7 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
         "fused_sampling": model.fused_sampling(),
         "cuda_graphs": graphs_in_step,
         "graph_report": step_graph_report,
+        "answer_graph_report": step_answer_graph_report,
         "rollout_image_other": other,
         "graph_check": graph_check,
         "image_step_probe": probe,
@@ -687,85 +695,142 @@ fn graph_report_json(model: &Janus) -> serde_json::Value {
     json!(model.last_graph_report())
 }
 
-/// The step's image rollout again with the other `--cuda-graphs` setting: its time, its time per code and its
-/// graph report, or the error it ended with (so that a failing capture or replay does not cost the device call
-/// the step's own measurement).
+/// The step's rollouts again with the other `--cuda-graphs` setting: the time of each (and the image rollout's
+/// per code) with its graph report, or the error it ended with (so that a failing capture or replay does not
+/// cost the device call the step's own measurement).
 fn rollout_with_other_graphs(
     model: &mut Janus,
     inputs: &StepInputs,
     a: &BenchGpuStepArgs,
+    answer_tokens: usize,
     rng: &mut ChaCha8Rng,
 ) -> serde_json::Value {
     let chosen = model.static_decode();
     model.set_static_decode(!chosen);
-    let s = a.image_sampling();
     let n = model.image_tokens_per_image();
-    let timed = (|| -> anyhow::Result<f64> {
+    let timed = |model: &Janus, rollout: &mut dyn FnMut(&Janus) -> anyhow::Result<()>| {
         model.device().synchronize()?;
         let t0 = Instant::now();
-        let rolls =
-            model.sample_image_codes_at(&inputs.gen_prompts, &s, n, a.image_sampler.site(), rng)?;
+        rollout(model)?;
         model.device().synchronize()?;
-        std::hint::black_box(rolls);
-        Ok(t0.elapsed().as_secs_f64() * 1e3)
-    })();
+        anyhow::Ok(t0.elapsed().as_secs_f64() * 1e3)
+    };
+    let image = timed(model, &mut |m| {
+        let s = a.image_sampling();
+        let site = a.image_sampler.site();
+        std::hint::black_box(m.sample_image_codes_at(&inputs.gen_prompts, &s, n, site, rng)?);
+        Ok(())
+    });
     let report = graph_report_json(model);
+    let text = timed(model, &mut |m| {
+        let s = a.text_sampling(answer_tokens);
+        let (px, q) = (&inputs.pixels, &inputs.und_prompts);
+        std::hint::black_box(m.sample_answers_ids_at(px, q, &s, a.text_sampler.site(), rng)?);
+        Ok(())
+    });
+    let answer_report = json!(model.last_answer_graph_report());
     model.set_static_decode(chosen);
-    match timed {
-        Ok(ms) => json!({
-            "cuda_graphs": !chosen,
-            "rollout_image": round1(ms),
-            "ms_per_image_step": (ms / n.max(1) as f64 * 1000.0).round() / 1000.0,
-            "graph_report": report,
-        }),
-        Err(e) => {
-            json!({ "cuda_graphs": !chosen, "error": format!("{e:#}"), "graph_report": report })
+    let mut out = json!({
+        "cuda_graphs": !chosen,
+        "graph_report": report,
+        "answer_graph_report": answer_report,
+    });
+    match image {
+        Ok(ms) => {
+            out["rollout_image"] = json!(round1(ms));
+            out["ms_per_image_step"] = json!((ms / n.max(1) as f64 * 1000.0).round() / 1000.0);
         }
+        Err(e) => out["error"] = json!(format!("{e:#}")),
     }
+    match text {
+        Ok(ms) => out["rollout_text"] = json!(round1(ms)),
+        Err(e) => out["text_error"] = json!(format!("{e:#}")),
+    }
+    out
 }
 
 /// Codes of a CFG image rollout long enough to cross two attention widths, drawn with the static decode's
 /// steps captured as CUDA graphs and again with the same steps run eagerly, from one seed: a graph replays the
-/// kernels the eager step launches, so the codes must be bit-identical. `pass` needs graphs actually captured
-/// (a CUDA device) without a failure. The model's settings are restored.
+/// kernels the eager step launches, so the codes must be bit-identical. The same for the answers of two of the
+/// step's questions, long enough to cross a width (`answers`). `pass` needs both equal and graphs actually
+/// captured (a CUDA device) without a failure. The model's settings are restored.
 fn check_graphs(
     model: &mut Janus,
-    prompts: &[Vec<u32>],
-    s: &ImageSampling,
+    inputs: &StepInputs,
+    a: &BenchGpuStepArgs,
 ) -> anyhow::Result<serde_json::Value> {
     let steps = (2 * WIDTH_STEP + 2).min(model.image_tokens_per_image());
     let chosen = model.static_decode();
     model.set_static_decode(true);
-    let mut run = |capture: bool| {
-        model.set_graph_capture(capture);
-        let rolls = model.sample_image_codes_at(
-            prompts,
-            s,
+    let image = compare_captured_with_eager(model, |m| {
+        let rolls = m.sample_image_codes_at(
+            &inputs.gen_prompts,
+            &a.image_sampling(),
             steps,
             SamplerSite::Device,
             &mut ChaCha8Rng::seed_from_u64(17),
-        );
-        (rolls, model.last_graph_report())
-    };
-    let (graphed, report) = run(true);
-    let (eager, _) = run(false);
-    model.set_graph_capture(true);
+        )?;
+        let report = m.last_graph_report().unwrap_or_default();
+        Ok((
+            rolls.into_iter().map(|r| (r.codes, r.logprobs)).collect(),
+            report,
+        ))
+    });
+    let rows = inputs.und_prompts.len().min(2);
+    let tokens = WIDTH_STEP + 2;
+    let answers = compare_captured_with_eager(model, |m| {
+        let rolls = m.sample_answers_ids_at(
+            &inputs.pixels[..rows],
+            &inputs.und_prompts[..rows],
+            &a.text_sampling(tokens),
+            SamplerSite::Device,
+            &mut ChaCha8Rng::seed_from_u64(18),
+        )?;
+        let report = m.last_answer_graph_report().unwrap_or_default();
+        Ok((
+            rolls
+                .into_iter()
+                .map(|r| (r.answer_ids, r.logprobs))
+                .collect(),
+            report,
+        ))
+    });
     model.set_static_decode(chosen);
-    let report = report.unwrap_or_default();
-    let (graphed, eager) = match (graphed, eager) {
+    let (mut image, mut answers) = (image?, answers?);
+    let pass = image["pass"] == true && answers["pass"] == true;
+    image["steps"] = json!(steps);
+    answers["max_new_tokens"] = json!(tokens);
+    answers["rows"] = json!(rows);
+    image["answers"] = answers;
+    image["pass"] = json!(pass);
+    Ok(image)
+}
+
+/// Runs `sample` (ids and log-probs per row, and the graph report) with the static steps captured, then run
+/// eagerly, and compares: the ids must be equal (`codes_equal`), and the captured run must have captured graphs
+/// without a failure. An error in either run is reported, not returned. Leaves graph capture on.
+fn compare_captured_with_eager(
+    model: &mut Janus,
+    sample: impl Fn(&Janus) -> anyhow::Result<(Vec<(Vec<u32>, Vec<f32>)>, GraphReport)>,
+) -> anyhow::Result<serde_json::Value> {
+    model.set_graph_capture(true);
+    let graphed = sample(model);
+    model.set_graph_capture(false);
+    let eager = sample(model);
+    model.set_graph_capture(true);
+    let ((graphed, report), (eager, _)) = match (graphed, eager) {
         (Ok(g), Ok(e)) => (g, e),
         (Err(e), _) | (_, Err(e)) => {
-            return Ok(json!({ "steps": steps, "pass": false, "error": format!("{e:#}") }))
+            return Ok(json!({ "pass": false, "error": format!("{e:#}") }))
         }
     };
-    let codes_equal = graphed.iter().zip(&eager).all(|(g, e)| g.codes == e.codes);
+    let codes_equal = graphed.iter().zip(&eager).all(|(g, e)| g.0 == e.0);
     let max_lp_diff = graphed
         .iter()
         .zip(&eager)
-        .flat_map(|(g, e)| g.logprobs.iter().zip(&e.logprobs))
+        .flat_map(|(g, e)| g.1.iter().zip(&e.1))
         .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
     Ok(json!({
-        "steps": steps,
         "codes_equal": codes_equal,
         "max_abs_logprob_diff": max_lp_diff,
         "pass": codes_equal && report.captured > 0 && report.failure.is_none(),
@@ -1443,15 +1508,21 @@ mod tests {
     fn the_other_graph_setting_times_the_static_rollout_and_restores_the_model() {
         let a = BenchGpuStepArgs {
             image_sampler: SamplerArg::Device,
+            text_sampler: SamplerArg::Device,
             ..tiny_args()
         };
         let (mut model, inputs, mut rng) = tiny_model(&a, 2);
-        let other = rollout_with_other_graphs(&mut model, &inputs, &a, &mut rng);
+        let other = rollout_with_other_graphs(&mut model, &inputs, &a, 3, &mut rng);
         assert_eq!(other["cuda_graphs"], true, "{other}");
         assert!(other["rollout_image"].as_f64().unwrap() > 0.0, "{other}");
-        // No graphs on the CPU: every one of the 16 steps ran eagerly.
+        assert!(other["rollout_text"].as_f64().unwrap() > 0.0, "{other}");
+        // No graphs on the CPU: every one of the 16 image steps ran eagerly, and the answers' steps too (3,
+        // or fewer if every row drew eos).
         assert_eq!(other["graph_report"]["eager"], 16, "{other}");
         assert_eq!(other["graph_report"]["captured"], 0, "{other}");
+        let text_steps = other["answer_graph_report"]["eager"].as_u64().unwrap();
+        assert!((1..=3).contains(&text_steps), "{other}");
+        assert_eq!(other["answer_graph_report"]["captured"], 0, "{other}");
         assert!(
             !model.static_decode(),
             "the model's own setting is restored"
@@ -1462,7 +1533,7 @@ mod tests {
     fn the_graph_check_compares_captured_with_eager_steps_and_fails_without_cuda() {
         let a = tiny_args();
         let (mut model, inputs, _) = tiny_model(&a, 3);
-        let c = check_graphs(&mut model, &inputs.gen_prompts, &a.image_sampling()).unwrap();
+        let c = check_graphs(&mut model, &inputs, &a).unwrap();
         // Both runs are eager on the CPU, so they agree bit for bit, but nothing was captured: no pass.
         assert_eq!(c["steps"], 16, "{c}");
         assert_eq!(c["codes_equal"], true, "{c}");
@@ -1473,6 +1544,14 @@ mod tests {
             (Some(0), Some(16)),
             "{c}"
         );
+        let answers = &c["answers"];
+        assert_eq!(answers["rows"], 2, "{c}");
+        assert_eq!(answers["codes_equal"], true, "{c}");
+        assert_eq!(answers["max_abs_logprob_diff"], 0.0, "{c}");
+        let steps = answers["graph_report"]["eager"].as_u64().unwrap();
+        assert!((1..=66).contains(&steps), "{c}");
+        assert_eq!(answers["graph_report"]["captured"], 0, "{c}");
+        assert_eq!(answers["pass"], false, "{c}");
         assert_eq!(c["pass"], false, "{c}");
         assert!(!model.static_decode(), "the model's setting is restored");
     }
