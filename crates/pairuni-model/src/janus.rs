@@ -131,7 +131,25 @@ pub struct Janus {
     graph_report: Mutex<Option<GraphReport>>,
     /// What the graphs of the last static answer decode did.
     answer_graph_report: Mutex<Option<GraphReport>>,
+    /// Which encoders feeding the language model are frozen, so that their outputs are detached.
+    frozen: FrozenEncoders,
 }
+
+/// Encoders whose outputs enter the language model and that a training run does not update
+/// ([`Janus::select_trained`]): their outputs are detached, so a backward pass stops at them instead of computing
+/// gradients nobody applies (a SigLIP-L backward per answer image at Janus-Pro shapes).
+#[derive(Debug, Clone, Copy, Default)]
+struct FrozenEncoders {
+    /// `model.vision_model.*` and `model.aligner.*`: the image features of understanding prompts.
+    vision: bool,
+    /// `model.generation_embeddings.*` and `model.generation_aligner.*`: the embeddings of image codes.
+    codes: bool,
+}
+
+/// Parameter prefixes of the understanding-image encoder and its aligner.
+const VISION_PREFIXES: [&str; 2] = ["model.vision_model.", "model.aligner."];
+/// Parameter prefixes of the code embeddings and their aligner.
+const CODE_PREFIXES: [&str; 2] = ["model.generation_embeddings.", "model.generation_aligner."];
 
 /// Reads a single `model.safetensors` or a sharded `model.safetensors.index.json` from `dir`.
 fn read_weights(dir: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
@@ -246,6 +264,7 @@ impl Janus {
             capture_graphs: true,
             graph_report: Mutex::new(None),
             answer_graph_report: Mutex::new(None),
+            frozen: FrozenEncoders::default(),
         })
     }
 
@@ -451,6 +470,24 @@ impl Janus {
             .collect()
     }
 
+    /// The variables a training run updates for `sel` ([`Janus::trainable_vars`]). The model also takes note of
+    /// which encoders feeding the language model stay frozen (the vision tower and its aligner, the code
+    /// embeddings and theirs) and detaches their outputs from then on, so that backward passes stop at them:
+    /// the gradients of the trained variables are the same, and nobody computes the others. A later call with
+    /// another selection replaces the note.
+    pub fn select_trained(&mut self, sel: &ParamSelection) -> Vec<(String, Var)> {
+        let vars = self.trainable_vars(sel);
+        let trains = |prefixes: &[&str]| {
+            vars.iter()
+                .any(|(n, _)| prefixes.iter().any(|p| n.starts_with(p)))
+        };
+        self.frozen = FrozenEncoders {
+            vision: !trains(&VISION_PREFIXES),
+            codes: !trains(&CODE_PREFIXES),
+        };
+        vars
+    }
+
     /// Deep copy with its own storage (a frozen reference model for KL); tokenizers are shared by reload.
     pub fn clone_frozen(&self) -> Result<Self> {
         self.with_dtype(self.dtype)
@@ -485,6 +522,7 @@ impl Janus {
         clone.set_stack_projections(self.stack_projections());
         clone.set_static_decode(self.static_decode());
         clone.set_graph_capture(self.capture_graphs);
+        clone.frozen = self.frozen;
         Ok(clone)
     }
 
@@ -596,10 +634,12 @@ impl Janus {
 
     // ---- forward pieces ----
 
-    /// Aligned image features [B, N, H] for pixels [B, 3, S, S].
+    /// Aligned image features [B, N, H] for pixels [B, 3, S, S] (detached when the vision tower is frozen:
+    /// [`Janus::select_trained`]).
     pub fn image_features(&self, pixels: &Tensor) -> Result<Tensor> {
         let v = self.m.vision.forward(pixels)?;
-        self.m.aligner.forward(&v)
+        let f = self.m.aligner.forward(&v)?;
+        Ok(if self.frozen.vision { f.detach() } else { f })
     }
 
     /// Vision encoder output before the aligner [B, N, E] (parity checks).
@@ -672,12 +712,14 @@ impl Janus {
         Ok(x.to_dtype(DType::F32)?)
     }
 
-    /// gen_aligner(gen_embed(codes)) for codes [B, N] (u32) → [B, N, H].
+    /// gen_aligner(gen_embed(codes)) for codes [B, N] (u32) → [B, N, H] (detached when frozen:
+    /// [`Janus::select_trained`]).
     pub fn code_embeddings(&self, codes: &Tensor) -> Result<Tensor> {
         let (b, n) = codes.dims2()?;
         let e = self.m.gen_embed.index_select(&codes.flatten_all()?, 0)?;
         let e = e.reshape((b, n, self.cfg.vq_config.embed_dim))?;
-        self.m.gen_aligner.forward(&e)
+        let c = self.m.gen_aligner.forward(&e)?;
+        Ok(if self.frozen.codes { c.detach() } else { c })
     }
 
     /// Generation-head logits [B, L+N, K] f32 for unpadded equal-length prompts followed by codes (one pass).

@@ -3,6 +3,7 @@
 mod common;
 
 use candle_core::backprop::GradStore;
+use candle_core::Var;
 use common::{questions, rel_err, scenes, toy};
 use pairuni_model::{
     CfgLogprobPolicy, DType, Device, ImageSampling, Janus, ParamSelection, Tensor, TextRollout,
@@ -204,9 +205,8 @@ fn cfg_weight_one_samples_the_conditional_distribution_exactly() {
     assert!(rel_err(&g, &c) < 1e-5);
 }
 
-#[test]
-fn every_trainable_parameter_gets_a_gradient() {
-    let m = toy(5);
+/// Gradients of the summed log-probs of two sampled answers and one CFG image of `m` (seeded).
+fn rollout_gradients(m: &Janus) -> GradStore {
     let imgs = scenes(2, 3);
     let mut rng = ChaCha8Rng::seed_from_u64(9);
     let s = TextSampling {
@@ -230,27 +230,37 @@ fn every_trainable_parameter_gets_a_gradient() {
         .image_logprobs(&img, CfgLogprobPolicy::GuidedMix { cfg_weight: 5.0 })
         .unwrap();
     let loss = ((lp * mask).unwrap().sum_all().unwrap() + ilp.sum_all().unwrap()).unwrap();
-    let grads: GradStore = loss.backward().unwrap();
+    loss.backward().unwrap()
+}
+
+/// Whether `g` holds a gradient for `v` that is not all zeros.
+fn has_gradient(g: &GradStore, v: &Var) -> bool {
+    g.get(v.as_tensor()).is_some_and(|t| {
+        t.abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            > 0.0
+    })
+}
+
+#[test]
+fn every_trainable_parameter_gets_a_gradient() {
+    let m = toy(5);
+    let grads = rollout_gradients(&m);
     let vars = m.trainable_vars(&ParamSelection::All);
     assert_eq!(
         vars.len(),
         m.all_vars().len(),
         "toy has no frozen VQ weights"
     );
-    let mut missing = Vec::new();
-    for (name, v) in &vars {
-        match grads.get(v.as_tensor()) {
-            Some(g)
-                if g.abs()
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-                    > 0.0 => {}
-            _ => missing.push(name.clone()),
-        }
-    }
+    let missing: Vec<_> = vars
+        .iter()
+        .filter(|(_, v)| !has_gradient(&grads, v))
+        .map(|(n, _)| n.clone())
+        .collect();
     assert!(missing.is_empty(), "no gradient for {missing:?}");
     let lm = m.trainable_vars(&ParamSelection::LanguageModel);
     assert!(!lm.is_empty() && lm.len() < vars.len());
@@ -261,6 +271,57 @@ fn every_trainable_parameter_gets_a_gradient() {
         "model.generation_head.".into()
     ]));
     assert_eq!(custom.len(), 4);
+}
+
+#[test]
+fn training_the_language_model_stops_backward_at_the_frozen_encoders() {
+    // Two copies of one toy model: everything differentiated, and the language model selected for training.
+    let reference = toy(5);
+    let full = rollout_gradients(&reference);
+    let full_vars = reference.all_vars();
+    let mut m = toy(5);
+    let lm = m.select_trained(&ParamSelection::LanguageModel);
+    assert_eq!(
+        lm.len(),
+        m.trainable_vars(&ParamSelection::LanguageModel).len()
+    );
+    let frozen = rollout_gradients(&m);
+    let twin = |n: &str| &full_vars.iter().find(|(k, _)| k == n).unwrap().1;
+    // The trained variables get the gradients they get when everything is differentiated.
+    for (name, v) in &lm {
+        let (a, b) = (full.get(twin(name).as_tensor()), frozen.get(v.as_tensor()));
+        let (Some(a), Some(b)) = (a, b) else {
+            assert_eq!(a.is_some(), b.is_some(), "{name}");
+            continue;
+        };
+        assert!(rel_err(b, a) < 1e-6, "{name}: {}", rel_err(b, a));
+    }
+    // Nothing is computed for the encoders whose outputs enter the language model.
+    let encoders = [
+        "model.vision_model.",
+        "model.aligner.",
+        "model.generation_embeddings.",
+        "model.generation_aligner.",
+    ];
+    let mut checked = 0;
+    for (name, v) in m.all_vars() {
+        if encoders.iter().any(|p| name.starts_with(p)) {
+            assert!(
+                has_gradient(&full, twin(&name)),
+                "{name} has a gradient when trained"
+            );
+            assert!(
+                frozen.get(v.as_tensor()).is_none(),
+                "{name} was differentiated"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 4);
+    // Selecting every parameter again differentiates them again.
+    let vars = m.select_trained(&ParamSelection::All);
+    let again = rollout_gradients(&m);
+    assert!(vars.iter().all(|(_, v)| has_gradient(&again, v)));
 }
 
 #[test]

@@ -64,7 +64,8 @@ pub struct OptimConfig {
     /// Cosine floor as a fraction of the peak rate. Default 0.1.
     pub min_lr_ratio: f64,
     /// Trained parameters: `"language_model"` | `"all"` | `{ custom = ["prefix", …] }`. Default `all` (the toy
-    /// model is small); METHOD.md's default for Janus-Pro is `language_model`.
+    /// model is small); METHOD.md's default for Janus-Pro is `language_model`. Encoders left frozen (vision
+    /// tower and aligner, code embeddings and aligner) are not differentiated at all (`Janus::select_trained`).
     pub trainable: Trainable,
     /// Keep an f32 master copy of every trained weight stored in bf16/f16 and apply the updates to it, rounding
     /// to the weight's dtype after each step: an update of lr 1e-6 is far below bf16's spacing (≈ 1.2e-4 at a

@@ -97,7 +97,7 @@ impl GrpoTrainer {
     pub fn new(
         cfg: TrainConfig,
         seed: u64,
-        policy: Janus,
+        mut policy: Janus,
         pairs: Vec<PairRecord>,
         pairs_dir: PathBuf,
     ) -> Result<Self, TrainError> {
@@ -115,7 +115,7 @@ impl GrpoTrainer {
         } else {
             None
         };
-        let vars = policy.trainable_vars(&param_selection(&cfg.optim.trainable));
+        let vars = policy.select_trained(&param_selection(&cfg.optim.trainable));
         if vars.is_empty() {
             return Err(TrainError::Config(
                 "`train.optim.trainable` selects no parameter".into(),

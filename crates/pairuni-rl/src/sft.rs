@@ -132,7 +132,12 @@ pub fn uncond_prompt(ids: &[u32], pad: u32) -> Vec<u32> {
 
 impl SftTrainer {
     /// Tokenises the examples (image codes through the model's image tokenizer) and sets up AdamW.
-    pub fn new(cfg: SftConfig, seed: u64, model: Janus, data: SftData) -> Result<Self, TrainError> {
+    pub fn new(
+        cfg: SftConfig,
+        seed: u64,
+        mut model: Janus,
+        data: SftData,
+    ) -> Result<Self, TrainError> {
         if data.answers.is_empty() && data.generations.is_empty() {
             return Err(TrainError::Config(
                 "SFT has no examples: check `sft.understanding` / `sft.generation` / `sft.pairs`"
@@ -175,7 +180,7 @@ impl SftTrainer {
                 })
             })
             .collect::<Result<Vec<_>, TrainError>>()?;
-        let vars = model.trainable_vars(&param_selection(&cfg.optim.trainable));
+        let vars = model.select_trained(&param_selection(&cfg.optim.trainable));
         if vars.is_empty() {
             return Err(TrainError::Config(
                 "`sft.optim.trainable` selects no parameter".into(),

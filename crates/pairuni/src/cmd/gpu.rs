@@ -550,7 +550,7 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
         "random {} model built",
         a.shapes.name()
     );
-    let vars = model.trainable_vars(&ParamSelection::LanguageModel);
+    let vars = model.select_trained(&ParamSelection::LanguageModel);
     let optim = OptimConfig {
         lr: a.lr,
         ..OptimConfig::default()
@@ -1453,8 +1453,8 @@ mod tests {
         };
         let dev = Device::Cpu;
         let cfg = a.shapes.config().unwrap();
-        let model = build_model(&cfg, a.seed, &dev, DType::F32).unwrap();
-        let vars = model.trainable_vars(&ParamSelection::LanguageModel);
+        let mut model = build_model(&cfg, a.seed, &dev, DType::F32).unwrap();
+        let vars = model.select_trained(&ParamSelection::LanguageModel);
         // A decoder weight: both sides' losses reach it (lm_head gets nothing when a text group's rewards tie).
         let (name, var) = vars
             .iter()
