@@ -933,8 +933,9 @@ mod tests {
             .into()
     }
 
-    #[test]
-    fn forwards_through_a_cache_multiply_with_its_stacks() {
+    /// A toy decoder with the fused kernels, 6 embedded tokens, and the cache of the first 5 in buffers of
+    /// `capacity`.
+    pub(super) fn fused_prefill(capacity: usize) -> (Llama, Tensor, KvCache) {
         let mut m = decoder(None);
         m.set_fused_sampling(true);
         let x = embeddings(&m, 6);
@@ -942,9 +943,15 @@ mod tests {
             .forward(
                 &x.narrow(1, 0, 5).unwrap(),
                 &vec![vec![true; 5]; 2],
-                &m.empty_cache_with_capacity(2, 8),
+                &m.empty_cache_with_capacity(2, capacity),
             )
             .unwrap();
+        (m, x, cache)
+    }
+
+    #[test]
+    fn forwards_through_a_cache_multiply_with_its_stacks() {
+        let (m, x, cache) = fused_prefill(8);
         let step = |c: &KvCache| {
             let (h, _) = m
                 .forward(&x.narrow(1, 5, 1).unwrap(), &vec![vec![true]; 2], c)

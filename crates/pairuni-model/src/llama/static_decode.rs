@@ -211,7 +211,7 @@ impl Llama {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{decoder, doubled, embeddings};
+    use super::super::tests::{decoder, doubled, embeddings, fused_prefill};
     use super::*;
 
     /// Hidden states of decoding `x` [2, T, H] one token at a time after a `prefill`-token prompt, through a
@@ -375,16 +375,7 @@ mod tests {
 
     #[test]
     fn static_steps_multiply_with_the_caches_stacks() {
-        let mut m = decoder(None);
-        m.set_fused_sampling(true);
-        let x = embeddings(&m, 6);
-        let (_, cache) = m
-            .forward(
-                &x.narrow(1, 0, 5).unwrap(),
-                &vec![vec![true; 5]; 2],
-                &m.empty_cache_with_capacity(2, 64),
-            )
-            .unwrap();
+        let (m, x, cache) = fused_prefill(64);
         let step = |sd: &StaticDecode| {
             let h = m
                 .static_step(&x.narrow(1, 5, 1).unwrap(), sd, sd.next_width())
