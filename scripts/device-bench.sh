@@ -82,11 +82,13 @@ if [[ -n "$bin" ]]; then
     rc=$?
     echo "rc=$rc $(cat "$OUT/candle_step.json")"
     (( rc != 0 )) && tail -n 20 "$OUT/candle_step.log"
-    # A failure that is not a timeout (a fused kernel, a device-side draw or an op without a bf16 CUDA kernel,
-    # say): retry without the fused sampling kernels and with answers drawn on the host, then also with images
-    # drawn on the host and in f32, so that the call still brings back a candle number (the log keeps the first
-    # error). Same files (at most 8 come back); the JSON's dtype, fused_sampling and *_sampler say which ran.
-    for retry in "--fused-sampling off --text-sampler host" \
+    # A failure that is not a timeout (the stacked projections, a fused kernel, a device-side draw or an op
+    # without a bf16 CUDA kernel, say): retry without the stacked projections, then without the fused sampling
+    # kernels and with answers drawn on the host, then also with images drawn on the host and in f32, so that the
+    # call still brings back a candle number (the log keeps the first error). Same files (at most 8 come back);
+    # the JSON's dtype, stack_projections, fused_sampling and *_sampler say which ran.
+    for retry in "--stack-projections off" \
+        "--fused-sampling off --text-sampler host" \
         "--fused-sampling off --text-sampler host --image-sampler host --dtype f32"; do
         t=$(( $(left) - 10 ))
         (( rc != 0 && rc != 124 && rc != 137 && t > 90 )) || break
@@ -184,6 +186,11 @@ if other:
         fa = f"{a:.1f}" if isinstance(a, (int, float)) else "-"
         print(f"{'total (' + label + ')':<26}{fa:>12}{tt:>12.1f}{ratio:>16}")
     print("graph report:", json.dumps(other.get("graph_report")), "answers:", json.dumps(other.get("answer_graph_report")))
+gap = (cd or {}).get("logprob_gap")
+if gap:
+    # Sampling-time against teacher-forced log-probs of the step's own tokens: rounding only on a sound path.
+    print("log-prob gap, sampled vs teacher-forced (mean / max nats):",
+          "; ".join(f"{k} {v['mean']:.2e} / {v['max']:.2e} over {v['tokens']} tokens" for k, v in gap.items()))
 gc = (cd or {}).get("graph_check")
 if gc:
     print("graph check (captured vs eager static steps, same seed):", json.dumps(gc),
@@ -198,7 +205,7 @@ except OSError:
 for name, d in (("pytorch", pt), ("candle", cd)):
     if d:
         extra = {k: d.get(k) for k in ("dtype", "image_tokens", "answer_tokens", "grad_norm", "params_with_grad",
-                                       "init_ms", "peak_mem_gib", "image_sampler", "text_sampler", "fused_sampling",
+                                       "init_ms", "peak_mem_gib", "image_sampler", "text_sampler", "fused_sampling", "stack_projections",
                                        "cuda_graphs", "graph_report", "answer_graph_report", "image_step_probe") if k in d}
         print(name, json.dumps(extra))
     else:

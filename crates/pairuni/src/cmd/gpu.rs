@@ -180,6 +180,9 @@ pub struct BenchGpuStepArgs {
     /// Kernels of the sampling forwards: auto (fused unless CPU) | on | off. The probe times both either way.
     #[arg(long, default_value = "auto")]
     pub fused_sampling: Toggle,
+    /// With the fused kernels, run q/k/v and gate/up as one stacked batched matmul each: on | off (auto: on).
+    #[arg(long, default_value = "auto")]
+    pub stack_projections: Toggle,
     /// Image and answer rollouts in fixed-shape steps captured as CUDA graphs: on | off | auto, which is on for
     /// the step when the graph check before it passes (a CUDA device, every width captured, the codes and the
     /// answer tokens bit-identical to the same steps run eagerly) and off otherwise.
@@ -358,6 +361,43 @@ struct StepOutcome {
     params_trained: usize,
     loss: f32,
     images: usize,
+    /// How far the sampling-time log-probs are from the teacher-forced ones, per modality.
+    gap_image: LogprobGap,
+    gap_text: LogprobGap,
+}
+
+/// |log-prob at sampling − teacher-forced log-prob| over the tokens of a step: the two are the same
+/// distribution computed two ways (one token at a time through the sampler's kernels and cache, and all at once
+/// through the differentiable ops), so on a correct path they differ by rounding only (≈ 1e-5 in f32, a few 1e-2
+/// in bf16); a fault in a sampling path shows up as a gap of nats.
+#[derive(Debug, Default, Clone, Copy)]
+struct LogprobGap {
+    sum: f64,
+    count: usize,
+    max: f32,
+}
+
+impl LogprobGap {
+    /// Adds the tokens of `mask` [b, t] (1 = a token) of the teacher-forced `lp` and the sampled `old` [b, t].
+    fn add(&mut self, lp: &Tensor, old: &Tensor, mask: &Tensor) -> anyhow::Result<()> {
+        let gap = (lp.detach() - old)?.abs()?.to_dtype(DType::F32)?;
+        let (gap, mask) = (
+            gap.to_vec2::<f32>()?,
+            mask.to_dtype(DType::F32)?.to_vec2::<f32>()?,
+        );
+        for (g, m) in gap.iter().flatten().zip(mask.iter().flatten()) {
+            if *m > 0.0 {
+                self.sum += f64::from(*g);
+                self.count += 1;
+                self.max = self.max.max(*g);
+            }
+        }
+        Ok(())
+    }
+
+    fn json(&self) -> serde_json::Value {
+        json!({ "mean": self.sum / self.count.max(1) as f64, "max": self.max, "tokens": self.count })
+    }
 }
 
 fn run_step(
@@ -428,6 +468,7 @@ fn run_step(
         images.iter().map(|r| r.codes.len()).sum(),
         answers.iter().map(|r| r.answer_ids.len()).sum(),
     );
+    let (mut gap_image, mut gap_text) = (LogprobGap::default(), LogprobGap::default());
     let (loss_total, grad_norm, with_grad) = ph.time("train", || {
         let mut grads = None;
         let mut loss_total = 0f32;
@@ -444,6 +485,7 @@ fn run_step(
             let adv = Tensor::new(&a_img[i * mb..i * mb + chunk.len()], &dev)?;
             let s = clipped_surrogate(&ratio(&lp, &old)?, &adv, 0.2, 0.28)?;
             let mask = s.loss.ones_like()?;
+            gap_image.add(&lp, &old, &mask)?;
             let sum = aggregate(
                 &[Tokens {
                     values: &s.loss,
@@ -465,6 +507,7 @@ fn run_step(
                 &dev,
             )?;
             let adv = Tensor::new(&a_txt[i * mb..i * mb + chunk.len()], &dev)?;
+            gap_text.add(&lp, &old, &mask)?;
             let s = clipped_surrogate(&ratio(&lp, &old)?, &adv, 0.2, 0.28)?;
             let sum = aggregate(
                 &[Tokens {
@@ -496,6 +539,8 @@ fn run_step(
         params_trained: vars.len(),
         loss: loss_total,
         images: decoded.len(),
+        gap_image,
+        gap_text,
     })
 }
 
@@ -539,6 +584,9 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
     let mut model = build_model(&cfg, a.seed, &dev, dtype)?;
     if let Some(on) = a.fused_sampling.forced() {
         model.set_fused_sampling(on);
+    }
+    if let Some(on) = a.stack_projections.forced() {
+        model.set_stack_projections(on);
     }
     if let Some(on) = a.cuda_graphs.forced() {
         model.set_static_decode(on);
@@ -638,10 +686,12 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
         "images": out.images,
         "loss": out.loss,
         "grad_norm": out.grad_norm,
+        "logprob_gap": { "image": out.gap_image.json(), "text": out.gap_text.json() },
         "params_with_grad": format!("{}/{}", out.params_with_grad, out.params_trained),
         "image_sampler": a.image_sampler.resolved(&dev),
         "text_sampler": a.text_sampler.resolved(&dev),
         "fused_sampling": model.fused_sampling(),
+        "stack_projections": model.stack_projections(),
         "cuda_graphs": graphs_in_step,
         "graph_report": step_graph_report,
         "answer_graph_report": step_answer_graph_report,
@@ -1349,6 +1399,7 @@ mod tests {
             image_sampler: SamplerArg::Auto,
             text_sampler: SamplerArg::Auto,
             fused_sampling: Toggle::Auto,
+            stack_projections: Toggle::Auto,
             cuda_graphs: Toggle::Auto,
             compare_graphs: false,
             json: true,
@@ -1440,12 +1491,17 @@ mod tests {
     #[test]
     fn tiny_step_on_cpu_trains_every_language_model_tensor() {
         // Both sites of both samplers: the device ones run on the CPU too when asked.
-        for sampler in [SamplerArg::Host, SamplerArg::Device] {
-            tiny_step(sampler);
+        // And the device samplers in static steps.
+        for (sampler, fixed) in [
+            (SamplerArg::Host, false),
+            (SamplerArg::Device, false),
+            (SamplerArg::Device, true),
+        ] {
+            tiny_step(sampler, fixed);
         }
     }
 
-    fn tiny_step(sampler: SamplerArg) {
+    fn tiny_step(sampler: SamplerArg, static_decode: bool) {
         let a = BenchGpuStepArgs {
             image_sampler: sampler,
             text_sampler: sampler,
@@ -1454,6 +1510,7 @@ mod tests {
         let dev = Device::Cpu;
         let cfg = a.shapes.config().unwrap();
         let mut model = build_model(&cfg, a.seed, &dev, DType::F32).unwrap();
+        model.set_static_decode(static_decode);
         let vars = model.select_trained(&ParamSelection::LanguageModel);
         // A decoder weight: both sides' losses reach it (lm_head gets nothing when a text group's rewards tie).
         let (name, var) = vars
@@ -1498,6 +1555,17 @@ mod tests {
         assert!(out.grad_norm.is_finite() && out.grad_norm > 0.0);
         for k in ["rollout_image", "rollout_text", "decode_vq", "train"] {
             assert!(ph.get(k) > 0.0, "{k} not timed");
+        }
+        // Sampling and teacher forcing agree on every token's log-prob (f32 on the CPU).
+        for (gap, tokens) in [
+            (out.gap_image, out.images * out.image_tokens),
+            (out.gap_text, 2),
+        ] {
+            assert!(gap.count >= tokens, "{gap:?}");
+            assert!(
+                gap.max < 1e-4,
+                "{sampler:?} static {static_decode}: {gap:?}"
+            );
         }
         // The optimizer step moved the weights.
         let moved = rel_err(var.as_tensor(), &before).unwrap();
