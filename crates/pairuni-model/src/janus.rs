@@ -846,7 +846,8 @@ impl Janus {
         if let Ok(mut r) = self.answer_graph_report.lock() {
             *r = None;
         }
-        let fixed = on_device && self.static_decode;
+        // A static decode reserves at least one step; an empty answer needs none.
+        let fixed = on_device && self.static_decode && s.max_new_tokens > 0;
         let t_lp = s.logprob_temperature();
         let eos = self.eos_token();
         let pad = self.pad_token();

@@ -91,3 +91,16 @@ fn greedy_static_steps_give_the_host_tokens() {
     answers(&m, &greedy, SamplerSite::Host, 1);
     assert_eq!(m.last_answer_graph_report(), None);
 }
+
+#[test]
+fn no_new_tokens_give_empty_answers_on_every_path() {
+    let mut m = toy(31);
+    m.set_static_decode(true);
+    for site in [SamplerSite::Host, SamplerSite::Device] {
+        let rolls = answers(&m, &sampled(0), site, 1);
+        assert_eq!(rolls.len(), 3);
+        assert!(rolls
+            .iter()
+            .all(|r| r.answer_ids.is_empty() && r.logprobs.is_empty()));
+    }
+}
