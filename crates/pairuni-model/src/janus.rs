@@ -21,7 +21,7 @@ use crate::image_codec::ImageCodec;
 use crate::image_tokenizer::ImageTokenizer;
 use crate::janus_config::{ImageTokenizerKind, JanusConfig};
 use crate::layers::{log_softmax_last, Act, InitKind, Linear, ParamMode, Params};
-use crate::llama::{last_position, KvCache, Llama, WIDTH_STEP};
+use crate::llama::{last_position, static_capacity, KvCache, Llama, StaticDecode};
 use crate::sampling::{
     argmax, device_cfg_draw, device_cfg_draw_with, device_token_draw, device_token_draw_with,
     draw_rows, log_prob_t, sample_index_at, sample_with_logprob_at, CfgLogprobPolicy, GumbelNoise,
@@ -32,6 +32,9 @@ use crate::vision::{AlignerMlp, VisionModel};
 
 /// Per row, the sampled ids (image codes or answer tokens) and their log-probs.
 type CodesAndLogprobs = (Vec<Vec<u32>>, Vec<Vec<f32>>);
+
+/// Told a decode step's ids, says whether the decode is over.
+type StopWhen<'a> = dyn FnMut(&[u32]) -> bool + 'a;
 
 /// Logit added to tokens an answer may not contain: exp underflows to exactly 0 in f32 at any temperature ≥ 0.01.
 const BANNED_LOGIT: f32 = -1e9;
@@ -843,9 +846,7 @@ impl Janus {
             SamplerSite::Device => true,
         };
         // The report describes this call's decode, or says that it ran none.
-        if let Ok(mut r) = self.answer_graph_report.lock() {
-            *r = None;
-        }
+        write_report(&self.answer_graph_report, None);
         // A static decode reserves at least one step; an empty answer needs none.
         let fixed = on_device && self.static_decode && s.max_new_tokens > 0;
         let t_lp = s.logprob_temperature();
@@ -857,7 +858,7 @@ impl Janus {
         // Room for the prompt and every answer token, so no decode step copies the cache; a static decode rounds
         // its buffers up to whole attention widths, which it can then take over.
         let room = if fixed {
-            (rows[0].len() + s.max_new_tokens).div_ceil(WIDTH_STEP) * WIDTH_STEP
+            static_capacity(rows[0].len(), s.max_new_tokens)
         } else {
             rows[0].len() + s.max_new_tokens
         };
@@ -867,9 +868,6 @@ impl Janus {
                 .forward(&emb, &valid, &self.m.lm.empty_cache_with_capacity(b, room))?;
         let mut last = last_position(&h)?.detach();
         cache = cache.detach();
-        let mut answers: Vec<Vec<u32>> = vec![Vec::new(); b];
-        let mut lps: Vec<Vec<f32>> = vec![Vec::new(); b];
-        let mut done = vec![false; b];
         let bias = self.answer_logit_bias(self.m.lm_head.dim(0)?);
         let mut device_draws = if on_device {
             use rand::RngCore;
@@ -887,6 +885,9 @@ impl Janus {
             let (answers, lps) = self.answer_decode_static(s, cache, last, noise, bias)?;
             return Ok(self.text_rollouts(pixels, prompts, answers, lps));
         }
+        let mut answers: Vec<Vec<u32>> = vec![Vec::new(); b];
+        let mut lps: Vec<Vec<f32>> = vec![Vec::new(); b];
+        let mut done = vec![false; b];
         for step in 0..s.max_new_tokens {
             let active: Vec<usize> = (0..b).filter(|&r| !done[r]).collect();
             let logits = self.lm_logits(&last)?;
@@ -963,12 +964,11 @@ impl Janus {
             .collect()
     }
 
-    /// The device answer draws in fixed-shape steps (`llama::StaticDecode`), captured once per attention width as
-    /// CUDA graphs on CUDA devices. The step body draws from a noise buffer filled outside it, as the CFG image
-    /// decode does, so the draws are those of the eager device path. A finished row keeps decoding its own draws
-    /// instead of padding (attention is per row: the other rows never see them) and its tokens after eos are
-    /// dropped; the host reads each step's tokens back to stop once every row has finished, as the eager path
-    /// does. Returns each row's tokens (through its eos) and their log-probs.
+    /// The device answer draws in fixed-shape steps ([`Janus::static_decode_loop`]), drawing as the eager device
+    /// path does. A finished row keeps decoding its own draws instead of padding (attention is per row: the other
+    /// rows never see them) and its tokens after eos are dropped; the host reads each step's tokens back to stop
+    /// once every row has finished, as the eager path does. Returns each row's tokens (through its eos) and
+    /// their log-probs.
     fn answer_decode_static(
         &self,
         s: &TextSampling,
@@ -978,51 +978,32 @@ impl Janus {
         bias: &Tensor,
     ) -> Result<CodesAndLogprobs> {
         let b = cache.batch();
-        let n = s.max_new_tokens;
         let eos = self.eos_token();
-        let vocab = bias.dim(1)?;
-        let mut sd = self.m.lm.static_decode(cache, n)?;
-        // Fixed buffers the step reads and writes (`copy`: `last` gets storage of its own).
-        let last = last.contiguous()?.copy()?;
-        let gumbel = Tensor::zeros((b, vocab), DType::F32, &self.device)?;
-        let tokens = Tensor::zeros((b, n), DType::U32, &self.device)?;
-        let lps = Tensor::zeros((b, n), DType::F32, &self.device)?;
-        let sampled = !s.greedy;
-        let mut graphs = device_graphs(&self.device, self.capture_graphs);
+        let sd = self.m.lm.static_decode(cache, s.max_new_tokens)?;
         let mut done = vec![false; b];
-        let mut taken = 0;
-        while taken < n && !done.iter().all(|&d| d) {
-            if sampled {
-                gumbel.slice_set(&noise.sample((b, vocab))?, 0, 0)?;
-            }
-            let width = sd.next_width();
-            graphs.run(width, || {
-                let logits = self.lm_logits(&last)?;
-                let (tok, lp) =
-                    device_token_draw_with(&logits, bias, s, sampled.then_some(&gumbel))?;
-                let at = sd.step_indices(&[b, 1])?;
-                tokens.scatter_set(&at, &tok, 1)?;
-                lps.scatter_set(&at, &lp, 1)?;
-                // The last token is fed too: one wasted step keeps every step the same graph.
-                let h = self.m.lm.static_step(&self.m.lm.embed(&tok)?, &sd, width)?;
-                last.slice_set(&h, 0, 0)?;
-                sd.count_step()
-            })?;
-            sd.advance();
-            let drawn = tokens
-                .narrow(1, taken, 1)?
-                .flatten_all()?
-                .to_vec1::<u32>()?;
-            for (d, t) in done.iter_mut().zip(drawn) {
+        let mut all_done = |tokens: &[u32]| {
+            for (d, &t) in done.iter_mut().zip(tokens) {
                 *d |= t == eos;
             }
-            taken += 1;
-        }
-        if let Ok(mut r) = self.answer_graph_report.lock() {
-            *r = Some(graphs.report());
-        }
-        let tokens = tokens.narrow(1, 0, taken)?.to_vec2::<u32>()?;
-        let lps = lps.narrow(1, 0, taken)?.to_vec2::<f32>()?;
+            done.iter().all(|&d| d)
+        };
+        let (tokens, lps) = self.static_decode_loop(
+            sd,
+            last,
+            b,
+            (!s.greedy).then_some((noise, bias.dim(1)?)),
+            &self.answer_graph_report,
+            |last, gumbel| {
+                Ok(device_token_draw_with(
+                    &self.lm_logits(last)?,
+                    bias,
+                    s,
+                    gumbel,
+                )?)
+            },
+            |tok| self.m.lm.embed(tok),
+            Some(&mut all_done),
+        )?;
         Ok(tokens
             .into_iter()
             .zip(lps)
@@ -1099,9 +1080,7 @@ impl Janus {
         rng: &mut ChaCha8Rng,
     ) -> Result<Vec<ImageRollout>> {
         // The report describes this call's decode, or says that it ran none.
-        if let Ok(mut r) = self.graph_report.lock() {
-            *r = None;
-        }
+        write_report(&self.graph_report, None);
         let p = prompts.len();
         if p == 0 || n == 0 {
             return Ok(prompts
@@ -1142,7 +1121,7 @@ impl Janus {
         // Room for the prompt and every code but the last (which is never fed back); a static decode feeds the
         // last one too and rounds its buffers up to whole attention widths, which it can then take over.
         let room = if on_device && self.static_decode {
-            (rows[0].len() + n).div_ceil(WIDTH_STEP) * WIDTH_STEP
+            static_capacity(rows[0].len(), n)
         } else {
             rows[0].len() + n
         };
@@ -1262,10 +1241,9 @@ impl Janus {
         Ok((codes, lps))
     }
 
-    /// `cfg_decode_on_device` through a static decode: each step (generation head, draw, code embedding,
-    /// decoder) reads and writes only fixed device buffers, so on CUDA it is captured once per attention width
-    /// and replayed. The noise is drawn outside the step, as `cfg_decode_on_device` draws it, so both paths
-    /// sample the same codes from the same seed up to the rounding of the wider attention.
+    /// `cfg_decode_on_device` through a static decode ([`Janus::static_decode_loop`]). The noise is drawn as
+    /// `cfg_decode_on_device` draws it, so both paths sample the same codes from the same seed up to the rounding
+    /// of the wider attention.
     fn cfg_decode_static(
         &self,
         p: usize,
@@ -1278,45 +1256,93 @@ impl Janus {
         use rand::RngCore;
         let mut noise = GumbelNoise::new(&self.device, rng.next_u64())?;
         let codebook = self.m.gen_out.weight.dim(0)?;
-        let mut sd = self.m.lm.static_decode(cache, n)?;
-        // Fixed buffers the step reads and writes: `copy` gives `last` storage of its own (`last_position` is a
-        // strided view, and `contiguous` alone may share the storage).
-        let last = last.contiguous()?.copy()?;
-        let gumbel = Tensor::zeros((p, codebook), DType::F32, &self.device)?;
-        let codes = Tensor::zeros((p, n), DType::U32, &self.device)?;
-        let lps = Tensor::zeros((p, n), DType::F32, &self.device)?;
-        let sampled = s.temperature > 0.0;
-        let mut graphs = device_graphs(&self.device, self.capture_graphs);
-        for _ in 0..n {
-            if sampled {
-                gumbel.slice_set(&noise.sample((p, codebook))?, 0, 0)?;
-            }
-            let width = sd.next_width();
-            graphs.run(width, || {
-                let logits = self.gen_head(&last)?;
-                let (code, lp) = device_cfg_draw_with(
+        let sd = self.m.lm.static_decode(cache, n)?;
+        self.static_decode_loop(
+            sd,
+            last,
+            p,
+            (s.temperature > 0.0).then_some((&mut noise, codebook)),
+            &self.graph_report,
+            |last, gumbel| {
+                let logits = self.gen_head(last)?;
+                Ok(device_cfg_draw_with(
                     &logits.narrow(0, 0, p)?,
                     &logits.narrow(0, p, p)?,
                     s.cfg_weight,
                     s.temperature,
-                    sampled.then_some(&gumbel),
-                )?;
-                let at = sd.step_indices(&[p, 1])?;
-                codes.scatter_set(&at, &code, 1)?;
-                lps.scatter_set(&at, &lp, 1)?;
-                // The last code is fed too: one wasted step of n keeps every step the same graph.
-                let both = Tensor::cat(&[&code, &code], 0)?;
-                let emb = self.code_embeddings(&both)?.to_dtype(self.dtype)?;
-                let h = self.m.lm.static_step(&emb, &sd, width)?;
+                    gumbel,
+                )?)
+            },
+            // Both rows of a prompt, conditional and unconditional, are fed its code.
+            |code| {
+                Ok(self
+                    .code_embeddings(&Tensor::cat(&[code, code], 0)?)?
+                    .to_dtype(self.dtype)?)
+            },
+            None,
+        )
+    }
+
+    /// The step loop both static decodes share. Each step draws ids [rows, 1] (u32) and their log-probs (f32)
+    /// from the last hidden states (which CFG doubles) (`draw`, given Gumbel noise [rows, classes] when `noise` says how to fill it),
+    /// writes them at the step's row of step-major buffers, and feeds the ids' embeddings (`embed`) through
+    /// [`Llama::static_step`], whose hidden states the next step reads; the last ids are fed too, so that every
+    /// step is the same graph. A step thus reads and writes only fixed device buffers, and on CUDA it is captured
+    /// once per attention width and replayed. The noise is filled outside the step, since cuRAND's offset is
+    /// host state. `stop`, if given, gets each step's ids on the host and ends the decode by returning true
+    /// (step-major buffers make that read a plain copy). Stores the graph report in `report`; returns per row
+    /// the ids and log-probs of the steps taken.
+    #[allow(clippy::too_many_arguments)] // each is one part of the step; bundling them would only rename them
+    fn static_decode_loop(
+        &self,
+        mut sd: StaticDecode,
+        last: Tensor,
+        rows: usize,
+        mut noise: Option<(&mut GumbelNoise, usize)>,
+        report: &Mutex<Option<GraphReport>>,
+        draw: impl Fn(&Tensor, Option<&Tensor>) -> Result<(Tensor, Tensor)>,
+        embed: impl Fn(&Tensor) -> Result<Tensor>,
+        mut stop: Option<&mut StopWhen>,
+    ) -> Result<CodesAndLogprobs> {
+        let dev = &self.device;
+        let n = sd.reserved_steps();
+        // `copy`: `last` gets storage of its own (`last_position` gives a strided view, and `contiguous` alone
+        // may share the storage).
+        let last = last.contiguous()?.copy()?;
+        let gumbel = match &noise {
+            Some((_, classes)) => Some(Tensor::zeros((rows, *classes), DType::F32, dev)?),
+            None => None,
+        };
+        let ids = Tensor::zeros((n, rows), DType::U32, dev)?;
+        let lps = Tensor::zeros((n, rows), DType::F32, dev)?;
+        let mut graphs = device_graphs(dev, self.capture_graphs);
+        let mut taken = 0;
+        while taken < n {
+            if let (Some((noise, classes)), Some(g)) = (&mut noise, &gumbel) {
+                g.slice_set(&noise.sample((rows, *classes))?, 0, 0)?;
+            }
+            let width = sd.next_width();
+            graphs.run(width, || {
+                let (id, lp) = draw(&last, gumbel.as_ref())?;
+                let at = sd.step_indices(&[1, rows])?;
+                ids.scatter_set(&at, &id.reshape((1, rows))?, 0)?;
+                lps.scatter_set(&at, &lp.reshape((1, rows))?, 0)?;
+                let h = self.m.lm.static_step(&embed(&id)?, &sd, width)?;
                 last.slice_set(&h, 0, 0)?;
                 sd.count_step()
             })?;
             sd.advance();
+            taken += 1;
+            if let Some(stop) = stop.as_mut() {
+                if stop(&ids.get(taken - 1)?.to_vec1::<u32>()?) {
+                    break;
+                }
+            }
         }
-        if let Ok(mut r) = self.graph_report.lock() {
-            *r = Some(graphs.report());
-        }
-        Ok((codes.to_vec2::<u32>()?, lps.to_vec2::<f32>()?))
+        write_report(report, Some(graphs.report()));
+        let ids = ids.narrow(0, 0, taken)?.t()?.to_vec2::<u32>()?;
+        let lps = lps.narrow(0, 0, taken)?.t()?.to_vec2::<f32>()?;
+        Ok((ids, lps))
     }
 
     /// Images for code sequences (image tokenizer decode).
@@ -1570,6 +1596,13 @@ impl Janus {
     /// Which image tokenizer this checkpoint generates with.
     pub fn image_tokenizer_kind(&self) -> ImageTokenizerKind {
         self.cfg.pairuni.image_tokenizer
+    }
+}
+
+/// Replaces a graph report slot's content (a poisoned slot is left as it is: reports are diagnostics).
+fn write_report(slot: &Mutex<Option<GraphReport>>, report: Option<GraphReport>) {
+    if let Ok(mut r) = slot.lock() {
+        *r = report;
     }
 }
 

@@ -26,7 +26,7 @@ use crate::layers::{
 };
 
 mod static_decode;
-pub use static_decode::{StaticDecode, WIDTH_STEP};
+pub use static_decode::{static_capacity, StaticDecode, WIDTH_STEP};
 
 /// The additive mask value of a key that must not be attended to.
 const MASKED: f32 = -1e30;
@@ -939,14 +939,20 @@ mod tests {
         let mut m = decoder(None);
         m.set_fused_sampling(true);
         let x = embeddings(&m, 6);
+        let cache = prefilled(&m, &x, 5, capacity);
+        (m, x, cache)
+    }
+
+    /// The cache of the first `n` tokens of `x` [2, T, H] (every one real) in buffers of `capacity`.
+    pub(super) fn prefilled(m: &Llama, x: &Tensor, n: usize, capacity: usize) -> KvCache {
         let (_, cache) = m
             .forward(
-                &x.narrow(1, 0, 5).unwrap(),
-                &vec![vec![true; 5]; 2],
+                &x.narrow(1, 0, n).unwrap(),
+                &vec![vec![true; n]; 2],
                 &m.empty_cache_with_capacity(2, capacity),
             )
             .unwrap();
-        (m, x, cache)
+        cache
     }
 
     #[test]

@@ -19,6 +19,12 @@ use crate::error::{ModelError, Result};
 /// (on average half a step's worth per decode step).
 pub const WIDTH_STEP: usize = 64;
 
+/// Key columns a static decode of `steps` steps after `past` cached positions holds: whole attention widths. A
+/// sampler that preallocates its cache with this capacity lets the static decode take the buffers over.
+pub fn static_capacity(past: usize, steps: usize) -> usize {
+    (past + steps).div_ceil(WIDTH_STEP) * WIDTH_STEP
+}
+
 /// The device state of a static decode: key/value buffers, key mask, step counter and the constants the steps
 /// read, all at fixed addresses. Made from a prefilled cache by [`Llama::static_decode`].
 pub struct StaticDecode {
@@ -54,6 +60,11 @@ impl StaticDecode {
     /// Key columns the buffers hold.
     pub fn capacity(&self) -> usize {
         self.capacity
+    }
+
+    /// Steps reserved at creation: the most this decode takes.
+    pub fn reserved_steps(&self) -> usize {
+        self.steps
     }
 
     /// The attention width of the next step: the keys it sees, rounded up to [`WIDTH_STEP`].
@@ -101,7 +112,7 @@ impl Llama {
         }
         let b = cache.batch();
         let dev = bias.device().clone();
-        let capacity = (past + steps).div_ceil(WIDTH_STEP) * WIDTH_STEP;
+        let capacity = static_capacity(past, steps);
         let max_pos = cache.next_pos.iter().copied().max().unwrap_or(0) as usize + steps - 1;
         if max_pos >= self.cfg.max_position_embeddings {
             return Err(ModelError::input(format!(
@@ -211,20 +222,14 @@ impl Llama {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{decoder, doubled, embeddings, fused_prefill};
+    use super::super::tests::{decoder, doubled, embeddings, fused_prefill, prefilled};
     use super::*;
 
     /// Hidden states of decoding `x` [2, T, H] one token at a time after a `prefill`-token prompt, through a
     /// preallocated cache of `capacity` (`forward`) or a static decode made from it.
     fn decode(m: &Llama, x: &Tensor, prefill: usize, capacity: usize, fixed: bool) -> Vec<f32> {
         let t = x.dim(1).unwrap();
-        let (_, mut cache) = m
-            .forward(
-                &x.narrow(1, 0, prefill).unwrap(),
-                &vec![vec![true; prefill]; 2],
-                &m.empty_cache_with_capacity(2, capacity),
-            )
-            .unwrap();
+        let mut cache = prefilled(m, x, prefill, capacity);
         let mut out = Vec::new();
         if fixed {
             let mut sd = m.static_decode(cache, t - prefill).unwrap();
@@ -278,13 +283,7 @@ mod tests {
     fn widths_round_up_and_stop_at_the_capacity() {
         let m = decoder(None);
         let x = embeddings(&m, 8);
-        let (_, cache) = m
-            .forward(
-                &x,
-                &vec![vec![true; 8]; 2],
-                &m.empty_cache_with_capacity(2, 8),
-            )
-            .unwrap();
+        let cache = prefilled(&m, &x, 8, 8);
         let mut sd = m.static_decode(cache, 60).unwrap();
         assert_eq!(sd.capacity(), 128);
         assert_eq!(sd.next_width(), 64);
@@ -308,13 +307,7 @@ mod tests {
     fn a_sibling_of_the_cache_still_decodes_its_own_branch() {
         let m = decoder(None);
         let x = embeddings(&m, 12);
-        let (_, cache) = m
-            .forward(
-                &x.narrow(1, 0, 4).unwrap(),
-                &vec![vec![true; 4]; 2],
-                &m.empty_cache_with_capacity(2, 64),
-            )
-            .unwrap();
+        let cache = prefilled(&m, &x, 4, 64);
         let sibling = cache.clone();
         let mut sd = m.static_decode(cache, 8).unwrap();
         for i in 4..12 {
@@ -358,13 +351,7 @@ mod tests {
             .forward(&x, &vec![vec![true; 3]; 2], &m.empty_cache(2))
             .unwrap();
         assert!(m.static_decode(grown, 4).is_err());
-        let (_, pre) = m
-            .forward(
-                &x,
-                &vec![vec![true; 3]; 2],
-                &m.empty_cache_with_capacity(2, 8),
-            )
-            .unwrap();
+        let pre = prefilled(&m, &x, 3, 8);
         let too_far = m.cfg.max_position_embeddings;
         let err = m
             .static_decode(pre, too_far)

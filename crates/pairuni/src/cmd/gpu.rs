@@ -378,21 +378,21 @@ struct LogprobGap {
 }
 
 impl LogprobGap {
-    /// Adds the tokens of `mask` [b, t] (1 = a token) of the teacher-forced `lp` and the sampled `old` [b, t].
-    fn add(&mut self, lp: &Tensor, old: &Tensor, mask: &Tensor) -> anyhow::Result<()> {
-        let gap = (lp.detach() - old)?.abs()?.to_dtype(DType::F32)?;
-        let (gap, mask) = (
-            gap.to_vec2::<f32>()?,
-            mask.to_dtype(DType::F32)?.to_vec2::<f32>()?,
-        );
-        for (g, m) in gap.iter().flatten().zip(mask.iter().flatten()) {
-            if *m > 0.0 {
-                self.sum += f64::from(*g);
-                self.count += 1;
-                self.max = self.max.max(*g);
+    /// The gap over micro-batches of (teacher-forced, sampled, mask) [b, t], mask 1 on the tokens.
+    fn of(scored: &[(Tensor, Tensor, Tensor)]) -> anyhow::Result<Self> {
+        let mut gap = Self::default();
+        for (lp, old, mask) in scored {
+            let diff = (lp - old)?.abs()?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+            let mask = mask.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+            for (d, m) in diff.iter().flatten().zip(mask.iter().flatten()) {
+                if *m > 0.0 {
+                    gap.sum += f64::from(*d);
+                    gap.count += 1;
+                    gap.max = gap.max.max(*d);
+                }
             }
         }
-        Ok(())
+        Ok(gap)
     }
 
     fn json(&self) -> serde_json::Value {
@@ -468,7 +468,8 @@ fn run_step(
         images.iter().map(|r| r.codes.len()).sum(),
         answers.iter().map(|r| r.answer_ids.len()).sum(),
     );
-    let (mut gap_image, mut gap_text) = (LogprobGap::default(), LogprobGap::default());
+    // (teacher-forced, sampled, mask) per micro-batch, compared after the timed phase.
+    let (mut scored_image, mut scored_text) = (Vec::new(), Vec::new());
     let (loss_total, grad_norm, with_grad) = ph.time("train", || {
         let mut grads = None;
         let mut loss_total = 0f32;
@@ -485,7 +486,7 @@ fn run_step(
             let adv = Tensor::new(&a_img[i * mb..i * mb + chunk.len()], &dev)?;
             let s = clipped_surrogate(&ratio(&lp, &old)?, &adv, 0.2, 0.28)?;
             let mask = s.loss.ones_like()?;
-            gap_image.add(&lp, &old, &mask)?;
+            scored_image.push((lp.detach(), old.clone(), mask.clone()));
             let sum = aggregate(
                 &[Tokens {
                     values: &s.loss,
@@ -507,7 +508,7 @@ fn run_step(
                 &dev,
             )?;
             let adv = Tensor::new(&a_txt[i * mb..i * mb + chunk.len()], &dev)?;
-            gap_text.add(&lp, &old, &mask)?;
+            scored_text.push((lp.detach(), old.clone(), mask.clone()));
             let s = clipped_surrogate(&ratio(&lp, &old)?, &adv, 0.2, 0.28)?;
             let sum = aggregate(
                 &[Tokens {
@@ -532,6 +533,8 @@ fn run_step(
         Ok((loss_total, info.grad_norm, with_grad))
     })?;
     Ok(StepOutcome {
+        gap_image: LogprobGap::of(&scored_image)?,
+        gap_text: LogprobGap::of(&scored_text)?,
         image_tokens: images.first().map_or(0, |r| r.codes.len()),
         answer_tokens_mean: n_txt_tok as f64 / answers.len().max(1) as f64,
         grad_norm,
@@ -539,8 +542,6 @@ fn run_step(
         params_trained: vars.len(),
         loss: loss_total,
         images: decoded.len(),
-        gap_image,
-        gap_text,
     })
 }
 
@@ -758,25 +759,18 @@ fn rollout_with_other_graphs(
     let chosen = model.static_decode();
     model.set_static_decode(!chosen);
     let n = model.image_tokens_per_image();
-    let timed = |model: &Janus, rollout: &mut dyn FnMut(&Janus) -> anyhow::Result<()>| {
-        model.device().synchronize()?;
-        let t0 = Instant::now();
-        rollout(model)?;
-        model.device().synchronize()?;
-        anyhow::Ok(t0.elapsed().as_secs_f64() * 1e3)
+    let mut ph = Phases {
+        device: model.device().clone(),
+        ms: Vec::new(),
     };
-    let image = timed(model, &mut |m| {
-        let s = a.image_sampling();
-        let site = a.image_sampler.site();
-        std::hint::black_box(m.sample_image_codes_at(&inputs.gen_prompts, &s, n, site, rng)?);
-        Ok(())
+    let image = ph.time("rollout_image", || {
+        let (s, site) = (a.image_sampling(), a.image_sampler.site());
+        Ok(model.sample_image_codes_at(&inputs.gen_prompts, &s, n, site, rng)?)
     });
     let report = graph_report_json(model);
-    let text = timed(model, &mut |m| {
-        let s = a.text_sampling(answer_tokens);
-        let (px, q) = (&inputs.pixels, &inputs.und_prompts);
-        std::hint::black_box(m.sample_answers_ids_at(px, q, &s, a.text_sampler.site(), rng)?);
-        Ok(())
+    let text = ph.time("rollout_text", || {
+        let (s, site) = (a.text_sampling(answer_tokens), a.text_sampler.site());
+        Ok(model.sample_answers_ids_at(&inputs.pixels, &inputs.und_prompts, &s, site, rng)?)
     });
     let answer_report = json!(model.last_answer_graph_report());
     model.set_static_decode(chosen);
@@ -786,14 +780,15 @@ fn rollout_with_other_graphs(
         "answer_graph_report": answer_report,
     });
     match image {
-        Ok(ms) => {
+        Ok(_) => {
+            let ms = ph.get("rollout_image");
             out["rollout_image"] = json!(round1(ms));
             out["ms_per_image_step"] = json!((ms / n.max(1) as f64 * 1000.0).round() / 1000.0);
         }
         Err(e) => out["error"] = json!(format!("{e:#}")),
     }
     match text {
-        Ok(ms) => out["rollout_text"] = json!(round1(ms)),
+        Ok(_) => out["rollout_text"] = json!(round1(ph.get("rollout_text"))),
         Err(e) => out["text_error"] = json!(format!("{e:#}")),
     }
     out
