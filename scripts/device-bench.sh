@@ -7,7 +7,8 @@
 #   (a) parity   pairuni bench gpu-parity: the committed Janus fixtures on cuda in f32 and bf16 vs reference
 #   (b) pytorch  scripts/torch_step_bench.py: one PairGRPO step, transformers eager, same card
 #   (c) candle   pairuni bench gpu-step: the same step through pairuni's library (with CUDA graphs if its
-#                graph check passes), then its image and answer rollouts once more the other way (--compare-graphs)
+#                graph check passes), then its image and answer rollouts once more the other way (--compare-graphs),
+#                and its answers with and without prompt sharing (--compare-sharing)
 #   (d) smoke    the toy pipeline's commands (world, pairs, sft, train, eval) on the device, two steps each
 # and prints a table with the ratio. Logs and JSON land in $OUT (at most 8 files come back from the device).
 # Testing without a GPU: BENCH_DEVICE=cpu BENCH_SHAPES=tiny CARRY_DIR=.dev/gpu-cpu bash scripts/device-bench.sh
@@ -76,8 +77,10 @@ if [[ -n "$bin" ]]; then
     t=$(( $(left) - 10 ))
     echo "== (c) candle step (limit ${t} s)"
     # The graph check decides whether the step runs with CUDA graphs; --compare-graphs times the image and answer
-    # rollouts once more with the other setting (rollout_image_other in the JSON).
-    timeout "$t" "$bin" --log info bench gpu-step --device "$dev" --shapes "$shapes" --compare-graphs --json \
+    # rollouts once more with the other setting (rollout_image_other in the JSON); --compare-sharing times the
+    # answer rollout and the answers' teacher-forced pass with prompt sharing on and off (prompt_sharing_compare).
+    timeout "$t" "$bin" --log info bench gpu-step --device "$dev" --shapes "$shapes" --compare-graphs \
+        --compare-sharing --json \
         >"$OUT/candle_step.json" 2>"$OUT/candle_step.log"
     rc=$?
     echo "rc=$rc $(cat "$OUT/candle_step.json")"
@@ -191,6 +194,12 @@ if gap:
     # Sampling-time against teacher-forced log-probs of the step's own tokens: rounding only on a sound path.
     print("log-prob gap, sampled vs teacher-forced (mean / max nats):",
           "; ".join(f"{k} {v['mean']:.2e} / {v['max']:.2e} over {v['tokens']} tokens" for k, v in gap.items()))
+ps = (cd or {}).get("prompt_sharing_compare")
+if ps:
+    # The same answers' work, each GRPO group's prompt run once (on) or once per rollout (off, as PyTorch does).
+    print(f"prompt sharing (the step ran with it {'on' if cd.get('prompt_sharing') else 'off'}): "
+          + "; ".join(f"{k}: " + (f"rollout_text {v['rollout_text']} ms, score_text {v['score_text']} ms"
+                                   if "error" not in v else f"failed: {v['error']}") for k, v in ps.items()))
 gc = (cd or {}).get("graph_check")
 if gc:
     print("graph check (captured vs eager static steps, same seed):", json.dumps(gc),
@@ -205,7 +214,7 @@ except OSError:
 for name, d in (("pytorch", pt), ("candle", cd)):
     if d:
         extra = {k: d.get(k) for k in ("dtype", "image_tokens", "answer_tokens", "grad_norm", "params_with_grad",
-                                       "init_ms", "peak_mem_gib", "image_sampler", "text_sampler", "fused_sampling", "stack_projections",
+                                       "init_ms", "peak_mem_gib", "image_sampler", "text_sampler", "fused_sampling", "stack_projections", "prompt_sharing",
                                        "cuda_graphs", "graph_report", "answer_graph_report", "image_step_probe") if k in d}
         print(name, json.dumps(extra))
     else:

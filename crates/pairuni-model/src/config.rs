@@ -60,6 +60,8 @@ pub struct Placement {
     /// Whether the device-side image and answer decodes take fixed-shape steps, captured as CUDA graphs on CUDA
     /// devices (`auto`: off until a GPU run has measured it, docs/GPU.md).
     pub cuda_graphs: Toggle,
+    /// Whether answer rollouts of one image and question share the prompt's forward (`auto`: on accelerators).
+    pub prompt_sharing: Toggle,
 }
 
 impl Placement {
@@ -70,6 +72,7 @@ impl Placement {
             dtype: DType::F32,
             fused_sampling: Toggle::Auto,
             cuda_graphs: Toggle::Auto,
+            prompt_sharing: Toggle::Auto,
         }
     }
 
@@ -80,6 +83,9 @@ impl Placement {
         }
         if let Some(on) = self.cuda_graphs.forced() {
             model.set_static_decode(on);
+        }
+        if let Some(on) = self.prompt_sharing.forced() {
+            model.set_prompt_sharing(on);
         }
     }
 
@@ -124,6 +130,12 @@ pub struct ModelConfig {
     /// device-side samplers, the default on CUDA (images always, answers without top-p); the CPU samples on the
     /// host (default `auto`).
     pub cuda_graphs: Toggle,
+    /// Answer rollouts of one image and question (a GRPO group) share the prompt's forward, in the sampler's
+    /// prefill and in the teacher-forced pass: `auto` (on accelerators, where the prompt's 576 image slots are
+    /// most of a rollout; off on the CPU, which keeps the recorded toy results bit for bit), `on` or `off`. The
+    /// same values, computed once per prompt instead of once per rollout; the gradients differ by rounding only
+    /// (default `auto`).
+    pub prompt_sharing: Toggle,
 }
 
 impl Default for ModelConfig {
@@ -134,6 +146,7 @@ impl Default for ModelConfig {
             toy_codebook_size: 512,
             fused_sampling: Toggle::Auto,
             cuda_graphs: Toggle::Auto,
+            prompt_sharing: Toggle::Auto,
         }
     }
 }
@@ -158,6 +171,7 @@ impl ModelConfig {
             dtype,
             fused_sampling: self.fused_sampling,
             cuda_graphs: self.cuda_graphs,
+            prompt_sharing: self.prompt_sharing,
         })
     }
 }
@@ -174,27 +188,35 @@ mod tests {
         let m = c.resolve(None, None).unwrap().adopt(toy()).unwrap();
         assert!(!m.fused_sampling(), "auto keeps the CPU's composed kernels");
         assert!(!m.static_decode(), "auto leaves graphs off until measured");
+        assert!(!m.prompt_sharing(), "auto keeps the CPU's unshared passes");
         assert_eq!(m.dtype(), DType::F32);
         c.fused_sampling = Toggle::On;
         c.cuda_graphs = Toggle::On;
+        c.prompt_sharing = Toggle::On;
         let placed = c.resolve(None, Some("bf16")).unwrap();
         let m = placed.adopt(toy()).unwrap();
         assert!(m.fused_sampling());
         assert!(m.static_decode());
+        assert!(m.prompt_sharing());
         assert_eq!(m.dtype(), DType::BF16);
         let mut m = m;
         Placement {
             fused_sampling: Toggle::Off,
             cuda_graphs: Toggle::Off,
+            prompt_sharing: Toggle::Off,
             ..placed
         }
         .configure(&mut m);
         assert!(!m.fused_sampling());
         assert!(!m.static_decode());
-        let parsed: ModelConfig =
-            toml::from_str("fused_sampling = \"on\"\ncuda_graphs = \"off\"").unwrap();
+        assert!(!m.prompt_sharing());
+        let parsed: ModelConfig = toml::from_str(
+            "fused_sampling = \"on\"\ncuda_graphs = \"off\"\nprompt_sharing = \"on\"",
+        )
+        .unwrap();
         assert_eq!(parsed.fused_sampling, Toggle::On);
         assert_eq!(parsed.cuda_graphs, Toggle::Off);
+        assert_eq!(parsed.prompt_sharing, Toggle::On);
         assert_eq!("off".parse::<Toggle>(), Ok(Toggle::Off));
         assert!("yes".parse::<Toggle>().unwrap_err().contains("yes"));
     }

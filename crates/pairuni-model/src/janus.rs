@@ -128,6 +128,8 @@ pub struct Janus {
     image_tokenizer: Option<ImageCodec>,
     /// Whether the device-side CFG image decode runs fixed-shape steps, captured as CUDA graphs on CUDA devices.
     static_decode: bool,
+    /// Whether answer rollouts of one (image, prompt) share its prompt's forward ([`Janus::prompt_sharing`]).
+    prompt_sharing: bool,
     /// Whether those steps are captured (off: run eagerly, to check the graphs against).
     capture_graphs: bool,
     /// What the graphs of the last static image decode did.
@@ -213,6 +215,55 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
+/// The rows of a batch that repeat an earlier row's image and prompt (the rollouts of one question), which can
+/// then share that prompt's forward ([`Janus::prompt_sharing`]). Images are told apart by tensor identity: the
+/// rollouts of one question carry clones of one pixel tensor ([`Janus::preprocess_images`]); equal pixels in
+/// distinct tensors are simply not shared.
+struct PromptGroups {
+    /// The first row of each group, in order.
+    first: Vec<usize>,
+    /// The group of each row.
+    of_row: Vec<usize>,
+}
+
+impl PromptGroups {
+    fn of(pixels: &[Tensor], prompts: &[Vec<u32>]) -> Self {
+        let mut first: Vec<usize> = Vec::new();
+        let mut of_row = Vec::with_capacity(prompts.len());
+        for (r, (px, prompt)) in pixels.iter().zip(prompts).enumerate() {
+            let same = |&f: &usize| pixels[f].id() == px.id() && prompts[f] == *prompt;
+            let g = match first.iter().rposition(same) {
+                Some(g) => g,
+                None => {
+                    first.push(r);
+                    first.len() - 1
+                }
+            };
+            of_row.push(g);
+        }
+        Self { first, of_row }
+    }
+
+    /// Whether some rows repeat another's prompt.
+    fn shares(&self) -> bool {
+        self.first.len() < self.of_row.len()
+    }
+
+    /// Each group's pixels and prompt.
+    fn firsts(&self, pixels: &[Tensor], prompts: &[Vec<u32>]) -> (Vec<Tensor>, Vec<Vec<u32>>) {
+        self.first
+            .iter()
+            .map(|&r| (pixels[r].clone(), prompts[r].clone()))
+            .unzip()
+    }
+
+    /// `of_row` as an index tensor, to take each row's copy of its group's values.
+    fn row_index(&self, device: &Device) -> Result<Tensor> {
+        let idx: Vec<u32> = self.of_row.iter().map(|&g| g as u32).collect();
+        Ok(Tensor::from_vec(idx, self.of_row.len(), device)?)
+    }
+}
+
 /// Left-pads rows to one length; returns (ids, validity).
 fn left_pad(rows: &[Vec<u32>], pad: u32) -> (Vec<Vec<u32>>, Vec<Vec<bool>>) {
     let len = rows.iter().map(|r| r.len()).max().unwrap_or(0);
@@ -264,6 +315,7 @@ impl Janus {
             tokenizer,
             image_tokenizer,
             static_decode: false,
+            prompt_sharing: !device.is_cpu(),
             capture_graphs: true,
             graph_report: Mutex::new(None),
             answer_graph_report: Mutex::new(None),
@@ -426,6 +478,20 @@ impl Janus {
     pub fn set_static_decode(&mut self, on: bool) {
         self.static_decode = on;
     }
+    /// Whether the answer rollouts of one image and prompt (a GRPO group) share the prompt's forward: the sampler
+    /// prefills each distinct prompt once and continues every rollout from its copy of that cache, and the
+    /// teacher-forced pass runs the prompt once and only the answers per rollout (gradients from all of them
+    /// reach the shared prompt). The same values, computed once instead of G times; summed in another order,
+    /// so the weights' gradients differ from the unshared pass by rounding. Default: on accelerators, where the
+    /// prompt (576 image slots at Janus-Pro) is most of a rollout's tokens; off on the CPU, so that every recorded
+    /// toy-world result stays bit for bit what it was.
+    pub fn prompt_sharing(&self) -> bool {
+        self.prompt_sharing
+    }
+    /// Chooses whether answer rollouts share their prompt's forward (see [`Janus::prompt_sharing`]).
+    pub fn set_prompt_sharing(&mut self, on: bool) {
+        self.prompt_sharing = on;
+    }
     /// Whether static decode steps are captured as CUDA graphs where they can be (default); off, they run eagerly
     /// on every device, which computes the same thing and is what a graph is checked against.
     pub fn set_graph_capture(&mut self, on: bool) {
@@ -524,6 +590,7 @@ impl Janus {
         clone.set_fused_sampling(self.fused_sampling());
         clone.set_stack_projections(self.stack_projections());
         clone.set_static_decode(self.static_decode());
+        clone.set_prompt_sharing(self.prompt_sharing());
         clone.set_graph_capture(self.capture_graphs);
         clone.frozen = self.frozen;
         Ok(clone)
@@ -633,6 +700,28 @@ impl Janus {
         let t = crate::image_tokenizer::rgb_to_pixels(std::slice::from_ref(img), &self.device)
             .map_err(|e| ModelError::input(e.to_string()))?;
         Ok(t.squeeze(0)?)
+    }
+
+    /// [`Janus::preprocess_image`] of every image, each distinct image processed once: rows that show the same
+    /// image (the rollouts of one question) get clones of one tensor, which is how [`Janus::prompt_sharing`]
+    /// tells that they can share a prompt.
+    pub fn preprocess_images(&self, images: &[RgbImage]) -> Result<Vec<Tensor>> {
+        let mut distinct: Vec<(&RgbImage, Tensor)> = Vec::new();
+        let mut out = Vec::with_capacity(images.len());
+        for img in images {
+            // Newest first: a group's rows are usually adjacent, and unequal images differ in their first bytes.
+            let known = distinct.iter().rev().find(|(seen, _)| *seen == img);
+            let px = match known {
+                Some((_, px)) => px.clone(),
+                None => {
+                    let px = self.preprocess_image(img)?;
+                    distinct.push((img, px.clone()));
+                    px
+                }
+            };
+            out.push(px);
+        }
+        Ok(out)
     }
 
     // ---- forward pieces ----
@@ -786,10 +875,7 @@ impl Janus {
                 questions.len()
             )));
         }
-        let pixels = images
-            .iter()
-            .map(|i| self.preprocess_image(i))
-            .collect::<Result<Vec<_>>>()?;
+        let pixels = self.preprocess_images(images)?;
         let prompts = questions
             .iter()
             .map(|q| self.understanding_prompt(q))
@@ -852,22 +938,26 @@ impl Janus {
         let t_lp = s.logprob_temperature();
         let eos = self.eos_token();
         let pad = self.pad_token();
-        let (rows, valid) = left_pad(prompts, pad);
-        let px = Tensor::stack(pixels, 0)?;
-        let emb = self.embed_rows(&rows, Some(&px))?.detach();
+        let plen = prompts.iter().map(Vec::len).max().unwrap_or(0);
         // Room for the prompt and every answer token, so no decode step copies the cache; a static decode rounds
         // its buffers up to whole attention widths, which it can then take over.
         let room = if fixed {
-            static_capacity(rows[0].len(), s.max_new_tokens)
+            static_capacity(plen, s.max_new_tokens)
         } else {
-            rows[0].len() + s.max_new_tokens
+            plen + s.max_new_tokens
         };
-        let (h, mut cache) =
-            self.m
-                .lm
-                .forward(&emb, &valid, &self.m.lm.empty_cache_with_capacity(b, room))?;
-        let mut last = last_position(&h)?.detach();
-        cache = cache.detach();
+        let groups = PromptGroups::of(pixels, prompts);
+        let (mut last, mut cache) = if self.prompt_sharing && groups.shares() {
+            let (px, prompts) = groups.firsts(pixels, prompts);
+            let (last, cache) = self.prefill_prompts(&px, &prompts, room)?;
+            (
+                last.contiguous()?
+                    .index_select(&groups.row_index(&self.device)?, 0)?,
+                cache.select_rows(&groups.of_row)?,
+            )
+        } else {
+            self.prefill_prompts(pixels, prompts, room)?
+        };
         let bias = self.answer_logit_bias(self.m.lm_head.dim(0)?);
         let mut device_draws = if on_device {
             use rand::RngCore;
@@ -936,6 +1026,22 @@ impl Janus {
             last = last_position(&h)?.detach();
         }
         Ok(self.text_rollouts(pixels, prompts, answers, lps))
+    }
+
+    /// Prefills left-padded `prompts` with their images into a preallocated cache of `room` positions; returns
+    /// the last position's hidden state [B, H] and the cache, both detached (sampling differentiates nothing).
+    fn prefill_prompts(
+        &self,
+        pixels: &[Tensor],
+        prompts: &[Vec<u32>],
+        room: usize,
+    ) -> Result<(Tensor, KvCache)> {
+        let (rows, valid) = left_pad(prompts, self.pad_token());
+        let px = Tensor::stack(pixels, 0)?;
+        let emb = self.embed_rows(&rows, Some(&px))?.detach();
+        let empty = self.m.lm.empty_cache_with_capacity(rows.len(), room);
+        let (h, cache) = self.m.lm.forward(&emb, &valid, &empty)?;
+        Ok((last_position(&h)?.detach(), cache.detach()))
     }
 
     /// Rollouts of the drawn answer tokens (each ending at its eos, if drawn) and their log-probs.
@@ -1412,39 +1518,17 @@ impl Janus {
                 "rollout {i} has no answer tokens"
             )));
         }
-        let pad = self.pad_token();
         let pmax = batch.iter().map(|r| r.prompt_ids.len()).max().unwrap_or(0);
         let amax = batch.iter().map(|r| r.answer_ids.len()).max().unwrap_or(0);
-        // Row = left pad, prompt, answer (minus its last token, whose output is unused), right pad.
-        let width = pmax + amax - 1;
-        let mut rows = Vec::with_capacity(b);
-        let mut valid = Vec::with_capacity(b);
         let mut targets = Vec::with_capacity(b * amax);
         let mut mask = Vec::with_capacity(b * amax);
         for r in batch {
-            let lpad = pmax - r.prompt_ids.len();
-            let mut row = vec![pad; lpad];
-            row.extend_from_slice(&r.prompt_ids);
-            row.extend_from_slice(&r.answer_ids[..r.answer_ids.len() - 1]);
-            let real = row.len() - lpad;
-            let mut v = vec![false; lpad];
-            v.extend(std::iter::repeat_n(true, real));
-            row.resize(width, pad);
-            v.resize(width, false);
-            rows.push(row);
-            valid.push(v);
             for j in 0..amax {
                 targets.push(r.answer_ids.get(j).copied().unwrap_or(0));
                 mask.push(if j < r.answer_ids.len() { 1f32 } else { 0.0 });
             }
         }
-        let px = Tensor::stack(
-            &batch.iter().map(|r| r.image.clone()).collect::<Vec<_>>(),
-            0,
-        )?;
-        let emb = self.embed_rows(&rows, Some(&px))?;
-        let (h, _) = self.m.lm.forward(&emb, &valid, &self.m.lm.empty_cache(b))?;
-        let h = h.narrow(1, pmax - 1, amax)?;
+        let h = self.answer_hidden(batch, pmax, amax)?;
         let logits = (self.lm_logits(&h)? / temperature)?;
         let bias = self.answer_logit_bias(logits.dim(D::Minus1)?);
         let bias = Tensor::from_vec(bias, logits.dim(D::Minus1)?, &self.device)?;
@@ -1461,6 +1545,68 @@ impl Janus {
             None
         };
         Ok((lp, mask, ent))
+    }
+
+    /// The hidden states [B, amax, H] from which each rollout's answer tokens are scored: the prompt's last
+    /// position, then each answer token but the last (whose output is unused). One pass over rows of left
+    /// padding, prompt, answer and right padding; or, when rollouts share a prompt ([`Janus::prompt_sharing`]),
+    /// one pass over each distinct prompt and one over every answer after its copy of that prompt's cache.
+    fn answer_hidden(&self, batch: &[TextRollout], pmax: usize, amax: usize) -> Result<Tensor> {
+        let pad = self.pad_token();
+        let pixels: Vec<Tensor> = batch.iter().map(|r| r.image.clone()).collect();
+        let prompts: Vec<Vec<u32>> = batch.iter().map(|r| r.prompt_ids.clone()).collect();
+        let answers = |width: usize| -> (Vec<Vec<u32>>, Vec<Vec<bool>>) {
+            batch
+                .iter()
+                .map(|r| {
+                    let fed = &r.answer_ids[..r.answer_ids.len() - 1];
+                    let mut row = fed.to_vec();
+                    let mut v = vec![true; fed.len()];
+                    row.resize(width, pad);
+                    v.resize(width, false);
+                    (row, v)
+                })
+                .unzip()
+        };
+        let groups = PromptGroups::of(&pixels, &prompts);
+        if !(self.prompt_sharing && groups.shares()) {
+            let (mut rows, mut valid) = left_pad(&prompts, pad);
+            let (tails, tails_valid) = answers(amax - 1);
+            for (row, tail) in rows.iter_mut().zip(tails) {
+                row.extend(tail);
+            }
+            for (v, tail) in valid.iter_mut().zip(tails_valid) {
+                v.extend(tail);
+            }
+            let emb = self.embed_rows(&rows, Some(&Tensor::stack(&pixels, 0)?))?;
+            let (h, _) = self
+                .m
+                .lm
+                .forward(&emb, &valid, &self.m.lm.empty_cache(batch.len()))?;
+            return Ok(h.narrow(1, pmax - 1, amax)?);
+        }
+        let (px, firsts) = groups.firsts(&pixels, &prompts);
+        let (rows, valid) = left_pad(&firsts, pad);
+        let emb = self.embed_rows(&rows, Some(&Tensor::stack(&px, 0)?))?;
+        let (h, cache) = self
+            .m
+            .lm
+            .forward(&emb, &valid, &self.m.lm.empty_cache(firsts.len()))?;
+        let idx = groups.row_index(&self.device)?;
+        let last = h
+            .narrow(1, pmax - 1, 1)?
+            .contiguous()?
+            .index_select(&idx, 0)?;
+        if amax == 1 {
+            return Ok(last);
+        }
+        let (rows, valid) = answers(amax - 1);
+        let emb = self.m.lm.embed(&ids_tensor(&rows, &self.device)?)?;
+        let (h, _) = self
+            .m
+            .lm
+            .forward(&emb, &valid, &cache.select_rows(&groups.of_row)?)?;
+        Ok(Tensor::cat(&[&last, &h], 1)?)
     }
 
     /// Per-code log-probs [B, N] f32 of each image rollout's codes at T = 1 under `policy`.

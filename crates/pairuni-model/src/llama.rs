@@ -91,6 +91,72 @@ impl KvCache {
         }
     }
 
+    /// The cache of a batch whose row i continues row `rows[i]` of this one, so that the rollouts of one prompt
+    /// share its prefill (a row may be taken any number of times). Differentiable for a cache that grows by
+    /// concatenation; a preallocated one gets buffers of its own, of the same capacity, holding only this
+    /// value's prefix (a sibling's later positions are not taken along).
+    pub fn select_rows(&self, rows: &[usize]) -> Result<KvCache> {
+        if let Some(&r) = rows.iter().find(|&&r| r >= self.batch()) {
+            return Err(ModelError::input(format!(
+                "row {r} selected from a cache of {} rows",
+                self.batch()
+            )));
+        }
+        let key_valid = rows.iter().map(|&r| self.key_valid[r].clone()).collect();
+        let next_pos = rows.iter().map(|&r| self.next_pos[r]).collect();
+        let Some((first_k, _)) = self.layers.first() else {
+            return Ok(KvCache {
+                key_valid,
+                next_pos,
+                layers: Vec::new(),
+                key_bias: None,
+                ..self.clone()
+            });
+        };
+        let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        let idx = Tensor::from_vec(idx, rows.len(), first_k.device())?;
+        let past = self.len();
+        let (layers, prealloc, key_bias) = match &self.prealloc {
+            None => (
+                self.layers
+                    .iter()
+                    .map(|(k, v)| {
+                        Ok((
+                            k.contiguous()?.index_select(&idx, 0)?,
+                            v.contiguous()?.index_select(&idx, 0)?,
+                        ))
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?,
+                None,
+                None,
+            ),
+            Some(pre) => {
+                let take = |t: &Tensor, dim: usize| {
+                    prefix_in_new_buffer(t, Some(&idx), dim, past, pre.capacity)
+                };
+                let layers = self
+                    .layers
+                    .iter()
+                    .map(|(k, v)| Ok((take(k, 2)?, take(v, 2)?)))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                let bias = self.key_bias.as_ref().map(|b| take(b, 3)).transpose()?;
+                let pre = Prealloc {
+                    capacity: pre.capacity,
+                    written: Arc::new(AtomicUsize::new(past)),
+                };
+                (layers, Some(pre), bias)
+            }
+        };
+        Ok(KvCache {
+            layers,
+            key_valid,
+            next_pos,
+            prealloc,
+            key_bias,
+            stacked: self.stacked.clone(),
+        })
+    }
+
     /// Decides where the `t` new positions of a forward go: how to get buffers that can take them, and the
     /// bookkeeping of the cache value the forward returns. `None` for a cache that grows by concatenation.
     fn plan_append(&self, t: usize) -> Option<(Placement, Prealloc)> {
@@ -161,10 +227,7 @@ fn append_prealloc(
     let place = |old: Option<&Tensor>, new: &Tensor| -> candle_core::Result<Tensor> {
         let buf = match (placement, old) {
             (Placement::InPlace, Some(o)) => o.clone(),
-            (Placement::Copy, Some(o)) => {
-                let tail = Tensor::zeros((b, kvh, capacity - past, d), new.dtype(), new.device())?;
-                Tensor::cat(&[&o.narrow(2, 0, past)?.detach(), &tail], 2)?
-            }
+            (Placement::Copy, Some(o)) => prefix_in_new_buffer(o, None, 2, past, capacity)?,
             _ => Tensor::zeros((b, kvh, capacity, d), new.dtype(), new.device())?,
         };
         buf.slice_set(&new.contiguous()?, 2, past)?;
@@ -175,6 +238,27 @@ fn append_prealloc(
     let kview = kb.narrow(2, 0, past + t)?;
     let vview = vb.narrow(2, 0, past + t)?;
     Ok(((kb, vb), (kview, vview)))
+}
+
+/// A new buffer like `buf` with `capacity` positions along `dim`: the first `past` of `buf`'s (of its rows `rows`
+/// along dim 0, in that order, when given), zeros after them. Not recorded by autograd (preallocated caches only).
+fn prefix_in_new_buffer(
+    buf: &Tensor,
+    rows: Option<&Tensor>,
+    dim: usize,
+    past: usize,
+    capacity: usize,
+) -> candle_core::Result<Tensor> {
+    let prefix = match rows {
+        Some(rows) => buf.contiguous()?.index_select(rows, 0)?,
+        None => buf.clone(),
+    };
+    let prefix = prefix.narrow(dim, 0, past)?.detach();
+    let mut shape = prefix.dims().to_vec();
+    shape[dim] = capacity;
+    let out = Tensor::zeros(shape, buf.dtype(), buf.device())?;
+    out.slice_set(&prefix.contiguous()?, dim, 0)?;
+    Ok(out)
 }
 
 /// The key mask buffer [B, 1, 1, capacity] of a preallocated cache once the newest positions (`new_valid`, one
@@ -192,10 +276,7 @@ fn key_bias_buffer(
     let b = key_valid.len();
     let buf = match (placement, old) {
         (Placement::InPlace, Some(o)) => o.clone(),
-        (Placement::Copy, Some(o)) => {
-            let tail = Tensor::zeros((b, 1, 1, capacity - past), DType::F32, dev)?;
-            Tensor::cat(&[&o.narrow(3, 0, past)?, &tail], 3)?
-        }
+        (Placement::Copy, Some(o)) => prefix_in_new_buffer(o, None, 3, past, capacity)?,
         _ => {
             let mut bias = vec![0f32; b * capacity];
             for (row, kv) in bias.chunks_mut(capacity).zip(key_valid) {

@@ -227,3 +227,78 @@ fn fused_sampling_kernels_stay_within_bf16_tolerance() {
         assert!(err / scale < 3e-2, "fused {fused}: rel err {}", err / scale);
     }
 }
+
+/// Hidden states of decoding tokens 13, 14 (plus the row's index) one at a time after `cache` (3 rows).
+fn three_row_steps(m: &Janus, mut cache: KvCache) -> Vec<f32> {
+    let mut out = Vec::new();
+    for tok in [13u32, 14] {
+        let e = m
+            .token_embeddings(&[vec![tok], vec![tok + 1], vec![tok + 2]])
+            .unwrap();
+        let (h, c) = m.decoder_step(&e, &vec![vec![true]; 3], &cache).unwrap();
+        cache = c.detach();
+        out.push(h);
+    }
+    Tensor::cat(&out, 1)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn selected_rows_continue_the_rows_they_were_taken_from() {
+    // Rollouts of one prompt share its prefill: a cache of rows [1, 0, 1] taken from a two-row prefill decodes
+    // exactly as a three-row prefill of those prompts does, for a growing and a preallocated cache, with either
+    // kernel set, and also when a sibling value has already written past the prefill in the shared buffers.
+    let prompts = [vec![1u32, 9, 10, 11, 12], vec![0u32, 0, 1, 20, 21]];
+    let valid = [vec![true; 5], vec![false, false, true, true, true]];
+    let take = [1usize, 0, 1];
+    for fused in [false, true] {
+        let m = toy_with(4, fused);
+        for capacity in [None, Some(8)] {
+            let empty = |b| match capacity {
+                Some(c) => m.empty_cache_with_capacity(b, c),
+                None => m.empty_cache(b),
+            };
+            let picked: Vec<Vec<u32>> = take.iter().map(|&r| prompts[r].clone()).collect();
+            let picked_valid: Vec<Vec<bool>> = take.iter().map(|&r| valid[r].clone()).collect();
+            let emb = m.token_embeddings(&picked).unwrap();
+            let (_, direct) = m.decoder_step(&emb, &picked_valid, &empty(3)).unwrap();
+            let reference = three_row_steps(&m, direct);
+
+            let emb = m.token_embeddings(&prompts).unwrap();
+            let (_, two) = m.decoder_step(&emb, &valid, &empty(2)).unwrap();
+            // A sibling extends the prefill first (in place, for a preallocated cache).
+            let e = m.token_embeddings(&[vec![30u32], vec![31]]).unwrap();
+            let _sibling = m
+                .decoder_step(&e, &[vec![true], vec![false]], &two)
+                .unwrap();
+            let selected = two.select_rows(&take).unwrap();
+            assert_eq!((selected.batch(), selected.len()), (3, 5));
+            assert_eq!(selected.capacity(), capacity);
+            let got = three_row_steps(&m, selected);
+            let e = max_abs(&got, &reference);
+            assert!(
+                e < 1e-5,
+                "fused {fused}, capacity {capacity:?}: differs by {e}"
+            );
+        }
+    }
+    let m = toy(4);
+    let (_, two) = m
+        .decoder_step(
+            &m.token_embeddings(&prompts).unwrap(),
+            &valid,
+            &m.empty_cache(2),
+        )
+        .unwrap();
+    let err = two.select_rows(&[0, 2]).unwrap_err().to_string();
+    assert!(err.contains("row 2") && err.contains("2 rows"), "{err}");
+}
+
+fn max_abs(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+}

@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 
 use candle_core::{DType, Tensor};
 
-use super::{Kernels, KvCache, Llama, StackedProjections, MASKED};
+use super::{prefix_in_new_buffer, Kernels, KvCache, Llama, StackedProjections, MASKED};
 use crate::error::{ModelError, Result};
 
 /// Granularity of the attention width: coarser means fewer graphs to capture, finer fewer masked keys read
@@ -130,13 +130,7 @@ impl Llama {
         let (layers, bias) = if owned {
             (cache.layers.clone(), bias.clone())
         } else {
-            let widen = |t: &Tensor, dim: usize| -> candle_core::Result<Tensor> {
-                let mut shape = t.dims().to_vec();
-                shape[dim] = capacity;
-                let buf = Tensor::zeros(shape, t.dtype(), t.device())?;
-                buf.slice_set(&t.narrow(dim, 0, past)?.contiguous()?, dim, 0)?;
-                Ok(buf)
-            };
+            let widen = |t: &Tensor, dim: usize| prefix_in_new_buffer(t, None, dim, past, capacity);
             let layers = cache
                 .layers
                 .iter()

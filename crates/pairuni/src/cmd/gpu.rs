@@ -192,6 +192,14 @@ pub struct BenchGpuStepArgs {
     /// (reported as `rollout_image_other`; a failure there is reported, not fatal).
     #[arg(long)]
     pub compare_graphs: bool,
+    /// Answer rollouts of one question share its prompt's forward in the rollout's prefill and the teacher-forced
+    /// pass: on | off | auto (the model's default: on accelerators).
+    #[arg(long, default_value = "auto")]
+    pub prompt_sharing: Toggle,
+    /// After the step, time the answer rollout and the answers' teacher-forced pass (forward and backward, no
+    /// optimiser step) with prompt sharing on and off (reported as `prompt_sharing_compare`; not fatal).
+    #[arg(long)]
+    pub compare_sharing: bool,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -430,15 +438,7 @@ fn run_step(
             rng,
         )?)
     })?;
-    // A random-weight model can sample the image placeholder id as an answer token (p ≈ 1e-5 per token), which
-    // teacher forcing would then read as an image slot; a trained model never does. Swap it for an ordinary id.
-    for r in &mut answers {
-        for t in &mut r.answer_ids {
-            if *t == cfg.image_token_id {
-                *t = 10;
-            }
-        }
-    }
+    clear_image_ids(&mut answers, cfg.image_token_id);
     let decoded = ph.time("decode_vq", || {
         let codes: Vec<Vec<u32>> = images.iter().map(|r| r.codes.clone()).collect();
         Ok(model.decode_codes(&codes)?)
@@ -545,6 +545,18 @@ fn run_step(
     })
 }
 
+/// Swaps the image placeholder id out of sampled answers: a random-weight model can sample it (p ≈ 1e-5 per token),
+/// and teacher forcing would then read it as an image slot; a trained model never does.
+fn clear_image_ids(answers: &mut [TextRollout], image_token_id: u32) {
+    for r in answers {
+        for t in &mut r.answer_ids {
+            if *t == image_token_id {
+                *t = 10;
+            }
+        }
+    }
+}
+
 /// Sampling-time log-probs as a [B, T] f32 tensor (rows shorter than T padded with 0; the mask drops them).
 fn old_logprobs<'a>(
     rows: impl Iterator<Item = &'a [f32]>,
@@ -591,6 +603,9 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(on) = a.cuda_graphs.forced() {
         model.set_static_decode(on);
+    }
+    if let Some(on) = a.prompt_sharing.forced() {
+        model.set_prompt_sharing(on);
     }
     dev.synchronize()?;
     let init_ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -665,6 +680,14 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
     } else {
         serde_json::Value::Null
     };
+    let sharing_compare = if a.compare_sharing {
+        json!({
+            "on": answers_with_sharing(&mut model, &inputs, &a, answer_tokens, &mut rng, true),
+            "off": answers_with_sharing(&mut model, &inputs, &a, answer_tokens, &mut rng, false),
+        })
+    } else {
+        serde_json::Value::Null
+    };
     let result = json!({
         "impl": "candle",
         "device": device_name(&dev),
@@ -694,6 +717,8 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
         "fused_sampling": model.fused_sampling(),
         "stack_projections": model.stack_projections(),
         "cuda_graphs": graphs_in_step,
+        "prompt_sharing": model.prompt_sharing(),
+        "prompt_sharing_compare": sharing_compare,
         "graph_report": step_graph_report,
         "answer_graph_report": step_answer_graph_report,
         "rollout_image_other": other,
@@ -792,6 +817,47 @@ fn rollout_with_other_graphs(
         Err(e) => out["text_error"] = json!(format!("{e:#}")),
     }
     out
+}
+
+/// The step's answer rollout and its answers' teacher-forced pass (micro-batches of `--micro-batch`, forward and
+/// backward of the summed log-probs, no optimiser step) timed with prompt sharing `on` (then restored), or the
+/// error it ended with.
+fn answers_with_sharing(
+    model: &mut Janus,
+    inputs: &StepInputs,
+    a: &BenchGpuStepArgs,
+    answer_tokens: usize,
+    rng: &mut ChaCha8Rng,
+    on: bool,
+) -> serde_json::Value {
+    let chosen = model.prompt_sharing();
+    model.set_prompt_sharing(on);
+    let mut ph = Phases {
+        device: model.device().clone(),
+        ms: Vec::new(),
+    };
+    let timed = (|| -> anyhow::Result<()> {
+        let mut answers = ph.time("rollout_text", || {
+            let (s, site) = (a.text_sampling(answer_tokens), a.text_sampler.site());
+            Ok(model.sample_answers_ids_at(&inputs.pixels, &inputs.und_prompts, &s, site, rng)?)
+        })?;
+        clear_image_ids(&mut answers, model.config().image_token_id);
+        ph.time("score_text", || {
+            for chunk in answers.chunks(a.micro_batch.max(1)) {
+                let (lp, mask) = model.answer_logprobs_at(chunk, a.temperature)?;
+                drop((lp * mask)?.sum_all()?.backward()?);
+            }
+            Ok(())
+        })
+    })();
+    model.set_prompt_sharing(chosen);
+    match timed {
+        Ok(()) => json!({
+            "rollout_text": round1(ph.get("rollout_text")),
+            "score_text": round1(ph.get("score_text")),
+        }),
+        Err(e) => json!({ "error": format!("{e:#}") }),
+    }
 }
 
 /// Codes of a CFG image rollout long enough to cross two attention widths, drawn with the static decode's
@@ -1397,6 +1463,8 @@ mod tests {
             stack_projections: Toggle::Auto,
             cuda_graphs: Toggle::Auto,
             compare_graphs: false,
+            prompt_sharing: Toggle::Auto,
+            compare_sharing: false,
             json: true,
         }
     }
@@ -1486,17 +1554,18 @@ mod tests {
     #[test]
     fn tiny_step_on_cpu_trains_every_language_model_tensor() {
         // Both sites of both samplers: the device ones run on the CPU too when asked.
-        // And the device samplers in static steps.
-        for (sampler, fixed) in [
-            (SamplerArg::Host, false),
-            (SamplerArg::Device, false),
-            (SamplerArg::Device, true),
+        // And the device samplers in static steps, and the answers sharing their prompts' forwards.
+        for (sampler, fixed, sharing) in [
+            (SamplerArg::Host, false, false),
+            (SamplerArg::Device, false, false),
+            (SamplerArg::Device, true, false),
+            (SamplerArg::Device, true, true),
         ] {
-            tiny_step(sampler, fixed);
+            tiny_step(sampler, fixed, sharing);
         }
     }
 
-    fn tiny_step(sampler: SamplerArg, static_decode: bool) {
+    fn tiny_step(sampler: SamplerArg, static_decode: bool, sharing: bool) {
         let a = BenchGpuStepArgs {
             image_sampler: sampler,
             text_sampler: sampler,
@@ -1506,6 +1575,7 @@ mod tests {
         let cfg = a.shapes.config().unwrap();
         let mut model = build_model(&cfg, a.seed, &dev, DType::F32).unwrap();
         model.set_static_decode(static_decode);
+        model.set_prompt_sharing(sharing);
         let vars = model.select_trained(&ParamSelection::LanguageModel);
         // A decoder weight: both sides' losses reach it (lm_head gets nothing when a text group's rewards tie).
         let (name, var) = vars
@@ -1590,6 +1660,22 @@ mod tests {
             !model.static_decode(),
             "the model's own setting is restored"
         );
+    }
+
+    #[test]
+    fn answers_are_timed_with_and_without_prompt_sharing_and_the_model_restored() {
+        let a = tiny_args();
+        let (mut model, inputs, mut rng) = tiny_model(&a, 2);
+        assert!(!model.prompt_sharing());
+        for on in [true, false] {
+            let t = answers_with_sharing(&mut model, &inputs, &a, 3, &mut rng, on);
+            assert!(t["rollout_text"].as_f64().unwrap() > 0.0, "{t}");
+            assert!(t["score_text"].as_f64().unwrap() > 0.0, "{t}");
+            assert!(
+                !model.prompt_sharing(),
+                "the model's own setting is restored"
+            );
+        }
     }
 
     #[test]
