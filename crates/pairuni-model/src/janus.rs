@@ -1518,6 +1518,14 @@ impl Janus {
                 "rollout {i} has no answer tokens"
             )));
         }
+        // The prompt's run of placeholders is where the image goes; one in an answer would be read as an image slot
+        // by a full-row pass and as an ordinary token after a shared prompt.
+        let img = self.cfg.image_token_id;
+        if let Some(i) = batch.iter().position(|r| r.answer_ids.contains(&img)) {
+            return Err(ModelError::input(format!(
+                "rollout {i}: its answer contains the image placeholder id {img}"
+            )));
+        }
         let pmax = batch.iter().map(|r| r.prompt_ids.len()).max().unwrap_or(0);
         let amax = batch.iter().map(|r| r.answer_ids.len()).max().unwrap_or(0);
         let mut targets = Vec::with_capacity(b * amax);

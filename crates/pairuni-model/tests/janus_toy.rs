@@ -422,8 +422,24 @@ fn bad_rollouts_are_rejected_with_a_message() {
         text: String::new(),
     };
     // Prompt without the image placeholder run.
-    let e = m.answer_logprobs(&[r]).unwrap_err().to_string();
+    let e = m.answer_logprobs(&[r.clone()]).unwrap_err().to_string();
     assert!(e.contains("image placeholder"), "{e}");
+    // An answer with the placeholder id, with and without prompt sharing.
+    let placeholder = m.config().image_token_id;
+    let bad = TextRollout {
+        prompt_ids: m.understanding_prompt("how many ?").unwrap(),
+        answer_ids: vec![9, placeholder],
+        ..r
+    };
+    let mut m = m;
+    for sharing in [false, true] {
+        m.set_prompt_sharing(sharing);
+        let e = m
+            .answer_logprobs(&[bad.clone(), bad.clone()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("rollout 0") && e.contains("placeholder id"), "{e}");
+    }
     let e = m
         .image_logprobs(
             &[pairuni_model::ImageRollout {
