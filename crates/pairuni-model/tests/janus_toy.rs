@@ -422,7 +422,10 @@ fn bad_rollouts_are_rejected_with_a_message() {
         text: String::new(),
     };
     // Prompt without the image placeholder run.
-    let e = m.answer_logprobs(&[r.clone()]).unwrap_err().to_string();
+    let e = m
+        .answer_logprobs(std::slice::from_ref(&r))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("image placeholder"), "{e}");
     // An answer with the placeholder id, with and without prompt sharing.
     let placeholder = m.config().image_token_id;
@@ -438,7 +441,10 @@ fn bad_rollouts_are_rejected_with_a_message() {
             .answer_logprobs(&[bad.clone(), bad.clone()])
             .unwrap_err()
             .to_string();
-        assert!(e.contains("rollout 0") && e.contains("placeholder id"), "{e}");
+        assert!(
+            e.contains("rollout 0") && e.contains("placeholder id"),
+            "{e}"
+        );
     }
     let e = m
         .image_logprobs(

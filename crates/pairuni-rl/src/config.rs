@@ -306,6 +306,11 @@ pub struct TrainConfig {
     pub logprob_policy: LogprobPolicy,
     /// μ: optimiser updates per rollout batch; old log-probs are kept from the first. Default 1.
     pub updates_per_batch: usize,
+    /// Rollouts per forward and backward pass of each modality when updating; the micro-batches' gradients are
+    /// summed to the whole batch's (gradient accumulation, with the batch's loss denominators). 0 scores each
+    /// modality in one pass, which holds every activation of the batch's 16·(G_u + G_g) rollouts at once: at
+    /// Janus-Pro shapes use G (8) or fewer. Default 0.
+    pub micro_batch: usize,
     /// Lower clip range ε_low (ratio floor 1 − ε_low). Default 0.2.
     pub epsilon_low: f64,
     /// Upper clip range ε_high (ratio ceiling 1 + ε_high, DAPO's clip-higher). Default 0.28.
@@ -356,6 +361,7 @@ impl Default for TrainConfig {
             cfg_weight: 5.0,
             logprob_policy: LogprobPolicy::Conditional,
             updates_per_batch: 1,
+            micro_batch: 0,
             epsilon_low: 0.2,
             epsilon_high: 0.28,
             beta: 0.0,

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use candle_core::backprop::GradStore;
 use candle_core::Tensor;
 use pairuni_data::{PairRecord, RgbImage};
 use pairuni_model::{
@@ -20,8 +21,8 @@ use serde_json::{json, Map, Value};
 
 use crate::config::{LogprobPolicy, TrainConfig, Trainable};
 use crate::data::PairLoader;
-use crate::loss::{self, Tokens};
-use crate::optim::{learning_rate, AdamW};
+use crate::loss::{self, Counts, Tokens};
+use crate::optim::{accumulate_grads, learning_rate, AdamW};
 use crate::reward::{is_understanding_reward, RewardInput, Scored, WeightedSum};
 use crate::run::{restore_vars, RngState, RunDir, TrainState};
 use crate::run_loop::{self, RunOptions, Stepper, TrainSummary};
@@ -365,6 +366,11 @@ impl GrpoTrainer {
     }
 
     /// μ clipped updates on one rollout batch. Returns what was non-finite when the update was skipped.
+    ///
+    /// With `micro_batch` = 0 each modality is scored in one pass and both enter one backward pass; otherwise each
+    /// modality is scored `micro_batch` rollouts at a time, each with its own backward pass, and the gradients are
+    /// summed: every micro-batch's loss has the whole batch's denominators ([`loss::micro_batch_loss`]), so the
+    /// sum is the batch's loss and gradient, with the activations of one micro-batch alive at a time.
     fn update(
         &mut self,
         b: &Batch,
@@ -372,104 +378,82 @@ impl GrpoTrainer {
         m: &mut Map<String, Value>,
     ) -> Result<Option<&'static str>, TrainError> {
         let cfg = &self.cfg;
-        let dev = self.policy.device().clone();
-        let (t_text, t_img) = (cfg.temperature, cfg.image_temperature);
-        let policy = self.cfg_policy();
-        let adv_t = Tensor::new(b.adv_text.as_slice(), &dev)?;
-        let adv_i = Tensor::new(b.adv_image.as_slice(), &dev)?;
-        // Reference log-probs once per batch (no gradient).
-        let (ref_t, ref_i) = match &self.reference {
-            Some(r) => (
-                if b.text.is_empty() {
-                    None
-                } else {
-                    Some(r.answer_logprobs_at(&b.text, t_text)?.0.detach())
-                },
-                if b.images.is_empty() {
-                    None
-                } else {
-                    Some(r.image_logprobs_at(&b.images, policy, t_img)?.detach())
-                },
-            ),
-            None => (None, None),
+        let pieces = pieces(b, cfg.micro_batch);
+        if pieces.is_empty() {
+            return Ok(None);
+        }
+        // One pass over every piece, or one pass per piece.
+        let passes: Vec<Vec<usize>> = if cfg.micro_batch == 0 {
+            vec![(0..pieces.len()).collect()]
+        } else {
+            (0..pieces.len()).map(|i| vec![i]).collect()
         };
-        let mut old: Option<(Option<Tensor>, Option<Tensor>)> = None;
-        let (mut clip_low, mut clip_high, mut kl_sum) = (0f32, 0f32, 0f32);
-        let mut first = true;
-        for _ in 0..cfg.updates_per_batch.max(1) {
-            let text = if b.text.is_empty() {
-                None
-            } else {
-                Some(self.policy.answer_logprobs_entropy(&b.text, t_text)?)
-            };
-            let image = if b.images.is_empty() {
-                None
-            } else {
-                Some(
-                    self.policy
-                        .image_logprobs_entropy(&b.images, policy, t_img)?,
-                )
-            };
-            // Old log-probs are the first pass's values: ρ ≡ 1 on-policy, exactly.
-            let old_pair = old.get_or_insert_with(|| {
-                (
-                    text.as_ref().map(|(lp, _, _)| lp.detach()),
-                    image.as_ref().map(|(lp, _)| lp.detach()),
-                )
-            });
-            let mut per_token: Vec<(Tensor, Tensor, usize)> = Vec::new();
-            let mut low_high_n = (0f32, 0f32, 0f32);
-            let mut kl_parts = (0f32, 0f32);
-            if let (Some((lp, mask, ent)), Some(old_lp)) = (&text, &old_pair.0) {
-                let (l, s) =
-                    modality_loss(lp, old_lp, &adv_t, ref_t.as_ref(), mask, cfg, &mut kl_parts)?;
-                accumulate_clip(&s, mask, &mut low_high_n)?;
-                if first {
-                    m.insert("entropy".into(), json!(loss::masked_mean(ent, mask)?));
+        let counts = BatchCounts::of(b);
+        // Reference log-probs once per batch (no gradient).
+        let refs = pieces
+            .iter()
+            .map(|p| self.reference_logprobs(b, p))
+            .collect::<Result<Vec<_>, _>>()?;
+        // Old log-probs are the first pass's values: ρ ≡ 1 on-policy, exactly.
+        let mut old: Vec<Option<Tensor>> = vec![None; pieces.len()];
+        let mut stats = UpdateStats::default();
+        for update in 0..cfg.updates_per_batch.max(1) {
+            let first = update == 0;
+            let mut grads = GradStore::default();
+            let mut loss_value = 0f32;
+            let (mut low_high_n, mut kl_parts) = ((0f32, 0f32, 0f32), (0f32, 0f32));
+            for pass in &passes {
+                let mut scored = Vec::with_capacity(pass.len());
+                for &i in pass {
+                    let piece = &pieces[i];
+                    let (lp, mask, ent) = self.score(b, piece)?;
+                    let old_lp = old[i].get_or_insert_with(|| lp.detach()).clone();
+                    let adv = piece.advantages(b, self.policy.device())?;
+                    let (l, s) = modality_loss(
+                        &lp,
+                        &old_lp,
+                        &adv,
+                        refs[i].as_ref(),
+                        &mask,
+                        cfg,
+                        &mut kl_parts,
+                    )?;
+                    accumulate_clip(&s, &mask, &mut low_high_n)?;
+                    if first {
+                        stats.add_entropy(piece.text, &ent, &mask)?;
+                    }
+                    let max_len = if piece.text {
+                        cfg.max_new_tokens
+                    } else {
+                        lp.dim(1)?
+                    };
+                    scored.push((l, mask, max_len, piece.text));
                 }
-                per_token.push((l, mask.clone(), cfg.max_new_tokens));
-            }
-            if let (Some((lp, ent)), Some(old_lp)) = (&image, &old_pair.1) {
-                let mask = lp.ones_like()?;
-                let (l, s) = modality_loss(
-                    lp,
-                    old_lp,
-                    &adv_i,
-                    ref_i.as_ref(),
-                    &mask,
-                    cfg,
-                    &mut kl_parts,
-                )?;
-                accumulate_clip(&s, &mask, &mut low_high_n)?;
-                if first {
-                    m.insert(
-                        "entropy/image".into(),
-                        json!(loss::masked_mean(ent, &mask)?),
-                    );
+                let parts: Vec<Tokens> = scored
+                    .iter()
+                    .map(|(v, mk, n, _)| Tokens {
+                        values: v,
+                        mask: mk,
+                        max_len: *n,
+                    })
+                    .collect();
+                let loss = if passes.len() == 1 {
+                    loss::aggregate(&parts, cfg.loss_aggregation)?
+                } else {
+                    let modality = counts.modality(scored[0].3);
+                    loss::micro_batch_loss(&parts[0], cfg.loss_aggregation, modality, counts.all())?
+                };
+                let value = loss.to_scalar::<f32>()?;
+                if !value.is_finite() {
+                    return Ok(Some("loss"));
                 }
-                let n = lp.dim(1)?;
-                per_token.push((l, mask, n));
+                loss_value += value;
+                accumulate_grads(&mut grads, loss.backward()?, self.opt.vars())?;
             }
-            if per_token.is_empty() {
-                return Ok(None);
-            }
-            let parts: Vec<Tokens> = per_token
-                .iter()
-                .map(|(v, mk, n)| Tokens {
-                    values: v,
-                    mask: mk,
-                    max_len: *n,
-                })
-                .collect();
-            let total = loss::aggregate(&parts, cfg.loss_aggregation)?;
-            let loss_value = total.to_scalar::<f32>()?;
             if first {
                 m.insert("loss".into(), json!(loss_value));
+                stats.write_entropy(m);
             }
-            if !loss_value.is_finite() {
-                return Ok(Some("loss"));
-            }
-            let grads = total.backward()?;
             let norm = self.opt.grad_norm(&grads)?;
             if first {
                 m.insert("grad_norm".into(), json!(norm));
@@ -478,22 +462,163 @@ impl GrpoTrainer {
                 return Ok(Some("gradient"));
             }
             self.opt.step(&grads, lr)?;
-            clip_low += low_high_n.0 / low_high_n.2.max(1.0);
-            clip_high += low_high_n.1 / low_high_n.2.max(1.0);
-            kl_sum += kl_parts.0 / kl_parts.1.max(1.0);
-            first = false;
+            stats.clip_low += low_high_n.0 / low_high_n.2.max(1.0);
+            stats.clip_high += low_high_n.1 / low_high_n.2.max(1.0);
+            stats.kl += kl_parts.0 / kl_parts.1.max(1.0);
         }
         let mu = cfg.updates_per_batch.max(1) as f32;
-        m.insert("clip_ratio/low_mean".into(), json!(clip_low / mu));
-        m.insert("clip_ratio/high_mean".into(), json!(clip_high / mu));
+        m.insert("clip_ratio/low_mean".into(), json!(stats.clip_low / mu));
+        m.insert("clip_ratio/high_mean".into(), json!(stats.clip_high / mu));
         m.insert(
             "clip_ratio/region_mean".into(),
-            json!((clip_low + clip_high) / mu),
+            json!((stats.clip_low + stats.clip_high) / mu),
         );
         if cfg.beta > 0.0 {
-            m.insert("kl".into(), json!(kl_sum / mu));
+            m.insert("kl".into(), json!(stats.kl / mu));
         }
         Ok(None)
+    }
+
+    /// The policy's log-probs [B, T] (with gradient), mask and per-token entropy of one piece of the batch.
+    fn score(&self, b: &Batch, p: &Piece) -> Result<(Tensor, Tensor, Tensor), TrainError> {
+        if p.text {
+            let text = &b.text[p.rows.clone()];
+            return Ok(self
+                .policy
+                .answer_logprobs_entropy(text, self.cfg.temperature)?);
+        }
+        let images = &b.images[p.rows.clone()];
+        let (lp, ent) = self.policy.image_logprobs_entropy(
+            images,
+            self.cfg_policy(),
+            self.cfg.image_temperature,
+        )?;
+        let mask = lp.ones_like()?;
+        Ok((lp, mask, ent))
+    }
+
+    /// The frozen reference's log-probs of one piece (when β > 0 keeps a reference model).
+    fn reference_logprobs(&self, b: &Batch, p: &Piece) -> Result<Option<Tensor>, TrainError> {
+        let Some(r) = &self.reference else {
+            return Ok(None);
+        };
+        let lp = if p.text {
+            r.answer_logprobs_at(&b.text[p.rows.clone()], self.cfg.temperature)?
+                .0
+        } else {
+            r.image_logprobs_at(
+                &b.images[p.rows.clone()],
+                self.cfg_policy(),
+                self.cfg.image_temperature,
+            )?
+        };
+        Ok(Some(lp.detach()))
+    }
+}
+
+/// A run of consecutive rollouts of one modality, scored in one forward pass.
+struct Piece {
+    /// Answers (true) or images.
+    text: bool,
+    /// Which rollouts of that modality.
+    rows: std::ops::Range<usize>,
+}
+
+impl Piece {
+    /// The piece's advantages (pair weights included) as a [rows] tensor.
+    fn advantages(&self, b: &Batch, dev: &candle_core::Device) -> candle_core::Result<Tensor> {
+        let all = if self.text { &b.adv_text } else { &b.adv_image };
+        Tensor::new(&all[self.rows.clone()], dev)
+    }
+}
+
+/// The batch cut into pieces of at most `micro_batch` rollouts (0: one piece per modality), answers first.
+fn pieces(b: &Batch, micro_batch: usize) -> Vec<Piece> {
+    let size = if micro_batch == 0 {
+        usize::MAX
+    } else {
+        micro_batch
+    };
+    let mut out = Vec::new();
+    for (text, n) in [(true, b.text.len()), (false, b.images.len())] {
+        let mut start = 0;
+        while start < n {
+            let end = n.min(start.saturating_add(size));
+            out.push(Piece {
+                text,
+                rows: start..end,
+            });
+            start = end;
+        }
+    }
+    out
+}
+
+/// The real tokens and rows of each modality in a batch: the denominators of every micro-batch's loss.
+struct BatchCounts {
+    text: Counts,
+    image: Counts,
+}
+
+impl BatchCounts {
+    fn of(b: &Batch) -> Self {
+        Self {
+            text: Counts {
+                tokens: b.text.iter().map(|r| r.answer_ids.len()).sum::<usize>() as f32,
+                rows: b.text.len(),
+            },
+            image: Counts {
+                tokens: b.images.iter().map(|r| r.codes.len()).sum::<usize>() as f32,
+                rows: b.images.len(),
+            },
+        }
+    }
+    fn modality(&self, text: bool) -> Counts {
+        if text {
+            self.text
+        } else {
+            self.image
+        }
+    }
+    fn all(&self) -> Counts {
+        self.text + self.image
+    }
+}
+
+/// Metrics summed over an update's passes.
+#[derive(Default)]
+struct UpdateStats {
+    clip_low: f32,
+    clip_high: f32,
+    kl: f32,
+    /// (Σ entropy over real tokens, real tokens) of answers and of images, from the first update.
+    entropy_text: (f32, f32),
+    entropy_image: (f32, f32),
+}
+
+impl UpdateStats {
+    fn add_entropy(&mut self, text: bool, ent: &Tensor, mask: &Tensor) -> Result<(), TrainError> {
+        let acc = if text {
+            &mut self.entropy_text
+        } else {
+            &mut self.entropy_image
+        };
+        acc.0 += (ent.detach() * mask)?.sum_all()?.to_scalar::<f32>()?;
+        acc.1 += mask.sum_all()?.to_scalar::<f32>()?;
+        Ok(())
+    }
+
+    /// `entropy` (answers) and `entropy/image`, for the modalities the batch has.
+    fn write_entropy(&self, m: &mut Map<String, Value>) {
+        let mean = |(sum, n): (f32, f32)| if n == 0.0 { 0.0 } else { sum / n };
+        for (key, acc) in [
+            ("entropy", self.entropy_text),
+            ("entropy/image", self.entropy_image),
+        ] {
+            if acc.1 > 0.0 {
+                m.insert(key.into(), json!(mean(acc)));
+            }
+        }
     }
 }
 

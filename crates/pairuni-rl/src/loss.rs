@@ -196,6 +196,57 @@ pub fn aggregate(parts: &[Tokens<'_>], mode: LossAggregation) -> Result<Tensor> 
     Ok(total)
 }
 
+/// A batch's real tokens and rows (sequences), of one modality or of all: what fixes a loss's denominators.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Counts {
+    /// Real tokens (the mask's sum).
+    pub tokens: f32,
+    /// Sequences.
+    pub rows: usize,
+}
+
+impl Counts {
+    /// The tokens and rows of `part`.
+    pub fn of(part: &Tokens<'_>) -> Result<Self> {
+        Ok(Self {
+            tokens: part.mask.sum_all()?.to_scalar::<f32>()?,
+            rows: part.values.dim(0)?,
+        })
+    }
+}
+
+impl std::ops::Add for Counts {
+    type Output = Counts;
+    fn add(self, o: Counts) -> Counts {
+        Counts {
+            tokens: self.tokens + o.tokens,
+            rows: self.rows + o.rows,
+        }
+    }
+}
+
+/// The loss of `part`, a micro-batch of one modality, with the denominators of its whole batch, so that the
+/// micro-batches' losses (and gradients) add up to [`aggregate`] of the batch: `modality` counts the batch's tokens
+/// and rows of the part's modality, `all` those of every modality.
+pub fn micro_batch_loss(
+    part: &Tokens<'_>,
+    mode: LossAggregation,
+    modality: Counts,
+    all: Counts,
+) -> Result<Tensor> {
+    let sum = || (part.values * part.mask)?.sum_all();
+    match mode {
+        LossAggregation::ModalityTokenMean => sum()? / modality.tokens.max(1.0) as f64,
+        LossAggregation::TokenMean => sum()? / all.tokens.max(1.0) as f64,
+        LossAggregation::SequenceMean => {
+            let per_seq = (part.values * part.mask)?.sum(1)?;
+            let lens = part.mask.sum(1)?.clamp(1.0, f64::INFINITY)?;
+            (per_seq / lens)?.sum_all()? / all.rows.max(1) as f64
+        }
+        LossAggregation::DrGrpo => sum()? / (modality.rows * part.max_len.max(1)) as f64,
+    }
+}
+
 /// Masked mean of a [B, T] tensor as a plain number (metrics; no gradient).
 pub fn masked_mean(values: &Tensor, mask: &Tensor) -> Result<f32> {
     let n = mask.sum_all()?.to_scalar::<f32>()?;
@@ -396,6 +447,88 @@ mod tests {
         close(agg(LossAggregation::SequenceMean), 2.0);
         // Dr.GRPO: 7/(2·3) + 8/(1·4).
         close(agg(LossAggregation::DrGrpo), 7.0 / 6.0 + 2.0);
+    }
+
+    #[test]
+    fn micro_batches_add_up_to_the_batch_loss_and_gradient() {
+        // Per-token values depend on a variable, so the gradients can be compared too. Text: 3 sequences of
+        // lengths 1, 3, 2 (max 3); image: 2 sequences of 4. Micro-batches of 2 rows: text [0..2], [2..3];
+        // image [0..2].
+        let x = Var::from_vec(
+            (0..18).map(|i| 0.3 + 0.1 * i as f32).collect::<Vec<_>>(),
+            18,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let tv = (x
+            .as_tensor()
+            .narrow(0, 0, 9)
+            .unwrap()
+            .reshape((3, 3))
+            .unwrap()
+            .sqr())
+        .unwrap();
+        let iv = (x
+            .as_tensor()
+            .narrow(0, 9, 8)
+            .unwrap()
+            .reshape((2, 4))
+            .unwrap()
+            * 3.0)
+            .unwrap();
+        let tm = t2(&[&[1.0, 0.0, 0.0], &[1.0, 1.0, 1.0], &[1.0, 1.0, 0.0]]);
+        let im = t2(&[&[1.0; 4], &[1.0; 4]]);
+        let text = Tokens {
+            values: &tv,
+            mask: &tm,
+            max_len: 3,
+        };
+        let image = Tokens {
+            values: &iv,
+            mask: &im,
+            max_len: 4,
+        };
+        let (ct, ci) = (Counts::of(&text).unwrap(), Counts::of(&image).unwrap());
+        assert_eq!(
+            ct,
+            Counts {
+                tokens: 6.0,
+                rows: 3
+            }
+        );
+        for mode in [
+            LossAggregation::ModalityTokenMean,
+            LossAggregation::TokenMean,
+            LossAggregation::SequenceMean,
+            LossAggregation::DrGrpo,
+        ] {
+            let whole = aggregate(&[text.clone(), image.clone()], mode).unwrap();
+            let chunk = |t: &Tokens, start: usize, len: usize| -> (Tensor, Tensor) {
+                (
+                    t.values.narrow(0, start, len).unwrap(),
+                    t.mask.narrow(0, start, len).unwrap(),
+                )
+            };
+            let mut total = Tensor::zeros((), DType::F32, &Device::Cpu).unwrap();
+            for (t, c, start, len) in [(&text, ct, 0, 2), (&text, ct, 2, 1), (&image, ci, 0, 2)] {
+                let (v, m) = chunk(t, start, len);
+                let part = Tokens {
+                    values: &v,
+                    mask: &m,
+                    max_len: t.max_len,
+                };
+                total = (total + micro_batch_loss(&part, mode, c, ct + ci).unwrap()).unwrap();
+            }
+            close(scalar(&total), scalar(&whole));
+            let (gw, gm) = (whole.backward().unwrap(), total.backward().unwrap());
+            let (gw, gm) = (
+                gw.get(x.as_tensor()).unwrap(),
+                gm.get(x.as_tensor()).unwrap(),
+            );
+            let diff = (gw - gm).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(scalar(&diff) < 1e-6, "{mode:?}");
+            assert!(scalar(&gw.abs().unwrap().max_all().unwrap()) > 0.1);
+        }
     }
 
     #[test]

@@ -195,6 +195,26 @@ fn master_of(var: &Var, enabled: bool) -> Result<Option<Tensor>> {
     })
 }
 
+/// Gradient accumulation: adds the gradients `add` holds for the trained variables `vars` into `acc` and drops the
+/// rest of `add` (frozen variables that were differentiated), so that micro-batches' backward passes sum to the
+/// whole batch's.
+pub fn accumulate_grads(
+    acc: &mut GradStore,
+    mut add: GradStore,
+    vars: &[(String, Var)],
+) -> Result<()> {
+    for (_, v) in vars {
+        if let Some(g) = add.remove(v.as_tensor()) {
+            let sum = match acc.remove(v.as_tensor()) {
+                Some(prev) => (prev + g)?,
+                None => g,
+            };
+            acc.insert(v.as_tensor(), sum);
+        }
+    }
+    Ok(())
+}
+
 /// Learning rate at 0-based `step` of `total` steps.
 pub fn learning_rate(cfg: &OptimConfig, step: usize, total: usize) -> f64 {
     let peak = cfg.lr;

@@ -12,7 +12,6 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use candle_core::backprop::GradStore;
-use candle_core::Var;
 use pairuni_model::config::Toggle;
 use pairuni_model::device::{default_dtype, parse_dtype, DeviceSpec};
 use pairuni_model::graphs::GraphReport;
@@ -24,8 +23,10 @@ use pairuni_model::{
     ParamSelection, SamplerSite, Tensor, TextRollout, TextSampling,
 };
 use pairuni_rl::config::{LossAggregation, OptimConfig, RewardScaling};
-use pairuni_rl::loss::{aggregate, clipped_surrogate, group_advantages, ratio, Tokens};
-use pairuni_rl::optim::AdamW;
+use pairuni_rl::loss::{
+    clipped_surrogate, group_advantages, micro_batch_loss, ratio, Counts, Tokens,
+};
+use pairuni_rl::optim::{accumulate_grads, AdamW};
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
@@ -333,33 +334,6 @@ fn build_model(cfg: &JanusConfig, seed: u64, dev: &Device, dtype: DType) -> anyh
     )?)
 }
 
-/// Sums the trained variables' gradients from `add` into `acc`.
-fn accumulate(
-    acc: &mut Option<GradStore>,
-    mut add: GradStore,
-    trained: &[(String, Var)],
-    frozen: &[Var],
-) -> anyhow::Result<()> {
-    let Some(acc) = acc.as_mut() else {
-        // The frozen encoders get gradients too (they are Vars); drop them so they hold no memory.
-        for v in frozen {
-            add.remove(v.as_tensor());
-        }
-        *acc = Some(add);
-        return Ok(());
-    };
-    for (_, v) in trained {
-        if let Some(g) = add.remove(v.as_tensor()) {
-            let sum = match acc.get(v.as_tensor()) {
-                Some(prev) => (prev + g)?,
-                None => g,
-            };
-            acc.insert(v.as_tensor(), sum);
-        }
-    }
-    Ok(())
-}
-
 /// What one timed step produced besides timings.
 struct StepOutcome {
     image_tokens: usize,
@@ -454,24 +428,22 @@ fn run_step(
     let a_txt = group_advantages(&r_txt, a.group, RewardScaling::Std).values;
 
     let vars = opt.vars().to_vec();
-    let trained: std::collections::HashSet<_> =
-        vars.iter().map(|(_, v)| v.as_tensor().id()).collect();
-    let frozen: Vec<Var> = model
-        .all_vars()
-        .into_iter()
-        .map(|(_, v)| v)
-        .filter(|v| !trained.contains(&v.as_tensor().id()))
-        .collect();
     let dev = model.device().clone();
     let mb = a.micro_batch.max(1);
-    let (n_img_tok, n_txt_tok): (usize, usize) = (
-        images.iter().map(|r| r.codes.len()).sum(),
-        answers.iter().map(|r| r.answer_ids.len()).sum(),
-    );
+    // The batch's counts, which fix each micro-batch's share of the loss.
+    let n_img = Counts {
+        tokens: images.iter().map(|r| r.codes.len()).sum::<usize>() as f32,
+        rows: images.len(),
+    };
+    let n_txt = Counts {
+        tokens: answers.iter().map(|r| r.answer_ids.len()).sum::<usize>() as f32,
+        rows: answers.len(),
+    };
+    let per_modality = LossAggregation::ModalityTokenMean;
     // (teacher-forced, sampled, mask) per micro-batch, compared after the timed phase.
     let (mut scored_image, mut scored_text) = (Vec::new(), Vec::new());
     let (loss_total, grad_norm, with_grad) = ph.time("train", || {
-        let mut grads = None;
+        let mut grads = GradStore::default();
         let mut loss_total = 0f32;
         // Per-modality token mean (METHOD.md default); micro-batch losses are scaled so that their gradients sum
         // to the full batch's.
@@ -487,18 +459,14 @@ fn run_step(
             let s = clipped_surrogate(&ratio(&lp, &old)?, &adv, 0.2, 0.28)?;
             let mask = s.loss.ones_like()?;
             scored_image.push((lp.detach(), old.clone(), mask.clone()));
-            let sum = aggregate(
-                &[Tokens {
-                    values: &s.loss,
-                    mask: &mask,
-                    max_len: lp.dim(1)?,
-                }],
-                LossAggregation::TokenMean,
-            )?;
-            let loss = (sum
-                * (chunk.iter().map(|r| r.codes.len()).sum::<usize>() as f64 / n_img_tok as f64))?;
+            let part = Tokens {
+                values: &s.loss,
+                mask: &mask,
+                max_len: lp.dim(1)?,
+            };
+            let loss = micro_batch_loss(&part, per_modality, n_img, n_img + n_txt)?;
             loss_total += loss.to_scalar::<f32>()?;
-            accumulate(&mut grads, loss.backward()?, &vars, &frozen)?;
+            accumulate_grads(&mut grads, loss.backward()?, &vars)?;
         }
         for (i, chunk) in answers.chunks(mb).enumerate() {
             let (lp, mask) = model.answer_logprobs_at(chunk, a.temperature)?;
@@ -510,21 +478,15 @@ fn run_step(
             let adv = Tensor::new(&a_txt[i * mb..i * mb + chunk.len()], &dev)?;
             scored_text.push((lp.detach(), old.clone(), mask.clone()));
             let s = clipped_surrogate(&ratio(&lp, &old)?, &adv, 0.2, 0.28)?;
-            let sum = aggregate(
-                &[Tokens {
-                    values: &s.loss,
-                    mask: &mask,
-                    max_len: lp.dim(1)?,
-                }],
-                LossAggregation::TokenMean,
-            )?;
-            let loss = (sum
-                * (chunk.iter().map(|r| r.answer_ids.len()).sum::<usize>() as f64
-                    / n_txt_tok as f64))?;
+            let part = Tokens {
+                values: &s.loss,
+                mask: &mask,
+                max_len: lp.dim(1)?,
+            };
+            let loss = micro_batch_loss(&part, per_modality, n_txt, n_img + n_txt)?;
             loss_total += loss.to_scalar::<f32>()?;
-            accumulate(&mut grads, loss.backward()?, &vars, &frozen)?;
+            accumulate_grads(&mut grads, loss.backward()?, &vars)?;
         }
-        let grads = grads.context("no gradients")?;
         let with_grad = vars
             .iter()
             .filter(|(_, v)| grads.get(v.as_tensor()).is_some())
@@ -536,7 +498,7 @@ fn run_step(
         gap_image: LogprobGap::of(&scored_image)?,
         gap_text: LogprobGap::of(&scored_text)?,
         image_tokens: images.first().map_or(0, |r| r.codes.len()),
-        answer_tokens_mean: n_txt_tok as f64 / answers.len().max(1) as f64,
+        answer_tokens_mean: n_txt.tokens as f64 / answers.len().max(1) as f64,
         grad_norm,
         params_with_grad: with_grad,
         params_trained: vars.len(),
