@@ -163,7 +163,12 @@ fn padded_run(m: &Janus, mut cache: KvCache) -> Vec<f32> {
         cache = c.detach();
         out.push(h);
     }
-    Tensor::cat(&out, 1)
+    flat_cat(&out)
+}
+
+/// Hidden states [B, t, H] of several calls, concatenated along the positions, as f32 values.
+fn flat_cat(states: &[Tensor]) -> Vec<f32> {
+    Tensor::cat(states, 1)
         .unwrap()
         .flatten_all()
         .unwrap()
@@ -239,12 +244,7 @@ fn three_row_steps(m: &Janus, mut cache: KvCache) -> Vec<f32> {
         cache = c.detach();
         out.push(h);
     }
-    Tensor::cat(&out, 1)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
+    flat_cat(&out)
 }
 
 #[test]
