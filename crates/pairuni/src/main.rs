@@ -70,7 +70,24 @@ enum Bench {
     World(cmd::world::BenchWorldArgs),
 }
 
+/// Keeps freed tensor buffers in glibc's heap for reuse. candle allocates every op's output anew; glibc serves
+/// an allocation above its mmap threshold with fresh pages (faulted in on first touch) and unmaps it on free, and
+/// it moves that threshold as chunks are freed, so a step's cost depended on what ran before it (PairGRPO
+/// rollouts after micro-batched updates took 1.5 s instead of 1.1 s on the toy). Fixed thresholds of 256 MiB
+/// (mapping) and 1 GiB (returning the heap's top) make the toy's PairGRPO step ≈ 11 % and an SFT step ≈ 4 % faster
+/// (docs/BENCHMARKS.md), with the same results and peak memory. Best effort: a refused setting changes nothing.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn keep_freed_buffers() {
+    // SAFETY: mallopt only sets allocator parameters; it is called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
 fn main() -> std::process::ExitCode {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    keep_freed_buffers();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))

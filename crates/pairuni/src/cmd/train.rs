@@ -168,6 +168,7 @@ pub fn run_bench_step(args: BenchStepArgs) -> anyhow::Result<ExitCode> {
         .parent()
         .map(PathBuf::from)
         .unwrap_or_default();
+    let prompt_sharing = model.prompt_sharing();
     let mut trainer = GrpoTrainer::new(cfg.train.clone(), cfg.seed, model, pairs, dir)?;
     trainer.step()?; // warm-up: caches, allocator
     let mut rows = Vec::new();
@@ -188,6 +189,8 @@ pub fn run_bench_step(args: BenchStepArgs) -> anyhow::Result<ExitCode> {
             "group_size_und": cfg.train.group_size_und,
             "group_size_gen": cfg.train.group_size_gen,
             "updates_per_batch": cfg.train.updates_per_batch,
+            "micro_batch": cfg.train.micro_batch,
+            "prompt_sharing": prompt_sharing,
             "measured_steps": rows.len(),
             "step_s": wall,
             "rollout_s": avg("time/rollout"),
