@@ -85,14 +85,15 @@ if [[ -n "$bin" ]]; then
     rc=$?
     echo "rc=$rc $(cat "$OUT/candle_step.json")"
     (( rc != 0 )) && tail -n 20 "$OUT/candle_step.log"
-    # A failure that is not a timeout (the stacked projections, a fused kernel, a device-side draw or an op
-    # without a bf16 CUDA kernel, say): retry without the stacked projections, then without the fused sampling
-    # kernels and with answers drawn on the host, then also with images drawn on the host and in f32, so that the
-    # call still brings back a candle number (the log keeps the first error). Same files (at most 8 come back);
-    # the JSON's dtype, stack_projections, fused_sampling and *_sampler say which ran.
+    # A failure that is not a timeout (the stacked projections, a fused kernel, a device-side draw, prompt sharing
+    # or an op without a bf16 CUDA kernel, say): retry without the stacked projections, then without the fused
+    # sampling kernels and prompt sharing and with answers drawn on the host, then also with images drawn on the
+    # host and in f32, so that the call still brings back a candle number (the log keeps the first error). Same
+    # files (at most 8 come back); the JSON's dtype, stack_projections, fused_sampling, prompt_sharing and
+    # *_sampler say which ran.
     for retry in "--stack-projections off" \
-        "--fused-sampling off --text-sampler host" \
-        "--fused-sampling off --text-sampler host --image-sampler host --dtype f32"; do
+        "--fused-sampling off --prompt-sharing off --text-sampler host" \
+        "--fused-sampling off --prompt-sharing off --text-sampler host --image-sampler host --dtype f32"; do
         t=$(( $(left) - 10 ))
         (( rc != 0 && rc != 124 && rc != 137 && t > 90 )) || break
         echo "== (c') candle step again with $retry (limit ${t} s)"
