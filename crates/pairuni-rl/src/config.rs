@@ -131,6 +131,10 @@ pub struct SftConfig {
     pub holdout: usize,
     /// Optimiser and schedule (the `[sft.optim]` table; defaults as [`OptimConfig`]).
     pub optim: OptimConfig,
+    /// Examples per forward and backward pass of each kind (answers, captions, image codes); the micro-batches'
+    /// gradients are summed to the step's (gradient accumulation, with the step's token counts as denominators).
+    /// 0 scores each kind in one pass. Default 0.
+    pub micro_batch: usize,
     /// Write a checkpoint every this many steps (and at the end); 0 = only at the end. Default 100.
     pub checkpoint_every: usize,
 }
@@ -154,6 +158,7 @@ impl Default for SftConfig {
             uncond_prob: 0.1,
             holdout: 0,
             optim: OptimConfig::default(),
+            micro_batch: 0,
             checkpoint_every: 100,
         }
     }

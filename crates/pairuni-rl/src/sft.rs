@@ -8,6 +8,7 @@
 use std::path::Path;
 use std::time::Instant;
 
+use candle_core::backprop::GradStore;
 use candle_core::Tensor;
 use pairuni_data::{GenerationSample, RgbImage, UnderstandingSample};
 use pairuni_model::config::Placement;
@@ -19,7 +20,7 @@ use serde_json::{json, Map, Value};
 use crate::config::{SftConfig, SftSource};
 use crate::data::Cursor;
 use crate::grpo::{param_selection, ImageCache};
-use crate::optim::{learning_rate, AdamW};
+use crate::optim::{accumulate_grads, learning_rate, AdamW};
 use crate::run::{restore_vars, RngState, RunDir, TrainState};
 use crate::run_loop::{self, RunOptions, Stepper, TrainSummary};
 use crate::TrainError;
@@ -261,6 +262,106 @@ impl SftTrainer {
             .collect()
     }
 
+    /// The step's loss in one pass per kind: Σ weight × token-mean negative log-likelihood of answers, captions
+    /// and image codes (`loss/<kind>` metrics are the unweighted means).
+    fn whole_batch_loss(
+        &self,
+        answers: &[TextRollout],
+        captions: &[TextRollout],
+        images: &[ImageRollout],
+        m: &mut Map<String, Value>,
+    ) -> Result<Tensor, TrainError> {
+        let cfg = &self.cfg;
+        let dev = self.model.device().clone();
+        let mut total = Tensor::zeros((), candle_core::DType::F32, &dev)?;
+        for (name, batch, w) in [
+            ("answer", answers, cfg.answer_weight),
+            ("caption", captions, cfg.caption_weight),
+        ] {
+            if batch.is_empty() || w == 0.0 {
+                continue;
+            }
+            let (lp, mask) = self.model.answer_logprobs(batch)?;
+            let nll = ((lp * &mask)?.sum_all()?
+                / mask.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64)?
+                .neg()?;
+            m.insert(format!("loss/{name}"), json!(nll.to_scalar::<f32>()?));
+            total = (total + (nll * w)?)?;
+        }
+        if !images.is_empty() {
+            let lp = self
+                .model
+                .image_logprobs(images, CfgLogprobPolicy::Conditional)?;
+            let nll = lp.mean_all()?.neg()?;
+            m.insert("loss/image".into(), json!(nll.to_scalar::<f32>()?));
+            total = (total + (nll * cfg.image_weight)?)?;
+        }
+        Ok(total)
+    }
+
+    /// The same loss as [`SftTrainer::whole_batch_loss`], scored `micro_batch` examples at a time with a backward
+    /// pass each: every micro-batch's sum is divided by its kind's token count over the whole step, so the
+    /// micro-batches add up to the step's loss and their gradients to its gradient. Returns the loss and the
+    /// summed gradients (`None` once a micro-batch's loss is not finite).
+    fn micro_batch_gradients(
+        &self,
+        answers: &[TextRollout],
+        captions: &[TextRollout],
+        images: &[ImageRollout],
+        m: &mut Map<String, Value>,
+    ) -> Result<(f32, Option<GradStore>), TrainError> {
+        let cfg = &self.cfg;
+        let size = cfg.micro_batch.max(1);
+        // The sum of the real tokens' log-probs of examples `rows` of a kind (answers, captions: text; else codes).
+        let chunk_sum = |text: Option<&[TextRollout]>, rows: std::ops::Range<usize>| {
+            let sum = match text {
+                Some(batch) => {
+                    let (lp, mask) = self.model.answer_logprobs(&batch[rows])?;
+                    (lp * &mask)?.sum_all()?
+                }
+                None => self
+                    .model
+                    .image_logprobs(&images[rows], CfgLogprobPolicy::Conditional)?
+                    .sum_all()?,
+            };
+            Ok::<Tensor, TrainError>(sum)
+        };
+        let mut grads = GradStore::default();
+        let mut loss = 0f32;
+        for (name, text, w) in [
+            ("answer", Some(answers), cfg.answer_weight),
+            ("caption", Some(captions), cfg.caption_weight),
+            ("image", None, cfg.image_weight),
+        ] {
+            // The kind's real tokens over the whole step: every chunk's denominator.
+            let (n, count) = match text {
+                Some(batch) => (batch.len(), batch.iter().map(|r| r.answer_ids.len()).sum()),
+                None => (
+                    images.len(),
+                    images.iter().map(|r| r.codes.len()).sum::<usize>(),
+                ),
+            };
+            if n == 0 || (text.is_some() && w == 0.0) {
+                continue;
+            }
+            let mut kind_nll = 0f32;
+            for start in (0..n).step_by(size) {
+                let sum = chunk_sum(text, start..n.min(start + size))?;
+                let nll = (sum / count.max(1) as f64)?.neg()?;
+                kind_nll += nll.to_scalar::<f32>()?;
+                let weighted = (nll * w)?;
+                let value = weighted.to_scalar::<f32>()?;
+                if !value.is_finite() {
+                    return Ok((value, None));
+                }
+                loss += value;
+                accumulate_grads(&mut grads, weighted.backward()?, self.opt.vars())?;
+            }
+            m.insert(format!("loss/{name}"), json!(kind_nll));
+        }
+        Ok((loss, Some(grads)))
+    }
+
     /// One supervised step; returns its metrics.
     pub fn step(&mut self) -> Result<Map<String, Value>, TrainError> {
         let t0 = Instant::now();
@@ -289,37 +390,21 @@ impl SftTrainer {
             }
         }
         let mut m = Map::new();
-        let dev = self.model.device().clone();
-        let mut total = Tensor::zeros((), candle_core::DType::F32, &dev)?;
-        for (name, batch, w) in [
-            ("answer", &answers, cfg.answer_weight),
-            ("caption", &captions, cfg.caption_weight),
-        ] {
-            if batch.is_empty() || w == 0.0 {
-                continue;
-            }
-            let (lp, mask) = self.model.answer_logprobs(batch)?;
-            let nll = ((lp * &mask)?.sum_all()?
-                / mask.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64)?
-                .neg()?;
-            m.insert(format!("loss/{name}"), json!(nll.to_scalar::<f32>()?));
-            total = (total + (nll * w)?)?;
-        }
-        if !images.is_empty() {
-            let lp = self
-                .model
-                .image_logprobs(&images, CfgLogprobPolicy::Conditional)?;
-            let nll = lp.mean_all()?.neg()?;
-            m.insert("loss/image".into(), json!(nll.to_scalar::<f32>()?));
-            total = (total + (nll * cfg.image_weight)?)?;
-        }
-        let loss = total.to_scalar::<f32>()?;
+        let (loss, grads) = if cfg.micro_batch == 0 {
+            let total = self.whole_batch_loss(&answers, &captions, &images, &mut m)?;
+            let loss = total.to_scalar::<f32>()?;
+            let grads = if loss.is_finite() {
+                Some(total.backward()?)
+            } else {
+                None
+            };
+            (loss, grads)
+        } else {
+            self.micro_batch_gradients(&answers, &captions, &images, &mut m)?
+        };
         let lr = learning_rate(&cfg.optim, self.step, cfg.steps);
         let mut skipped = None;
-        if !loss.is_finite() {
-            skipped = Some("loss");
-        } else {
-            let grads = total.backward()?;
+        if let Some(grads) = grads.filter(|_| loss.is_finite()) {
             let norm = self.opt.grad_norm(&grads)?;
             m.insert("grad_norm".into(), json!(norm));
             if norm.is_finite() {
@@ -327,6 +412,8 @@ impl SftTrainer {
             } else {
                 skipped = Some("gradient");
             }
+        } else {
+            skipped = Some("loss");
         }
         self.step += 1;
         if let Some(what) = skipped {
