@@ -230,6 +230,17 @@ fn flat_weights(m: &Janus) -> Weights {
         .collect()
 }
 
+/// Each of `keys` within 1e-5 (relative, or absolute below 1) in two steps' metrics.
+fn assert_metrics_close(a: &Map<String, Value>, b: &Map<String, Value>, keys: &[&str], what: &str) {
+    for key in keys {
+        let (x, y) = (a[*key].as_f64().unwrap(), b[*key].as_f64().unwrap());
+        assert!(
+            (x - y).abs() <= 1e-5 * x.abs().max(1.0),
+            "{what} {key}: {x} vs {y}"
+        );
+    }
+}
+
 /// One PairGRPO step of `cfg`: its metrics and the policy's weights after it.
 fn one_step(cfg: TrainConfig) -> (Map<String, Value>, Weights) {
     let w = common::world();
@@ -262,7 +273,7 @@ fn micro_batches_take_the_whole_batch_step() {
         };
         let (m_all, w_all) = one_step(cfg(0));
         let (m_micro, w_micro) = one_step(cfg(2));
-        for key in [
+        let keys = [
             "loss",
             "grad_norm",
             "entropy",
@@ -270,13 +281,8 @@ fn micro_batches_take_the_whole_batch_step() {
             "kl",
             "clip_ratio/region_mean",
             "reward",
-        ] {
-            let (a, b) = (m_all[key].as_f64().unwrap(), m_micro[key].as_f64().unwrap());
-            assert!(
-                (a - b).abs() <= 1e-5 * a.abs().max(1.0),
-                "{aggregation:?} {key}: {a} vs {b}"
-            );
-        }
+        ];
+        assert_metrics_close(&m_all, &m_micro, &keys, &format!("{aggregation:?}"));
         // AdamW divides each coordinate's gradient by its own RMS, so where a gradient is near zero a rounding
         // difference moves the update by a visible fraction of one step: bound the weights' difference by 5 % of
         // the most any coordinate can move in μ = 2 steps of lr 1e-3 (2e-3).
@@ -320,19 +326,14 @@ fn sft_micro_batches_take_the_whole_batch_step() {
     };
     let (m_all, w_all) = run(0);
     let (m_micro, w_micro) = run(2);
-    for key in [
+    let keys = [
         "loss",
         "loss/answer",
         "loss/caption",
         "loss/image",
         "grad_norm",
-    ] {
-        let (a, b) = (m_all[key].as_f64().unwrap(), m_micro[key].as_f64().unwrap());
-        assert!(
-            (a - b).abs() <= 1e-5 * a.abs().max(1.0),
-            "{key}: {a} vs {b}"
-        );
-    }
+    ];
+    assert_metrics_close(&m_all, &m_micro, &keys, "sft");
     let lr = pairuni_rl::config::OptimConfig::default().lr as f32;
     let before = flat_weights(&load());
     let mut moved = 0;
