@@ -131,9 +131,7 @@ impl KvCache {
                 None,
             ),
             Some(pre) => {
-                let take = |t: &Tensor, dim: usize| {
-                    prefix_in_new_buffer(t, Some(&idx), dim, past, pre.capacity)
-                };
+                let take = |t: &Tensor, dim: usize| rows_of_prefix(t, &idx, dim, past);
                 let layers = self
                     .layers
                     .iter()
@@ -227,7 +225,7 @@ fn append_prealloc(
     let place = |old: Option<&Tensor>, new: &Tensor| -> candle_core::Result<Tensor> {
         let buf = match (placement, old) {
             (Placement::InPlace, Some(o)) => o.clone(),
-            (Placement::Copy, Some(o)) => prefix_in_new_buffer(o, None, 2, past, capacity)?,
+            (Placement::Copy, Some(o)) => prefix_in_new_buffer(o, 2, past, capacity)?,
             _ => Tensor::zeros((b, kvh, capacity, d), new.dtype(), new.device())?,
         };
         buf.slice_set(&new.contiguous()?, 2, past)?;
@@ -240,24 +238,36 @@ fn append_prealloc(
     Ok(((kb, vb), (kview, vview)))
 }
 
-/// A new buffer like `buf` with `capacity` positions along `dim`: the first `past` of `buf`'s (of its rows `rows`
-/// along dim 0, in that order, when given), zeros after them. Not recorded by autograd (preallocated caches only).
+/// A new buffer like `buf` with `capacity` positions along `dim`: the first `past` of `buf`'s, zeros after them.
+/// Not recorded by autograd (preallocated caches only).
 fn prefix_in_new_buffer(
     buf: &Tensor,
-    rows: Option<&Tensor>,
     dim: usize,
     past: usize,
     capacity: usize,
 ) -> candle_core::Result<Tensor> {
-    let prefix = match rows {
-        Some(rows) => buf.contiguous()?.index_select(rows, 0)?,
-        None => buf.clone(),
-    };
-    let prefix = prefix.narrow(dim, 0, past)?.detach();
-    let mut shape = prefix.dims().to_vec();
+    let mut shape = buf.dims().to_vec();
     shape[dim] = capacity;
     let out = Tensor::zeros(shape, buf.dtype(), buf.device())?;
-    out.slice_set(&prefix.contiguous()?, dim, 0)?;
+    out.slice_set(&buf.narrow(dim, 0, past)?.detach().contiguous()?, dim, 0)?;
+    Ok(out)
+}
+
+/// A new buffer of `buf`'s rows `rows` (along dim 0, in that order) with the positions from `past` on along `dim`
+/// cleared, as [`prefix_in_new_buffer`] leaves them. Taking the rows already copies the whole buffer, so only
+/// that tail is written again. Not recorded by autograd.
+fn rows_of_prefix(
+    buf: &Tensor,
+    rows: &Tensor,
+    dim: usize,
+    past: usize,
+) -> candle_core::Result<Tensor> {
+    let out = buf.contiguous()?.index_select(rows, 0)?.detach();
+    let mut tail = out.dims().to_vec();
+    if tail[dim] > past {
+        tail[dim] -= past;
+        out.slice_set(&Tensor::zeros(tail, buf.dtype(), buf.device())?, dim, past)?;
+    }
     Ok(out)
 }
 
@@ -276,7 +286,7 @@ fn key_bias_buffer(
     let b = key_valid.len();
     let buf = match (placement, old) {
         (Placement::InPlace, Some(o)) => o.clone(),
-        (Placement::Copy, Some(o)) => prefix_in_new_buffer(o, None, 3, past, capacity)?,
+        (Placement::Copy, Some(o)) => prefix_in_new_buffer(o, 3, past, capacity)?,
         _ => {
             let mut bias = vec![0f32; b * capacity];
             for (row, kv) in bias.chunks_mut(capacity).zip(key_valid) {

@@ -539,19 +539,15 @@ fn pieces(b: &Batch, micro_batch: usize) -> Vec<Piece> {
     } else {
         micro_batch
     };
-    let mut out = Vec::new();
-    for (text, n) in [(true, b.text.len()), (false, b.images.len())] {
-        let mut start = 0;
-        while start < n {
-            let end = n.min(start.saturating_add(size));
-            out.push(Piece {
+    [(true, b.text.len()), (false, b.images.len())]
+        .into_iter()
+        .flat_map(|(text, n)| {
+            (0..n).step_by(size).map(move |start| Piece {
                 text,
-                rows: start..end,
-            });
-            start = end;
-        }
-    }
-    out
+                rows: start..n.min(start.saturating_add(size)),
+            })
+        })
+        .collect()
 }
 
 /// The real tokens and rows of each modality in a batch: the denominators of every micro-batch's loss.
@@ -610,13 +606,12 @@ impl UpdateStats {
 
     /// `entropy` (answers) and `entropy/image`, for the modalities the batch has.
     fn write_entropy(&self, m: &mut Map<String, Value>) {
-        let mean = |(sum, n): (f32, f32)| if n == 0.0 { 0.0 } else { sum / n };
-        for (key, acc) in [
+        for (key, (sum, n)) in [
             ("entropy", self.entropy_text),
             ("entropy/image", self.entropy_image),
         ] {
-            if acc.1 > 0.0 {
-                m.insert(key.into(), json!(mean(acc)));
+            if n > 0.0 {
+                m.insert(key.into(), json!(sum / n));
             }
         }
     }

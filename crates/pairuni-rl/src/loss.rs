@@ -247,15 +247,6 @@ pub fn micro_batch_loss(
     }
 }
 
-/// Masked mean of a [B, T] tensor as a plain number (metrics; no gradient).
-pub fn masked_mean(values: &Tensor, mask: &Tensor) -> Result<f32> {
-    let n = mask.sum_all()?.to_scalar::<f32>()?;
-    if n == 0.0 {
-        return Ok(0.0);
-    }
-    Ok((values.detach() * mask)?.sum_all()?.to_scalar::<f32>()? / n)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -348,14 +348,13 @@ impl SftTrainer {
             for start in (0..n).step_by(size) {
                 let sum = chunk_sum(text, start..n.min(start + size))?;
                 let nll = (sum / count.max(1) as f64)?.neg()?;
-                kind_nll += nll.to_scalar::<f32>()?;
-                let weighted = (nll * w)?;
-                let value = weighted.to_scalar::<f32>()?;
+                let value = nll.to_scalar::<f32>()?;
                 if !value.is_finite() {
                     return Ok((value, None));
                 }
-                loss += value;
-                accumulate_grads(&mut grads, weighted.backward()?, self.opt.vars())?;
+                kind_nll += value;
+                loss += value * w as f32;
+                accumulate_grads(&mut grads, (nll * w)?.backward()?, self.opt.vars())?;
             }
             m.insert(format!("loss/{name}"), json!(kind_nll));
         }

@@ -130,7 +130,7 @@ impl Llama {
         let (layers, bias) = if owned {
             (cache.layers.clone(), bias.clone())
         } else {
-            let widen = |t: &Tensor, dim: usize| prefix_in_new_buffer(t, None, dim, past, capacity);
+            let widen = |t: &Tensor, dim: usize| prefix_in_new_buffer(t, dim, past, capacity);
             let layers = cache
                 .layers
                 .iter()
