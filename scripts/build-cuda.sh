@@ -10,6 +10,8 @@
 #        OUT_DIR_BIN       where the binary lands  (default <repo>/.dev/gpu)
 #        CARRY_DIR         the device call's carry folder, holding only pairuni.xz (default <repo>/.dev/gpu-carry)
 #        NICE              nice level for cargo    (default 19: the build takes 12-20 min on 2 cores)
+#        VARIANTS          what to build           (default "cudnn plain": pairuni.xz with cuDNN convolutions, and
+#                                                    pairuni-nocudnn.xz without, the device scripts' fallback)
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -88,22 +90,33 @@ if [[ -f "$listed" ]]; then
 fi
 mv "$listed.new" "$listed"
 cd "$ws"
-nice -n "$nice_level" cargo build --release -p pairuni --features cuda \
-    --config "patch.crates-io.candle-core.path=\"$patched\""
-
-bin="$CARGO_TARGET_DIR/release/pairuni"
-mkdir -p "$out_dir"
-cp "$bin" "$out_dir/pairuni.tmp"
-strip "$out_dir/pairuni.tmp"
-mv "$out_dir/pairuni.tmp" "$out_dir/pairuni"
-# The device call carries at most 64 MiB in all: ship the binary xz-compressed (the PTX inside packs well).
-mkdir -p "$carry_dir"
-xz -T2 -9 -c "$out_dir/pairuni" >"$carry_dir/pairuni.xz.tmp"
-mv "$carry_dir/pairuni.xz.tmp" "$carry_dir/pairuni.xz"
-if ldd "$out_dir/pairuni" | grep -Eq 'libcuda|libcudart|libcublas|libcurand|libnvrtc'; then
-    echo "error: the binary links a CUDA library dynamically:" >&2
-    ldd "$out_dir/pairuni" >&2
-    exit 1
-fi
-echo "stripped binary: $out_dir/pairuni ($(du -m "$out_dir/pairuni" | cut -f1) MiB)"
-echo "compressed:      $carry_dir/pairuni.xz ($(du -m "$carry_dir/pairuni.xz" | cut -f1) MiB) <- carry $carry_dir"
+build_variant() { # features, carried file name
+    local features=$1 name=$2
+    nice -n "$nice_level" cargo build --release -p pairuni --features "$features" \
+        --config "patch.crates-io.candle-core.path=\"$patched\""
+    local bin="$CARGO_TARGET_DIR/release/pairuni"
+    mkdir -p "$out_dir"
+    cp "$bin" "$out_dir/$name.tmp"
+    strip "$out_dir/$name.tmp"
+    mv "$out_dir/$name.tmp" "$out_dir/$name"
+    # The device call carries at most 64 MiB in all: ship the binary xz-compressed (the PTX inside packs well).
+    mkdir -p "$carry_dir"
+    xz -T2 -9 -c "$out_dir/$name" >"$carry_dir/$name.xz.tmp"
+    mv "$carry_dir/$name.xz.tmp" "$carry_dir/$name.xz"
+    if ldd "$out_dir/$name" | grep -Eq 'libcuda|libcudart|libcublas|libcurand|libnvrtc|libcudnn'; then
+        echo "error: the binary links a CUDA library dynamically:" >&2
+        ldd "$out_dir/$name" >&2
+        exit 1
+    fi
+    echo "stripped binary: $out_dir/$name ($(du -m "$out_dir/$name" | cut -f1) MiB)"
+    echo "compressed:      $carry_dir/$name.xz ($(du -m "$carry_dir/$name.xz" | cut -f1) MiB) <- carry $carry_dir"
+}
+# cuDNN is loaded at run time like the rest, so a machine without it fails only at the first convolution; the
+# plain build is what the device scripts fall back to then.
+for variant in ${VARIANTS:-cudnn plain}; do
+    case $variant in
+        cudnn) build_variant cuda,cudnn pairuni ;;
+        plain) build_variant cuda pairuni-nocudnn ;;
+        *) echo "unknown variant $variant (cudnn | plain)" >&2; exit 1 ;;
+    esac
+done

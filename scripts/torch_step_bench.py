@@ -221,6 +221,41 @@ def run_step(model, opt, cfg, args, device, gen, n_codes, timer):
     return images
 
 
+def profile_decode(model, cfg, args, device, gen):
+    """Wall time against summed GPU-kernel time of the image rollout's decode steps (after one warm-up)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    b = args.pairs * args.group
+    tc = cfg.text_config
+    prompt = torch.randint(10, min(cfg.image_token_id, tc.vocab_size) - 1, (b, args.prompt_len), generator=gen,
+                           device=device)
+    n = args.profile_decode
+    timer = Timer(device)
+    model.eval()
+    rollout_images(model, prompt, args.pad_id, args.cfg_weight, args.temperature, n, gen)
+    timer.sync()
+    t0 = time.perf_counter()
+    rollout_images(model, prompt, args.pad_id, args.cfg_weight, args.temperature, n, gen)
+    timer.sync()
+    wall = (time.perf_counter() - t0) * 1e3 / n
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        rollout_images(model, prompt, args.pad_id, args.cfg_weight, args.temperature, n, gen)
+        timer.sync()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name = {}
+    for e in kernels:
+        by_name[e.name] = by_name.get(e.name, 0.0) + e.time_range.elapsed_us()
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]
+    return {
+        "impl": "pytorch", "profile_decode_steps": n, "rows": 2 * b,
+        "wall_ms_per_step": round(wall, 3),
+        "gpu_kernel_ms_per_step": round(sum(by_name.values()) / 1e3 / n, 3),
+        "kernels_per_step": round(len(kernels) / n, 1),
+        "top_kernels_ms_per_step": {k[:80]: round(v / 1e3 / n, 4) for k, v in top},
+    }
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="toy shapes (for testing on CPU)")
@@ -237,8 +272,16 @@ def main():
     ap.add_argument("--micro-batch", type=int, default=8, help="rows per forward/backward in the train step")
     ap.add_argument("--lr", type=float, default=1e-6)
     ap.add_argument("--attn", default="sdpa", help="transformers attn_implementation: sdpa | eager")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps at 8 image tokens")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps before the timed one")
+    ap.add_argument("--warmup-codes", type=int, default=None,
+                    help="image tokens of a warm-up step (default: as many as the timed step). A training run "
+                         "repeats the same shapes every step, so the timed step must not pay for first-time "
+                         "work per shape (cuDNN attention builds a plan for each new key length: the first "
+                         "lent call's 8-token warm-up left 84.8 ms per decode step, against ~25 ms warmed)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--profile-decode", type=int, default=0, metavar="N",
+                    help="instead of the step: N CFG image decode steps under torch.profiler, as one JSON line "
+                         "(wall and GPU-kernel ms per step: is eager decode bound by the host or the GPU?)")
     args = ap.parse_args()
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -266,6 +309,10 @@ def main():
     opt = torch.optim.AdamW(lm_params, lr=args.lr, betas=(0.9, 0.999), weight_decay=0.0)
     gen = torch.Generator(device=device).manual_seed(args.seed)
 
+    if args.profile_decode:
+        print(json.dumps(profile_decode(model, cfg, args, device, gen)))
+        return
+
     grid = cfg.vq_config.num_patches
     full_codes = grid * grid
     n_codes = min(args.image_tokens or full_codes, full_codes)
@@ -285,9 +332,12 @@ def main():
 
     model.decode_image_tokens = padded
     timer = Timer(device)
+    warm_ms = {}
     for _ in range(args.warmup):
         warm = Timer(device)
-        run_step(model, opt, cfg, args, device, gen, min(8, n_codes), warm)
+        t_warm = time.perf_counter()
+        run_step(model, opt, cfg, args, device, gen, min(args.warmup_codes or n_codes, n_codes), warm)
+        warm_ms = dict(warm.ms, total=(time.perf_counter() - t_warm) * 1e3)
 
     t_step = time.perf_counter()
     images = run_step(model, opt, cfg, args, device, gen, n_codes, timer)
@@ -318,6 +368,8 @@ def main():
         "total_full_estimate": round(total + per_step * (full_codes - n_codes), 1),
         "ms_per_image_step": round(per_step, 3),
         "init_ms": round(init_ms, 1),
+        # The last warm-up step's phases: the cold numbers, when the warm-up ran at full length.
+        "warmup_step": {k: round(v, 1) for k, v in warm_ms.items()},
         "images": list(images.shape),
         "grad_norm": grad_norm,
         "params_with_grad": f"{len(grads)}/{len(lm_params)}",

@@ -467,6 +467,14 @@ impl Janus {
     pub fn set_stack_projections(&mut self, on: bool) {
         self.m.lm.set_stack_projections(on);
     }
+    /// Whether fused-kernel decode steps on a GPU run attention as one kernel (`decode_attention`).
+    pub fn attention_kernel(&self) -> bool {
+        self.m.lm.attention_kernel()
+    }
+    /// Chooses whether fused-kernel decode steps on a GPU run attention as one kernel.
+    pub fn set_attention_kernel(&mut self, on: bool) {
+        self.m.lm.set_attention_kernel(on);
+    }
     /// Whether the device-side samplers ([`SamplerSite::Device`], the default on CUDA: the CFG image decode, and
     /// the answer decode without top-p) take fixed-shape steps (`llama::StaticDecode`), captured once per
     /// attention width as CUDA graphs and replayed on CUDA devices, run as they are elsewhere (the tests force it

@@ -377,6 +377,9 @@ pub struct Llama {
     /// Whether those fused-kernel forwards also run q/k/v and gate/up as stacked batched matmuls
     /// ([`StackedLayer`]); on by default, off only to measure what the stacks buy.
     stack_projections: bool,
+    /// Whether those fused-kernel forwards run one-query attention as one CUDA kernel
+    /// ([`crate::decode_attention`]); on by default, acting on CUDA devices only.
+    attention_kernel: bool,
 }
 
 impl Llama {
@@ -422,6 +425,7 @@ impl Llama {
             cfg: cfg.clone(),
             fused_sampling: !p.device.is_cpu(),
             stack_projections: true,
+            attention_kernel: true,
         })
     }
 
@@ -433,6 +437,16 @@ impl Llama {
     /// Chooses the kernels of sampling forwards (see the field); training forwards always compose basic ops.
     pub fn set_fused_sampling(&mut self, on: bool) {
         self.fused_sampling = on;
+    }
+
+    /// Whether fused-kernel decode steps on a GPU run attention as one kernel.
+    pub fn attention_kernel(&self) -> bool {
+        self.attention_kernel
+    }
+
+    /// Chooses whether fused-kernel decode steps on a GPU run attention as one kernel.
+    pub fn set_attention_kernel(&mut self, on: bool) {
+        self.attention_kernel = on;
     }
 
     /// Whether fused-kernel forwards run the stacked projections.
@@ -550,6 +564,7 @@ impl Llama {
         let kernels = Kernels {
             fused,
             copy_kv: plan.is_none() || prealloc_copies_kv(dev),
+            attention_kernel: self.attention_kernel,
         };
         let mut h = x.clone();
         let mut new_layers = Vec::with_capacity(self.layers.len());
@@ -636,6 +651,8 @@ struct Kernels {
     fused: bool,
     /// Make keys and values contiguous before the attention matmuls (the CPU's and the growing cache's layout).
     copy_kv: bool,
+    /// With `fused`, one-query attention on a GPU runs as one kernel ([`crate::decode_attention`]).
+    attention_kernel: bool,
 }
 
 impl Layer {
@@ -654,9 +671,7 @@ impl Layer {
         let normed = self.input_norm.forward_with(h, kernels.fused)?;
         let (q, k, v) = self.attn.project(&normed, rope, stacked)?;
         let (ks, vs) = store(&k, &v)?;
-        let attn_out = self
-            .attn
-            .attend(&q, &ks, &vs, mask, kernels.copy_kv, kernels.fused)?;
+        let attn_out = self.attn.attend(&q, &ks, &vs, mask, kernels)?;
         let h = (h + attn_out)?;
         let normed = self.post_norm.forward_with(&h, kernels.fused)?;
         let m = &self.mlp;
@@ -787,9 +802,13 @@ impl Attention {
         k: &Tensor,
         v: &Tensor,
         mask: &Tensor,
-        copy_kv: bool,
-        fused: bool,
+        kernels: Kernels,
     ) -> Result<Tensor> {
+        let Kernels {
+            fused,
+            copy_kv,
+            attention_kernel,
+        } = kernels;
         let (b, _, t, _) = q.dims4()?;
         let rep = self.heads / self.kv_heads;
         let expand = |y: &Tensor| -> candle_core::Result<Tensor> {
@@ -801,21 +820,33 @@ impl Attention {
                 .expand((b, kvh, rep, tk, d))?
                 .reshape((b, kvh * rep, tk, d))
         };
-        let (ke, ve) = (expand(k)?, expand(v)?);
-        let (kt, ve) = if copy_kv {
-            (ke.t()?.contiguous()?, ve.contiguous()?)
-        } else {
-            (ke.t()?, ve)
+        let composed = || -> candle_core::Result<Tensor> {
+            let (ke, ve) = (expand(k)?, expand(v)?);
+            let (kt, ve) = if copy_kv {
+                (ke.t()?.contiguous()?, ve.contiguous()?)
+            } else {
+                (ke.t()?, ve)
+            };
+            let probs = if fused {
+                let scores = q.matmul(&kt)?.to_dtype(DType::F32)?.broadcast_add(mask)?;
+                candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(q.dtype())?
+            } else {
+                let scale = 1.0 / (self.head_dim as f64).sqrt();
+                let scores = (q.matmul(&kt)? * scale)?.to_dtype(DType::F32)?;
+                softmax_last(&scores.broadcast_add(mask)?)?.to_dtype(q.dtype())?
+            };
+            probs.matmul(&ve)
         };
-        let probs = if fused {
-            let scores = q.matmul(&kt)?.to_dtype(DType::F32)?.broadcast_add(mask)?;
-            candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(q.dtype())?
+        // A fused-kernel decode step (one query, the scale in it) on a GPU takes the one-launch kernel.
+        let kernel_out = if fused && attention_kernel && t == 1 {
+            crate::decode_attention::attend(q, k, v, mask, composed)?
         } else {
-            let scale = 1.0 / (self.head_dim as f64).sqrt();
-            let scores = (q.matmul(&kt)? * scale)?.to_dtype(DType::F32)?;
-            softmax_last(&scores.broadcast_add(mask)?)?.to_dtype(q.dtype())?
+            None
         };
-        let out = probs.matmul(&ve)?;
+        let out = match kernel_out {
+            Some(out) => out,
+            None => composed()?,
+        };
         let out = out
             .transpose(1, 2)?
             .reshape((b, t, self.heads * self.head_dim))?;

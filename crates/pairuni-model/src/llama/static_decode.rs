@@ -196,6 +196,7 @@ impl Llama {
         let kernels = Kernels {
             fused,
             copy_kv: super::prealloc_copies_kv(x.device()),
+            attention_kernel: self.attention_kernel,
         };
         let mut h = x.clone();
         for (li, (layer, (kb, vb))) in self.layers.iter().zip(&sd.layers).enumerate() {

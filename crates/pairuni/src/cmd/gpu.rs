@@ -184,6 +184,10 @@ pub struct BenchGpuStepArgs {
     /// With the fused kernels, run q/k/v and gate/up as one stacked batched matmul each: on | off (auto: on).
     #[arg(long, default_value = "auto")]
     pub stack_projections: Toggle,
+    /// One-query attention of fused-kernel decode steps as one CUDA kernel (checked against candle's ops at its
+    /// first call, and turned off if they differ): on | off (auto: on).
+    #[arg(long, default_value = "auto")]
+    pub attention_kernel: Toggle,
     /// Image and answer rollouts in fixed-shape steps captured as CUDA graphs: on | off | auto, which is on for
     /// the step when the graph check before it passes (a CUDA device, every width captured, the codes and the
     /// answer tokens bit-identical to the same steps run eagerly) and off otherwise.
@@ -201,6 +205,11 @@ pub struct BenchGpuStepArgs {
     /// optimiser step) with prompt sharing on and off (reported as `prompt_sharing_compare`; not fatal).
     #[arg(long)]
     pub compare_sharing: bool,
+    /// Phases of the step (rollout_image, rollout_text, decode_vq, train) to hand to a kernel profiler started
+    /// with profiling off (`ncu --profile-from-start off`): each runs between cuProfilerStart and cuProfilerStop,
+    /// opening with one `usqrt_f64` kernel that marks where its kernels begin.
+    #[arg(long, value_delimiter = ',')]
+    pub profile_phases: Vec<String>,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -231,6 +240,8 @@ impl BenchGpuStepArgs {
 struct Phases {
     device: Device,
     ms: Vec<(&'static str, f64)>,
+    /// Phases run inside a profiler range.
+    profiled: Vec<String>,
 }
 
 impl Phases {
@@ -239,12 +250,19 @@ impl Phases {
         name: &'static str,
         f: impl FnOnce() -> anyhow::Result<T>,
     ) -> anyhow::Result<T> {
+        let profiled = self.profiled.iter().any(|p| p == name);
         self.device.synchronize()?;
+        if profiled {
+            profiler_range(&self.device, true)?;
+        }
         let t0 = Instant::now();
         tracing::info!(phase = name, "start");
         let out = f().with_context(|| format!("phase {name}"))?;
         self.device.synchronize()?;
         let ms = t0.elapsed().as_secs_f64() * 1e3;
+        if profiled {
+            profiler_range(&self.device, false)?;
+        }
         tracing::info!(phase = name, ms = format!("{ms:.1}"), "done");
         self.ms.push((name, ms));
         Ok(out)
@@ -257,6 +275,25 @@ impl Phases {
             .map(|(_, m)| m)
             .sum()
     }
+}
+
+/// Starts (with its marker kernel) or stops a profiler range; nothing off CUDA.
+fn profiler_range(device: &Device, start: bool) -> anyhow::Result<()> {
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        use candle_core::cuda_backend::cudarc::driver::{profiler_start, profiler_stop};
+        if start {
+            profiler_start().context("cuProfilerStart")?;
+            // A kernel no step launches, so that a profile's kernels can be split by phase.
+            Tensor::new(&[2f64], device)?.sqrt()?;
+        } else {
+            device.synchronize()?;
+            profiler_stop().context("cuProfilerStop")?;
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = (device, start);
+    Ok(())
 }
 
 fn random_ids(rng: &mut ChaCha8Rng, n: usize, lo: u32, hi: u32) -> Vec<u32> {
@@ -334,8 +371,57 @@ fn build_model(cfg: &JanusConfig, seed: u64, dev: &Device, dtype: DType) -> anyh
     )?)
 }
 
+/// Where the train phase's time goes: milliseconds (device synchronised at each mark) and tensors created (about
+/// one kernel launch each) per part, summed over micro-batches.
+struct TrainSplit {
+    device: Device,
+    last: Instant,
+    last_id: usize,
+    parts: Vec<(&'static str, f64, usize)>,
+}
+
+impl TrainSplit {
+    fn new(device: &Device) -> anyhow::Result<Self> {
+        Ok(Self {
+            device: device.clone(),
+            last: Instant::now(),
+            last_id: next_tensor_id()?,
+            parts: Vec::new(),
+        })
+    }
+
+    /// Books the time and tensors since the previous mark to `part`.
+    fn mark(&mut self, part: &'static str) -> anyhow::Result<()> {
+        self.device.synchronize()?;
+        let id = next_tensor_id()?;
+        let ms = self.last.elapsed().as_secs_f64() * 1e3;
+        let tensors = id.saturating_sub(self.last_id + 1);
+        match self.parts.iter_mut().find(|(p, _, _)| *p == part) {
+            Some(entry) => {
+                entry.1 += ms;
+                entry.2 += tensors;
+            }
+            None => self.parts.push((part, ms, tensors)),
+        }
+        self.last = Instant::now();
+        self.last_id = id;
+        Ok(())
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::Value::Object(
+            self.parts
+                .iter()
+                .map(|(p, ms, n)| (p.to_string(), json!({ "ms": round1(*ms), "tensors": n })))
+                .collect(),
+        )
+    }
+}
+
 /// What one timed step produced besides timings.
 struct StepOutcome {
+    /// The train phase, part by part.
+    train_split: serde_json::Value,
     image_tokens: usize,
     answer_tokens_mean: f64,
     grad_norm: f32,
@@ -442,6 +528,7 @@ fn run_step(
     let per_modality = LossAggregation::ModalityTokenMean;
     // (teacher-forced, sampled, mask) per micro-batch, compared after the timed phase.
     let (mut scored_image, mut scored_text) = (Vec::new(), Vec::new());
+    let mut split = TrainSplit::new(&dev)?;
     let (loss_total, grad_norm, with_grad) = ph.time("train", || {
         let mut grads = GradStore::default();
         let mut loss_total = 0f32;
@@ -450,6 +537,7 @@ fn run_step(
         for (i, chunk) in images.chunks(mb).enumerate() {
             let lp =
                 model.image_logprobs_at(chunk, CfgLogprobPolicy::Conditional, a.temperature)?;
+            split.mark("image_forward")?;
             let old = old_logprobs(
                 chunk.iter().map(|r| r.logprobs.as_slice()),
                 lp.dims2()?,
@@ -466,10 +554,13 @@ fn run_step(
             };
             let loss = micro_batch_loss(&part, per_modality, n_img, n_img + n_txt)?;
             loss_total += loss.to_scalar::<f32>()?;
+            split.mark("image_loss")?;
             accumulate_grads(&mut grads, loss.backward()?, &vars)?;
+            split.mark("image_backward")?;
         }
         for (i, chunk) in answers.chunks(mb).enumerate() {
             let (lp, mask) = model.answer_logprobs_at(chunk, a.temperature)?;
+            split.mark("text_forward")?;
             let old = old_logprobs(
                 chunk.iter().map(|r| r.logprobs.as_slice()),
                 lp.dims2()?,
@@ -485,16 +576,22 @@ fn run_step(
             };
             let loss = micro_batch_loss(&part, per_modality, n_txt, n_img + n_txt)?;
             loss_total += loss.to_scalar::<f32>()?;
+            split.mark("text_loss")?;
             accumulate_grads(&mut grads, loss.backward()?, &vars)?;
+            split.mark("text_backward")?;
         }
         let with_grad = vars
             .iter()
             .filter(|(_, v)| grads.get(v.as_tensor()).is_some())
             .count();
+        split.mark("grad_count")?;
         let info = opt.step(&grads, a.lr)?;
+        split.mark("optimizer")?;
         Ok((loss_total, info.grad_norm, with_grad))
     })?;
+    tracing::info!(split = %split.json(), "train phase split");
     Ok(StepOutcome {
+        train_split: split.json(),
         gap_image: LogprobGap::of(&scored_image)?,
         gap_text: LogprobGap::of(&scored_text)?,
         image_tokens: images.first().map_or(0, |r| r.codes.len()),
@@ -563,6 +660,9 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
     if let Some(on) = a.stack_projections.forced() {
         model.set_stack_projections(on);
     }
+    if let Some(on) = a.attention_kernel.forced() {
+        model.set_attention_kernel(on);
+    }
     if let Some(on) = a.cuda_graphs.forced() {
         model.set_static_decode(on);
     }
@@ -612,6 +712,7 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
     let mut ph = Phases {
         device: dev.clone(),
         ms: Vec::new(),
+        profiled: a.profile_phases.clone(),
     };
     let t_step = Instant::now();
     let out = run_step(
@@ -652,6 +753,8 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
     };
     let result = json!({
         "impl": "candle",
+        // Whether convolutions (the VQ decoder, the vision patch embedding) went through cuDNN.
+        "cudnn": cfg!(feature = "cudnn"),
         "device": device_name(&dev),
         "shapes": a.shapes.name(),
         "dtype": format!("{dtype:?}").to_lowercase(),
@@ -673,11 +776,14 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
         "loss": out.loss,
         "grad_norm": out.grad_norm,
         "logprob_gap": { "image": out.gap_image.json(), "text": out.gap_text.json() },
+        "train_split": out.train_split,
         "params_with_grad": format!("{}/{}", out.params_with_grad, out.params_trained),
         "image_sampler": a.image_sampler.resolved(&dev),
         "text_sampler": a.text_sampler.resolved(&dev),
         "fused_sampling": model.fused_sampling(),
         "stack_projections": model.stack_projections(),
+        "attention_kernel": model.attention_kernel(),
+        "attention_kernel_report": pairuni_model::decode_attention::report(),
         "cuda_graphs": graphs_in_step,
         "prompt_sharing": model.prompt_sharing(),
         "prompt_sharing_compare": sharing_compare,
@@ -749,6 +855,7 @@ fn rollout_with_other_graphs(
     let mut ph = Phases {
         device: model.device().clone(),
         ms: Vec::new(),
+        profiled: Vec::new(),
     };
     let image = ph.time("rollout_image", || {
         let (s, site) = (a.image_sampling(), a.image_sampler.site());
@@ -797,6 +904,7 @@ fn answers_with_sharing(
     let mut ph = Phases {
         device: model.device().clone(),
         ms: Vec::new(),
+        profiled: Vec::new(),
     };
     let timed = (|| -> anyhow::Result<()> {
         let mut answers = ph.time("rollout_text", || {
@@ -1427,6 +1535,8 @@ mod tests {
             compare_graphs: false,
             prompt_sharing: Toggle::Auto,
             compare_sharing: false,
+            profile_phases: Vec::new(),
+            attention_kernel: Toggle::Auto,
             json: true,
         }
     }
@@ -1564,6 +1674,7 @@ mod tests {
         let mut ph = Phases {
             device: dev.clone(),
             ms: Vec::new(),
+            profiled: Vec::new(),
         };
         let out = run_step(
             &model,

@@ -1,0 +1,591 @@
+//! One-query attention over a preallocated cache as one CUDA kernel (the decode steps of both rollouts).
+//!
+//! candle runs a decode step's attention as six launches per layer: q·kᵀ, a cast to f32, the key mask, softmax,
+//! a cast back and p·v. At Janus-Pro shapes on an H200 the four in the middle took 14–17 µs of a layer's
+//! ≈ 110 µs, for a few hundred kilobytes of data (the first lent call's Nsight Compute profile, docs/GPU.md).
+//! This kernel does the whole of it in one launch: one block per (row, head) keeps the query and the scores in
+//! shared memory, takes the softmax in f32 and writes the head's output in the activations' dtype.
+//!
+//! The kernel is compiled at run time by NVRTC (which candle already loads) from [`SOURCE`], which needs no CUDA
+//! header, so the build stays what it was. It cannot run without a GPU, so two things keep a wrong kernel from
+//! doing harm: the first call in a process (never inside a graph capture) also runs candle's composition on the
+//! same inputs and compares, and turns the kernel off for the process if they differ beyond bf16 rounding; and
+//! [`emulate`] runs the kernel's algorithm on the host over the same launch arguments, which the tests compare
+//! with candle's composition on strided views of a cache.
+
+use candle_core::{DType, Tensor};
+
+use crate::error::Result;
+
+/// Widest key range the kernel takes (its scores live in shared memory; 48 KiB holds 8192 f32s and the rest).
+pub const MAX_WIDTH: usize = 8192;
+
+/// Threads per block: four warps.
+#[cfg(feature = "cuda")]
+const THREADS: usize = 128;
+
+/// CUDA source of the kernel: bf16 travels as raw 16-bit words, so no header is needed.
+pub const SOURCE: &str = r#"
+typedef unsigned short bf16_t;
+
+__device__ __forceinline__ float load_val(const float* p, long i) { return p[i]; }
+__device__ __forceinline__ float load_val(const bf16_t* p, long i) {
+    return __uint_as_float(((unsigned int)p[i]) << 16);
+}
+__device__ __forceinline__ void store_val(float* p, long i, float v) { p[i] = v; }
+__device__ __forceinline__ void store_val(bf16_t* p, long i, float v) {
+    unsigned int u = __float_as_uint(v);
+    if ((u & 0x7fffffffu) > 0x7f800000u) {  // NaN stays a (quiet) NaN
+        p[i] = (bf16_t)((u >> 16) | 0x40u);
+        return;
+    }
+    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest, ties to even
+    p[i] = (bf16_t)(u >> 16);
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    return x;
+}
+__device__ __forceinline__ float warp_max(float x) {
+    for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+    return x;
+}
+
+// One block per (row b, head h). Shared memory: the query (dim floats), the scores (width floats) and one
+// partial output per warp (nwarps * dim floats). dim is a multiple of 32 and at most 256.
+template <typename T>
+__device__ void decode_attention(
+    const T* q, const T* k, const T* v, const float* mask, T* out,
+    int heads, int rep, int width, int dim,
+    long q_b, long q_h, long k_b, long k_h, long k_w, long v_b, long v_h, long v_w, long m_b,
+    long o_b, long o_h)
+{
+    extern __shared__ float smem[];
+    __shared__ float red[32];
+    float* qs = smem;
+    float* scores = smem + dim;
+    float* partial = scores + width;
+    const int b = blockIdx.x / heads, h = blockIdx.x % heads, kvh = h / rep;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
+
+    for (int d = tid; d < dim; d += blockDim.x) qs[d] = load_val(q, b * q_b + h * q_h + d);
+    __syncthreads();
+
+    // Scores: a warp per key, its lanes across the head dimension.
+    const T* kb = k + b * k_b + kvh * k_h;
+    for (int w = warp; w < width; w += nwarps) {
+        float acc = 0.f;
+        for (int d = lane; d < dim; d += 32) acc += qs[d] * load_val(kb, w * k_w + d);
+        acc = warp_sum(acc);
+        if (lane == 0) scores[w] = acc + mask[b * m_b + w];
+    }
+    __syncthreads();
+
+    // Softmax in f32.
+    float mx = -3.402823466e38f;
+    for (int w = tid; w < width; w += blockDim.x) mx = fmaxf(mx, scores[w]);
+    mx = warp_max(mx);
+    if (lane == 0) red[warp] = mx;
+    __syncthreads();
+    mx = red[0];
+    for (int i = 1; i < nwarps; ++i) mx = fmaxf(mx, red[i]);
+    __syncthreads();
+    float sum = 0.f;
+    for (int w = tid; w < width; w += blockDim.x) {
+        const float e = __expf(scores[w] - mx);
+        scores[w] = e;
+        sum += e;
+    }
+    sum = warp_sum(sum);
+    if (lane == 0) red[warp] = sum;
+    __syncthreads();
+    sum = 0.f;
+    for (int i = 0; i < nwarps; ++i) sum += red[i];
+    const float inv = 1.f / sum;
+
+    // Output: each warp sums its share of the keys, each lane dims lane, lane + 32, ...
+    const T* vb = v + b * v_b + kvh * v_h;
+    float acc[8];
+    const int per_lane = dim >> 5;
+    for (int j = 0; j < 8; ++j) acc[j] = 0.f;
+    for (int w = warp; w < width; w += nwarps) {
+        const float p = scores[w];
+        for (int j = 0; j < per_lane; ++j) acc[j] += p * load_val(vb, w * v_w + lane + 32 * j);
+    }
+    for (int j = 0; j < per_lane; ++j) partial[warp * dim + lane + 32 * j] = acc[j];
+    __syncthreads();
+    for (int d = tid; d < dim; d += blockDim.x) {
+        float o = 0.f;
+        for (int i = 0; i < nwarps; ++i) o += partial[i * dim + d];
+        store_val(out, b * o_b + h * o_h + d, o * inv);
+    }
+}
+
+#define DECODE_ATTENTION(NAME, T) \
+extern "C" __global__ void NAME( \
+    const T* q, const T* k, const T* v, const float* mask, T* out, \
+    int heads, int rep, int width, int dim, \
+    long q_b, long q_h, long k_b, long k_h, long k_w, long v_b, long v_h, long v_w, long m_b, \
+    long o_b, long o_h) { \
+    decode_attention<T>(q, k, v, mask, out, heads, rep, width, dim, \
+                        q_b, q_h, k_b, k_h, k_w, v_b, v_h, v_w, m_b, o_b, o_h); \
+}
+DECODE_ATTENTION(decode_attention_bf16, bf16_t)
+DECODE_ATTENTION(decode_attention_f32, float)
+"#;
+
+/// What the kernel is told about one call: sizes, and every operand's element strides and start offset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaunchArgs {
+    /// Rows (batch).
+    pub rows: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Query heads per key/value head.
+    pub rep: usize,
+    /// Keys attended to.
+    pub width: usize,
+    /// Head dimension.
+    pub dim: usize,
+    /// Query strides (row, head) and offset.
+    pub q: (usize, usize, usize),
+    /// Key strides (row, head, position) and offset.
+    pub k: (usize, usize, usize, usize),
+    /// Value strides (row, head, position) and offset.
+    pub v: (usize, usize, usize, usize),
+    /// Mask row stride and offset.
+    pub mask: (usize, usize),
+}
+
+impl LaunchArgs {
+    /// The launch for q [B, H, 1, D], k and v [B, H/rep, W, D] (any strides, unit-stride D) and the additive f32
+    /// mask [B, 1, 1, W]; `None` when the kernel does not cover the call (candle's ops then run as before).
+    pub fn of(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Option<Self> {
+        let (b, heads, t, dim) = q.dims4().ok()?;
+        let (kb, kv_heads, width, kd) = k.dims4().ok()?;
+        if t != 1
+            || kb != b
+            || kd != dim
+            || v.dims() != k.dims()
+            || kv_heads == 0
+            || heads % kv_heads != 0
+            || dim % 32 != 0
+            || dim > 256
+            || width == 0
+            || width > MAX_WIDTH
+            || mask.dtype() != DType::F32
+            || mask.dims() != [b, 1, 1, width]
+            || k.dtype() != q.dtype()
+            || v.dtype() != q.dtype()
+            || !matches!(q.dtype(), DType::BF16 | DType::F32)
+        {
+            return None;
+        }
+        let (qs, ks, vs, ms) = (q.stride(), k.stride(), v.stride(), mask.stride());
+        if qs[3] != 1 || ks[3] != 1 || vs[3] != 1 || ms[3] != 1 {
+            return None;
+        }
+        let offset = |t: &Tensor| t.layout().start_offset();
+        Some(Self {
+            rows: b,
+            heads,
+            rep: heads / kv_heads,
+            width,
+            dim,
+            q: (qs[0], qs[1], offset(q)),
+            k: (ks[0], ks[1], ks[2], offset(k)),
+            v: (vs[0], vs[1], vs[2], offset(v)),
+            mask: (ms[0], offset(mask)),
+        })
+    }
+}
+
+/// The kernel's algorithm on the host, over the same arguments and the operands' whole storage (f32): the
+/// output [B, H, D] contiguous. Tests compare it with candle's composition to check the launch arguments.
+pub fn emulate(a: &LaunchArgs, q: &[f32], k: &[f32], v: &[f32], mask: &[f32]) -> Vec<f32> {
+    let mut out = vec![0f32; a.rows * a.heads * a.dim];
+    for b in 0..a.rows {
+        for h in 0..a.heads {
+            let kvh = h / a.rep;
+            let qv: Vec<f32> = (0..a.dim)
+                .map(|d| q[a.q.2 + b * a.q.0 + h * a.q.1 + d])
+                .collect();
+            let scores: Vec<f32> = (0..a.width)
+                .map(|w| {
+                    let base = a.k.3 + b * a.k.0 + kvh * a.k.1 + w * a.k.2;
+                    let dot: f32 = (0..a.dim).map(|d| qv[d] * k[base + d]).sum();
+                    dot + mask[a.mask.1 + b * a.mask.0 + w]
+                })
+                .collect();
+            let mx = scores.iter().copied().fold(f32::MIN, f32::max);
+            let e: Vec<f32> = scores.iter().map(|s| (s - mx).exp()).collect();
+            let sum: f32 = e.iter().sum();
+            for d in 0..a.dim {
+                let o: f32 = (0..a.width)
+                    .map(|w| e[w] * v[a.v.3 + b * a.v.0 + kvh * a.v.1 + w * a.v.2 + d])
+                    .sum();
+                out[(b * a.heads + h) * a.dim + d] = o / sum;
+            }
+        }
+    }
+    out
+}
+
+/// What the kernel has done in this process.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct KernelReport {
+    /// Calls that ran the kernel.
+    pub calls: u64,
+    /// Relative difference (max|Δ|/max|ref|) from candle's composition at the first call, if it ran.
+    pub check_rel_err: Option<f32>,
+    /// Why the kernel is off for the process, if it is.
+    pub failure: Option<String>,
+}
+
+/// The process's report so far.
+pub fn report() -> KernelReport {
+    state().lock().map(|s| s.report.clone()).unwrap_or_default()
+}
+
+/// Largest relative difference from candle's composition the first-call check accepts: both round the output
+/// to bf16 (≈ 4e-3), and the composition also rounds the probabilities; a wrong index gives order one.
+const CHECK_TOLERANCE: f32 = 3e-2;
+
+#[derive(Default)]
+struct State {
+    checked: bool,
+    report: KernelReport,
+}
+
+fn state() -> &'static std::sync::Mutex<State> {
+    static STATE: std::sync::OnceLock<std::sync::Mutex<State>> = std::sync::OnceLock::new();
+    STATE.get_or_init(Default::default)
+}
+
+/// Attention of the one-token queries `q` through the kernel when it covers the call and has not been turned
+/// off: Some([B, H, 1, D]); `None` sends the caller to candle's composition, which `composed` computes (the
+/// first call runs it too, to check the kernel).
+pub(crate) fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    composed: impl FnOnce() -> candle_core::Result<Tensor>,
+) -> Result<Option<Tensor>> {
+    if !q.device().is_cuda() || switched_off() {
+        return Ok(None);
+    }
+    let Some(args) = LaunchArgs::of(q, k, v, mask) else {
+        return Ok(None);
+    };
+    let mut st = state()
+        .lock()
+        .map_err(|_| crate::error::ModelError::Device("decode attention state poisoned".into()))?;
+    if st.report.failure.is_some() {
+        return Ok(None);
+    }
+    if !st.checked {
+        // The check reads back to the host, which a graph capture cannot hold: wait for an eager call.
+        if capturing(q)? {
+            return Ok(None);
+        }
+        st.checked = true;
+        let ours = match launch(&args, q, k, v, mask) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(error = %e, "decode attention kernel unavailable; using candle's ops");
+                st.report.failure = Some(format!("{e}"));
+                return Ok(None);
+            }
+        };
+        let reference = composed()?;
+        let err = rel_err(&ours, &reference)?;
+        st.report.check_rel_err = Some(err);
+        if err.is_nan() || err > CHECK_TOLERANCE {
+            tracing::warn!(
+                rel_err = err,
+                "decode attention kernel disagrees with candle's ops; turned off"
+            );
+            st.report.failure = Some(format!(
+                "first-call check: relative difference {err:.3e} from candle's ops (tolerance {CHECK_TOLERANCE:.0e})"
+            ));
+            return Ok(Some(reference));
+        }
+        st.report.calls += 1;
+        return Ok(Some(ours));
+    }
+    st.report.calls += 1;
+    drop(st);
+    Ok(Some(launch(&args, q, k, v, mask)?))
+}
+
+/// `PAIRUNI_ATTENTION_KERNEL=off` turns the kernel off for a process whatever the model says: the device
+/// scripts' escape hatch for commands without a flag of their own (a kernel fault takes the whole CUDA context).
+fn switched_off() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OFF.get_or_init(|| std::env::var("PAIRUNI_ATTENTION_KERNEL").is_ok_and(|v| v == "off"))
+}
+
+fn rel_err(a: &Tensor, b: &Tensor) -> Result<f32> {
+    let a = a.to_dtype(DType::F32)?;
+    let b = b.to_dtype(DType::F32)?;
+    let d = (a - &b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    let m = b.abs()?.max_all()?.to_scalar::<f32>()?;
+    Ok(if m > 0.0 { d / m } else { d })
+}
+
+#[cfg(feature = "cuda")]
+fn capturing(t: &Tensor) -> Result<bool> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUstreamCaptureStatus;
+    let candle_core::Device::Cuda(dev) = t.device() else {
+        return Ok(false);
+    };
+    let status = dev
+        .cuda_stream()
+        .capture_status()
+        .map_err(|e| crate::error::ModelError::Device(format!("stream capture status: {e}")))?;
+    Ok(status != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn capturing(_: &Tensor) -> Result<bool> {
+    Ok(false)
+}
+
+#[cfg(feature = "cuda")]
+fn launch(a: &LaunchArgs, q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::CudaStorage;
+    use candle_core::{op::BackpropOp, Storage};
+
+    let device_err = |e: &dyn std::fmt::Display| {
+        crate::error::ModelError::Device(format!("decode attention: {e}"))
+    };
+    let candle_core::Device::Cuda(dev) = q.device() else {
+        return Err(device_err(&"not a CUDA tensor"));
+    };
+    let name = match q.dtype() {
+        DType::BF16 => "decode_attention_bf16",
+        _ => "decode_attention_f32",
+    };
+    let func = {
+        static PTX: std::sync::OnceLock<std::result::Result<String, String>> =
+            std::sync::OnceLock::new();
+        let ptx = PTX.get_or_init(|| {
+            candle_core::cuda_backend::cudarc::nvrtc::compile_ptx(SOURCE)
+                .map(|p| p.to_src())
+                .map_err(|e| format!("NVRTC: {e}"))
+        });
+        let ptx = ptx.as_ref().map_err(|e| device_err(e))?;
+        dev.get_or_load_custom_func(name, "pairuni_decode_attention", ptx)?
+    };
+
+    let n = a.rows * a.heads * a.dim;
+    let shared = (a.dim + a.width + (THREADS / 32) * a.dim) * 4;
+    let cfg = LaunchConfig {
+        grid_dim: ((a.rows * a.heads) as u32, 1, 1),
+        block_dim: (THREADS as u32, 1, 1),
+        shared_mem_bytes: shared as u32,
+    };
+    let ints = [a.heads as i32, a.rep as i32, a.width as i32, a.dim as i32];
+    let longs = [
+        a.q.0 as i64,
+        a.q.1 as i64,
+        a.k.0 as i64,
+        a.k.1 as i64,
+        a.k.2 as i64,
+        a.v.0 as i64,
+        a.v.1 as i64,
+        a.v.2 as i64,
+        a.mask.0 as i64,
+        (a.heads * a.dim) as i64,
+        a.dim as i64,
+    ];
+    let (ms, _) = mask.storage_and_layout();
+    let Storage::Cuda(ms) = &*ms else {
+        return Err(device_err(&"mask is not on the GPU"));
+    };
+    let mask_slice = ms.as_cuda_slice::<f32>()?.slice(a.mask.1..);
+
+    macro_rules! run {
+        ($t:ty) => {{
+            let (qs, _) = q.storage_and_layout();
+            let (ks, _) = k.storage_and_layout();
+            let (vs, _) = v.storage_and_layout();
+            let (Storage::Cuda(qs), Storage::Cuda(ks), Storage::Cuda(vs)) = (&*qs, &*ks, &*vs) else {
+                return Err(device_err(&"operands are not on the GPU"));
+            };
+            let qv = qs.as_cuda_slice::<$t>()?.slice(a.q.2..);
+            let kv = ks.as_cuda_slice::<$t>()?.slice(a.k.3..);
+            let vv = vs.as_cuda_slice::<$t>()?.slice(a.v.3..);
+            // SAFETY: every element is written by the kernel below.
+            let out = unsafe { dev.alloc::<$t>(n)? };
+            let mut builder = func.builder();
+            builder.arg(&qv);
+            builder.arg(&kv);
+            builder.arg(&vv);
+            builder.arg(&mask_slice);
+            builder.arg(&out);
+            for x in &ints {
+                builder.arg(x);
+            }
+            for x in &longs {
+                builder.arg(x);
+            }
+            // SAFETY: the arguments match the kernel's signature; the strides and offsets stay inside the
+            // operands' storage (LaunchArgs::of took them from their layouts).
+            unsafe { builder.launch(cfg) }.map_err(|e| device_err(&e))?;
+            Storage::Cuda(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+        }};
+    }
+    let storage = match q.dtype() {
+        DType::BF16 => run!(half::bf16),
+        _ => run!(f32),
+    };
+    Ok(Tensor::from_storage(
+        storage,
+        (a.rows, a.heads, 1, a.dim),
+        BackpropOp::none(),
+        false,
+    ))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn launch(_: &LaunchArgs, _: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor) -> Result<Tensor> {
+    Err(crate::error::ModelError::Device(
+        "decode attention kernel: built without CUDA".into(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn filled(shape: &[usize], seed: usize) -> Tensor {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|i| (((i + seed) * 2654435761usize) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// candle's composition, as `Attention::attend` runs it (scale already in the queries).
+    fn composed(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, rep: usize) -> Tensor {
+        let expand = |y: &Tensor| {
+            let (b, kvh, w, d) = y.dims4().unwrap();
+            y.unsqueeze(2)
+                .unwrap()
+                .expand((b, kvh, rep, w, d))
+                .unwrap()
+                .reshape((b, kvh * rep, w, d))
+                .unwrap()
+        };
+        let s = q
+            .matmul(&expand(k).t().unwrap())
+            .unwrap()
+            .broadcast_add(mask)
+            .unwrap();
+        candle_nn::ops::softmax_last_dim(&s)
+            .unwrap()
+            .matmul(&expand(v))
+            .unwrap()
+    }
+
+    fn storage(t: &Tensor) -> Vec<f32> {
+        let (st, _) = t.storage_and_layout();
+        match &*st {
+            candle_core::Storage::Cpu(c) => c.as_slice::<f32>().unwrap().to_vec(),
+            _ => unreachable!("CPU tensors only"),
+        }
+    }
+
+    #[test]
+    fn the_launch_arguments_follow_strided_cache_views() {
+        // A preallocated cache [B, KVH, capacity, D] read up to `width`, grouped heads, a sliced mask buffer
+        // with masked keys, and a query view out of a wider buffer: every stride and offset is exercised.
+        let (b, kvh, rep, cap, width, dim) = (3, 2, 2, 12, 7, 64);
+        let kbuf = filled(&[b, kvh, cap, dim], 1);
+        let vbuf = filled(&[b, kvh, cap, dim], 2);
+        let k = kbuf.narrow(2, 0, width).unwrap();
+        let v = vbuf.narrow(2, 0, width).unwrap();
+        let qbuf = filled(&[b, kvh * rep, 3, dim], 3);
+        let q = qbuf.narrow(2, 1, 1).unwrap();
+        let mut m = vec![0f32; b * cap];
+        for (i, x) in m.iter_mut().enumerate() {
+            if i % 5 == 3 {
+                *x = -1e30;
+            }
+        }
+        let mbuf = Tensor::from_vec(m, (b, 1, 1, cap), &Device::Cpu).unwrap();
+        let mask = mbuf.narrow(3, 0, width).unwrap();
+        let args = LaunchArgs::of(&q, &k, &v, &mask).expect("covered");
+        assert_eq!((args.rep, args.width, args.q.2), (rep, width, dim));
+        let got = emulate(
+            &args,
+            &storage(&q),
+            &storage(&k),
+            &storage(&v),
+            &storage(&mask),
+        );
+        let want = composed(&q, &k, &v, &mask, rep)
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let max_ref = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+        assert!(max_ref > 0.05, "a reference of zeros proves nothing");
+        let err = got
+            .iter()
+            .zip(&want)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(err <= 1e-5 * max_ref.max(1.0), "max |Δ| {err}");
+        // A masked key takes no weight: moving its value changes nothing.
+        let masked_row = 0;
+        let masked_key = 3; // mask index 3 of row 0
+        let moved = vbuf
+            .slice_assign(
+                &[
+                    masked_row..masked_row + 1,
+                    0..kvh,
+                    masked_key..masked_key + 1,
+                    0..dim,
+                ],
+                &Tensor::ones((1, kvh, 1, dim), DType::F32, &Device::Cpu).unwrap(),
+            )
+            .unwrap();
+        let got2 = emulate(
+            &args,
+            &storage(&q),
+            &storage(&k),
+            &storage(&moved),
+            &storage(&mask),
+        );
+        assert_eq!(got[..rep * kvh * dim], got2[..rep * kvh * dim]);
+    }
+
+    #[test]
+    fn calls_outside_the_kernel_are_left_to_candle() {
+        let q = filled(&[2, 2, 1, 64], 0);
+        let k = filled(&[2, 2, 5, 64], 1);
+        let mask = Tensor::zeros((2, 1, 1, 5), DType::F32, &Device::Cpu).unwrap();
+        assert!(LaunchArgs::of(&q, &k, &k, &mask).is_some());
+        // Two query positions, an odd head size, a mask of the wrong dtype, a transposed head dimension.
+        let q2 = filled(&[2, 2, 2, 64], 0);
+        assert!(LaunchArgs::of(&q2, &k, &k, &mask).is_none());
+        let odd = filled(&[2, 2, 1, 48], 0);
+        let kodd = filled(&[2, 2, 5, 48], 0);
+        assert!(LaunchArgs::of(&odd, &kodd, &kodd, &mask).is_none());
+        let mask16 = mask.to_dtype(DType::BF16).unwrap();
+        assert!(LaunchArgs::of(&q, &k, &k, &mask16).is_none());
+        let kt = filled(&[2, 2, 64, 5], 1).transpose(2, 3).unwrap();
+        assert!(LaunchArgs::of(&q, &kt, &kt, &mask).is_none());
+        // On the CPU the caller's composition runs and the kernel is never tried.
+        let out = attend(&q, &k, &k, &mask, || {
+            unreachable!("not asked for on the CPU")
+        })
+        .unwrap();
+        assert!(out.is_none());
+    }
+}
