@@ -85,7 +85,8 @@ if [[ -n "$bin" ]]; then
     # on the host, then also with images drawn on the host and in f32, so that the call still brings back a
     # candle number (the log keeps the first error). Same files (at most 8 come back); the JSON's cudnn, dtype,
     # stack_projections, fused_sampling, prompt_sharing and *_sampler say which ran.
-    for retry in "--attention-kernel off" "--attention-kernel off --stack-projections off" \
+    for retry in "--attention-kernel off --fused-training off" \
+        "--attention-kernel off --fused-training off --stack-projections off" \
         "--fused-sampling off --prompt-sharing off --text-sampler host" \
         "--fused-sampling off --prompt-sharing off --text-sampler host --image-sampler host --dtype f32"; do
         t=$(( $(left) - 10 ))
@@ -220,7 +221,7 @@ except OSError:
 for name, d in (("pytorch", pt), ("candle", cd)):
     if d:
         extra = {k: d.get(k) for k in ("dtype", "image_tokens", "answer_tokens", "grad_norm", "params_with_grad",
-                                       "init_ms", "peak_mem_gib", "cudnn", "image_sampler", "text_sampler", "fused_sampling", "stack_projections", "attention_kernel", "attention_kernel_report", "prompt_sharing",
+                                       "init_ms", "peak_mem_gib", "cudnn", "image_sampler", "text_sampler", "fused_sampling", "stack_projections", "attention_kernel", "attention_kernel_report", "fused_training", "prompt_sharing",
                                        "cuda_graphs", "graph_report", "answer_graph_report", "image_step_probe") if k in d}
         print(name, json.dumps(extra))
     else:

@@ -467,6 +467,15 @@ impl Janus {
     pub fn set_stack_projections(&mut self, on: bool) {
         self.m.lm.set_stack_projections(on);
     }
+    /// Whether differentiable forwards (teacher forcing, training) run candle's fused kernels with hand-written
+    /// backwards (default: on accelerators, off on the CPU).
+    pub fn fused_training(&self) -> bool {
+        self.m.lm.fused_training()
+    }
+    /// Chooses the kernels of differentiable forwards.
+    pub fn set_fused_training(&mut self, on: bool) {
+        self.m.lm.set_fused_training(on);
+    }
     /// Whether fused-kernel decode steps on a GPU run attention as one kernel (`decode_attention`).
     pub fn attention_kernel(&self) -> bool {
         self.m.lm.attention_kernel()

@@ -22,6 +22,7 @@ pub mod llama;
 pub mod patch_codebook;
 pub mod sampling;
 pub mod tokenizer;
+mod trained_kernels;
 pub mod vision;
 pub mod vq;
 

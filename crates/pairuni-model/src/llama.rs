@@ -24,6 +24,7 @@ use crate::layers::{
     apply_rope, apply_rope_fused, softmax_last, FusedRotaryTables, InitKind, Linear, Params,
     RmsNorm, Rotary,
 };
+use crate::trained_kernels;
 
 mod static_decode;
 pub use static_decode::{static_capacity, StaticDecode, WIDTH_STEP};
@@ -380,6 +381,11 @@ pub struct Llama {
     /// Whether those fused-kernel forwards run one-query attention as one CUDA kernel
     /// ([`crate::decode_attention`]); on by default, acting on CUDA devices only.
     attention_kernel: bool,
+    /// Whether differentiable forwards (teacher forcing, training) run the fused RMSNorm, rotary and softmax
+    /// kernels with hand-written backwards ([`crate::trained_kernels`]) instead of compositions of basic ops.
+    /// On by default on accelerators (a third of the train phase's ops); off on the CPU, where the compositions
+    /// are what every recorded toy-world result was trained with.
+    fused_training: bool,
 }
 
 impl Llama {
@@ -426,6 +432,7 @@ impl Llama {
             fused_sampling: !p.device.is_cpu(),
             stack_projections: true,
             attention_kernel: true,
+            fused_training: !p.device.is_cpu(),
         })
     }
 
@@ -437,6 +444,16 @@ impl Llama {
     /// Chooses the kernels of sampling forwards (see the field); training forwards always compose basic ops.
     pub fn set_fused_sampling(&mut self, on: bool) {
         self.fused_sampling = on;
+    }
+
+    /// Whether differentiable forwards run the fused kernels with backwards.
+    pub fn fused_training(&self) -> bool {
+        self.fused_training
+    }
+
+    /// Chooses the kernels of differentiable forwards (see the field).
+    pub fn set_fused_training(&mut self, on: bool) {
+        self.fused_training = on;
     }
 
     /// Whether fused-kernel decode steps on a GPU run attention as one kernel.
@@ -522,7 +539,9 @@ impl Llama {
         let plan = cache.plan_append(t);
         // Only sampling goes through a preallocated cache, and nothing there is differentiated.
         let fused = plan.is_some() && self.fused_sampling;
-        let rope = self.rope_tables(&pos, max_pos, x.dtype(), fused)?;
+        // Forwards through a growing cache are the differentiable ones (teacher forcing, training).
+        let differentiable = plan.is_none() && self.fused_training;
+        let rope = self.rope_tables(&pos, max_pos, x.dtype(), fused || differentiable)?;
         let stacked = if fused {
             self.stacked_for(cache.stacked.as_ref())?
         } else {
@@ -563,6 +582,7 @@ impl Llama {
         // preallocated buffers through strided views, with no copy of the cache per step.
         let kernels = Kernels {
             fused,
+            differentiable,
             copy_kv: plan.is_none() || prealloc_copies_kv(dev),
             attention_kernel: self.attention_kernel,
         };
@@ -590,7 +610,7 @@ impl Llama {
                 Ok(views)
             })?;
         }
-        let h = self.norm.forward_with(&h, fused)?;
+        let h = rms_norm(&self.norm, &h, kernels)?;
         Ok((
             h,
             KvCache {
@@ -644,11 +664,22 @@ impl Llama {
     }
 }
 
+/// `norm` of `x` with the forward's kernels: fused (no backward), fused with a backward, or composed.
+fn rms_norm(norm: &RmsNorm, x: &Tensor, kernels: Kernels) -> candle_core::Result<Tensor> {
+    if kernels.differentiable && !kernels.fused {
+        trained_kernels::rms_norm(x, &norm.weight, norm.eps)
+    } else {
+        norm.forward_with(x, kernels.fused)
+    }
+}
+
 /// Which kernels one forward's layers run.
 #[derive(Debug, Clone, Copy)]
 struct Kernels {
     /// candle's fused RMSNorm, rotary and softmax kernels (no backward) instead of compositions of basic ops.
     fused: bool,
+    /// Without `fused`: the same kernels with a backward ([`crate::trained_kernels`]) instead of compositions.
+    differentiable: bool,
     /// Make keys and values contiguous before the attention matmuls (the CPU's and the growing cache's layout).
     copy_kv: bool,
     /// With `fused`, one-query attention on a GPU runs as one kernel ([`crate::decode_attention`]).
@@ -668,12 +699,14 @@ impl Layer {
         stacked: Option<&StackedLayer>,
         store: impl FnOnce(&Tensor, &Tensor) -> candle_core::Result<(Tensor, Tensor)>,
     ) -> Result<Tensor> {
-        let normed = self.input_norm.forward_with(h, kernels.fused)?;
-        let (q, k, v) = self.attn.project(&normed, rope, stacked)?;
+        let normed = rms_norm(&self.input_norm, h, kernels)?;
+        let (q, k, v) = self
+            .attn
+            .project(&normed, rope, stacked, kernels.differentiable)?;
         let (ks, vs) = store(&k, &v)?;
         let attn_out = self.attn.attend(&q, &ks, &vs, mask, kernels)?;
         let h = (h + attn_out)?;
-        let normed = self.post_norm.forward_with(&h, kernels.fused)?;
+        let normed = rms_norm(&self.post_norm, &h, kernels)?;
         let m = &self.mlp;
         let (gate, up) = match stacked {
             Some(s) => {
@@ -759,6 +792,7 @@ impl Attention {
         x: &Tensor,
         rope: &RopeTables,
         stacked: Option<&StackedLayer>,
+        differentiable: bool,
     ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let (b, t, _) = x.dims3()?;
         let split = |y: Tensor, heads: usize| -> candle_core::Result<Tensor> {
@@ -784,6 +818,11 @@ impl Attention {
             RopeTables::Composed { cos, sin } => {
                 Ok((apply_rope(&q, cos, sin)?, apply_rope(&k, cos, sin)?, v))
             }
+            RopeTables::Fused(tb) if differentiable => Ok((
+                trained_kernels::rope(&q, &tb.cos_q, &tb.sin_q)?,
+                trained_kernels::rope(&k, &tb.cos_k, &tb.sin_k)?,
+                v,
+            )),
             RopeTables::Fused(tb) => Ok((
                 apply_rope_fused(&q, &tb.cos_q, &tb.sin_q)?,
                 apply_rope_fused(&k, &tb.cos_k, &tb.sin_k)?,
@@ -806,6 +845,7 @@ impl Attention {
     ) -> Result<Tensor> {
         let Kernels {
             fused,
+            differentiable,
             copy_kv,
             attention_kernel,
         } = kernels;
@@ -830,6 +870,9 @@ impl Attention {
             let probs = if fused {
                 let scores = q.matmul(&kt)?.to_dtype(DType::F32)?.broadcast_add(mask)?;
                 candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(q.dtype())?
+            } else if differentiable {
+                let scores = q.matmul(&kt)?.to_dtype(DType::F32)?.broadcast_add(mask)?;
+                trained_kernels::softmax_last(&scores)?.to_dtype(q.dtype())?
             } else {
                 let scale = 1.0 / (self.head_dim as f64).sqrt();
                 let scores = (q.matmul(&kt)? * scale)?.to_dtype(DType::F32)?;

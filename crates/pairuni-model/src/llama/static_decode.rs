@@ -195,6 +195,7 @@ impl Llama {
         let write_at = col.broadcast_as((b, kvh, 1, d))?.contiguous()?;
         let kernels = Kernels {
             fused,
+            differentiable: false,
             copy_kv: super::prealloc_copies_kv(x.device()),
             attention_kernel: self.attention_kernel,
         };

@@ -184,6 +184,10 @@ pub struct BenchGpuStepArgs {
     /// With the fused kernels, run q/k/v and gate/up as one stacked batched matmul each: on | off (auto: on).
     #[arg(long, default_value = "auto")]
     pub stack_projections: Toggle,
+    /// Teacher-forced passes (the train phase) through candle's fused RMSNorm, rotary and softmax kernels with
+    /// hand-written backwards: on | off (auto: the model's default, on accelerators).
+    #[arg(long, default_value = "auto")]
+    pub fused_training: Toggle,
     /// One-query attention of fused-kernel decode steps as one CUDA kernel (checked against candle's ops at its
     /// first call, and turned off if they differ): on | off (auto: on).
     #[arg(long, default_value = "auto")]
@@ -663,6 +667,9 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
     if let Some(on) = a.attention_kernel.forced() {
         model.set_attention_kernel(on);
     }
+    if let Some(on) = a.fused_training.forced() {
+        model.set_fused_training(on);
+    }
     if let Some(on) = a.cuda_graphs.forced() {
         model.set_static_decode(on);
     }
@@ -783,6 +790,7 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
         "fused_sampling": model.fused_sampling(),
         "stack_projections": model.stack_projections(),
         "attention_kernel": model.attention_kernel(),
+        "fused_training": model.fused_training(),
         "attention_kernel_report": pairuni_model::decode_attention::report(),
         "cuda_graphs": graphs_in_step,
         "prompt_sharing": model.prompt_sharing(),
@@ -1537,6 +1545,7 @@ mod tests {
             compare_sharing: false,
             profile_phases: Vec::new(),
             attention_kernel: Toggle::Auto,
+            fused_training: Toggle::Auto,
             json: true,
         }
     }
