@@ -58,10 +58,15 @@ pub struct Placement {
     /// The kernels of sampling forwards: candle's fused ones (`auto`: on accelerators) or the compositions.
     pub fused_sampling: Toggle,
     /// Whether the device-side image and answer decodes take fixed-shape steps, captured as CUDA graphs on CUDA
-    /// devices (`auto`: off until a GPU run has measured it, docs/GPU.md).
+    /// devices (`auto`: on CUDA devices, docs/GPU.md).
     pub cuda_graphs: Toggle,
     /// Whether answer rollouts of one image and question share the prompt's forward (`auto`: on accelerators).
     pub prompt_sharing: Toggle,
+    /// The kernels of differentiable forwards: candle's fused ones with hand-written backwards (`auto`: on
+    /// accelerators) or the compositions of basic ops.
+    pub fused_training: Toggle,
+    /// Whether a decode step's attention runs as one CUDA kernel (`auto`: on; it acts on CUDA devices only).
+    pub attention_kernel: Toggle,
 }
 
 impl Placement {
@@ -73,6 +78,8 @@ impl Placement {
             fused_sampling: Toggle::Auto,
             cuda_graphs: Toggle::Auto,
             prompt_sharing: Toggle::Auto,
+            fused_training: Toggle::Auto,
+            attention_kernel: Toggle::Auto,
         }
     }
 
@@ -86,6 +93,12 @@ impl Placement {
         }
         if let Some(on) = self.prompt_sharing.forced() {
             model.set_prompt_sharing(on);
+        }
+        if let Some(on) = self.fused_training.forced() {
+            model.set_fused_training(on);
+        }
+        if let Some(on) = self.attention_kernel.forced() {
+            model.set_attention_kernel(on);
         }
     }
 
@@ -126,9 +139,9 @@ pub struct ModelConfig {
     /// `off` is the escape hatch should a fused kernel misbehave on some GPU (default `auto`).
     pub fused_sampling: Toggle,
     /// Rollouts sampled on the device in fixed-shape steps, each attention width's step captured once as a CUDA
-    /// graph and replayed: `on`, `off`, or `auto` (off until a GPU run has measured it). It concerns the
-    /// device-side samplers, the default on CUDA (images always, answers without top-p); the CPU samples on the
-    /// host (default `auto`).
+    /// graph and replayed: `on`, `off`, or `auto` (on CUDA devices: measured on an H200, the captured steps match
+    /// the eager ones bit for bit and halve the image rollout). It concerns the device-side samplers, the default
+    /// on CUDA (images always, answers without top-p); the CPU samples on the host (default `auto`).
     pub cuda_graphs: Toggle,
     /// Answer rollouts of one image and question (a GRPO group) share the prompt's forward, in the sampler's
     /// prefill and in the teacher-forced pass: `auto` (on accelerators, where the prompt's 576 image slots are
@@ -136,6 +149,14 @@ pub struct ModelConfig {
     /// same values, computed once per prompt instead of once per rollout; the gradients differ by rounding only
     /// (default `auto`).
     pub prompt_sharing: Toggle,
+    /// Teacher-forced passes (training) through candle's fused RMSNorm, rotary and softmax kernels with
+    /// hand-written backwards: `auto` (on accelerators, where a third fewer ops is a third less host time; off
+    /// on the CPU, which keeps the recorded toy results bit for bit), `on` or `off`. Values and gradients match
+    /// the compositions to rounding (default `auto`).
+    pub fused_training: Toggle,
+    /// A decode step's attention as one CUDA kernel (scores, softmax and values in one launch, checked against
+    /// an f32 reference at its first use and turned off if it disagrees): `auto`/`on` or `off` (default `auto`).
+    pub attention_kernel: Toggle,
 }
 
 impl Default for ModelConfig {
@@ -147,6 +168,8 @@ impl Default for ModelConfig {
             fused_sampling: Toggle::Auto,
             cuda_graphs: Toggle::Auto,
             prompt_sharing: Toggle::Auto,
+            fused_training: Toggle::Auto,
+            attention_kernel: Toggle::Auto,
         }
     }
 }
@@ -172,6 +195,8 @@ impl ModelConfig {
             fused_sampling: self.fused_sampling,
             cuda_graphs: self.cuda_graphs,
             prompt_sharing: self.prompt_sharing,
+            fused_training: self.fused_training,
+            attention_kernel: self.attention_kernel,
         })
     }
 }
@@ -187,33 +212,50 @@ mod tests {
         let mut c = ModelConfig::default();
         let m = c.resolve(None, None).unwrap().adopt(toy()).unwrap();
         assert!(!m.fused_sampling(), "auto keeps the CPU's composed kernels");
-        assert!(!m.static_decode(), "auto leaves graphs off until measured");
+        assert!(!m.static_decode(), "auto takes graphs on CUDA devices only");
         assert!(!m.prompt_sharing(), "auto keeps the CPU's unshared passes");
+        assert!(
+            !m.fused_training(),
+            "auto keeps the CPU's composed training kernels"
+        );
+        assert!(
+            m.attention_kernel(),
+            "auto leaves the kernel on (it acts on CUDA only)"
+        );
         assert_eq!(m.dtype(), DType::F32);
         c.fused_sampling = Toggle::On;
         c.cuda_graphs = Toggle::On;
         c.prompt_sharing = Toggle::On;
+        c.fused_training = Toggle::On;
+        c.attention_kernel = Toggle::Off;
         let placed = c.resolve(None, Some("bf16")).unwrap();
         let m = placed.adopt(toy()).unwrap();
         assert!(m.fused_sampling());
         assert!(m.static_decode());
         assert!(m.prompt_sharing());
+        assert!(m.fused_training());
+        assert!(!m.attention_kernel());
         assert_eq!(m.dtype(), DType::BF16);
         let mut m = m;
         Placement {
             fused_sampling: Toggle::Off,
             cuda_graphs: Toggle::Off,
             prompt_sharing: Toggle::Off,
+            fused_training: Toggle::Off,
+            attention_kernel: Toggle::On,
             ..placed
         }
         .configure(&mut m);
         assert!(!m.fused_sampling());
         assert!(!m.static_decode());
         assert!(!m.prompt_sharing());
+        assert!(!m.fused_training());
+        assert!(m.attention_kernel());
         let parsed: ModelConfig = toml::from_str(
-            "fused_sampling = \"on\"\ncuda_graphs = \"off\"\nprompt_sharing = \"on\"",
+            "fused_sampling = \"on\"\ncuda_graphs = \"off\"\nprompt_sharing = \"on\"\nfused_training = \"off\"",
         )
         .unwrap();
+        assert_eq!(parsed.fused_training, Toggle::Off);
         assert_eq!(parsed.fused_sampling, Toggle::On);
         assert_eq!(parsed.cuda_graphs, Toggle::Off);
         assert_eq!(parsed.prompt_sharing, Toggle::On);

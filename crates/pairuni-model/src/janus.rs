@@ -314,7 +314,9 @@ impl Janus {
             m,
             tokenizer,
             image_tokenizer,
-            static_decode: false,
+            // Measured on an H200 (docs/BENCHMARKS.md): captured steps match the eager ones bit for bit and halve
+            // the image rollout, so CUDA devices take them by default.
+            static_decode: device.is_cuda(),
             prompt_sharing: !device.is_cpu(),
             capture_graphs: true,
             graph_report: Mutex::new(None),
@@ -487,7 +489,7 @@ impl Janus {
     /// Whether the device-side samplers ([`SamplerSite::Device`], the default on CUDA: the CFG image decode, and
     /// the answer decode without top-p) take fixed-shape steps (`llama::StaticDecode`), captured once per
     /// attention width as CUDA graphs and replayed on CUDA devices, run as they are elsewhere (the tests force it
-    /// on the CPU). Off by default.
+    /// on the CPU). On by default on CUDA devices, off elsewhere.
     pub fn static_decode(&self) -> bool {
         self.static_decode
     }

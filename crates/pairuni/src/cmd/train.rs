@@ -169,6 +169,7 @@ pub fn run_bench_step(args: BenchStepArgs) -> anyhow::Result<ExitCode> {
         .map(PathBuf::from)
         .unwrap_or_default();
     let prompt_sharing = model.prompt_sharing();
+    let fused_training = model.fused_training();
     let mut trainer = GrpoTrainer::new(cfg.train.clone(), cfg.seed, model, pairs, dir)?;
     trainer.step()?; // warm-up: caches, allocator
     let mut rows = Vec::new();
@@ -191,6 +192,7 @@ pub fn run_bench_step(args: BenchStepArgs) -> anyhow::Result<ExitCode> {
             "updates_per_batch": cfg.train.updates_per_batch,
             "micro_batch": cfg.train.micro_batch,
             "prompt_sharing": prompt_sharing,
+            "fused_training": fused_training,
             "measured_steps": rows.len(),
             "step_s": wall,
             "rollout_s": avg("time/rollout"),
