@@ -69,7 +69,7 @@ if [[ -n "$bin" ]]; then
     # rollouts once more with the other setting (rollout_image_other in the JSON); --compare-sharing times the
     # answer rollout and the answers' teacher-forced pass with prompt sharing on and off (prompt_sharing_compare).
     timeout "$t" "$bin" --log info bench gpu-step --device "$dev" --shapes "$shapes" --compare-graphs \
-        --compare-sharing --json \
+        --compare-sharing --compare-attention-kernel --json \
         >"$OUT/candle_step.json" 2>"$OUT/candle_step.log"
     rc=$?
     echo "rc=$rc $(cat "$OUT/candle_step.json")"
@@ -203,6 +203,13 @@ if ps:
     print(f"prompt sharing (the step ran with it {'on' if cd.get('prompt_sharing') else 'off'}): "
           + "; ".join(f"{k}: " + (f"rollout_text {v['rollout_text']} ms, score_text {v['score_text']} ms"
                                    if "error" not in v else f"failed: {v['error']}") for k, v in ps.items()))
+ak = (cd or {}).get("attention_kernel_compare")
+if ak:
+    # The same rollouts with the decode-attention kernel the other way (graphs as in the step).
+    side = "on" if ak.get("attention_kernel") else "off"
+    print(f"rollouts with the attention kernel {side}: " + (f"failed: {ak['error']}" if "error" in ak else
+          f"rollout_image {ak.get('rollout_image')} ms ({ak.get('ms_per_image_step')} ms per image step), "
+          f"rollout_text {ak.get('rollout_text')} ms"))
 ts = (cd or {}).get("train_split")
 if ts:
     # Milliseconds and tensors created (about one kernel each) per part of candle's train phase.

@@ -209,6 +209,10 @@ pub struct BenchGpuStepArgs {
     /// optimiser step) with prompt sharing on and off (reported as `prompt_sharing_compare`; not fatal).
     #[arg(long)]
     pub compare_sharing: bool,
+    /// After the step, time the image and answer rollouts once more with the decode-attention kernel switched the
+    /// other way (reported as `attention_kernel_compare`; not fatal).
+    #[arg(long)]
+    pub compare_attention_kernel: bool,
     /// Phases of the step (rollout_image, rollout_text, decode_vq, train) to hand to a kernel profiler started
     /// with profiling off (`ncu --profile-from-start off`): each runs between cuProfilerStart and cuProfilerStop,
     /// opening with one `usqrt_f64` kernel that marks where its kernels begin.
@@ -750,6 +754,11 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
     } else {
         serde_json::Value::Null
     };
+    let attention_compare = if a.compare_attention_kernel {
+        rollout_with_other_attention(&mut model, &inputs, &a, answer_tokens, &mut rng)
+    } else {
+        serde_json::Value::Null
+    };
     let sharing_compare = if a.compare_sharing {
         json!({
             "on": answers_with_sharing(&mut model, &inputs, &a, answer_tokens, &mut rng, true),
@@ -792,6 +801,7 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
         "attention_kernel": model.attention_kernel(),
         "fused_training": model.fused_training(),
         "attention_kernel_report": pairuni_model::decode_attention::report(),
+        "attention_kernel_compare": attention_compare,
         "cuda_graphs": graphs_in_step,
         "prompt_sharing": model.prompt_sharing(),
         "prompt_sharing_compare": sharing_compare,
@@ -859,6 +869,38 @@ fn rollout_with_other_graphs(
 ) -> serde_json::Value {
     let chosen = model.static_decode();
     model.set_static_decode(!chosen);
+    let mut out = time_rollouts(model, inputs, a, answer_tokens, rng);
+    model.set_static_decode(chosen);
+    out["cuda_graphs"] = json!(!chosen);
+    out
+}
+
+/// The image and answer rollouts timed once more with the decode-attention kernel switched the other way (then
+/// restored), graphs as the step had them.
+fn rollout_with_other_attention(
+    model: &mut Janus,
+    inputs: &StepInputs,
+    a: &BenchGpuStepArgs,
+    answer_tokens: usize,
+    rng: &mut ChaCha8Rng,
+) -> serde_json::Value {
+    let chosen = model.attention_kernel();
+    model.set_attention_kernel(!chosen);
+    let mut out = time_rollouts(model, inputs, a, answer_tokens, rng);
+    model.set_attention_kernel(chosen);
+    out["attention_kernel"] = json!(!chosen);
+    out
+}
+
+/// The step's image and answer rollouts timed as the model is now set, with their graph reports; a failure is
+/// reported, not fatal.
+fn time_rollouts(
+    model: &mut Janus,
+    inputs: &StepInputs,
+    a: &BenchGpuStepArgs,
+    answer_tokens: usize,
+    rng: &mut ChaCha8Rng,
+) -> serde_json::Value {
     let n = model.image_tokens_per_image();
     let mut ph = Phases {
         device: model.device().clone(),
@@ -875,9 +917,7 @@ fn rollout_with_other_graphs(
         Ok(model.sample_answers_ids_at(&inputs.pixels, &inputs.und_prompts, &s, site, rng)?)
     });
     let answer_report = json!(model.last_answer_graph_report());
-    model.set_static_decode(chosen);
     let mut out = json!({
-        "cuda_graphs": !chosen,
         "graph_report": report,
         "answer_graph_report": answer_report,
     });
@@ -1543,6 +1583,7 @@ mod tests {
             compare_graphs: false,
             prompt_sharing: Toggle::Auto,
             compare_sharing: false,
+            compare_attention_kernel: false,
             profile_phases: Vec::new(),
             attention_kernel: Toggle::Auto,
             fused_training: Toggle::Auto,
