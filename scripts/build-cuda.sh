@@ -10,8 +10,9 @@
 #        OUT_DIR_BIN       where the binary lands  (default <repo>/.dev/gpu)
 #        CARRY_DIR         the device call's carry folder, holding only pairuni.xz (default <repo>/.dev/gpu-carry)
 #        NICE              nice level for cargo    (default 19: the build takes 12-20 min on 2 cores)
-#        VARIANTS          what to build           (default "cudnn plain": pairuni.xz with cuDNN convolutions, and
-#                                                    pairuni-nocudnn.xz without, the device scripts' fallback)
+#        VARIANTS          what to build           (default "plain cudnn": pairuni.xz, and pairuni-cudnn.xz whose
+#                                                    convolutions go through cuDNN, which the device scripts try
+#                                                    first until a GPU run has measured it)
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -112,11 +113,11 @@ build_variant() { # features, carried file name
     echo "compressed:      $carry_dir/$name.xz ($(du -m "$carry_dir/$name.xz" | cut -f1) MiB) <- carry $carry_dir"
 }
 # cuDNN is loaded at run time like the rest, so a machine without it fails only at the first convolution; the
-# plain build is what the device scripts fall back to then.
-for variant in ${VARIANTS:-cudnn plain}; do
+# plain build is the default and what the device scripts fall back to then.
+for variant in ${VARIANTS:-plain cudnn}; do
     case $variant in
-        cudnn) build_variant cuda,cudnn pairuni ;;
-        plain) build_variant cuda pairuni-nocudnn ;;
+        plain) build_variant cuda pairuni ;;
+        cudnn) build_variant cuda,cudnn pairuni-cudnn ;;
         *) echo "unknown variant $variant (cudnn | plain)" >&2; exit 1 ;;
     esac
 done

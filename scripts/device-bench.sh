@@ -68,8 +68,10 @@ if [[ -n "$bin" ]]; then
     # The graph check decides whether the step runs with CUDA graphs; --compare-graphs times the image and answer
     # rollouts once more with the other setting (rollout_image_other in the JSON); --compare-sharing times the
     # answer rollout and the answers' teacher-forced pass with prompt sharing on and off (prompt_sharing_compare).
+    # The attention kernel is off by default until measured: the step turns it on, and --compare-attention-kernel
+    # times the rollouts once more without it.
     timeout "$t" "$bin" --log info bench gpu-step --device "$dev" --shapes "$shapes" --compare-graphs \
-        --compare-sharing --compare-attention-kernel --json \
+        --compare-sharing --attention-kernel on --compare-attention-kernel --json \
         >"$OUT/candle_step.json" 2>"$OUT/candle_step.log"
     rc=$?
     echo "rc=$rc $(cat "$OUT/candle_step.json")"

@@ -1,6 +1,6 @@
 # Sourced by the device scripts (device-bench.sh, device-profile.sh) with $carry set: unpacks the CUDA binaries
-# and points the loader at the CUDA libraries. Sets $bin (with cuDNN convolutions) and $bin_plain (without, the
-# fallback should cuDNN fail to load); either is empty if its file is missing.
+# and points the loader at the CUDA libraries. Sets $bin (the cuDNN build when carried, else the plain one) and
+# $bin_plain (the plain build: the fallback should cuDNN fail to load); empty if nothing is carried.
 # shellcheck shell=bash
 
 # The binaries travel xz-compressed (the call carries at most 64 MiB).
@@ -19,13 +19,11 @@ unpack() { # carried name -> prints the path of a runnable binary, or nothing
         echo "$out"
     fi
 }
-bin=$(unpack pairuni)
-bin_plain=$(unpack pairuni-nocudnn)
-if [[ -z "$bin" ]]; then
-    echo "no binary: expected $carry/pairuni.xz (build it with scripts/build-cuda.sh, carry $carry)" >&2
-    bin=$bin_plain
-fi
+bin_plain=$(unpack pairuni)
+bin=$(unpack pairuni-cudnn)
+[[ -z "$bin" ]] && bin=$bin_plain
 [[ -z "$bin_plain" ]] && bin_plain=$bin
+[[ -z "$bin" ]] && echo "no binary: expected $carry/pairuni.xz (build it with scripts/build-cuda.sh, carry $carry)" >&2
 
 # candle dlopens cuBLAS, cuRAND, NVRTC and cuDNN at run time: point the loader at the CUDA toolkit and at the
 # copies PyTorch's pip wheels bring, in case neither is on the default library path.

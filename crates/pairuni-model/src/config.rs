@@ -65,7 +65,8 @@ pub struct Placement {
     /// The kernels of differentiable forwards: candle's fused ones with hand-written backwards (`auto`: on
     /// accelerators) or the compositions of basic ops.
     pub fused_training: Toggle,
-    /// Whether a decode step's attention runs as one CUDA kernel (`auto`: on; it acts on CUDA devices only).
+    /// Whether a decode step's attention runs as one CUDA kernel (`auto`: off until a GPU run has measured it; it
+    /// acts on CUDA devices only).
     pub attention_kernel: Toggle,
 }
 
@@ -155,7 +156,8 @@ pub struct ModelConfig {
     /// the compositions to rounding (default `auto`).
     pub fused_training: Toggle,
     /// A decode step's attention as one CUDA kernel (scores, softmax and values in one launch, checked against
-    /// an f32 reference at its first use and turned off if it disagrees): `auto`/`on` or `off` (default `auto`).
+    /// an f32 reference at its first use and turned off if it disagrees): `on`, `off`, or `auto` (off until a GPU
+    /// run has measured it, docs/GPU.md) (default `auto`).
     pub attention_kernel: Toggle,
 }
 
@@ -219,22 +221,22 @@ mod tests {
             "auto keeps the CPU's composed training kernels"
         );
         assert!(
-            m.attention_kernel(),
-            "auto leaves the kernel on (it acts on CUDA only)"
+            !m.attention_kernel(),
+            "auto leaves the kernel off until measured"
         );
         assert_eq!(m.dtype(), DType::F32);
         c.fused_sampling = Toggle::On;
         c.cuda_graphs = Toggle::On;
         c.prompt_sharing = Toggle::On;
         c.fused_training = Toggle::On;
-        c.attention_kernel = Toggle::Off;
+        c.attention_kernel = Toggle::On;
         let placed = c.resolve(None, Some("bf16")).unwrap();
         let m = placed.adopt(toy()).unwrap();
         assert!(m.fused_sampling());
         assert!(m.static_decode());
         assert!(m.prompt_sharing());
         assert!(m.fused_training());
-        assert!(!m.attention_kernel());
+        assert!(m.attention_kernel());
         assert_eq!(m.dtype(), DType::BF16);
         let mut m = m;
         Placement {
@@ -242,7 +244,7 @@ mod tests {
             cuda_graphs: Toggle::Off,
             prompt_sharing: Toggle::Off,
             fused_training: Toggle::Off,
-            attention_kernel: Toggle::On,
+            attention_kernel: Toggle::Off,
             ..placed
         }
         .configure(&mut m);
@@ -250,7 +252,7 @@ mod tests {
         assert!(!m.static_decode());
         assert!(!m.prompt_sharing());
         assert!(!m.fused_training());
-        assert!(m.attention_kernel());
+        assert!(!m.attention_kernel());
         let parsed: ModelConfig = toml::from_str(
             "fused_sampling = \"on\"\ncuda_graphs = \"off\"\nprompt_sharing = \"on\"\nfused_training = \"off\"",
         )

@@ -379,7 +379,8 @@ pub struct Llama {
     /// ([`StackedLayer`]); on by default, off only to measure what the stacks buy.
     stack_projections: bool,
     /// Whether those fused-kernel forwards run one-query attention as one CUDA kernel
-    /// ([`crate::decode_attention`]); on by default, acting on CUDA devices only.
+    /// ([`crate::decode_attention`]; it acts on CUDA devices only). Off by default until a GPU run has measured
+    /// it (docs/GPU.md); `[model] attention_kernel = "on"` or `bench gpu-step --attention-kernel on` turn it on.
     attention_kernel: bool,
     /// Whether differentiable forwards (teacher forcing, training) run the fused RMSNorm, rotary and softmax
     /// kernels with hand-written backwards ([`crate::trained_kernels`]) instead of compositions of basic ops.
@@ -431,7 +432,7 @@ impl Llama {
             cfg: cfg.clone(),
             fused_sampling: !p.device.is_cpu(),
             stack_projections: true,
-            attention_kernel: true,
+            attention_kernel: false,
             fused_training: !p.device.is_cpu(),
         })
     }

@@ -188,8 +188,8 @@ pub struct BenchGpuStepArgs {
     /// hand-written backwards: on | off (auto: the model's default, on accelerators).
     #[arg(long, default_value = "auto")]
     pub fused_training: Toggle,
-    /// One-query attention of fused-kernel decode steps as one CUDA kernel (checked against candle's ops at its
-    /// first call, and turned off if they differ): on | off (auto: on).
+    /// One-query attention of fused-kernel decode steps as one CUDA kernel (checked against an f32 reference at
+    /// its first call, and turned off if they differ): on | off (auto: the model's default, off until measured).
     #[arg(long, default_value = "auto")]
     pub attention_kernel: Toggle,
     /// Image and answer rollouts in fixed-shape steps captured as CUDA graphs: on | off | auto, which is on for
