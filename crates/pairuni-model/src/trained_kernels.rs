@@ -3,7 +3,7 @@
 //! candle-nn's fused kernels have no backward, so training forwards composed them of basic ops (nine launches
 //! for an RMSNorm, nine per rotary embedding, six for a softmax), and autograd turned each basic op into
 //! several more. On a GPU a candle op costs tens of µs of host time whatever its size, and a PairGRPO step at
-//! Janus-Pro shapes creates about 57,000 tensors in its train phase (`bench gpu-step`'s `train_split`), so
+//! Janus-Pro shapes creates about 82,000 tensors in its train phase (`bench gpu-step`'s `train_split`), so
 //! the op count is the step's cost. Here the fused kernel computes the value without a graph, and a custom op
 //! puts that value back into the graph of its input (one copy) with a hand-written backward of a few ops.
 
