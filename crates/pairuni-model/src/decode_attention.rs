@@ -300,7 +300,7 @@ pub(crate) fn attend(
                 return Ok(None);
             }
         };
-        let err = rel_err(&ours, &reference_f32(q, k, v, mask, args.rep)?)?;
+        let err = crate::layers::rel_diff(&ours, &reference_f32(q, k, v, mask, args.rep)?)?;
         st.report.check_rel_err = Some(err);
         if err.is_nan() || err > CHECK_TOLERANCE {
             tracing::warn!(
@@ -345,14 +345,6 @@ fn reference_f32(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, rep: usize) 
     Ok(candle_nn::ops::softmax_last_dim(&scores)?
         .matmul(&expand(v)?)?
         .to_dtype(q.dtype())?)
-}
-
-fn rel_err(a: &Tensor, b: &Tensor) -> Result<f32> {
-    let a = a.to_dtype(DType::F32)?;
-    let b = b.to_dtype(DType::F32)?;
-    let d = (a - &b)?.abs()?.max_all()?.to_scalar::<f32>()?;
-    let m = b.abs()?.max_all()?.to_scalar::<f32>()?;
-    Ok(if m > 0.0 { d / m } else { d })
 }
 
 #[cfg(feature = "cuda")]
@@ -608,14 +600,14 @@ mod tests {
         );
         let got = reference_f32(&q, &k, &v, &mask, rep).unwrap();
         let want = Tensor::from_vec(want, got.dims(), &Device::Cpu).unwrap();
-        assert!(rel_err(&got, &want).unwrap() < 1e-5);
+        assert!(crate::layers::rel_diff(&got, &want).unwrap() < 1e-5);
         // A kernel that read the wrong head would be caught by the check's tolerance.
         let wrong = Tensor::cat(
             &[want.narrow(1, 1, 3).unwrap(), want.narrow(1, 0, 1).unwrap()],
             1,
         )
         .unwrap();
-        assert!(rel_err(&wrong, &got).unwrap() > CHECK_TOLERANCE);
+        assert!(crate::layers::rel_diff(&wrong, &got).unwrap() > CHECK_TOLERANCE);
     }
 
     #[test]

@@ -280,6 +280,15 @@ pub(crate) fn log_softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
     shifted.broadcast_sub(&lse)
 }
 
+/// max|a − b| / max|b| in f32 (max|a − b| when b is all zeros): how far `a` is from the reference `b`.
+pub(crate) fn rel_diff(a: &Tensor, b: &Tensor) -> candle_core::Result<f32> {
+    let a = a.to_dtype(DType::F32)?;
+    let b = b.to_dtype(DType::F32)?;
+    let d = (a - &b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    let m = b.abs()?.max_all()?.to_scalar::<f32>()?;
+    Ok(if m > 0.0 { d / m } else { d })
+}
+
 /// Rotary tables (cos, sin) of shape [max_pos, head_dim/2], f32.
 #[derive(Debug, Clone)]
 pub(crate) struct Rotary {

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{questions, rel_err, scenes, toy};
+use common::{assert_grads_close, questions, rel_err, scenes, toy, weight_grads};
 use pairuni_model::{Janus, SamplerSite, Tensor, TextRollout, TextSampling};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -107,13 +107,7 @@ fn shared_prompts_draw_the_unshared_answers_on_every_sampler() {
 fn scored(m: &Janus, rollouts: &[TextRollout]) -> (Tensor, Tensor, Vec<(String, Tensor)>) {
     let (lp, mask, ent) = m.answer_logprobs_entropy(rollouts, 1.0).unwrap();
     let loss = (&lp * &mask).unwrap().sum_all().unwrap();
-    let grads = loss.backward().unwrap();
-    let g = m
-        .all_vars()
-        .into_iter()
-        .filter_map(|(name, v)| grads.get(v.as_tensor()).map(|t| (name, t.clone())))
-        .collect();
-    (lp, ent, g)
+    (lp, ent, weight_grads(m, &loss))
 }
 
 #[test]
@@ -156,28 +150,6 @@ fn shared_prompts_score_and_differentiate_as_the_unshared_pass() {
                 assert!((x - y).abs() < 2e-4);
             }
         }
-        assert_eq!(g_a.len(), g_b.len());
-        assert!(g_a.len() > 10);
-        // Relative to each tensor's largest gradient, or to a thousandth of the largest of all where a gradient is
-        // zero but for rounding (a key bias's, which softmax cancels).
-        let max_abs = |t: &Tensor| {
-            t.abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
-        let global = g_a.iter().map(|(_, t)| max_abs(t)).fold(0f32, f32::max);
-        assert!(global > 0.0);
-        for ((name, a), (name_b, b)) in g_a.iter().zip(&g_b) {
-            assert_eq!(name, name_b);
-            let diff = max_abs(&(b - a).unwrap());
-            let e = diff / max_abs(a).max(global * 1e-3);
-            assert!(
-                e < 1e-4,
-                "max_new {max_new}: {name} gradient differs by {e}"
-            );
-        }
+        assert_grads_close(&format!("max_new {max_new}"), &g_b, &g_a, 1e-4);
     }
 }

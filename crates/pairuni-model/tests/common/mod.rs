@@ -75,6 +75,57 @@ pub fn rel_err(a: &pairuni_model::Tensor, b: &pairuni_model::Tensor) -> f32 {
         / scale
 }
 
+/// The gradients of `loss` w.r.t. every weight of `m` that gets one, by name (sorted).
+#[allow(dead_code)] // not every test file compares gradients
+pub fn weight_grads(
+    m: &Janus,
+    loss: &pairuni_model::Tensor,
+) -> Vec<(String, pairuni_model::Tensor)> {
+    let g = loss.backward().unwrap();
+    let mut out: Vec<(String, pairuni_model::Tensor)> = m
+        .all_vars()
+        .into_iter()
+        .filter_map(|(name, v)| g.get(v.as_tensor()).map(|t| (name, t.clone())))
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// Asserts that two sets of weight gradients name the same weights (more than ten) and agree within `tol`,
+/// relative to each tensor's largest gradient, or to a thousandth of the largest of all where a tensor's own is
+/// smaller: some gradients are zero but for rounding (a key bias shifts every score of a query alike, which
+/// softmax cancels).
+#[allow(dead_code)]
+pub fn assert_grads_close(
+    what: &str,
+    got: &[(String, pairuni_model::Tensor)],
+    want: &[(String, pairuni_model::Tensor)],
+    tol: f32,
+) {
+    let names =
+        |g: &[(String, pairuni_model::Tensor)]| g.iter().map(|x| x.0.clone()).collect::<Vec<_>>();
+    assert_eq!(
+        names(got),
+        names(want),
+        "{what}: the same weights get gradients"
+    );
+    assert!(want.len() > 10, "{what}: gradients reached the layers");
+    let max_abs = |t: &pairuni_model::Tensor| {
+        t.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    let global = want.iter().map(|(_, t)| max_abs(t)).fold(0f32, f32::max);
+    assert!(global > 0.0, "{what}: all gradients are zero");
+    for ((name, a), (_, b)) in got.iter().zip(want) {
+        let e = max_abs(&(a - b).unwrap()) / max_abs(b).max(global * 1e-3);
+        assert!(e < tol, "{what}: {name} gradient differs by {e}");
+    }
+}
+
 /// Three toy questions (count, colour, yes/no).
 pub fn questions() -> Vec<String> {
     [
