@@ -93,15 +93,11 @@ impl<'a> Params<'a> {
             ParamMode::Init { seed } => {
                 let mut h = DefaultHasher::new();
                 full.hash(&mut h);
-                let mut rng = ChaCha8Rng::seed_from_u64(seed ^ h.finish());
                 let n = shape.elem_count();
                 let vals: Vec<f32> = match init {
                     InitKind::Ones => vec![1.0; n],
                     InitKind::Zeros => vec![0.0; n],
-                    InitKind::Normal(std) => {
-                        let d = Normal::new(0.0f32, std as f32).expect("valid std");
-                        (0..n).map(|_| d.sample(&mut rng)).collect()
-                    }
+                    InitKind::Normal(std) => normal_values(seed ^ h.finish(), n, std as f32),
                 };
                 let t = Tensor::from_vec(vals, shape, self.device)?.to_dtype(self.dtype)?;
                 let var = Var::from_tensor(&t)?;
@@ -118,6 +114,34 @@ impl<'a> Params<'a> {
             ParamMode::Init { .. } => "<init>".into(),
         }
     }
+}
+
+/// Values per ChaCha stream in a random init: tensors up to this size (every toy-model tensor: the largest is
+/// 69,120) draw one stream, as they always did; larger ones draw one stream per chunk of this size.
+const INIT_CHUNK: usize = 1 << 20;
+
+/// `n` values from Normal(0, `std`), determined by `seed` alone. A random Janus-Pro-1B (≈ 2·10⁹ values) took
+/// ≈ 20 s to initialise on one core of the GPU machine, before every benchmark step; chunks of a large tensor
+/// draw from their own streams (`set_stream`) on rayon's threads, so the values do not depend on the thread
+/// count.
+fn normal_values(seed: u64, n: usize, std: f32) -> Vec<f32> {
+    use rayon::prelude::*;
+    let d = Normal::new(0.0f32, std).expect("valid std");
+    if n <= INIT_CHUNK {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        return (0..n).map(|_| d.sample(&mut rng)).collect();
+    }
+    let mut out = vec![0f32; n];
+    out.par_chunks_mut(INIT_CHUNK)
+        .enumerate()
+        .for_each(|(i, chunk)| {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            rng.set_stream(i as u64 + 1);
+            for x in chunk {
+                *x = d.sample(&mut rng);
+            }
+        });
+    out
 }
 
 /// Dense layer `y = x Wᵀ + b` (weight [out, in] as in PyTorch).
@@ -413,6 +437,30 @@ pub(crate) fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn random_init_is_one_stream_for_small_tensors_and_thread_count_free_for_large() {
+        // Small tensors keep the single stream every recorded toy model was initialised from.
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let d = Normal::new(0.0f32, 0.5).unwrap();
+        let one: Vec<f32> = (0..1000).map(|_| d.sample(&mut rng)).collect();
+        assert_eq!(normal_values(9, 1000, 0.5), one);
+        // Large ones: the same values on one thread as on many, chunks that are not copies of each other, and
+        // the distribution asked for.
+        let n = 2 * INIT_CHUNK + 123;
+        let many = normal_values(9, n, 0.5);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        assert_eq!(pool.install(|| normal_values(9, n, 0.5)), many);
+        assert_ne!(many[..64], many[INIT_CHUNK..INIT_CHUNK + 64]);
+        assert_ne!(normal_values(10, n, 0.5), many);
+        let mean = many.iter().map(|&x| x as f64).sum::<f64>() / n as f64;
+        let var = many.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n as f64;
+        assert!(mean.abs() < 2e-3, "mean {mean}");
+        assert!((var.sqrt() - 0.5).abs() < 2e-3, "std {}", var.sqrt());
+    }
 
     #[test]
     fn softmax_and_logsoftmax_agree_with_candle() {
