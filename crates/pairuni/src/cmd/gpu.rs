@@ -750,12 +750,19 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let other = if a.compare_graphs {
-        rollout_with_other_graphs(&mut model, &inputs, &a, answer_tokens, &mut rng)
+        rollouts_with_switch_flipped(&mut model, &inputs, &a, answer_tokens, &mut rng, GRAPHS)
     } else {
         serde_json::Value::Null
     };
     let attention_compare = if a.compare_attention_kernel {
-        rollout_with_other_attention(&mut model, &inputs, &a, answer_tokens, &mut rng)
+        rollouts_with_switch_flipped(
+            &mut model,
+            &inputs,
+            &a,
+            answer_tokens,
+            &mut rng,
+            ATTENTION_KERNEL,
+        )
     } else {
         serde_json::Value::Null
     };
@@ -857,40 +864,42 @@ fn graph_report_json(model: &Janus) -> serde_json::Value {
     json!(model.last_graph_report())
 }
 
-/// The step's rollouts again with the other `--cuda-graphs` setting: the time of each (and the image rollout's
-/// per code) with its graph report, or the error it ended with (so that a failing capture or replay does not
-/// cost the device call the step's own measurement).
-fn rollout_with_other_graphs(
+/// One of the model's on/off switches: its JSON key, getter and setter.
+type Switch = (&'static str, fn(&Janus) -> bool, fn(&mut Janus, bool));
+
+/// The step's rollouts again with one of the model's switches the other way (`get`/`set`; restored after),
+/// reported as `key`: the time of each (and the image rollout's per code) with its graph report, or the error it
+/// ended with (so that a failing capture, replay or kernel does not cost the device call the step's own
+/// measurement). The switches compared: `cuda_graphs` and `attention_kernel`.
+fn rollouts_with_switch_flipped(
     model: &mut Janus,
     inputs: &StepInputs,
     a: &BenchGpuStepArgs,
     answer_tokens: usize,
     rng: &mut ChaCha8Rng,
+    (key, get, set): Switch,
 ) -> serde_json::Value {
-    let chosen = model.static_decode();
-    model.set_static_decode(!chosen);
+    let chosen = get(model);
+    set(model, !chosen);
     let mut out = time_rollouts(model, inputs, a, answer_tokens, rng);
-    model.set_static_decode(chosen);
-    out["cuda_graphs"] = json!(!chosen);
+    set(model, chosen);
+    out[key] = json!(!chosen);
     out
 }
 
-/// The image and answer rollouts timed once more with the decode-attention kernel switched the other way (then
-/// restored), graphs as the step had them.
-fn rollout_with_other_attention(
-    model: &mut Janus,
-    inputs: &StepInputs,
-    a: &BenchGpuStepArgs,
-    answer_tokens: usize,
-    rng: &mut ChaCha8Rng,
-) -> serde_json::Value {
-    let chosen = model.attention_kernel();
-    model.set_attention_kernel(!chosen);
-    let mut out = time_rollouts(model, inputs, a, answer_tokens, rng);
-    model.set_attention_kernel(chosen);
-    out["attention_kernel"] = json!(!chosen);
-    out
-}
+/// The CUDA-graph switch, for [`rollouts_with_switch_flipped`].
+const GRAPHS: Switch = (
+    "cuda_graphs",
+    Janus::static_decode,
+    Janus::set_static_decode,
+);
+
+/// The decode-attention kernel's switch, for [`rollouts_with_switch_flipped`].
+const ATTENTION_KERNEL: Switch = (
+    "attention_kernel",
+    Janus::attention_kernel,
+    Janus::set_attention_kernel,
+);
 
 /// The step's image and answer rollouts timed as the model is now set, with their graph reports; a failure is
 /// reported, not fatal.
@@ -1768,7 +1777,7 @@ mod tests {
             ..tiny_args()
         };
         let (mut model, inputs, mut rng) = tiny_model(&a, 2);
-        let other = rollout_with_other_graphs(&mut model, &inputs, &a, 3, &mut rng);
+        let other = rollouts_with_switch_flipped(&mut model, &inputs, &a, 3, &mut rng, GRAPHS);
         assert_eq!(other["cuda_graphs"], true, "{other}");
         assert!(other["rollout_image"].as_f64().unwrap() > 0.0, "{other}");
         assert!(other["rollout_text"].as_f64().unwrap() > 0.0, "{other}");
