@@ -238,7 +238,7 @@ pub fn emulate(a: &LaunchArgs, q: &[f32], k: &[f32], v: &[f32], mask: &[f32]) ->
 pub struct KernelReport {
     /// Calls that ran the kernel.
     pub calls: u64,
-    /// Relative difference (max|Δ|/max|ref|) from candle's composition at the first call, if it ran.
+    /// Relative difference (max|Δ|/max|ref|) from the f32 reference at the first call, if it ran.
     pub check_rel_err: Option<f32>,
     /// Why the kernel is off for the process, if it is.
     pub failure: Option<String>,

@@ -834,8 +834,9 @@ impl Attention {
 
     /// Attention of `q` [B, heads, T, D] over all keys/values `k`, `v` [B, kv_heads, T_all, D] (possibly views into
     /// a larger buffer) under the additive `mask` [B, 1, T, T_all], through the output projection → [B, T, H].
-    /// `copy_kv` makes the keys and values contiguous first (the CPU path's historical layout). `fused` takes
-    /// queries already scaled and runs candle's softmax kernel (f32, no backward).
+    /// `copy_kv` makes the keys and values contiguous first (the CPU path's historical layout). `fused` and
+    /// `differentiable` take queries already scaled and run candle's softmax kernel in f32, without and with a
+    /// backward; a one-query fused step may run as one kernel (`attention_kernel`).
     fn attend(
         &self,
         q: &Tensor,
@@ -868,12 +869,15 @@ impl Attention {
             } else {
                 (ke.t()?, ve)
             };
-            let probs = if fused {
+            let probs = if fused || differentiable {
+                // The scale is in the queries (their rotary tables).
                 let scores = q.matmul(&kt)?.to_dtype(DType::F32)?.broadcast_add(mask)?;
-                candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(q.dtype())?
-            } else if differentiable {
-                let scores = q.matmul(&kt)?.to_dtype(DType::F32)?.broadcast_add(mask)?;
-                trained_kernels::softmax_last(&scores)?.to_dtype(q.dtype())?
+                let probs = if fused {
+                    candle_nn::ops::softmax_last_dim(&scores)?
+                } else {
+                    trained_kernels::softmax_last(&scores)?
+                };
+                probs.to_dtype(q.dtype())?
             } else {
                 let scale = 1.0 / (self.head_dim as f64).sqrt();
                 let scores = (q.matmul(&kt)? * scale)?.to_dtype(DType::F32)?;

@@ -18,8 +18,10 @@ fn copy_result<S: BackendStorage>(s: &S, l: &Layout) -> candle_core::Result<(S, 
     Ok((s.try_clone(l)?, l.shape().clone()))
 }
 
-macro_rules! result_is_arg {
-    ($last:ident, $($skip:ident),*) => {
+/// The forwards of a custom op whose result is a copy of its last argument (the kernel's value); the arguments
+/// before it (named) are what the backward differentiates.
+macro_rules! result_is_last_arg {
+    ($($skip:ident),*) => {
         fn cpu_fwd(&self, $($skip: &CpuStorage, _: &Layout,)* s: &CpuStorage, l: &Layout)
             -> candle_core::Result<(CpuStorage, Shape)> {
             $(let _ = $skip;)*
@@ -47,7 +49,7 @@ impl CustomOp2 for SoftmaxBackward {
         "softmax-last-dim-with-backward"
     }
 
-    result_is_arg!(y, x);
+    result_is_last_arg!(x);
 
     fn bwd(
         &self,
@@ -80,7 +82,7 @@ impl CustomOp2 for RopeBackward {
         "rope-with-backward"
     }
 
-    result_is_arg!(y, x);
+    result_is_last_arg!(x);
 
     fn bwd(
         &self,
@@ -119,7 +121,7 @@ impl CustomOp3 for RmsNormBackward {
         "rms-norm-with-backward"
     }
 
-    result_is_arg!(y, x, w);
+    result_is_last_arg!(x, w);
 
     fn bwd(
         &self,
