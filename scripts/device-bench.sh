@@ -69,9 +69,10 @@ if [[ -n "$bin" ]]; then
     # rollouts once more with the other setting (rollout_image_other in the JSON); --compare-sharing times the
     # answer rollout and the answers' teacher-forced pass with prompt sharing on and off (prompt_sharing_compare).
     # The attention kernel is off by default until measured: the step turns it on, and --compare-attention-kernel
-    # times the rollouts once more without it.
+    # times the rollouts once more without it. The train phase runs two passes at once (auto on a GPU);
+    # --compare-concurrent-passes runs it again from one thread, with its split (train_other).
     timeout "$t" "$bin" --log info bench gpu-step --device "$dev" --shapes "$shapes" --compare-graphs \
-        --compare-sharing --attention-kernel on --compare-attention-kernel --json \
+        --compare-sharing --attention-kernel on --compare-attention-kernel --compare-concurrent-passes --json \
         >"$OUT/candle_step.json" 2>"$OUT/candle_step.log"
     rc=$?
     echo "rc=$rc $(cat "$OUT/candle_step.json")"
@@ -81,14 +82,15 @@ if [[ -n "$bin" ]]; then
         smoke_bin=$bin_plain
         export PAIRUNI_ATTENTION_KERNEL=off
     fi
-    # A failure that is not a timeout (cuDNN, the attention kernel, the stacked projections, a fused kernel, a
-    # device-side draw, prompt sharing or an op without a bf16 CUDA kernel, say): retry with the binary without
-    # cuDNN and without the attention kernel, then also without the stacked projections, then without the fused sampling kernels and prompt sharing and with answers drawn
+    # A failure that is not a timeout (cuDNN, the attention kernel, concurrent train passes, the stacked
+    # projections, a fused kernel, a device-side draw, prompt sharing or an op without a bf16 CUDA kernel, say):
+    # retry with the binary without cuDNN, the attention kernel, the training kernels and concurrent passes,
+    # then also without the stacked projections, then without the fused sampling kernels and prompt sharing and with answers drawn
     # on the host, then also with images drawn on the host and in f32, so that the call still brings back a
     # candle number (the log keeps the first error). Same files (at most 8 come back); the JSON's cudnn, dtype,
     # stack_projections, fused_sampling, prompt_sharing and *_sampler say which ran.
-    for retry in "--attention-kernel off --fused-training off" \
-        "--attention-kernel off --fused-training off --stack-projections off" \
+    for retry in "--attention-kernel off --fused-training off --concurrent-passes 1" \
+        "--attention-kernel off --fused-training off --concurrent-passes 1 --stack-projections off" \
         "--fused-sampling off --prompt-sharing off --text-sampler host" \
         "--fused-sampling off --prompt-sharing off --text-sampler host --image-sampler host --dtype f32"; do
         t=$(( $(left) - 10 ))
@@ -212,11 +214,18 @@ if ak:
     print(f"rollouts with the attention kernel {side}: " + (f"failed: {ak['error']}" if "error" in ak else
           f"rollout_image {ak.get('rollout_image')} ms ({ak.get('ms_per_image_step')} ms per image step), "
           f"rollout_text {ak.get('rollout_text')} ms"))
-ts = (cd or {}).get("train_split")
+to = (cd or {}).get("train_other") or {}
+if to:
+    # The train phase on the same rollouts with the other number of passes in flight (its own optimiser step).
+    print(f"candle train with {(cd or {}).get('concurrent_passes')} passes in flight: {(cd or {}).get('train')} ms; "
+          f"with {to.get('concurrent_passes')}: {to.get('train')} ms")
+ts = (cd or {}).get("train_split") or to.get("train_split")
 if ts:
-    # Host milliseconds and tensors created (about one kernel each) per part of candle's train phase: a sum near
-    # `train` says the phase is bound by candle's per-op host cost, a sum well below it says by the device.
-    print("candle train split:", "; ".join(f"{k} {v['host_ms']} host ms / {v['tensors']} tensors" for k, v in ts.items()))
+    # Host milliseconds and tensors created (about one kernel each) per part of candle's train phase from one
+    # thread: a sum near its time says the phase is bound by candle's per-op host cost, a sum well below it says
+    # by the device.
+    print("candle train split (one thread):",
+          "; ".join(f"{k} {v['host_ms']} host ms / {v['tensors']} tensors" for k, v in ts.items()))
 gc = (cd or {}).get("graph_check")
 if gc:
     print("graph check (captured vs eager static steps, same seed):", json.dumps(gc),
@@ -231,7 +240,7 @@ except OSError:
 for name, d in (("pytorch", pt), ("candle", cd)):
     if d:
         extra = {k: d.get(k) for k in ("dtype", "image_tokens", "answer_tokens", "grad_norm", "params_with_grad",
-                                       "init_ms", "peak_mem_gib", "cudnn", "image_sampler", "text_sampler", "fused_sampling", "stack_projections", "attention_kernel", "attention_kernel_report", "fused_training", "prompt_sharing",
+                                       "init_ms", "peak_mem_gib", "cudnn", "image_sampler", "text_sampler", "fused_sampling", "stack_projections", "attention_kernel", "attention_kernel_report", "fused_training", "prompt_sharing", "concurrent_passes", "pool_keeps_memory",
                                        "cuda_graphs", "graph_report", "answer_graph_report", "image_step_probe") if k in d}
         print(name, json.dumps(extra))
     else:

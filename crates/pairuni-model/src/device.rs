@@ -49,6 +49,12 @@ pub enum DeviceError {
         /// The driver's or cudarc's message.
         reason: String,
     },
+    /// A worker thread could not make the CUDA device current.
+    #[error("could not make the CUDA device current on a worker thread: {reason}")]
+    CudaBind {
+        /// The driver's message.
+        reason: String,
+    },
 }
 
 /// A parsed `--device` value, before any device is opened.
@@ -127,7 +133,7 @@ impl DeviceSpec {
                 // same stream, and it can be captured as a CUDA graph (`crate::graphs`).
                 let opened = std::panic::catch_unwind(|| Device::new_cuda_with_stream(ordinal));
                 match opened {
-                    Ok(Ok(dev)) => Ok(without_event_tracking(dev)),
+                    Ok(Ok(dev)) => Ok(keeping_pool_memory(without_event_tracking(dev))),
                     Ok(Err(e)) => Err(DeviceError::CudaOpen {
                         given,
                         reason: e.to_string(),
@@ -160,6 +166,78 @@ fn without_event_tracking(dev: Device) -> Device {
         // stream (pairuni never creates another; cuBLAS and cuRAND are bound to it), so there is nothing to order.
         unsafe { cuda.disable_event_tracking() };
     }
+    dev
+}
+
+/// Makes `device` current on the calling thread before it issues work there (a CUDA context is per thread; cuBLAS
+/// uses whichever is current). Nothing to do on the CPU.
+pub fn bind_thread(device: &Device) -> Result<(), DeviceError> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device {
+        return cuda
+            .cuda_stream()
+            .context()
+            .bind_to_thread()
+            .map_err(|e| DeviceError::CudaBind {
+                reason: e.to_string(),
+            });
+    }
+    let _ = device;
+    Ok(())
+}
+
+/// Whether a CUDA device keeps the memory freed into its allocation pool (the default) or hands it back to the
+/// driver at every synchronisation (`PAIRUNI_CUDA_POOL=release`, the driver's own default).
+pub fn pool_keeps_memory() -> bool {
+    std::env::var("PAIRUNI_CUDA_POOL").map_or(true, |v| v != "release")
+}
+
+/// Makes the device's default memory pool keep freed memory instead of returning it to the driver.
+///
+/// cudarc allocates every tensor with `cuMemAllocAsync` from the device's default pool, whose release threshold
+/// is 0: at each synchronisation (a loss read back to the host, one per micro-batch) the pool hands every free
+/// byte back, and the next pass maps it again, allocation by allocation. PyTorch's asynchronous allocator sets
+/// the threshold to the whole memory for the same reason. A failure only costs that, so it is logged, not fatal.
+#[cfg(feature = "cuda")]
+fn keeping_pool_memory(dev: Device) -> Device {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let Device::Cuda(cuda) = &dev else {
+        return dev;
+    };
+    let ctx = cuda.cuda_stream().context().clone();
+    if !pool_keeps_memory() || !ctx.has_async_alloc() {
+        return dev;
+    }
+    let kept = ctx
+        .bind_to_thread()
+        .map_err(|e| e.to_string())
+        .and_then(|()| {
+            let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+            let mut threshold = u64::MAX;
+            // SAFETY: the context is bound to this thread, `pool` receives the device's pool handle, and the
+            // threshold attribute reads a u64 through the pointer during the call.
+            unsafe {
+                sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+                    .result()
+                    .map_err(|e| e.to_string())?;
+                sys::cuMemPoolSetAttribute(
+                    pool,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                    (&mut threshold as *mut u64).cast(),
+                )
+                .result()
+                .map_err(|e| e.to_string())
+            }
+        });
+    if let Err(e) = kept {
+        tracing::warn!(error = %e, "the CUDA memory pool will return freed memory at each synchronisation");
+    }
+    dev
+}
+
+/// A CPU build never opens a CUDA device.
+#[cfg(not(feature = "cuda"))]
+fn keeping_pool_memory(dev: Device) -> Device {
     dev
 }
 

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use candle_core::{DType, Device, Module, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::VarMap;
 use pairuni_data::RgbImage;
 use rand_chacha::ChaCha8Rng;
@@ -807,6 +807,11 @@ impl Janus {
     fn lm_logits(&self, h: &Tensor) -> Result<Tensor> {
         // 2-D matmul against the transposed head: broadcast_matmul would materialise a copy of the
         // [H, V] head per batch row (800 MB each at Janus-Pro-1B shapes).
+        // With the training kernels, one autograd node (the same values): the composition's backward also writes
+        // a zero [V, H] head and adds the transposed gradient into it.
+        if self.m.lm.fused_training() {
+            return Ok(crate::trained_kernels::linear(h, &self.m.lm_head)?.to_dtype(DType::F32)?);
+        }
         let dims = h.dims().to_vec();
         let hidden = *dims.last().expect("rank ≥ 1");
         let rows: usize = dims[..dims.len() - 1].iter().product();
@@ -818,8 +823,12 @@ impl Janus {
 
     /// Generation-head logits (f32) for hidden states [.., H].
     pub fn gen_head(&self, h: &Tensor) -> Result<Tensor> {
-        let x = self.m.gen_proj.forward(h)?;
-        let x = self.m.gen_out.forward(&self.m.gen_act.apply(&x)?)?;
+        let trained = self.m.lm.fused_training();
+        let x = self.m.gen_proj.forward_with(h, trained)?;
+        let x = self
+            .m
+            .gen_out
+            .forward_with(&self.m.gen_act.apply(&x)?, trained)?;
         Ok(x.to_dtype(DType::F32)?)
     }
 

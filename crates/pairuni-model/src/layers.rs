@@ -165,6 +165,26 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// The layer through [`crate::trained_kernels::linear`] (one autograd node, the same values), bias added after.
+    pub fn forward_trained(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = crate::trained_kernels::linear(x, &self.weight)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+
+    /// The layer with a training forward's kernels (`trained`) or the plain composition.
+    pub fn forward_with(&self, x: &Tensor, trained: bool) -> candle_core::Result<Tensor> {
+        if trained {
+            self.forward_trained(x)
+        } else {
+            self.forward(x)
+        }
+    }
+}
+
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let dims = x.dims().to_vec();

@@ -383,9 +383,10 @@ pub struct Llama {
     /// it (docs/GPU.md); `[model] attention_kernel = "on"` or `bench gpu-step --attention-kernel on` turn it on.
     attention_kernel: bool,
     /// Whether differentiable forwards (teacher forcing, training) run the fused RMSNorm, rotary and softmax
-    /// kernels with hand-written backwards ([`crate::trained_kernels`]) instead of compositions of basic ops.
-    /// On by default on accelerators (a third of the train phase's ops); off on the CPU, where the compositions
-    /// are what every recorded toy-world result was trained with.
+    /// kernels, and the projections, head splits and attention cores as single autograd nodes, with hand-written
+    /// backwards ([`crate::trained_kernels`]) instead of compositions of basic ops. On by default on
+    /// accelerators (most of the train phase's ops); off on the CPU, where the compositions are what every
+    /// recorded toy-world result was trained with.
     fused_training: bool,
 }
 
@@ -679,7 +680,8 @@ fn rms_norm(norm: &RmsNorm, x: &Tensor, kernels: Kernels) -> candle_core::Result
 struct Kernels {
     /// candle's fused RMSNorm, rotary and softmax kernels (no backward) instead of compositions of basic ops.
     fused: bool,
-    /// Without `fused`: the same kernels with a backward ([`crate::trained_kernels`]) instead of compositions.
+    /// Without `fused`: the same kernels, the projections and the attention core as ops with a backward
+    /// ([`crate::trained_kernels`]) instead of compositions.
     differentiable: bool,
     /// Make keys and values contiguous before the attention matmuls (the CPU's and the growing cache's layout).
     copy_kv: bool,
@@ -709,15 +711,19 @@ impl Layer {
         let h = (h + attn_out)?;
         let normed = rms_norm(&self.post_norm, &h, kernels)?;
         let m = &self.mlp;
+        let trained = kernels.differentiable;
         let (gate, up) = match stacked {
             Some(s) => {
                 let [gate, up] = stacked_matmul(&normed, &s.gate_up)?;
                 (gate, up)
             }
-            None => (m.gate.forward(&normed)?, m.up.forward(&normed)?),
+            None => (
+                m.gate.forward_with(&normed, trained)?,
+                m.up.forward_with(&normed, trained)?,
+            ),
         };
         let act = (gate.silu()? * up)?;
-        Ok((h + m.down.forward(&act)?)?)
+        Ok((h + m.down.forward_with(&act, trained)?)?)
     }
 
     /// Whether any projection has a bias.
@@ -795,6 +801,17 @@ impl Attention {
         stacked: Option<&StackedLayer>,
         differentiable: bool,
     ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        if let (RopeTables::Fused(tb), true) = (rope, differentiable) {
+            // Training: each projection and each head split (with its rotation) is one autograd node.
+            let project = |l: &Linear, heads: usize, rope| {
+                trained_kernels::heads(&l.forward_trained(x)?, heads, rope)
+            };
+            return Ok((
+                project(&self.q, self.heads, Some((&tb.cos_q, &tb.sin_q)))?,
+                project(&self.k, self.kv_heads, Some((&tb.cos_k, &tb.sin_k)))?,
+                project(&self.v, self.kv_heads, None)?,
+            ));
+        }
         let (b, t, _) = x.dims3()?;
         let split = |y: Tensor, heads: usize| -> candle_core::Result<Tensor> {
             y.reshape((b, t, heads, self.head_dim))?
@@ -819,11 +836,6 @@ impl Attention {
             RopeTables::Composed { cos, sin } => {
                 Ok((apply_rope(&q, cos, sin)?, apply_rope(&k, cos, sin)?, v))
             }
-            RopeTables::Fused(tb) if differentiable => Ok((
-                trained_kernels::rope(&q, &tb.cos_q, &tb.sin_q)?,
-                trained_kernels::rope(&k, &tb.cos_k, &tb.sin_k)?,
-                v,
-            )),
             RopeTables::Fused(tb) => Ok((
                 apply_rope_fused(&q, &tb.cos_q, &tb.sin_q)?,
                 apply_rope_fused(&k, &tb.cos_k, &tb.sin_k)?,
@@ -851,6 +863,11 @@ impl Attention {
             copy_kv,
             attention_kernel,
         } = kernels;
+        if differentiable {
+            // Training: the attention core and the output projection are one autograd node each.
+            let out = trained_kernels::attention(q, k, v, mask)?;
+            return Ok(self.o.forward_trained(&out)?);
+        }
         let (b, _, t, _) = q.dims4()?;
         let rep = self.heads / self.kv_heads;
         let expand = |y: &Tensor| -> candle_core::Result<Tensor> {
@@ -869,15 +886,10 @@ impl Attention {
             } else {
                 (ke.t()?, ve)
             };
-            let probs = if fused || differentiable {
+            let probs = if fused {
                 // The scale is in the queries (their rotary tables).
                 let scores = q.matmul(&kt)?.to_dtype(DType::F32)?.broadcast_add(mask)?;
-                let probs = if fused {
-                    candle_nn::ops::softmax_last_dim(&scores)?
-                } else {
-                    trained_kernels::softmax_last(&scores)?
-                };
-                probs.to_dtype(q.dtype())?
+                candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(q.dtype())?
             } else {
                 let scale = 1.0 / (self.head_dim as f64).sqrt();
                 let scores = (q.matmul(&kt)? * scale)?.to_dtype(DType::F32)?;

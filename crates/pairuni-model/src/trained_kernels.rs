@@ -1,21 +1,88 @@
-//! candle's fused RMSNorm, rotary and softmax kernels with a backward: the training forwards' kernels on a GPU.
+//! Training forwards' ops with hand-written backwards: candle's fused RMSNorm, rotary and softmax kernels, and the
+//! projections, head split and attention core of a decoder layer as one autograd node each.
 //!
 //! candle-nn's fused kernels have no backward, so training forwards composed them of basic ops (nine launches
 //! for an RMSNorm, nine per rotary embedding, six for a softmax), and autograd turned each basic op into
-//! several more. On a GPU a candle op costs tens of µs of host time whatever its size, and a PairGRPO step at
-//! Janus-Pro shapes creates about 82,000 tensors in its train phase (`bench gpu-step`'s `train_split`), so
-//! the op count is the step's cost. Here the fused kernel computes the value without a graph, and a custom op
-//! puts that value back into the graph of its input (one copy) with a hand-written backward of a few ops.
+//! several more: candle's backward creates a zero tensor and adds into it for every input of every node, and
+//! a transpose or reshape becomes a strided copy. On a GPU a candle op costs tens of µs of host time whatever
+//! its size, and a PairGRPO step at Janus-Pro shapes created about 82,000 tensors in its train phase
+//! (`bench gpu-step`'s `train_split`), so the op count is the step's cost. Here each block computes its value
+//! without a graph (the same kernels in the same order as the composition, so the value is bit for bit the
+//! same), and one custom op puts that value into the graph of its inputs with a backward of a few ops.
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
+use candle_core::backend::{BackendDevice, BackendStorage};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor, D,
+};
+use std::sync::Mutex;
 
-/// The storage of a fresh kernel output, copied to become the custom op's own result.
-fn copy_result<S: BackendStorage>(s: &S, l: &Layout) -> candle_core::Result<(S, Shape)> {
-    if !l.is_contiguous() || l.start_offset() != 0 {
-        candle_core::bail!("a re-attached kernel result must be a fresh contiguous tensor");
+/// A contiguous copy of the tensor `l` lays out in `s`, to become a custom op's own result.
+fn copy_result<S>(s: &S, l: &Layout) -> candle_core::Result<(S, Shape)>
+where
+    S: BackendStorage,
+    S::Device: BackendDevice<Storage = S>,
+{
+    // SAFETY: every element of the fresh buffer is written by the strided copy below before it is read.
+    let mut out = unsafe { s.device().alloc_uninit(l.shape(), s.dtype())? };
+    s.copy_strided_src(&mut out, 0, l)?;
+    Ok((out, l.shape().clone()))
+}
+
+/// A value computed before its custom op ran, handed to the op's forward once and then dropped, so that the
+/// graph keeps only the op's copy.
+struct Stored(Mutex<Option<Tensor>>);
+
+impl Stored {
+    fn new(t: Tensor) -> Self {
+        Self(Mutex::new(Some(t)))
     }
-    Ok((s.try_clone(l)?, l.shape().clone()))
+
+    fn take(&self) -> candle_core::Result<Tensor> {
+        self.0
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("a stored result's lock was poisoned".into()))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("a stored result was taken twice".into()))
+    }
+
+    fn cpu(&self) -> candle_core::Result<(CpuStorage, Shape)> {
+        let t = self.take()?;
+        let (s, l) = t.storage_and_layout();
+        match &*s {
+            Storage::Cpu(s) => copy_result(s, l),
+            _ => candle_core::bail!("a stored result on another device than the op's arguments"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda(&self) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let t = self.take()?;
+        let (s, l) = t.storage_and_layout();
+        match &*s {
+            Storage::Cuda(s) => copy_result(s, l),
+            _ => candle_core::bail!("a stored result on another device than the op's arguments"),
+        }
+    }
+}
+
+/// The forwards of a custom op whose result is its [`Stored`] value (`self.out`); the arguments (named) are
+/// what the backward differentiates.
+macro_rules! result_is_stored {
+    ($($arg:ident),*) => {
+        fn cpu_fwd(&self, $($arg: &CpuStorage, _: &Layout,)*) -> candle_core::Result<(CpuStorage, Shape)> {
+            $(let _ = $arg;)*
+            self.out.cpu()
+        }
+
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(
+            &self,
+            $($arg: &candle_core::CudaStorage, _: &Layout,)*
+        ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+            $(let _ = $arg;)*
+            self.out.cuda()
+        }
+    };
 }
 
 /// The forwards of a custom op whose result is a copy of its last argument (the kernel's value); the arguments
@@ -41,71 +108,247 @@ macro_rules! result_is_last_arg {
     };
 }
 
-/// Softmax over the last dim: d x = y ⊙ (g − Σ g ⊙ y).
-struct SoftmaxBackward;
+/// A bias-free dense layer y = x Wᵀ (x [.., in], W [out, in]): dx = g W, dW = gᵀ x. Its forward is the matmul
+/// itself (no copy), through the same storage call as `x.reshape((rows, in)).matmul(&W.t())`.
+struct LinearOp;
 
-impl CustomOp2 for SoftmaxBackward {
+/// y = x Wᵀ on one backend's storages (x contiguous).
+fn linear_storage<S: BackendStorage>(
+    x: &S,
+    xl: &Layout,
+    w: &S,
+    wl: &Layout,
+) -> candle_core::Result<(S, Shape)> {
+    let (out, inner) = wl.shape().dims2()?;
+    let dims = xl.dims();
+    if dims.last() != Some(&inner) || !xl.is_contiguous() {
+        candle_core::bail!(
+            "linear: input {dims:?} (contiguous: {}) against a weight [{out}, {inner}]",
+            xl.is_contiguous()
+        );
+    }
+    let rows = xl.shape().elem_count() / inner;
+    let x2 = Layout::contiguous_with_offset((rows, inner), xl.start_offset());
+    let y = x.matmul(w, (1, rows, out, inner), &x2, &wl.transpose(0, 1)?)?;
+    let mut out_dims = dims.to_vec();
+    *out_dims.last_mut().expect("rank ≥ 1") = out;
+    Ok((y, Shape::from(out_dims)))
+}
+
+impl CustomOp2 for LinearOp {
     fn name(&self) -> &'static str {
-        "softmax-last-dim-with-backward"
+        "linear-with-backward"
     }
 
-    result_is_last_arg!(x);
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        linear_storage(x, xl, w, wl)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        w: &candle_core::CudaStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        linear_storage(x, xl, w, wl)
+    }
 
     fn bwd(
         &self,
-        _x: &Tensor,
-        _y: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let dot = (grad * res)?.sum_keepdim(D::Minus1)?;
-        Ok((Some(grad.broadcast_sub(&dot)?.mul(res)?), None))
-    }
-}
-
-/// Softmax over the last dim of `x` through candle's kernel, differentiable.
-pub(crate) fn softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
-    let x = x.contiguous()?;
-    let y = candle_nn::ops::softmax_last_dim(&x.detach())?;
-    x.apply_op2(&y, SoftmaxBackward)
-}
-
-/// Rotate-half rotary embedding with tables (cos, sin) [T, D/2] or [B, T, D/2]: a rotation, so its adjoint is
-/// the rotation by −sin (any scale folded into the tables passes through both).
-struct RopeBackward {
-    cos: Tensor,
-    sin: Tensor,
-}
-
-impl CustomOp2 for RopeBackward {
-    fn name(&self) -> &'static str {
-        "rope-with-backward"
-    }
-
-    result_is_last_arg!(x);
-
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        _y: &Tensor,
+        x: &Tensor,
+        w: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let dx = candle_nn::rotary_emb::rope(&grad.contiguous()?, &self.cos, &self.sin.neg()?)?;
-        Ok((Some(dx), None))
+        let (out, inner) = w.dims2()?;
+        let rows = x.elem_count() / inner;
+        let g = grad.reshape((rows, out))?;
+        // candle stores what a custom op returns even for an argument outside the graph (a frozen weight).
+        let dx = tracked(x, || g.matmul(w)?.reshape(x.shape()))?;
+        let dw = tracked(w, || g.t()?.matmul(&x.reshape((rows, inner))?))?;
+        Ok((dx, dw))
     }
 }
 
-/// Rotary embedding of `x` [B, H, T, D] through candle's kernel, differentiable in `x` (the tables are
-/// constants).
-pub(crate) fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
-    let x = x.contiguous()?;
-    let y = candle_nn::rotary_emb::rope(&x.detach(), cos, sin)?;
-    x.apply_op2(
-        &y,
-        RopeBackward {
-            cos: cos.clone(),
-            sin: sin.clone(),
+/// The gradient `f` computes, for an argument that is part of the graph (a variable or computed from one).
+fn tracked(
+    arg: &Tensor,
+    f: impl FnOnce() -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Option<Tensor>> {
+    if arg.track_op() {
+        f().map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+/// `x` [.., in] times the transposed weight `w` [out, in], differentiable in both (values bit for bit those of
+/// the reshape-and-matmul composition).
+pub(crate) fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op2(w, LinearOp)
+}
+
+/// Heads [B, n, T, D] split out of x [B, T, n·D], with a rotate-half rotary embedding when `rope` holds tables
+/// (cos, sin) [B, T, D/2]: a rotation, so its adjoint is the rotation by −sin (any scale folded into the tables
+/// passes through both), followed by the merge of the heads.
+struct HeadsOp {
+    out: Stored,
+    rope: Option<(Tensor, Tensor)>,
+}
+
+impl CustomOp1 for HeadsOp {
+    fn name(&self) -> &'static str {
+        "heads-rope-with-backward"
+    }
+
+    result_is_stored!(x);
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let g = match &self.rope {
+            Some((cos, sin)) => candle_nn::rotary_emb::rope(&grad.contiguous()?, cos, &sin.neg()?)?,
+            None => grad.clone(),
+        };
+        Ok(Some(g.transpose(1, 2)?.reshape(x.shape())?))
+    }
+}
+
+/// The `heads` heads [B, heads, T, D] of `x` [B, T, heads·D], rotated by candle's rotary kernel when `rope` holds
+/// tables [B, T, D/2]; differentiable in `x` (the tables are constants).
+pub(crate) fn heads(
+    x: &Tensor,
+    heads: usize,
+    rope: Option<(&Tensor, &Tensor)>,
+) -> candle_core::Result<Tensor> {
+    let (b, t, width) = x.dims3()?;
+    if heads == 0 || width % heads != 0 {
+        candle_core::bail!("{width} features do not split into {heads} heads");
+    }
+    let split = x
+        .detach()
+        .reshape((b, t, heads, width / heads))?
+        .transpose(1, 2)?
+        .contiguous()?;
+    let out = match rope {
+        Some((cos, sin)) => candle_nn::rotary_emb::rope(&split, cos, sin)?,
+        None => split,
+    };
+    x.apply_op1(HeadsOp {
+        out: Stored::new(out),
+        rope: rope.map(|(c, s)| (c.clone(), s.clone())),
+    })
+}
+
+/// Keys or values [B, kv, T, D] repeated for `rep` query heads each → [B, kv·rep, T, D].
+fn repeat_kv(x: &Tensor, rep: usize) -> candle_core::Result<Tensor> {
+    if rep == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kv, t, d) = x.dims4()?;
+    x.unsqueeze(2)?
+        .expand((b, kv, rep, t, d))?
+        .reshape((b, kv * rep, t, d))
+}
+
+/// The adjoint of [`repeat_kv`]: the gradients of each group of `rep` heads summed.
+fn fold_kv(g: &Tensor, rep: usize) -> candle_core::Result<Tensor> {
+    if rep == 1 {
+        return Ok(g.clone());
+    }
+    let (b, n, t, d) = g.dims4()?;
+    g.reshape((b, n / rep, rep, t, d))?.sum(2)
+}
+
+/// Attention o = softmax(q kᵀ + mask) v with its heads merged, [B, T, heads·D]; p the probabilities (f32, and
+/// rounded to the inputs' dtype as the second matmul read them): dv = p̃ᵀ g, dp = g vᵀ,
+/// ds = p ⊙ (dp − Σ dp ⊙ p) (f32, rounded back), dq = ds k, dk = dsᵀ q.
+struct AttentionOp {
+    out: Stored,
+    probs: Tensor,
+    probs_rounded: Tensor,
+    rep: usize,
+}
+
+impl CustomOp3 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "attention-with-backward"
+    }
+
+    result_is_stored!(q, k, v);
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, heads, t, d) = q.dims4()?;
+        let g = grad
+            .reshape((b, t, heads, d))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let (ke, ve) = (repeat_kv(k, self.rep)?, repeat_kv(v, self.rep)?);
+        let dv = tracked(v, || {
+            fold_kv(&self.probs_rounded.t()?.matmul(&g)?, self.rep)
+        })?;
+        let dp = g.matmul(&ve.t()?)?.to_dtype(DType::F32)?;
+        let dot = (&dp * &self.probs)?.sum_keepdim(D::Minus1)?;
+        let ds = dp
+            .broadcast_sub(&dot)?
+            .mul(&self.probs)?
+            .to_dtype(q.dtype())?;
+        let dq = tracked(q, || ds.matmul(&ke.contiguous()?))?;
+        let dk = tracked(k, || fold_kv(&ds.t()?.matmul(q)?, self.rep))?;
+        Ok((dq, dk, dv))
+    }
+}
+
+/// Attention of queries `q` [B, heads, T, D] (the 1/√D scale already in them) over keys and values `k`, `v`
+/// [B, kv_heads, T_all, D] under the additive f32 `mask` [B, 1, T, T_all], softmax in f32 through candle's
+/// kernel: [B, T, heads·D], differentiable in `q`, `k` and `v`.
+pub(crate) fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let (b, heads, t, d) = q.dims4()?;
+    let kv_heads = k.dim(1)?;
+    if kv_heads == 0 || heads % kv_heads != 0 {
+        candle_core::bail!("{heads} query heads do not group over {kv_heads} key heads");
+    }
+    let rep = heads / kv_heads;
+    let kt = repeat_kv(&k.detach(), rep)?.t()?.contiguous()?;
+    let ve = repeat_kv(&v.detach(), rep)?.contiguous()?;
+    let scores = q
+        .detach()
+        .matmul(&kt)?
+        .to_dtype(DType::F32)?
+        .broadcast_add(mask)?
+        .contiguous()?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    let probs_rounded = probs.to_dtype(q.dtype())?;
+    let out = probs_rounded
+        .matmul(&ve)?
+        .transpose(1, 2)?
+        .reshape((b, t, heads * d))?;
+    q.apply_op3(
+        k,
+        v,
+        AttentionOp {
+            out: Stored::new(out),
+            probs,
+            probs_rounded,
+            rep,
         },
     )
 }
@@ -141,10 +384,15 @@ impl CustomOp3 for RmsNormBackward {
         let dot = (&dn * &n)?.mean_keepdim(D::Minus1)?;
         let dx = (dn - n.broadcast_mul(&dot)?)?.broadcast_mul(&r)?;
         let hidden = w.elem_count();
-        let dw = (gf * n)?.reshape(((), hidden))?.sum(0)?;
+        let dw = tracked(w, || {
+            (gf * &n)?
+                .reshape(((), hidden))?
+                .sum(0)?
+                .to_dtype(w.dtype())
+        })?;
         Ok((
-            Some(dx.to_dtype(x.dtype())?),
-            Some(dw.to_dtype(w.dtype())?),
+            Some(dx.to_dtype(x.dtype())?).filter(|_| x.track_op()),
+            dw,
             None,
         ))
     }
@@ -160,7 +408,7 @@ pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layers::{apply_rope, softmax_last as composed_softmax, RmsNorm};
+    use crate::layers::{apply_rope, softmax_last as composed_softmax, Linear, RmsNorm};
     use candle_core::{Device, Module, Var};
 
     fn var(shape: &[usize], seed: usize) -> Var {
@@ -189,47 +437,208 @@ mod tests {
         (y * w).unwrap().sum_all().unwrap()
     }
 
-    #[test]
-    fn softmax_values_and_gradients_match_the_composition() {
-        let x = var(&[2, 3, 5, 9], 1);
-        let a = softmax_last(x.as_tensor()).unwrap();
-        let b = composed_softmax(x.as_tensor()).unwrap();
-        assert!(max_rel(&a, &b) < 1e-6);
+    /// Values within `value_tol` and the gradient of every argument within 1e-5 of the composition's.
+    fn matches_composition(
+        args: &[&Var],
+        op: impl Fn(&[&Tensor]) -> Tensor,
+        composed: impl Fn(&[&Tensor]) -> Tensor,
+        value_tol: f32,
+    ) {
+        let ts: Vec<&Tensor> = args.iter().map(|v| v.as_tensor()).collect();
+        let (a, b) = (op(&ts), composed(&ts));
+        assert_eq!(a.dims(), b.dims());
+        assert!(max_rel(&a, &b) <= value_tol, "values: {}", max_rel(&a, &b));
         let ga = weighted_sum(&a).backward().unwrap();
         let gb = weighted_sum(&b).backward().unwrap();
-        let (ga, gb) = (
-            ga.get(x.as_tensor()).unwrap(),
-            gb.get(x.as_tensor()).unwrap(),
-        );
-        assert!(max_rel(ga, gb) < 1e-5, "{}", max_rel(ga, gb));
+        for v in args {
+            let (p, q) = (
+                ga.get(v.as_tensor()).expect("the op's gradient"),
+                gb.get(v.as_tensor()).expect("the composition's gradient"),
+            );
+            assert!(
+                max_rel(p, q) < 1e-5,
+                "{:?} gradient: {}",
+                v.dims(),
+                max_rel(p, q)
+            );
+        }
     }
 
     #[test]
-    fn rope_values_and_gradients_match_the_composition() {
-        let (b, h, t, d) = (2, 3, 4, 8);
-        let x = var(&[b, h, t, d], 2);
-        // Scaled tables, as the queries' are: the scale must reach the gradient too.
-        let ang = Tensor::arange(0f32, (t * d / 2) as f32, &Device::Cpu)
+    fn linear_values_are_the_compositions_bit_for_bit_and_its_gradients_match() {
+        let x = var(&[2, 3, 8], 1);
+        let w = var(&[5, 8], 2);
+        let composed = |t: &[&Tensor]| {
+            Linear {
+                weight: t[1].clone(),
+                bias: None,
+            }
+            .forward(t[0])
             .unwrap()
-            .reshape((t, d / 2))
+        };
+        matches_composition(&[&x, &w], |t| linear(t[0], t[1]).unwrap(), composed, 0.0);
+        // A strided input (a transposed view) is made contiguous first.
+        let xt = var(&[2, 8, 3], 3);
+        let a = linear(&xt.as_tensor().transpose(1, 2).unwrap(), w.as_tensor()).unwrap();
+        let b = composed(&[&xt.as_tensor().transpose(1, 2).unwrap(), w.as_tensor()]);
+        assert_eq!(max_rel(&a, &b), 0.0);
+    }
+
+    #[test]
+    fn frozen_arguments_get_no_gradient() {
+        let x = var(&[2, 3, 8], 1);
+        let frozen = var(&[5, 8], 2).as_tensor().detach();
+        let grads = weighted_sum(&linear(x.as_tensor(), &frozen).unwrap())
+            .backward()
+            .unwrap();
+        assert!(
+            grads.get(&frozen).is_none(),
+            "a frozen weight was differentiated"
+        );
+        assert!(grads.get(x.as_tensor()).is_some());
+        let (w, xd) = (var(&[8], 3), x.as_tensor().detach());
+        let grads = weighted_sum(&rms_norm(&xd, w.as_tensor(), 1e-6).unwrap())
+            .backward()
+            .unwrap();
+        assert!(grads.get(w.as_tensor()).is_some());
+        assert!(
+            grads.get(&xd).is_none(),
+            "a frozen input was differentiated"
+        );
+    }
+
+    /// Scaled rotary tables [B, T, D/2] (the queries' carry the attention scale, which must reach the gradient).
+    fn tables(b: usize, t: usize, d: usize) -> (Tensor, Tensor) {
+        let ang = Tensor::arange(0f32, (b * t * d / 2) as f32, &Device::Cpu)
+            .unwrap()
+            .reshape((b, t, d / 2))
             .unwrap()
             .affine(0.37, 0.1)
             .unwrap();
-        let (cos, sin) = (
+        (
             ang.cos().unwrap().affine(0.5, 0.0).unwrap(),
             ang.sin().unwrap().affine(0.5, 0.0).unwrap(),
+        )
+    }
+
+    fn split_heads(x: &Tensor, n: usize) -> Tensor {
+        let (b, t, w) = x.dims3().unwrap();
+        x.reshape((b, t, n, w / n))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+    }
+
+    #[test]
+    fn head_splits_with_and_without_rotation_match_the_composition() {
+        let (b, t, n, d) = (2, 4, 3, 8);
+        let x = var(&[b, t, n * d], 2);
+        let (cos, sin) = tables(b, t, d);
+        let bcast = |u: &Tensor| u.reshape((b, 1, t, d / 2)).unwrap();
+        matches_composition(
+            &[&x],
+            |a| heads(a[0], n, Some((&cos, &sin))).unwrap(),
+            |a| apply_rope(&split_heads(a[0], n), &bcast(&cos), &bcast(&sin)).unwrap(),
+            1e-6,
         );
-        let a = rope(x.as_tensor(), &cos, &sin).unwrap();
-        let bcast = |t: &Tensor| t.reshape((1, 1, t.dim(0).unwrap(), d / 2)).unwrap();
-        let r = apply_rope(x.as_tensor(), &bcast(&cos), &bcast(&sin)).unwrap();
-        assert!(max_rel(&a, &r) < 1e-6);
-        let ga = weighted_sum(&a).backward().unwrap();
-        let gr = weighted_sum(&r).backward().unwrap();
-        let (ga, gr) = (
-            ga.get(x.as_tensor()).unwrap(),
-            gr.get(x.as_tensor()).unwrap(),
+        matches_composition(
+            &[&x],
+            |a| heads(a[0], n, None).unwrap(),
+            |a| split_heads(a[0], n),
+            0.0,
         );
-        assert!(max_rel(ga, gr) < 1e-5, "{}", max_rel(ga, gr));
+    }
+
+    /// The composition the attention op replaces, with the grouped heads repeated as the model's layers do.
+    fn composed_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Tensor {
+        let (b, n, t, d) = q.dims4().unwrap();
+        let rep = n / k.dim(1).unwrap();
+        let (ke, ve) = (repeat_kv(k, rep).unwrap(), repeat_kv(v, rep).unwrap());
+        let scores = q
+            .matmul(&ke.t().unwrap().contiguous().unwrap())
+            .unwrap()
+            .broadcast_add(mask)
+            .unwrap();
+        composed_softmax(&scores)
+            .unwrap()
+            .matmul(&ve.contiguous().unwrap())
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((b, t, n * d))
+            .unwrap()
+    }
+
+    #[test]
+    fn attention_values_and_gradients_match_the_composition_with_grouped_heads_and_masked_keys() {
+        let (b, t, past, d) = (2, 3, 2, 8);
+        for (heads, kv_heads) in [(4, 4), (4, 2)] {
+            let q = var(&[b, heads, t, d], 5);
+            let k = var(&[b, kv_heads, past + t, d], 6);
+            let v = var(&[b, kv_heads, past + t, d], 7);
+            // Causal over the new tokens, and row 1's first cached key masked out.
+            let mut m = vec![0f32; b * t * (past + t)];
+            for row in 0..b {
+                for i in 0..t {
+                    for j in 0..past + t {
+                        let masked = j > past + i || (row == 1 && j == 0);
+                        if masked {
+                            m[(row * t + i) * (past + t) + j] = -1e9;
+                        }
+                    }
+                }
+            }
+            let mask = Tensor::from_vec(m, (b, 1, t, past + t), &Device::Cpu).unwrap();
+            matches_composition(
+                &[&q, &k, &v],
+                |a| attention(a[0], a[1], a[2], &mask).unwrap(),
+                |a| composed_attention(a[0], a[1], a[2], &mask),
+                1e-6,
+            );
+        }
+    }
+
+    /// The comparison can tell a wrong backward: an attention op that keeps the probabilities of another mask
+    /// (its value is the right one) fails it.
+    #[test]
+    #[should_panic(expected = "gradient")]
+    fn an_attention_backward_with_the_wrong_probabilities_fails_the_comparison() {
+        let (b, heads, t, d) = (2, 2, 4, 8);
+        let (q, k, v) = (
+            var(&[b, heads, t, d], 5),
+            var(&[b, heads, t, d], 6),
+            var(&[b, heads, t, d], 7),
+        );
+        let causal: Vec<f32> = (0..b * t * t)
+            .map(|i| if i % t > (i / t) % t { -1e9 } else { 0.0 })
+            .collect();
+        let causal = Tensor::from_vec(causal, (b, 1, t, t), &Device::Cpu).unwrap();
+        let unmasked = Tensor::zeros((b, 1, t, t), DType::F32, &Device::Cpu).unwrap();
+        let mutated = |a: &[&Tensor]| {
+            let scores = a[0]
+                .detach()
+                .matmul(&a[1].detach().t().unwrap())
+                .unwrap()
+                .broadcast_add(&unmasked)
+                .unwrap();
+            let probs = composed_softmax(&scores).unwrap();
+            let out = composed_attention(&a[0].detach(), &a[1].detach(), &a[2].detach(), &causal);
+            let op = AttentionOp {
+                out: Stored::new(out),
+                probs_rounded: probs.clone(),
+                probs,
+                rep: 1,
+            };
+            a[0].apply_op3(a[1], a[2], op).unwrap()
+        };
+        matches_composition(
+            &[&q, &k, &v],
+            mutated,
+            |a| composed_attention(a[0], a[1], a[2], &causal),
+            1e-6,
+        );
     }
 
     #[test]

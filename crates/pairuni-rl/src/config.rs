@@ -316,6 +316,11 @@ pub struct TrainConfig {
     /// modality in one pass, which holds every activation of the batch's 16·(G_u + G_g) rollouts at once: at
     /// Janus-Pro shapes use G (8) or fewer. Default 0.
     pub micro_batch: usize,
+    /// Micro-batch passes in flight at once, each issued from its own host thread onto the device's stream (a GPU
+    /// pass is bound by its host); their results are merged in pass order, so the update is the same whatever
+    /// the number. 0 = auto: 2 on accelerators, 1 on the CPU. Acts with `micro_batch` > 0 (several passes).
+    /// Default 0.
+    pub concurrent_passes: usize,
     /// Lower clip range ε_low (ratio floor 1 − ε_low). Default 0.2.
     pub epsilon_low: f64,
     /// Upper clip range ε_high (ratio ceiling 1 + ε_high, DAPO's clip-higher). Default 0.28.
@@ -367,6 +372,7 @@ impl Default for TrainConfig {
             logprob_policy: LogprobPolicy::Conditional,
             updates_per_batch: 1,
             micro_batch: 0,
+            concurrent_passes: 0,
             epsilon_low: 0.2,
             epsilon_high: 0.28,
             beta: 0.0,

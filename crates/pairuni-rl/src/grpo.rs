@@ -23,6 +23,7 @@ use crate::config::{LogprobPolicy, TrainConfig, Trainable};
 use crate::data::PairLoader;
 use crate::loss::{self, Counts, Tokens};
 use crate::optim::{accumulate_grads, learning_rate, AdamW};
+use crate::passes::{self, Merged};
 use crate::reward::{is_understanding_reward, RewardInput, Scored, WeightedSum};
 use crate::run::{restore_vars, RngState, RunDir, TrainState};
 use crate::run_loop::{self, RunOptions, Stepper, TrainSummary};
@@ -397,31 +398,54 @@ impl GrpoTrainer {
         // Old log-probs are the first pass's values: ρ ≡ 1 on-policy, exactly.
         let mut old: Vec<Option<Tensor>> = vec![None; pieces.len()];
         let mut stats = UpdateStats::default();
+        let threads = passes::concurrent_passes(cfg.concurrent_passes, self.policy.device());
+        let scorer = Scorer {
+            policy: &self.policy,
+            temperature: cfg.temperature,
+            image_temperature: cfg.image_temperature,
+            cfg_policy: self.cfg_policy(),
+        };
+        // A copy of the variable list (Arc clones), so that the optimiser can step between updates.
+        let (vars, dev) = (self.opt.vars().to_vec(), self.policy.device().clone());
         for update in 0..cfg.updates_per_batch.max(1) {
             let first = update == 0;
             let mut grads = GradStore::default();
             let mut loss_value = 0f32;
             let (mut low_high_n, mut kl_parts) = ((0f32, 0f32, 0f32), (0f32, 0f32));
-            for pass in &passes {
-                let mut scored = Vec::with_capacity(pass.len());
-                for &i in pass {
+            let mut skipped = None;
+            let old_before = old.clone();
+            // One pass: its pieces scored, its loss and (when finite) its gradients. Statistics are kept per piece
+            // and summed by the merge in piece order, as a single thread sums them.
+            let run_pass = |k: usize| -> Result<PassOutcome, TrainError> {
+                let mut out = PassOutcome::default();
+                let mut scored = Vec::with_capacity(passes[k].len());
+                for &i in &passes[k] {
                     let piece = &pieces[i];
-                    let (lp, mask, ent) = self.score(b, piece)?;
-                    let old_lp = old[i].get_or_insert_with(|| lp.detach()).clone();
-                    let adv = piece.advantages(b, self.policy.device())?;
-                    let (l, s) = modality_loss(
-                        &lp,
-                        &old_lp,
-                        &adv,
-                        refs[i].as_ref(),
-                        &mask,
-                        cfg,
-                        &mut kl_parts,
-                    )?;
-                    accumulate_clip(&s, &mask, &mut low_high_n)?;
-                    if first {
-                        stats.add_entropy(piece.text, &ent, &mask)?;
-                    }
+                    let (lp, mask, ent) = scorer.score(b, piece)?;
+                    let old_lp = match &old_before[i] {
+                        Some(o) => o.clone(),
+                        None => {
+                            out.first_logprobs.push((i, lp.detach()));
+                            lp.detach()
+                        }
+                    };
+                    let adv = piece.advantages(b, &dev)?;
+                    let mut kl = (0f32, 0f32);
+                    let (l, s) =
+                        modality_loss(&lp, &old_lp, &adv, refs[i].as_ref(), &mask, cfg, &mut kl)?;
+                    let mut clip = (0f32, 0f32, 0f32);
+                    accumulate_clip(&s, &mask, &mut clip)?;
+                    let entropy = if first {
+                        Some(entropy_sums(&ent, &mask)?)
+                    } else {
+                        None
+                    };
+                    out.pieces.push(PieceStats {
+                        text: piece.text,
+                        kl,
+                        clip,
+                        entropy,
+                    });
                     let max_len = if piece.text {
                         cfg.max_new_tokens
                     } else {
@@ -443,12 +467,49 @@ impl GrpoTrainer {
                     let modality = counts.modality(scored[0].3);
                     loss::micro_batch_loss(&parts[0], cfg.loss_aggregation, modality, counts.all())?
                 };
-                let value = loss.to_scalar::<f32>()?;
-                if !value.is_finite() {
-                    return Ok(Some("loss"));
+                out.loss = loss.to_scalar::<f32>()?;
+                if out.loss.is_finite() {
+                    let mut own = GradStore::default();
+                    accumulate_grads(&mut own, loss.backward()?, &vars)?;
+                    out.grads = Some(own);
                 }
-                loss_value += value;
-                accumulate_grads(&mut grads, loss.backward()?, self.opt.vars())?;
+                Ok(out)
+            };
+            passes::run_in_order(
+                passes.len(),
+                threads,
+                || {
+                    pairuni_model::device::bind_thread(&dev)
+                        .map_err(|e| pairuni_model::ModelError::Device(e.to_string()).into())
+                },
+                run_pass,
+                |_, out| {
+                    if !out.loss.is_finite() {
+                        skipped = Some("loss");
+                        return Ok(Merged::Stop);
+                    }
+                    loss_value += out.loss;
+                    for p in out.pieces {
+                        kl_parts.0 += p.kl.0;
+                        kl_parts.1 += p.kl.1;
+                        low_high_n.0 += p.clip.0;
+                        low_high_n.1 += p.clip.1;
+                        low_high_n.2 += p.clip.2;
+                        if let Some(sums) = p.entropy {
+                            stats.add_entropy(p.text, sums);
+                        }
+                    }
+                    for (i, lp) in out.first_logprobs {
+                        old[i] = Some(lp);
+                    }
+                    if let Some(g) = out.grads {
+                        accumulate_grads(&mut grads, g, &vars)?;
+                    }
+                    Ok(Merged::Continue)
+                },
+            )?;
+            if let Some(what) = skipped {
+                return Ok(Some(what));
             }
             if first {
                 m.insert("loss".into(), json!(loss_value));
@@ -480,23 +541,6 @@ impl GrpoTrainer {
     }
 
     /// The policy's log-probs [B, T] (with gradient), mask and per-token entropy of one piece of the batch.
-    fn score(&self, b: &Batch, p: &Piece) -> Result<(Tensor, Tensor, Tensor), TrainError> {
-        if p.text {
-            let text = &b.text[p.rows.clone()];
-            return Ok(self
-                .policy
-                .answer_logprobs_entropy(text, self.cfg.temperature)?);
-        }
-        let images = &b.images[p.rows.clone()];
-        let (lp, ent) = self.policy.image_logprobs_entropy(
-            images,
-            self.cfg_policy(),
-            self.cfg.image_temperature,
-        )?;
-        let mask = lp.ones_like()?;
-        Ok((lp, mask, ent))
-    }
-
     /// The frozen reference's log-probs of one piece (when β > 0 keeps a reference model).
     fn reference_logprobs(&self, b: &Batch, p: &Piece) -> Result<Option<Tensor>, TrainError> {
         let Some(r) = &self.reference else {
@@ -593,15 +637,15 @@ struct UpdateStats {
 }
 
 impl UpdateStats {
-    fn add_entropy(&mut self, text: bool, ent: &Tensor, mask: &Tensor) -> Result<(), TrainError> {
+    /// Adds one piece's (Σ entropy over real tokens, real tokens) from [`entropy_sums`].
+    fn add_entropy(&mut self, text: bool, (sum, n): (f32, f32)) {
         let acc = if text {
             &mut self.entropy_text
         } else {
             &mut self.entropy_image
         };
-        acc.0 += (ent.detach() * mask)?.sum_all()?.to_scalar::<f32>()?;
-        acc.1 += mask.sum_all()?.to_scalar::<f32>()?;
-        Ok(())
+        acc.0 += sum;
+        acc.1 += n;
     }
 
     /// `entropy` (answers) and `entropy/image`, for the modalities the batch has.
@@ -672,6 +716,64 @@ fn modality_loss(
         per_token = (per_token + (kl * cfg.beta)?)?;
     }
     Ok((per_token, s))
+}
+
+/// (Σ entropy over real tokens, real tokens) of one piece.
+fn entropy_sums(ent: &Tensor, mask: &Tensor) -> Result<(f32, f32), TrainError> {
+    Ok((
+        (ent.detach() * mask)?.sum_all()?.to_scalar::<f32>()?,
+        mask.sum_all()?.to_scalar::<f32>()?,
+    ))
+}
+
+/// What one pass of an update hands to the merge.
+#[derive(Default)]
+struct PassOutcome {
+    /// The pass's loss value (its share of the batch's loss).
+    loss: f32,
+    /// The trained variables' gradients, when the loss is finite.
+    grads: Option<GradStore>,
+    /// Statistics of each of the pass's pieces, in order.
+    pieces: Vec<PieceStats>,
+    /// The first update's log-probs of each piece (the old log-probs of the later updates).
+    first_logprobs: Vec<(usize, Tensor)>,
+}
+
+/// One piece's contribution to an update's statistics.
+struct PieceStats {
+    text: bool,
+    /// (Σ KL over real tokens, real tokens).
+    kl: (f32, f32),
+    /// (clipped low, clipped high, real tokens).
+    clip: (f32, f32, f32),
+    /// (Σ entropy, real tokens) in the first update.
+    entropy: Option<(f32, f32)>,
+}
+
+/// What scoring a piece needs of the trainer (shared by the pass threads).
+struct Scorer<'a> {
+    policy: &'a Janus,
+    temperature: f64,
+    image_temperature: f64,
+    cfg_policy: CfgLogprobPolicy,
+}
+
+impl Scorer<'_> {
+    /// The policy's log-probs, mask and entropy of one piece.
+    fn score(&self, b: &Batch, p: &Piece) -> Result<(Tensor, Tensor, Tensor), TrainError> {
+        if p.text {
+            let text = &b.text[p.rows.clone()];
+            return Ok(self
+                .policy
+                .answer_logprobs_entropy(text, self.temperature)?);
+        }
+        let images = &b.images[p.rows.clone()];
+        let (lp, ent) =
+            self.policy
+                .image_logprobs_entropy(images, self.cfg_policy, self.image_temperature)?;
+        let mask = lp.ones_like()?;
+        Ok((lp, mask, ent))
+    }
 }
 
 fn accumulate_clip(

@@ -12,6 +12,7 @@ pub mod data;
 pub mod grpo;
 pub mod loss;
 pub mod optim;
+pub mod passes;
 pub mod reward;
 pub mod run;
 pub mod run_loop;

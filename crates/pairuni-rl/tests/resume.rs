@@ -307,6 +307,36 @@ fn micro_batches_take_the_whole_batch_step() {
 }
 
 #[test]
+fn concurrent_passes_take_the_step_of_one_thread_bit_for_bit() {
+    // Five passes (3 of answers, 2 of images) with a KL term and μ = 2, issued from one, two or three threads:
+    // the merge sums in pass order, so metrics and weights are identical, not merely close.
+    let w = common::world();
+    let cfg = |concurrent_passes| TrainConfig {
+        steps: 1,
+        beta: 0.05,
+        micro_batch: 2,
+        updates_per_batch: 2,
+        concurrent_passes,
+        ..grpo_cfg(w)
+    };
+    let (m_one, w_one) = one_step(cfg(1));
+    for threads in [2, 3] {
+        let (m, weights) = one_step(cfg(threads));
+        for key in [
+            "loss",
+            "grad_norm",
+            "entropy",
+            "entropy/image",
+            "kl",
+            "clip_ratio/region_mean",
+        ] {
+            assert_eq!(m[key], m_one[key], "{key} with {threads} threads");
+        }
+        assert!(weights == w_one, "weights differ with {threads} threads");
+    }
+}
+
+#[test]
 fn sft_micro_batches_take_the_whole_batch_step() {
     // 5 answers, 3 captions and 5 code sequences a step, scored 2 at a time or all at once: the same losses per
     // kind, the same gradient norm and, up to AdamW's per-coordinate normalisation of rounding, the same weights.

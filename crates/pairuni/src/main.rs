@@ -1,5 +1,8 @@
 //! The `pairuni` command line: argument parsing and presentation only; the work lives in the library crates.
 
+// serde_json's `json!` recurses once per key: `bench gpu-step`'s report has more keys than the default allows.
+#![recursion_limit = "256"]
+
 mod cmd;
 mod config;
 mod pipeline;

@@ -8,6 +8,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
@@ -27,6 +28,7 @@ use pairuni_rl::loss::{
     clipped_surrogate, group_advantages, micro_batch_loss, ratio, Counts, Tokens,
 };
 use pairuni_rl::optim::{accumulate_grads, AdamW};
+use pairuni_rl::passes::{concurrent_passes, run_in_order, Merged};
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
@@ -163,6 +165,13 @@ pub struct BenchGpuStepArgs {
     /// Rollouts per forward/backward in the train step (gradients are accumulated).
     #[arg(long, default_value_t = 8)]
     pub micro_batch: usize,
+    /// Micro-batch passes in flight at once, each from its own host thread (`[train] concurrent_passes`; 0 =
+    /// auto: 2 on accelerators, 1 on the CPU).
+    #[arg(long, default_value_t = 0)]
+    pub concurrent_passes: usize,
+    /// After the timed step, run its train phase again with the other thread count (1 or 2) and report it.
+    #[arg(long)]
+    pub compare_concurrent_passes: bool,
     /// AdamW learning rate (the paper's 1e-6 at 1B).
     #[arg(long, default_value_t = 1e-6)]
     pub lr: f64,
@@ -436,8 +445,12 @@ impl TrainSplit {
 
 /// What one timed step produced besides timings.
 struct StepOutcome {
-    /// The train phase, part by part.
+    /// The train phase, part by part (one thread only).
     train_split: serde_json::Value,
+    /// Micro-batch passes in flight at once in the train phase.
+    concurrent_passes: usize,
+    /// The train phase again with the other thread count (`--compare-concurrent-passes`).
+    train_other: serde_json::Value,
     image_tokens: usize,
     answer_tokens_mean: f64,
     grad_norm: f32,
@@ -529,6 +542,78 @@ fn run_step(
     let a_img = group_advantages(&r_img, a.group, RewardScaling::Std).values;
     let a_txt = group_advantages(&r_txt, a.group, RewardScaling::Std).values;
 
+    let threads = concurrent_passes(a.concurrent_passes, model.device());
+    let train = ph.time("train", || {
+        train_phase(model, opt, &images, &answers, (&a_img, &a_txt), a, threads)
+    })?;
+    if let Some(split) = &train.split {
+        tracing::info!(%split, "train phase split");
+    }
+    // With `--compare-concurrent-passes`, the train phase again on the same rollouts with the other thread count
+    // (its own optimiser step: the weights move by one more step of lr).
+    let train_other = if a.compare_concurrent_passes {
+        let other = if threads == 1 { 2 } else { 1 };
+        model.device().synchronize()?;
+        let t0 = Instant::now();
+        let again = train_phase(model, opt, &images, &answers, (&a_img, &a_txt), a, other)?;
+        model.device().synchronize()?;
+        Some(json!({
+            "concurrent_passes": other,
+            "train": round1(t0.elapsed().as_secs_f64() * 1e3),
+            "train_split": again.split.unwrap_or(serde_json::Value::Null),
+        }))
+    } else {
+        None
+    };
+    Ok(StepOutcome {
+        train_split: train.split.unwrap_or(serde_json::Value::Null),
+        concurrent_passes: threads,
+        train_other: train_other.unwrap_or(serde_json::Value::Null),
+        gap_image: LogprobGap::of(&train.scored_image)?,
+        gap_text: LogprobGap::of(&train.scored_text)?,
+        image_tokens: images.first().map_or(0, |r| r.codes.len()),
+        answer_tokens_mean: answers.iter().map(|r| r.answer_ids.len()).sum::<usize>() as f64
+            / answers.len().max(1) as f64,
+        grad_norm: train.grad_norm,
+        params_with_grad: train.params_with_grad,
+        params_trained: opt.vars().len(),
+        loss: train.loss,
+        images: decoded.len(),
+    })
+}
+
+/// What the train phase produced.
+struct TrainOutcome {
+    loss: f32,
+    grad_norm: f32,
+    params_with_grad: usize,
+    /// (teacher-forced, sampled, mask) per micro-batch of each modality, compared after the timed phase.
+    scored_image: Vec<(Tensor, Tensor, Tensor)>,
+    scored_text: Vec<(Tensor, Tensor, Tensor)>,
+    /// Host time and tensors per part (one thread only: the parts of concurrent passes interleave).
+    split: Option<serde_json::Value>,
+}
+
+/// One micro-batch pass's results.
+struct PassResult {
+    loss: f32,
+    grads: GradStore,
+    image: bool,
+    scored: (Tensor, Tensor, Tensor),
+}
+
+/// The PairGRPO update on the step's rollouts, as `[train]` runs it: micro-batches of `--micro-batch` rollouts per
+/// modality, each a forward and a backward pass (with the batch's loss denominators), `threads` passes in
+/// flight at once and merged in pass order ([`pairuni_rl::passes`]), then one AdamW step.
+fn train_phase(
+    model: &Janus,
+    opt: &mut AdamW,
+    images: &[ImageRollout],
+    answers: &[TextRollout],
+    (a_img, a_txt): (&[f32], &[f32]),
+    a: &BenchGpuStepArgs,
+    threads: usize,
+) -> anyhow::Result<TrainOutcome> {
     let vars = opt.vars().to_vec();
     let dev = model.device().clone();
     let mb = a.micro_batch.max(1);
@@ -542,81 +627,117 @@ fn run_step(
         rows: answers.len(),
     };
     let per_modality = LossAggregation::ModalityTokenMean;
-    // (teacher-forced, sampled, mask) per micro-batch, compared after the timed phase.
-    let (mut scored_image, mut scored_text) = (Vec::new(), Vec::new());
-    let mut split = TrainSplit::new()?;
-    let (loss_total, grad_norm, with_grad) = ph.time("train", || {
-        let mut grads = GradStore::default();
-        let mut loss_total = 0f32;
+    // Passes: image micro-batches, then answer micro-batches, as (image?, index of the micro-batch).
+    let passes: Vec<(bool, usize)> = (0..images.len().div_ceil(mb))
+        .map(|i| (true, i))
+        .chain((0..answers.len().div_ceil(mb)).map(|i| (false, i)))
+        .collect();
+    let split = if threads == 1 {
+        Some(Mutex::new(TrainSplit::new()?))
+    } else {
+        None
+    };
+    let mark = |part: &'static str| -> anyhow::Result<()> {
+        match &split {
+            Some(s) => s
+                .lock()
+                .map_err(|_| anyhow::anyhow!("the train split's lock was poisoned"))?
+                .mark(part),
+            None => Ok(()),
+        }
+    };
+    let run_pass = |k: usize| -> anyhow::Result<PassResult> {
+        let (image, i) = passes[k];
         // Per-modality token mean (METHOD.md default); micro-batch losses are scaled so that their gradients sum
         // to the full batch's.
-        for (i, chunk) in images.chunks(mb).enumerate() {
+        let (lp, old, mask, adv, n) = if image {
+            let chunk = &images[i * mb..((i + 1) * mb).min(images.len())];
             let lp =
                 model.image_logprobs_at(chunk, CfgLogprobPolicy::Conditional, a.temperature)?;
-            split.mark("image_forward")?;
+            mark("image_forward")?;
             let old = old_logprobs(
                 chunk.iter().map(|r| r.logprobs.as_slice()),
                 lp.dims2()?,
                 &dev,
             )?;
             let adv = Tensor::new(&a_img[i * mb..i * mb + chunk.len()], &dev)?;
-            let s = clipped_surrogate(&ratio(&lp, &old)?, &adv, 0.2, 0.28)?;
-            let mask = s.loss.ones_like()?;
-            scored_image.push((lp.detach(), old.clone(), mask.clone()));
-            let part = Tokens {
-                values: &s.loss,
-                mask: &mask,
-                max_len: lp.dim(1)?,
-            };
-            let loss = micro_batch_loss(&part, per_modality, n_img, n_img + n_txt)?;
-            loss_total += loss.to_scalar::<f32>()?;
-            split.mark("image_loss")?;
-            accumulate_grads(&mut grads, loss.backward()?, &vars)?;
-            split.mark("image_backward")?;
-        }
-        for (i, chunk) in answers.chunks(mb).enumerate() {
+            let mask = lp.ones_like()?;
+            (lp, old, mask, adv, n_img)
+        } else {
+            let chunk = &answers[i * mb..((i + 1) * mb).min(answers.len())];
             let (lp, mask) = model.answer_logprobs_at(chunk, a.temperature)?;
-            split.mark("text_forward")?;
+            mark("text_forward")?;
             let old = old_logprobs(
                 chunk.iter().map(|r| r.logprobs.as_slice()),
                 lp.dims2()?,
                 &dev,
             )?;
             let adv = Tensor::new(&a_txt[i * mb..i * mb + chunk.len()], &dev)?;
-            scored_text.push((lp.detach(), old.clone(), mask.clone()));
-            let s = clipped_surrogate(&ratio(&lp, &old)?, &adv, 0.2, 0.28)?;
-            let part = Tokens {
-                values: &s.loss,
-                mask: &mask,
-                max_len: lp.dim(1)?,
-            };
-            let loss = micro_batch_loss(&part, per_modality, n_txt, n_img + n_txt)?;
-            loss_total += loss.to_scalar::<f32>()?;
-            split.mark("text_loss")?;
-            accumulate_grads(&mut grads, loss.backward()?, &vars)?;
-            split.mark("text_backward")?;
-        }
-        let with_grad = vars
-            .iter()
-            .filter(|(_, v)| grads.get(v.as_tensor()).is_some())
-            .count();
-        split.mark("grad_count")?;
-        let info = opt.step(&grads, a.lr)?;
-        split.mark("optimizer")?;
-        Ok((loss_total, info.grad_norm, with_grad))
-    })?;
-    tracing::info!(split = %split.json(), "train phase split");
-    Ok(StepOutcome {
-        train_split: split.json(),
-        gap_image: LogprobGap::of(&scored_image)?,
-        gap_text: LogprobGap::of(&scored_text)?,
-        image_tokens: images.first().map_or(0, |r| r.codes.len()),
-        answer_tokens_mean: n_txt.tokens as f64 / answers.len().max(1) as f64,
-        grad_norm,
-        params_with_grad: with_grad,
-        params_trained: vars.len(),
-        loss: loss_total,
-        images: decoded.len(),
+            (lp, old, mask, adv, n_txt)
+        };
+        let s = clipped_surrogate(&ratio(&lp, &old)?, &adv, 0.2, 0.28)?;
+        let part = Tokens {
+            values: &s.loss,
+            mask: &mask,
+            max_len: lp.dim(1)?,
+        };
+        let loss = micro_batch_loss(&part, per_modality, n, n_img + n_txt)?;
+        let value = loss.to_scalar::<f32>()?;
+        mark(if image { "image_loss" } else { "text_loss" })?;
+        let mut grads = GradStore::default();
+        accumulate_grads(&mut grads, loss.backward()?, &vars)?;
+        mark(if image {
+            "image_backward"
+        } else {
+            "text_backward"
+        })?;
+        Ok(PassResult {
+            loss: value,
+            grads,
+            image,
+            scored: (lp.detach(), old, mask),
+        })
+    };
+    let mut grads = GradStore::default();
+    let (mut loss, mut scored_image, mut scored_text) = (0f32, Vec::new(), Vec::new());
+    run_in_order(
+        passes.len(),
+        threads,
+        || Ok(pairuni_model::device::bind_thread(&dev)?),
+        run_pass,
+        |_, pass| {
+            loss += pass.loss;
+            accumulate_grads(&mut grads, pass.grads, &vars)?;
+            if pass.image {
+                scored_image.push(pass.scored);
+            } else {
+                scored_text.push(pass.scored);
+            }
+            Ok(Merged::Continue)
+        },
+    )?;
+    let params_with_grad = vars
+        .iter()
+        .filter(|(_, v)| grads.get(v.as_tensor()).is_some())
+        .count();
+    mark("grad_count")?;
+    let info = opt.step(&grads, a.lr)?;
+    mark("optimizer")?;
+    let split = match split {
+        Some(s) => Some(
+            s.into_inner()
+                .map_err(|_| anyhow::anyhow!("the train split's lock was poisoned"))?
+                .json(),
+        ),
+        None => None,
+    };
+    Ok(TrainOutcome {
+        loss,
+        grad_norm: info.grad_norm,
+        params_with_grad,
+        scored_image,
+        scored_text,
+        split,
     })
 }
 
@@ -784,6 +905,8 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
         "impl": "candle",
         // Whether convolutions (the VQ decoder, the vision patch embedding) went through cuDNN.
         "cudnn": cfg!(feature = "cudnn"),
+        // Whether a CUDA device's memory pool keeps freed memory (`PAIRUNI_CUDA_POOL=release` turns it off).
+        "pool_keeps_memory": dev.is_cuda() && pairuni_model::device::pool_keeps_memory(),
         "device": device_name(&dev),
         "shapes": a.shapes.name(),
         "dtype": format!("{dtype:?}").to_lowercase(),
@@ -806,6 +929,8 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
         "grad_norm": out.grad_norm,
         "logprob_gap": { "image": out.gap_image.json(), "text": out.gap_text.json() },
         "train_split": out.train_split,
+        "concurrent_passes": out.concurrent_passes,
+        "train_other": out.train_other,
         "params_with_grad": format!("{}/{}", out.params_with_grad, out.params_trained),
         "image_sampler": a.image_sampler.resolved(&dev),
         "text_sampler": a.text_sampler.resolved(&dev),
@@ -1587,6 +1712,8 @@ mod tests {
             cfg_weight: 5.0,
             temperature: 1.0,
             micro_batch: 1,
+            concurrent_passes: 0,
+            compare_concurrent_passes: false,
             lr: 1e-2,
             seed: 3,
             no_warmup: true,
@@ -1701,6 +1828,54 @@ mod tests {
         ] {
             tiny_step(sampler, fixed, sharing);
         }
+    }
+
+    /// The bench's step with `concurrent_passes` threads: its loss, gradient norm and a trained weight after it.
+    fn step_with_passes(concurrent_passes: usize) -> (f32, f32, Vec<f32>) {
+        let a = BenchGpuStepArgs {
+            concurrent_passes,
+            ..tiny_args()
+        };
+        let cfg = a.shapes.config().unwrap();
+        let mut model = build_model(&cfg, a.seed, &Device::Cpu, DType::F32).unwrap();
+        let vars = model.select_trained(&ParamSelection::LanguageModel);
+        let var = vars[vars.len() / 2].1.clone();
+        let mut opt = AdamW::new(vars, &OptimConfig::default()).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(a.seed);
+        let inputs = step_inputs(&cfg, &a, &Device::Cpu, &mut rng).unwrap();
+        let mut ph = Phases {
+            device: Device::Cpu,
+            ms: Vec::new(),
+            profiled: Vec::new(),
+        };
+        let out = run_step(
+            &model,
+            &mut opt,
+            &inputs,
+            &a,
+            a.answer_tokens,
+            &mut rng,
+            &mut ph,
+        )
+        .unwrap();
+        assert_eq!(out.concurrent_passes, concurrent_passes);
+        // The split is kept from one thread only: concurrent passes interleave its parts.
+        assert_eq!(out.train_split.is_null(), concurrent_passes > 1);
+        let w = var
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        (out.loss, out.grad_norm, w)
+    }
+
+    #[test]
+    fn the_train_phase_from_two_threads_is_the_one_thread_phase_bit_for_bit() {
+        // Micro-batches of one rollout: two image and two answer passes, merged in pass order.
+        let one = step_with_passes(1);
+        assert_eq!(step_with_passes(2), one);
+        assert!(one.1 > 0.0);
     }
 
     fn tiny_step(sampler: SamplerArg, static_decode: bool, sharing: bool) {
