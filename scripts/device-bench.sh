@@ -70,9 +70,12 @@ if [[ -n "$bin" ]]; then
     # answer rollout and the answers' teacher-forced pass with prompt sharing on and off (prompt_sharing_compare).
     # The attention kernel is off by default until measured: the step turns it on, and --compare-attention-kernel
     # times the rollouts once more without it. The train phase runs two passes at once (auto on a GPU);
-    # --compare-concurrent-passes runs it again from one thread, with its split (train_other).
+    # --compare-concurrent-passes runs it again from one thread, with its split (train_other). The fused AdamW
+    # kernel and the RMSNorm backward kernel are off by default until measured: the step turns them on
+    # (`fused_adamw` and `norm_kernel_status` say whether their checks passed).
     timeout "$t" "$bin" --log info bench gpu-step --device "$dev" --shapes "$shapes" --compare-graphs \
-        --compare-sharing --attention-kernel on --compare-attention-kernel --compare-concurrent-passes --json \
+        --compare-sharing --attention-kernel on --compare-attention-kernel --compare-concurrent-passes \
+        --fused-adamw on --norm-kernel on --json \
         >"$OUT/candle_step.json" 2>"$OUT/candle_step.log"
     rc=$?
     echo "rc=$rc $(cat "$OUT/candle_step.json")"
@@ -84,13 +87,14 @@ if [[ -n "$bin" ]]; then
     fi
     # A failure that is not a timeout (cuDNN, the attention kernel, concurrent train passes, the stacked
     # projections, a fused kernel, a device-side draw, prompt sharing or an op without a bf16 CUDA kernel, say):
-    # retry with the binary without cuDNN, the attention kernel, the training kernels and concurrent passes,
+    # retry with the binary without cuDNN, the attention kernel, the training kernels, concurrent passes and the
+    # fused AdamW and RMSNorm backward kernels,
     # then also without the stacked projections, then without the fused sampling kernels and prompt sharing and with answers drawn
     # on the host, then also with images drawn on the host and in f32, so that the call still brings back a
     # candle number (the log keeps the first error). Same files (at most 8 come back); the JSON's cudnn, dtype,
     # stack_projections, fused_sampling, prompt_sharing and *_sampler say which ran.
-    for retry in "--attention-kernel off --fused-training off --concurrent-passes 1" \
-        "--attention-kernel off --fused-training off --concurrent-passes 1 --stack-projections off" \
+    for retry in "--attention-kernel off --fused-training off --concurrent-passes 1 --fused-adamw off --norm-kernel off" \
+        "--attention-kernel off --fused-training off --concurrent-passes 1 --fused-adamw off --norm-kernel off --stack-projections off" \
         "--fused-sampling off --prompt-sharing off --text-sampler host" \
         "--fused-sampling off --prompt-sharing off --text-sampler host --image-sampler host --dtype f32"; do
         t=$(( $(left) - 10 ))
@@ -240,7 +244,7 @@ except OSError:
 for name, d in (("pytorch", pt), ("candle", cd)):
     if d:
         extra = {k: d.get(k) for k in ("dtype", "image_tokens", "answer_tokens", "grad_norm", "params_with_grad",
-                                       "init_ms", "peak_mem_gib", "cudnn", "image_sampler", "text_sampler", "fused_sampling", "stack_projections", "attention_kernel", "attention_kernel_report", "fused_training", "prompt_sharing", "concurrent_passes", "pool_keeps_memory",
+                                       "init_ms", "peak_mem_gib", "cudnn", "image_sampler", "text_sampler", "fused_sampling", "stack_projections", "attention_kernel", "attention_kernel_report", "fused_training", "prompt_sharing", "concurrent_passes", "pool_keeps_memory", "fused_adamw", "norm_kernel", "norm_kernel_status",
                                        "cuda_graphs", "graph_report", "answer_graph_report", "image_step_probe") if k in d}
         print(name, json.dumps(extra))
     else:

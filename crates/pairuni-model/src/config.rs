@@ -68,6 +68,8 @@ pub struct Placement {
     /// Whether a decode step's attention runs as one CUDA kernel (`auto`: off until a GPU run has measured it; it
     /// acts on CUDA devices only).
     pub attention_kernel: Toggle,
+    /// Whether the training kernels' RMSNorm backward runs as one CUDA kernel (`auto`: off until measured).
+    pub norm_kernel: Toggle,
 }
 
 impl Placement {
@@ -81,6 +83,7 @@ impl Placement {
             prompt_sharing: Toggle::Auto,
             fused_training: Toggle::Auto,
             attention_kernel: Toggle::Auto,
+            norm_kernel: Toggle::Auto,
         }
     }
 
@@ -100,6 +103,9 @@ impl Placement {
         }
         if let Some(on) = self.attention_kernel.forced() {
             model.set_attention_kernel(on);
+        }
+        if let Some(on) = self.norm_kernel.forced() {
+            model.set_norm_kernel(on);
         }
     }
 
@@ -159,6 +165,10 @@ pub struct ModelConfig {
     /// an f32 reference at its first use and turned off if it disagrees): `on`, `off`, or `auto` (off until a GPU
     /// run has measured it, docs/GPU.md) (default `auto`).
     pub attention_kernel: Toggle,
+    /// The RMSNorm backward of training forwards (with `fused_training`) as one CUDA kernel, checked against the
+    /// composed backward at its first use and turned off if it disagrees: `on`, `off`, or `auto` (off until a
+    /// GPU run has measured it, docs/GPU.md) (default `auto`).
+    pub norm_kernel: Toggle,
 }
 
 impl Default for ModelConfig {
@@ -172,6 +182,7 @@ impl Default for ModelConfig {
             prompt_sharing: Toggle::Auto,
             fused_training: Toggle::Auto,
             attention_kernel: Toggle::Auto,
+            norm_kernel: Toggle::Auto,
         }
     }
 }
@@ -199,6 +210,7 @@ impl ModelConfig {
             prompt_sharing: self.prompt_sharing,
             fused_training: self.fused_training,
             attention_kernel: self.attention_kernel,
+            norm_kernel: self.norm_kernel,
         })
     }
 }
@@ -224,12 +236,17 @@ mod tests {
             !m.attention_kernel(),
             "auto leaves the kernel off until measured"
         );
+        assert!(
+            !m.norm_kernel(),
+            "auto leaves the kernel off until measured"
+        );
         assert_eq!(m.dtype(), DType::F32);
         c.fused_sampling = Toggle::On;
         c.cuda_graphs = Toggle::On;
         c.prompt_sharing = Toggle::On;
         c.fused_training = Toggle::On;
         c.attention_kernel = Toggle::On;
+        c.norm_kernel = Toggle::On;
         let placed = c.resolve(None, Some("bf16")).unwrap();
         let m = placed.adopt(toy()).unwrap();
         assert!(m.fused_sampling());
@@ -237,6 +254,7 @@ mod tests {
         assert!(m.prompt_sharing());
         assert!(m.fused_training());
         assert!(m.attention_kernel());
+        assert!(m.norm_kernel());
         assert_eq!(m.dtype(), DType::BF16);
         let mut m = m;
         Placement {
@@ -245,6 +263,7 @@ mod tests {
             prompt_sharing: Toggle::Off,
             fused_training: Toggle::Off,
             attention_kernel: Toggle::Off,
+            norm_kernel: Toggle::Off,
             ..placed
         }
         .configure(&mut m);
@@ -253,6 +272,7 @@ mod tests {
         assert!(!m.prompt_sharing());
         assert!(!m.fused_training());
         assert!(!m.attention_kernel());
+        assert!(!m.norm_kernel());
         let parsed: ModelConfig = toml::from_str(
             "fused_sampling = \"on\"\ncuda_graphs = \"off\"\nprompt_sharing = \"on\"\nfused_training = \"off\"",
         )

@@ -25,34 +25,8 @@ pub const MAX_WIDTH: usize = 8192;
 #[cfg(feature = "cuda")]
 const THREADS: usize = 128;
 
-/// CUDA source of the kernel: bf16 travels as raw 16-bit words, so no header is needed.
+/// CUDA source of the kernel, after [`crate::nvrtc::BF16_PRELUDE`] (bf16 as raw 16-bit words: no header needed).
 pub const SOURCE: &str = r#"
-typedef unsigned short bf16_t;
-
-__device__ __forceinline__ float load_val(const float* p, long i) { return p[i]; }
-__device__ __forceinline__ float load_val(const bf16_t* p, long i) {
-    return __uint_as_float(((unsigned int)p[i]) << 16);
-}
-__device__ __forceinline__ void store_val(float* p, long i, float v) { p[i] = v; }
-__device__ __forceinline__ void store_val(bf16_t* p, long i, float v) {
-    unsigned int u = __float_as_uint(v);
-    if ((u & 0x7fffffffu) > 0x7f800000u) {  // NaN stays a (quiet) NaN
-        p[i] = (bf16_t)((u >> 16) | 0x40u);
-        return;
-    }
-    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest, ties to even
-    p[i] = (bf16_t)(u >> 16);
-}
-
-__device__ __forceinline__ float warp_sum(float x) {
-    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-    return x;
-}
-__device__ __forceinline__ float warp_max(float x) {
-    for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
-    return x;
-}
-
 // One block per (row b, head h). Shared memory: the query (dim floats), the scores (width floats) and one
 // partial output per warp (nwarps * dim floats). dim is a multiple of 32 and at most 256.
 template <typename T>
@@ -384,12 +358,7 @@ fn launch(a: &LaunchArgs, q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> 
     let func = {
         static PTX: std::sync::OnceLock<std::result::Result<String, String>> =
             std::sync::OnceLock::new();
-        let ptx = PTX.get_or_init(|| {
-            candle_core::cuda_backend::cudarc::nvrtc::compile_ptx(SOURCE)
-                .map(|p| p.to_src())
-                .map_err(|e| format!("NVRTC: {e}"))
-        });
-        let ptx = ptx.as_ref().map_err(|e| device_err(e))?;
+        let ptx = crate::nvrtc::ptx(&PTX, SOURCE).map_err(|e| device_err(&e))?;
         dev.get_or_load_custom_func(name, "pairuni_decode_attention", ptx)?
     };
 

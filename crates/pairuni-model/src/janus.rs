@@ -486,6 +486,16 @@ impl Janus {
     pub fn set_attention_kernel(&mut self, on: bool) {
         self.m.lm.set_attention_kernel(on);
     }
+
+    /// Whether training forwards' RMSNorm backward runs as one CUDA kernel ([`crate::norm_kernel`]).
+    pub fn norm_kernel(&self) -> bool {
+        self.m.lm.norm_kernel()
+    }
+
+    /// Turns the RMSNorm backward kernel on or off (it acts on CUDA devices only; off by default until measured).
+    pub fn set_norm_kernel(&mut self, on: bool) {
+        self.m.lm.set_norm_kernel(on);
+    }
     /// Whether the device-side samplers ([`SamplerSite::Device`], the default on CUDA: the CFG image decode, and
     /// the answer decode without top-p) take fixed-shape steps (`llama::StaticDecode`), captured once per
     /// attention width as CUDA graphs and replayed on CUDA devices, run as they are elsewhere (the tests force it

@@ -19,6 +19,8 @@ pub mod janus;
 pub mod janus_config;
 pub(crate) mod layers;
 pub mod llama;
+pub mod norm_kernel;
+pub mod nvrtc;
 pub mod patch_codebook;
 pub mod sampling;
 pub mod tokenizer;

@@ -382,6 +382,9 @@ pub struct Llama {
     /// ([`crate::decode_attention`]; it acts on CUDA devices only). Off by default until a GPU run has measured
     /// it (docs/GPU.md); `[model] attention_kernel = "on"` or `bench gpu-step --attention-kernel on` turn it on.
     attention_kernel: bool,
+    /// Whether the differentiable forwards' RMSNorm backward runs as one CUDA kernel ([`crate::norm_kernel`];
+    /// CUDA devices only). Off by default until a GPU run has measured it.
+    norm_kernel: bool,
     /// Whether differentiable forwards (teacher forcing, training) run the fused RMSNorm, rotary and softmax
     /// kernels, and the projections, head splits and attention cores as single autograd nodes, with hand-written
     /// backwards ([`crate::trained_kernels`]) instead of compositions of basic ops. On by default on
@@ -434,6 +437,7 @@ impl Llama {
             fused_sampling: !p.device.is_cpu(),
             stack_projections: true,
             attention_kernel: false,
+            norm_kernel: false,
             fused_training: !p.device.is_cpu(),
         })
     }
@@ -466,6 +470,16 @@ impl Llama {
     /// Chooses whether fused-kernel decode steps on a GPU run attention as one kernel.
     pub fn set_attention_kernel(&mut self, on: bool) {
         self.attention_kernel = on;
+    }
+
+    /// Whether the differentiable forwards' RMSNorm backward runs as one CUDA kernel.
+    pub fn norm_kernel(&self) -> bool {
+        self.norm_kernel
+    }
+
+    /// Turns the RMSNorm backward kernel on or off (it acts on CUDA devices only).
+    pub fn set_norm_kernel(&mut self, on: bool) {
+        self.norm_kernel = on;
     }
 
     /// Whether fused-kernel forwards run the stacked projections.
@@ -587,6 +601,7 @@ impl Llama {
             differentiable,
             copy_kv: plan.is_none() || prealloc_copies_kv(dev),
             attention_kernel: self.attention_kernel,
+            norm_kernel: self.norm_kernel,
         };
         let mut h = x.clone();
         let mut new_layers = Vec::with_capacity(self.layers.len());
@@ -669,7 +684,7 @@ impl Llama {
 /// `norm` of `x` with the forward's kernels: fused (no backward), fused with a backward, or composed.
 fn rms_norm(norm: &RmsNorm, x: &Tensor, kernels: Kernels) -> candle_core::Result<Tensor> {
     if kernels.differentiable && !kernels.fused {
-        trained_kernels::rms_norm(x, &norm.weight, norm.eps)
+        trained_kernels::rms_norm(x, &norm.weight, norm.eps, kernels.norm_kernel)
     } else {
         norm.forward_with(x, kernels.fused)
     }
@@ -687,6 +702,8 @@ struct Kernels {
     copy_kv: bool,
     /// With `fused`, one-query attention on a GPU runs as one kernel ([`crate::decode_attention`]).
     attention_kernel: bool,
+    /// With `differentiable`, the RMSNorm backward on a GPU runs as one kernel ([`crate::norm_kernel`]).
+    norm_kernel: bool,
 }
 
 impl Layer {
@@ -862,6 +879,7 @@ impl Attention {
             differentiable,
             copy_kv,
             attention_kernel,
+            ..
         } = kernels;
         if differentiable {
             // Training: the attention core and the output projection are one autograd node each.
@@ -870,15 +888,7 @@ impl Attention {
         }
         let (b, _, t, _) = q.dims4()?;
         let rep = self.heads / self.kv_heads;
-        let expand = |y: &Tensor| -> candle_core::Result<Tensor> {
-            if rep == 1 {
-                return Ok(y.clone());
-            }
-            let (b, kvh, tk, d) = y.dims4()?;
-            y.unsqueeze(2)?
-                .expand((b, kvh, rep, tk, d))?
-                .reshape((b, kvh * rep, tk, d))
-        };
+        let expand = |y: &Tensor| trained_kernels::repeat_kv(y, rep);
         let composed = || -> candle_core::Result<Tensor> {
             let (ke, ve) = (expand(k)?, expand(v)?);
             let (kt, ve) = if copy_kv {

@@ -247,7 +247,7 @@ pub(crate) fn heads(
 }
 
 /// Keys or values [B, kv, T, D] repeated for `rep` query heads each → [B, kv·rep, T, D].
-fn repeat_kv(x: &Tensor, rep: usize) -> candle_core::Result<Tensor> {
+pub(crate) fn repeat_kv(x: &Tensor, rep: usize) -> candle_core::Result<Tensor> {
     if rep == 1 {
         return Ok(x.clone());
     }
@@ -357,6 +357,81 @@ pub(crate) fn attention(
 /// dx = r ⊙ (dn − n ⊙ mean(dn ⊙ n)), dw = Σ_rows g ⊙ n (all in f32).
 struct RmsNormBackward {
     eps: f64,
+    /// Whether the backward may run as one CUDA kernel ([`crate::norm_kernel`]).
+    kernel: bool,
+}
+
+impl RmsNormBackward {
+    /// The backward composed of candle ops: (dx, dw) for the arguments in the graph.
+    fn composed(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let xf = x.to_dtype(DType::F32)?;
+        let r = (xf.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
+            .sqrt()?
+            .recip()?;
+        let n = xf.broadcast_mul(&r)?;
+        let gf = grad.to_dtype(DType::F32)?;
+        let dn = gf.broadcast_mul(&w.to_dtype(DType::F32)?)?;
+        let dot = (&dn * &n)?.mean_keepdim(D::Minus1)?;
+        let dx = (dn - n.broadcast_mul(&dot)?)?.broadcast_mul(&r)?;
+        let hidden = w.elem_count();
+        let dw = tracked(w, || {
+            (gf * &n)?
+                .reshape(((), hidden))?
+                .sum(0)?
+                .to_dtype(w.dtype())
+        })?;
+        Ok((Some(dx.to_dtype(x.dtype())?).filter(|_| x.track_op()), dw))
+    }
+
+    /// The backward through the kernel, when it applies; its first call in a process is checked against the
+    /// composition (whose values that call returns).
+    fn through_kernel(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<(Option<Tensor>, Option<Tensor>)>> {
+        let trust = &crate::norm_kernel::TRUST;
+        if !self.kernel || !trust.usable() {
+            return Ok(None);
+        }
+        let (dx, dw) = match crate::norm_kernel::backward(x, w, grad, self.eps) {
+            Ok(Some(out)) => out,
+            Ok(None) => return Ok(None),
+            Err(e) => {
+                trust.record(Err(format!("launch: {e}")));
+                return Ok(None);
+            }
+        };
+        if trust.needs_check() {
+            let (cdx, cdw) = self.composed(x, w, grad)?;
+            // bf16 outputs are compared at bf16's rounding, f32 ones near f32's (the sums run in another order).
+            let tol = if x.dtype() == DType::F32 { 1e-4 } else { 2e-2 };
+            let mut worst = 0f32;
+            for (got, want) in [(Some(&dx), cdx.as_ref()), (Some(&dw), cdw.as_ref())] {
+                if let (Some(got), Some(want)) = (got, want) {
+                    worst = worst.max(crate::layers::rel_diff(got, want)?);
+                }
+            }
+            let outcome = if worst.is_nan() || worst > tol {
+                Err(format!("differs from the composed backward by {worst:e}"))
+            } else {
+                tracing::info!(rel_err = worst, "RMSNorm backward kernel checked");
+                Ok(())
+            };
+            trust.record(outcome);
+            return Ok(Some((cdx, cdw)));
+        }
+        Ok(Some((
+            Some(dx).filter(|_| x.track_op()),
+            Some(dw).filter(|_| w.track_op()),
+        )))
+    }
 }
 
 impl CustomOp3 for RmsNormBackward {
@@ -374,35 +449,25 @@ impl CustomOp3 for RmsNormBackward {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let xf = x.to_dtype(DType::F32)?;
-        let r = (xf.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
-            .sqrt()?
-            .recip()?;
-        let n = xf.broadcast_mul(&r)?;
-        let gf = grad.to_dtype(DType::F32)?;
-        let dn = gf.broadcast_mul(&w.to_dtype(DType::F32)?)?;
-        let dot = (&dn * &n)?.mean_keepdim(D::Minus1)?;
-        let dx = (dn - n.broadcast_mul(&dot)?)?.broadcast_mul(&r)?;
-        let hidden = w.elem_count();
-        let dw = tracked(w, || {
-            (gf * &n)?
-                .reshape(((), hidden))?
-                .sum(0)?
-                .to_dtype(w.dtype())
-        })?;
-        Ok((
-            Some(dx.to_dtype(x.dtype())?).filter(|_| x.track_op()),
-            dw,
-            None,
-        ))
+        let (dx, dw) = match self.through_kernel(x, w, grad)? {
+            Some(out) => out,
+            None => self.composed(x, w, grad)?,
+        };
+        Ok((dx, dw, None))
     }
 }
 
-/// RMSNorm of `x` [.., H] with weight `w` [H] through candle's kernel, differentiable in both.
-pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+/// RMSNorm of `x` [.., H] with weight `w` [H] through candle's kernel, differentiable in both; with `kernel`, the
+/// backward runs as one CUDA kernel on a CUDA device ([`crate::norm_kernel`]).
+pub(crate) fn rms_norm(
+    x: &Tensor,
+    w: &Tensor,
+    eps: f64,
+    kernel: bool,
+) -> candle_core::Result<Tensor> {
     let x = x.contiguous()?;
     let y = candle_nn::ops::rms_norm(&x.detach(), &w.detach(), eps as f32)?;
-    x.apply_op3(w, &y, RmsNormBackward { eps })
+    x.apply_op3(w, &y, RmsNormBackward { eps, kernel })
 }
 
 #[cfg(test)]
@@ -497,7 +562,7 @@ mod tests {
         );
         assert!(grads.get(x.as_tensor()).is_some());
         let (w, xd) = (var(&[8], 3), x.as_tensor().detach());
-        let grads = weighted_sum(&rms_norm(&xd, w.as_tensor(), 1e-6).unwrap())
+        let grads = weighted_sum(&rms_norm(&xd, w.as_tensor(), 1e-6, false).unwrap())
             .backward()
             .unwrap();
         assert!(grads.get(w.as_tensor()).is_some());
@@ -649,7 +714,7 @@ mod tests {
             weight: w.as_tensor().clone(),
             eps: 1e-6,
         };
-        let a = rms_norm(x.as_tensor(), w.as_tensor(), 1e-6).unwrap();
+        let a = rms_norm(x.as_tensor(), w.as_tensor(), 1e-6, false).unwrap();
         let b = composed.forward(x.as_tensor()).unwrap();
         assert!(max_rel(&a, &b) < 1e-5);
         let ga = weighted_sum(&a).backward().unwrap();

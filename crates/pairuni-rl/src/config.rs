@@ -72,6 +72,10 @@ pub struct OptimConfig {
     /// weight of 0.02), so without it most steps round back to the old weight. Costs 4 bytes per trained
     /// parameter; no effect on f32 weights. Default true.
     pub master_weights: bool,
+    /// Each variable's update as one CUDA kernel, in place, with the same arithmetic as the composed update
+    /// (`pairuni_rl::fused_adamw`; its first call is checked against the composition): `auto` | `on` | `off`.
+    /// `auto` is off until a GPU run has measured it (docs/GPU.md); it acts on CUDA devices only. Default `auto`.
+    pub fused: pairuni_model::config::Toggle,
 }
 
 impl Default for OptimConfig {
@@ -88,6 +92,7 @@ impl Default for OptimConfig {
             min_lr_ratio: 0.1,
             trainable: Trainable::All,
             master_weights: true,
+            fused: pairuni_model::config::Toggle::Auto,
         }
     }
 }

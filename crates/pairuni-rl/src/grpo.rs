@@ -522,7 +522,7 @@ impl GrpoTrainer {
             if !norm.is_finite() {
                 return Ok(Some("gradient"));
             }
-            self.opt.step(&grads, lr)?;
+            self.opt.step_with_norm(&grads, lr, norm)?;
             stats.clip_low += low_high_n.0 / low_high_n.2.max(1.0);
             stats.clip_high += low_high_n.1 / low_high_n.2.max(1.0);
             stats.kl += kl_parts.0 / kl_parts.1.max(1.0);

@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod data;
+pub mod fused_adamw;
 pub mod grpo;
 pub mod loss;
 pub mod optim;

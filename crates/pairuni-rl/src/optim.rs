@@ -14,6 +14,8 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor, Var};
 
 use crate::config::{LrSchedule, OptimConfig};
+use crate::fused_adamw::{self, Scalars};
+use pairuni_model::config::Toggle;
 
 /// AdamW state: the trained variables and their first/second moments.
 pub struct AdamW {
@@ -94,41 +96,125 @@ impl AdamW {
     /// The caller checks the returned norm for non-finite values *before* calling (see [`AdamW::grad_norm`]).
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<StepInfo> {
         let norm = self.grad_norm(grads)?;
+        self.step_with_norm(grads, lr, norm)
+    }
+
+    /// [`AdamW::step`] with the gradients' global norm already computed by [`AdamW::grad_norm`] (a trainer that
+    /// checks the norm first saves computing it twice).
+    pub fn step_with_norm(&mut self, grads: &GradStore, lr: f64, norm: f32) -> Result<StepInfo> {
         let clip = if self.cfg.max_grad_norm > 0.0 && norm as f64 > self.cfg.max_grad_norm {
             self.cfg.max_grad_norm / (norm as f64 + 1e-6)
         } else {
             1.0
         };
         self.t += 1;
-        let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
-        let bc1 = 1.0 - b1.powi(self.t as i32);
-        let bc2 = 1.0 - b2.powi(self.t as i32);
-        for (i, (_, var)) in self.vars.iter().enumerate() {
+        let scalars = Scalars::of(&self.cfg, self.t, lr, clip);
+        let fused = self.cfg.fused == Toggle::On && fused_adamw::TRUST.usable();
+        for i in 0..self.vars.len() {
+            let var = self.vars[i].1.clone();
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
-            let g = g.to_dtype(DType::F32)?.affine(clip, 0.0)?;
-            let m = ((&self.m[i] * b1)? + (&g * (1.0 - b1))?)?;
-            let v = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-            let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + self.cfg.eps)?)?;
-            // Decoupled decay: shrink the weights directly, not through the gradient.
-            let theta = match &self.master[i] {
-                Some(w) => w.clone(),
-                None => var.as_tensor().to_dtype(DType::F32)?,
+            if fused && var.device().is_cuda() && self.fused_update(i, &var, g, &scalars)? {
+                continue;
             }
-            .affine(1.0 - lr * self.cfg.weight_decay, 0.0)?;
-            let theta = (theta - (update * lr)?)?;
-            var.set(&theta.to_dtype(var.dtype())?)?;
-            if self.master[i].is_some() {
-                self.master[i] = Some(theta);
-            }
-            self.m[i] = m;
-            self.v[i] = v;
+            let (m, v, theta) = self.composed_update(i, &var, g, &scalars)?;
+            self.assign(i, &var, m, v, theta)?;
         }
         Ok(StepInfo {
             grad_norm: norm,
             lr,
         })
+    }
+
+    /// The update of variable `i` from its gradient `g` composed of candle ops: the new moments and the new f32
+    /// weight θ, leaving the state as it was.
+    fn composed_update(
+        &self,
+        i: usize,
+        var: &Var,
+        g: &Tensor,
+        s: &Scalars,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let f = f64::from;
+        let g = g.to_dtype(DType::F32)?.affine(f(s.clip), 0.0)?;
+        let m = ((&self.m[i] * f(s.b1))? + (&g * f(s.one_minus_b1))?)?;
+        let v = ((&self.v[i] * f(s.b2))? + (g.sqr()? * f(s.one_minus_b2))?)?;
+        let update = ((&m * f(s.inv_bc1))? / ((&v * f(s.inv_bc2))?.sqrt()? + f(s.eps))?)?;
+        // Decoupled decay: shrink the weights directly, not through the gradient.
+        let theta = match &self.master[i] {
+            Some(w) => w.clone(),
+            None => var.as_tensor().to_dtype(DType::F32)?,
+        }
+        .affine(f(s.decay), 0.0)?;
+        let theta = (theta - (update * f(s.lr))?)?;
+        Ok((m, v, theta))
+    }
+
+    /// Makes (m, v, θ) variable `i`'s state and θ, rounded, its value.
+    fn assign(&mut self, i: usize, var: &Var, m: Tensor, v: Tensor, theta: Tensor) -> Result<()> {
+        var.set(&theta.to_dtype(var.dtype())?)?;
+        if self.master[i].is_some() {
+            self.master[i] = Some(theta);
+        }
+        self.m[i] = m;
+        self.v[i] = v;
+        Ok(())
+    }
+
+    /// Variable `i`'s update through the fused kernel, in place; `false` when the kernel does not take it (the
+    /// caller composes it). The process's first call also composes the update first and compares: on a
+    /// difference the composed values are kept and the kernel is turned off.
+    fn fused_update(&mut self, i: usize, var: &Var, g: &Tensor, s: &Scalars) -> Result<bool> {
+        let check = fused_adamw::TRUST.needs_check();
+        let composed = if check {
+            Some(self.composed_update(i, var, g, s)?)
+        } else {
+            None
+        };
+        let w = var.as_tensor();
+        let launched =
+            fused_adamw::launch(g, &self.m[i], &self.v[i], self.master[i].as_ref(), w, s);
+        let launched = match launched {
+            Ok(l) => l,
+            Err(e) => {
+                fused_adamw::TRUST.record(Err(format!("launch: {e}")));
+                false
+            }
+        };
+        let Some((m, v, theta)) = composed else {
+            return Ok(launched);
+        };
+        if !launched {
+            self.assign(i, var, m, v, theta)?;
+            return Ok(true);
+        }
+        let theta_now = match &self.master[i] {
+            Some(t) => t.clone(),
+            None => w.to_dtype(DType::F32)?,
+        };
+        let diffs = [
+            ("m", rel_diff(&self.m[i], &m)?),
+            ("v", rel_diff(&self.v[i], &v)?),
+            ("theta", rel_diff(&theta_now, &theta)?),
+        ];
+        // The kernel does the composition's f32 operations in its order: the values are expected to be equal.
+        match diffs.iter().find(|(_, d)| d.is_nan() || *d > 1e-6) {
+            Some((name, d)) => {
+                fused_adamw::TRUST
+                    .record(Err(format!("{name} differs from the composition by {d:e}")));
+                self.assign(i, var, m, v, theta)?;
+            }
+            None => {
+                let worst = diffs.iter().fold(0f32, |a, (_, d)| a.max(*d));
+                tracing::info!(
+                    rel_err = worst,
+                    "fused AdamW kernel checked against the composed update"
+                );
+                fused_adamw::TRUST.record(Ok(()));
+            }
+        }
+        Ok(true)
     }
 
     /// Moments and master weights as named f32 tensors (`m.<name>`, `v.<name>`, `w.<name>`) for a checkpoint.
@@ -188,6 +274,13 @@ impl AdamW {
 }
 
 /// An f32 copy of `var` when it is stored in a narrower float dtype and master weights are `enabled`.
+/// max|a − b| / max|b| in f32 (max|a − b| when b is all zeros).
+fn rel_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    let m = b.abs()?.max_all()?.to_scalar::<f32>()?;
+    Ok(if m > 0.0 { d / m } else { d })
+}
+
 fn master_of(var: &Var, enabled: bool) -> Result<Option<Tensor>> {
     Ok(match var.dtype() {
         DType::BF16 | DType::F16 if enabled => Some(var.as_tensor().to_dtype(DType::F32)?),
@@ -243,6 +336,109 @@ mod tests {
             max_grad_norm: 0.0,
             ..OptimConfig::default()
         }
+    }
+
+    /// The fused kernel's arithmetic ([`fused_adamw::emulate`]) is the composed update's, bit for bit: f32 weights
+    /// and bf16 weights with f32 master copies, with clipping and weight decay, over several steps.
+    #[test]
+    fn the_fused_kernels_arithmetic_is_the_composed_update_bit_for_bit() {
+        let c = OptimConfig {
+            lr: 3e-3,
+            weight_decay: 0.1,
+            max_grad_norm: 0.05,
+            ..OptimConfig::default()
+        };
+        for dtype in [DType::F32, DType::BF16] {
+            let n = 257;
+            let init: Vec<f32> = (0..n)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 400.0)
+                .collect();
+            let w = Tensor::from_vec(init.clone(), n, &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let var = Var::from_tensor(&w).unwrap();
+            let mut opt = AdamW::new(vec![("w".into(), var.clone())], &c).unwrap();
+            // The emulation's state: θ starts from the weight as the optimiser's master copy (or the weight) does.
+            let mut theta: Vec<f32> = w.to_dtype(DType::F32).unwrap().to_vec1().unwrap();
+            let (mut m, mut v) = (vec![0f32; n], vec![0f32; n]);
+            for step in 1..=4u64 {
+                let g: Vec<f32> = (0..n)
+                    .map(|i| (((i as u64 * 13 + step * 7) % 29) as f32 - 14.0) / 50.0)
+                    .collect();
+                let gt = Tensor::from_vec(g.clone(), n, &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let mut grads = GradStore::default();
+                grads.insert(var.as_tensor(), gt.clone());
+                let info = opt.step(&grads, c.lr).unwrap();
+                let clip = if f64::from(info.grad_norm) > c.max_grad_norm {
+                    c.max_grad_norm / (f64::from(info.grad_norm) + 1e-6)
+                } else {
+                    1.0
+                };
+                assert!(clip < 1.0, "clipping is exercised");
+                let gf: Vec<f32> = gt.to_dtype(DType::F32).unwrap().to_vec1().unwrap();
+                fused_adamw::emulate(
+                    &gf,
+                    &mut m,
+                    &mut v,
+                    &mut theta,
+                    &Scalars::of(&c, step, c.lr, clip),
+                );
+                let got_m: Vec<f32> = opt.m[0].to_vec1().unwrap();
+                let got_v: Vec<f32> = opt.v[0].to_vec1().unwrap();
+                assert_eq!(got_m, m, "{dtype:?} step {step}: m");
+                assert_eq!(got_v, v, "{dtype:?} step {step}: v");
+                let got_theta: Vec<f32> = match &opt.master[0] {
+                    Some(t) => t.to_vec1().unwrap(),
+                    None => var.as_tensor().to_vec1().unwrap(),
+                };
+                assert_eq!(got_theta, theta, "{dtype:?} step {step}: theta");
+                let rounded: Vec<f32> = Tensor::from_vec(theta.clone(), n, &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let w_now: Vec<f32> = var
+                    .as_tensor()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                assert_eq!(
+                    w_now, rounded,
+                    "{dtype:?} step {step}: the weight is θ rounded"
+                );
+            }
+            assert_ne!(theta, init, "the weights moved");
+        }
+    }
+
+    #[test]
+    fn a_fused_optimiser_on_the_cpu_composes_its_update() {
+        let c = OptimConfig {
+            fused: Toggle::On,
+            ..cfg()
+        };
+        let run = |c: &OptimConfig| {
+            let var = Var::from_tensor(&Tensor::new(&[0.5f32, -1.0, 2.0], &Device::Cpu).unwrap())
+                .unwrap();
+            let mut opt = AdamW::new(vec![("w".into(), var.clone())], c).unwrap();
+            let mut grads = GradStore::default();
+            grads.insert(
+                var.as_tensor(),
+                Tensor::new(&[0.1f32, 0.2, -0.3], &Device::Cpu).unwrap(),
+            );
+            opt.step(&grads, 0.1).unwrap();
+            var.as_tensor().to_vec1::<f32>().unwrap()
+        };
+        assert_eq!(run(&c), run(&cfg()));
+        assert!(fused_adamw::TRUST.needs_check(), "no kernel ran on the CPU");
     }
 
     #[test]

@@ -407,7 +407,7 @@ impl SftTrainer {
             let norm = self.opt.grad_norm(&grads)?;
             m.insert("grad_norm".into(), json!(norm));
             if norm.is_finite() {
-                self.opt.step(&grads, lr)?;
+                self.opt.step_with_norm(&grads, lr, norm)?;
             } else {
                 skipped = Some("gradient");
             }

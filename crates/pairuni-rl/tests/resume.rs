@@ -251,6 +251,16 @@ fn one_step(cfg: TrainConfig) -> (Map<String, Value>, Weights) {
     (r.metrics, flat_weights(t.policy()))
 }
 
+/// The metrics an update writes (the loss, its gradient, entropies, KL and clipping).
+const UPDATE_METRICS: [&str; 6] = [
+    "loss",
+    "grad_norm",
+    "entropy",
+    "entropy/image",
+    "kl",
+    "clip_ratio/region_mean",
+];
+
 #[test]
 fn micro_batches_take_the_whole_batch_step() {
     // 6 answers and 4 images, scored 2 at a time (each modality in 3 and 2 passes) or all at once: the gradients
@@ -273,15 +283,7 @@ fn micro_batches_take_the_whole_batch_step() {
         };
         let (m_all, w_all) = one_step(cfg(0));
         let (m_micro, w_micro) = one_step(cfg(2));
-        let keys = [
-            "loss",
-            "grad_norm",
-            "entropy",
-            "entropy/image",
-            "kl",
-            "clip_ratio/region_mean",
-            "reward",
-        ];
+        let keys: Vec<&str> = UPDATE_METRICS.iter().copied().chain(["reward"]).collect();
         assert_metrics_close(&m_all, &m_micro, &keys, &format!("{aggregation:?}"));
         // AdamW divides each coordinate's gradient by its own RMS, so where a gradient is near zero a rounding
         // difference moves the update by a visible fraction of one step: bound the weights' difference by 5 % of
@@ -322,14 +324,7 @@ fn concurrent_passes_take_the_step_of_one_thread_bit_for_bit() {
     let (m_one, w_one) = one_step(cfg(1));
     for threads in [2, 3] {
         let (m, weights) = one_step(cfg(threads));
-        for key in [
-            "loss",
-            "grad_norm",
-            "entropy",
-            "entropy/image",
-            "kl",
-            "clip_ratio/region_mean",
-        ] {
+        for key in UPDATE_METRICS {
             assert_eq!(m[key], m_one[key], "{key} with {threads} threads");
         }
         assert!(weights == w_one, "weights differ with {threads} threads");

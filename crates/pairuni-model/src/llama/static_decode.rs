@@ -198,6 +198,7 @@ impl Llama {
             differentiable: false,
             copy_kv: super::prealloc_copies_kv(x.device()),
             attention_kernel: self.attention_kernel,
+            norm_kernel: false,
         };
         let mut h = x.clone();
         for (li, (layer, (kb, vb))) in self.layers.iter().zip(&sd.layers).enumerate() {

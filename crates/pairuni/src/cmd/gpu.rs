@@ -172,6 +172,14 @@ pub struct BenchGpuStepArgs {
     /// After the timed step, run its train phase again with the other thread count (1 or 2) and report it.
     #[arg(long)]
     pub compare_concurrent_passes: bool,
+    /// The training kernels' RMSNorm backward as one CUDA kernel (`[model] norm_kernel`, checked against the
+    /// composed backward at its first call): on | off (auto: off until measured).
+    #[arg(long, default_value = "auto")]
+    pub norm_kernel: Toggle,
+    /// Each variable's AdamW update as one CUDA kernel (`[*.optim] fused`, checked against the composed update at
+    /// its first call): on | off (auto: off until measured).
+    #[arg(long, default_value = "auto")]
+    pub fused_adamw: Toggle,
     /// AdamW learning rate (the paper's 1e-6 at 1B).
     #[arg(long, default_value_t = 1e-6)]
     pub lr: f64,
@@ -266,6 +274,15 @@ struct Phases {
 }
 
 impl Phases {
+    /// No phase timed yet on `device`; none of them in a profiler range.
+    fn on(device: &Device) -> Self {
+        Self {
+            device: device.clone(),
+            ms: Vec::new(),
+            profiled: Vec::new(),
+        }
+    }
+
     fn time<T>(
         &mut self,
         name: &'static str,
@@ -802,6 +819,7 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
         prompt_sharing: a.prompt_sharing,
         fused_training: a.fused_training,
         attention_kernel: a.attention_kernel,
+        norm_kernel: a.norm_kernel,
     }
     .configure(&mut model);
     if let Some(on) = a.stack_projections.forced() {
@@ -817,6 +835,7 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
     let vars = model.select_trained(&ParamSelection::LanguageModel);
     let optim = OptimConfig {
         lr: a.lr,
+        fused: a.fused_adamw,
         ..OptimConfig::default()
     };
     let mut opt = AdamW::new(vars, &optim)?;
@@ -848,9 +867,8 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
         model.set_static_decode(graph_check["pass"] == true);
     }
     let mut ph = Phases {
-        device: dev.clone(),
-        ms: Vec::new(),
         profiled: a.profile_phases.clone(),
+        ..Phases::on(&dev)
     };
     let t_step = Instant::now();
     let out = run_step(
@@ -930,6 +948,11 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
         "logprob_gap": { "image": out.gap_image.json(), "text": out.gap_text.json() },
         "train_split": out.train_split,
         "concurrent_passes": out.concurrent_passes,
+        // The fused AdamW kernel after the step: unchecked (it did not run), trusted (its check passed) or off.
+        "fused_adamw": pairuni_rl::fused_adamw::TRUST.status(),
+        // The RMSNorm backward kernel: whether it was asked for, and its state after the step.
+        "norm_kernel": model.norm_kernel(),
+        "norm_kernel_status": pairuni_model::norm_kernel::TRUST.status(),
         "train_other": out.train_other,
         "params_with_grad": format!("{}/{}", out.params_with_grad, out.params_trained),
         "image_sampler": a.image_sampler.resolved(&dev),
@@ -1042,11 +1065,7 @@ fn time_rollouts(
     rng: &mut ChaCha8Rng,
 ) -> serde_json::Value {
     let n = model.image_tokens_per_image();
-    let mut ph = Phases {
-        device: model.device().clone(),
-        ms: Vec::new(),
-        profiled: Vec::new(),
-    };
+    let mut ph = Phases::on(model.device());
     let image = ph.time("rollout_image", || {
         let (s, site) = (a.image_sampling(), a.image_sampler.site());
         Ok(model.sample_image_codes_at(&inputs.gen_prompts, &s, n, site, rng)?)
@@ -1089,11 +1108,7 @@ fn answers_with_sharing(
 ) -> serde_json::Value {
     let chosen = model.prompt_sharing();
     model.set_prompt_sharing(on);
-    let mut ph = Phases {
-        device: model.device().clone(),
-        ms: Vec::new(),
-        profiled: Vec::new(),
-    };
+    let mut ph = Phases::on(model.device());
     let timed = (|| -> anyhow::Result<()> {
         let mut answers = ph.time("rollout_text", || {
             let (s, site) = (a.text_sampling(answer_tokens), a.text_sampler.site());
@@ -1714,6 +1729,8 @@ mod tests {
             micro_batch: 1,
             concurrent_passes: 0,
             compare_concurrent_passes: false,
+            fused_adamw: Toggle::Auto,
+            norm_kernel: Toggle::Auto,
             lr: 1e-2,
             seed: 3,
             no_warmup: true,
@@ -1843,11 +1860,7 @@ mod tests {
         let mut opt = AdamW::new(vars, &OptimConfig::default()).unwrap();
         let mut rng = ChaCha8Rng::seed_from_u64(a.seed);
         let inputs = step_inputs(&cfg, &a, &Device::Cpu, &mut rng).unwrap();
-        let mut ph = Phases {
-            device: Device::Cpu,
-            ms: Vec::new(),
-            profiled: Vec::new(),
-        };
+        let mut ph = Phases::on(&Device::Cpu);
         let out = run_step(
             &model,
             &mut opt,
@@ -1912,11 +1925,7 @@ mod tests {
             inputs.und_prompts[0].len(),
             1 + a.question_len + cfg.vision_config.num_image_tokens
         );
-        let mut ph = Phases {
-            device: dev.clone(),
-            ms: Vec::new(),
-            profiled: Vec::new(),
-        };
+        let mut ph = Phases::on(&dev);
         let out = run_step(
             &model,
             &mut opt,

@@ -1,0 +1,234 @@
+//! AdamW's update of one variable as one CUDA kernel, in place (`[*.optim] fused`).
+//!
+//! [`crate::optim::AdamW`] composes the update of every variable of ~20 candle ops (casts, affines, the two
+//! moments, the bias corrections, the square root, the division, decay, the master weight, the rounding to the
+//! weight's dtype), each a kernel launch and a pass over the parameter: at Janus-Pro-1B's language model that is
+//! ≈ 4,400 tensors per step and about 170 bytes of memory traffic per parameter. This kernel reads the gradient,
+//! the moments and the master weight once and writes them and the weight once (28 bytes per bf16 parameter).
+//!
+//! It performs the composition's operations in the composition's order, each rounded to f32 (the `_rn`
+//! intrinsics keep the compiler from fusing a multiply and an add), so its results are the composition's bit for
+//! bit; [`emulate`] is that arithmetic on the host, which the tests hold to the composition. Like the decode
+//! attention kernel it is compiled by NVRTC from a header-free source, and its first call in a process is
+//! checked against the composition on the same inputs: on a mismatch or a compilation failure the composition's
+//! values are kept and the kernel is turned off for the process.
+
+/// The update's scalars as the composition's candle ops take them (f64 settings rounded to f32 once).
+#[derive(Debug, Clone, Copy)]
+pub struct Scalars {
+    /// Gradient-norm clipping factor (1 without clipping).
+    pub clip: f32,
+    /// β₁ and 1 − β₁.
+    pub b1: f32,
+    pub one_minus_b1: f32,
+    /// β₂ and 1 − β₂.
+    pub b2: f32,
+    pub one_minus_b2: f32,
+    /// 1 / (1 − β₁ᵗ) and 1 / (1 − β₂ᵗ).
+    pub inv_bc1: f32,
+    pub inv_bc2: f32,
+    /// ε.
+    pub eps: f32,
+    /// 1 − lr · weight decay.
+    pub decay: f32,
+    /// The learning rate.
+    pub lr: f32,
+}
+
+impl Scalars {
+    /// The scalars of step `t` (1-based) at learning rate `lr` with clipping factor `clip`.
+    pub fn of(cfg: &crate::config::OptimConfig, t: u64, lr: f64, clip: f64) -> Self {
+        let (b1, b2) = (cfg.beta1, cfg.beta2);
+        Self {
+            clip: clip as f32,
+            b1: b1 as f32,
+            one_minus_b1: (1.0 - b1) as f32,
+            b2: b2 as f32,
+            one_minus_b2: (1.0 - b2) as f32,
+            inv_bc1: (1.0 / (1.0 - b1.powi(t as i32))) as f32,
+            inv_bc2: (1.0 / (1.0 - b2.powi(t as i32))) as f32,
+            eps: cfg.eps as f32,
+            decay: (1.0 - lr * cfg.weight_decay) as f32,
+            lr: lr as f32,
+        }
+    }
+}
+
+/// The kernel's arithmetic on the host: updates the moments `m`, `v` and the f32 weight `theta` in place from the
+/// gradient `g` (already in f32). The tests compare it with the composition.
+pub fn emulate(g: &[f32], m: &mut [f32], v: &mut [f32], theta: &mut [f32], s: &Scalars) {
+    for i in 0..g.len() {
+        let gf = g[i] * s.clip;
+        let mn = m[i] * s.b1 + gf * s.one_minus_b1;
+        let vn = v[i] * s.b2 + (gf * gf) * s.one_minus_b2;
+        let update = (mn * s.inv_bc1) / ((vn * s.inv_bc2).sqrt() + s.eps);
+        theta[i] = theta[i] * s.decay - update * s.lr;
+        m[i] = mn;
+        v[i] = vn;
+    }
+}
+
+/// CUDA source, after `pairuni_model::nvrtc::BF16_PRELUDE` (bf16 as raw 16-bit words: no header needed).
+/// `master` may be null (f32 weights, or master weights off): the weight itself is then read as θ.
+pub const SOURCE: &str = r#"
+template <typename G, typename W>
+__device__ void adamw(
+    const G* g, float* m, float* v, float* master, W* w, long n,
+    float clip, float b1, float omb1, float b2, float omb2, float ibc1, float ibc2, float eps, float decay,
+    float lr)
+{
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        float gf = __fmul_rn(load_val(g, i), clip);
+        float mn = __fadd_rn(__fmul_rn(m[i], b1), __fmul_rn(gf, omb1));
+        float vn = __fadd_rn(__fmul_rn(v[i], b2), __fmul_rn(__fmul_rn(gf, gf), omb2));
+        float den = __fadd_rn(__fsqrt_rn(__fmul_rn(vn, ibc2)), eps);
+        float update = __fdiv_rn(__fmul_rn(mn, ibc1), den);
+        float theta = master ? master[i] : load_val(w, i);
+        theta = __fsub_rn(__fmul_rn(theta, decay), __fmul_rn(update, lr));
+        m[i] = mn;
+        v[i] = vn;
+        if (master) master[i] = theta;
+        store_val(w, i, theta);
+    }
+}
+
+#define ADAMW(name, G, W) \
+extern "C" __global__ void name( \
+    const G* g, float* m, float* v, float* master, W* w, long n, float clip, float b1, float omb1, float b2, \
+    float omb2, float ibc1, float ibc2, float eps, float decay, float lr) { \
+    adamw<G, W>(g, m, v, master, w, n, clip, b1, omb1, b2, omb2, ibc1, ibc2, eps, decay, lr); \
+}
+ADAMW(adamw_bf16, bf16_t, bf16_t)
+ADAMW(adamw_f32, float, float)
+"#;
+
+/// Whether the kernel may run, has been checked, or is off (`PAIRUNI_FUSED_ADAMW=off` turns it off).
+pub static TRUST: pairuni_model::nvrtc::Trust =
+    pairuni_model::nvrtc::Trust::new("PAIRUNI_FUSED_ADAMW", "fused AdamW kernel");
+
+/// Updates one variable in place on a CUDA device: gradient `g` (the weight's dtype), moments `m`, `v` (f32),
+/// master weight (f32, optional) and the weight `w` (bf16 or f32), all contiguous with `w`'s element count.
+/// `Ok(false)` when these tensors are not a case the kernel takes (the caller composes the update instead).
+#[cfg(feature = "cuda")]
+pub(crate) fn launch(
+    g: &candle_core::Tensor,
+    m: &candle_core::Tensor,
+    v: &candle_core::Tensor,
+    master: Option<&candle_core::Tensor>,
+    w: &candle_core::Tensor,
+    s: &Scalars,
+) -> candle_core::Result<bool> {
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::{DType, Storage};
+
+    let candle_core::Device::Cuda(dev) = w.device() else {
+        return Ok(false);
+    };
+    let n = w.elem_count();
+    let f32s = [Some(m), Some(v), master];
+    let shapes_fit = [g, m, v, w]
+        .into_iter()
+        .chain(master)
+        .all(|t| t.is_contiguous() && t.elem_count() == n)
+        && f32s.iter().flatten().all(|t| t.dtype() == DType::F32)
+        && g.dtype() == w.dtype()
+        && matches!(w.dtype(), DType::BF16 | DType::F32);
+    if !shapes_fit || n == 0 {
+        return Ok(false);
+    }
+    let name = if w.dtype() == DType::BF16 {
+        "adamw_bf16"
+    } else {
+        "adamw_f32"
+    };
+    let func = {
+        static PTX: std::sync::OnceLock<std::result::Result<String, String>> =
+            std::sync::OnceLock::new();
+        let ptx = pairuni_model::nvrtc::ptx(&PTX, SOURCE).map_err(candle_core::Error::Msg)?;
+        dev.get_or_load_custom_func(name, "pairuni_fused_adamw", ptx)?
+    };
+    const THREADS: u32 = 256;
+    let blocks = n.div_ceil(THREADS as usize).min(1 << 20) as u32;
+    let cfg = LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let scalars = [
+        s.clip,
+        s.b1,
+        s.one_minus_b1,
+        s.b2,
+        s.one_minus_b2,
+        s.inv_bc1,
+        s.inv_bc2,
+        s.eps,
+        s.decay,
+        s.lr,
+    ];
+    let len = n as i64;
+    let (ms, ml) = m.storage_and_layout();
+    let (vs, vl) = v.storage_and_layout();
+    let (Storage::Cuda(ms), Storage::Cuda(vs)) = (&*ms, &*vs) else {
+        return Ok(false);
+    };
+    let m_slice = ms.as_cuda_slice::<f32>()?.slice(ml.start_offset()..);
+    let v_slice = vs.as_cuda_slice::<f32>()?.slice(vl.start_offset()..);
+    let master_guard = master.map(|t| t.storage_and_layout());
+    let master_slice = match &master_guard {
+        Some((s, l)) => match &**s {
+            Storage::Cuda(s) => Some(s.as_cuda_slice::<f32>()?.slice(l.start_offset()..)),
+            _ => return Ok(false),
+        },
+        None => None,
+    };
+    // A null pointer tells the kernel there is no master weight.
+    let null: u64 = 0;
+    macro_rules! run {
+        ($t:ty) => {{
+            let (gs, gl) = g.storage_and_layout();
+            let (ws, wl) = w.storage_and_layout();
+            let (Storage::Cuda(gs), Storage::Cuda(ws)) = (&*gs, &*ws) else {
+                return Ok(false);
+            };
+            let g_slice = gs.as_cuda_slice::<$t>()?.slice(gl.start_offset()..);
+            let w_slice = ws.as_cuda_slice::<$t>()?.slice(wl.start_offset()..);
+            let mut builder = func.builder();
+            builder.arg(&g_slice);
+            builder.arg(&m_slice);
+            builder.arg(&v_slice);
+            match &master_slice {
+                Some(s) => builder.arg(s),
+                None => builder.arg(&null),
+            };
+            builder.arg(&w_slice);
+            builder.arg(&len);
+            for x in &scalars {
+                builder.arg(x);
+            }
+            // SAFETY: the arguments match the kernel's signature (a null u64 stands for a null pointer), and every
+            // buffer holds `n` contiguous elements from its offset (checked above). The kernel writes m, v, the
+            // master weight and the weight in place, as `Var::set` and the moments' replacement would; nothing
+            // else reads them during the step.
+            unsafe { builder.launch(cfg) }.map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        }};
+    }
+    match w.dtype() {
+        DType::BF16 => run!(half::bf16),
+        _ => run!(f32),
+    }
+    Ok(true)
+}
+
+/// A CPU build never launches the kernel.
+#[cfg(not(feature = "cuda"))]
+pub(crate) fn launch(
+    _: &candle_core::Tensor,
+    _: &candle_core::Tensor,
+    _: &candle_core::Tensor,
+    _: Option<&candle_core::Tensor>,
+    _: &candle_core::Tensor,
+    _: &Scalars,
+) -> candle_core::Result<bool> {
+    Ok(false)
+}
