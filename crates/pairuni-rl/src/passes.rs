@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc;
+use std::sync::{mpsc, Condvar, Mutex};
 
 use candle_core::Device;
 
@@ -34,7 +34,8 @@ pub enum Merged {
 
 /// Runs `work(i)` for every pass `i` in `0..n` on up to `threads` threads (the calling thread merges) and hands
 /// each result to `merge` in order of `i`. `prepare` runs first on every worker thread (making the device current
-/// there). With one thread, or one pass, everything runs on the calling thread, one pass after the other.
+/// there). No pass starts more than `threads` places ahead of the merge, so at most that many results wait. With
+/// one thread, or one pass, everything runs on the calling thread, one pass after the other.
 ///
 /// The first error, of a pass or of the merge, is returned once every started pass has finished; passes not yet
 /// started are skipped.
@@ -60,14 +61,24 @@ where
     }
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
+    // How many passes the merge has taken: a worker starts pass i only once i < merged + threads, so that at most
+    // `threads` results (a set of gradients each) wait for the merge however the passes' times differ.
+    let merged = (Mutex::new(0usize), Condvar::new());
+    let advance = |to: usize| {
+        if let Ok(mut m) = merged.0.lock() {
+            *m = to;
+        }
+        merged.1.notify_all();
+    };
     std::thread::scope(|scope| {
         let (tx, rx) = mpsc::channel::<(usize, Result<T, E>)>();
         for _ in 0..threads {
             let tx = tx.clone();
-            let (next, stop, prepare, work) = (&next, &stop, &prepare, &work);
+            let (next, stop, prepare, work, merged) = (&next, &stop, &prepare, &work, &merged);
             scope.spawn(move || {
                 if let Err(e) = prepare() {
                     stop.store(true, Ordering::SeqCst);
+                    merged.1.notify_all();
                     // The pass index is past every real one: the merge reports it after the others.
                     let _ = tx.send((usize::MAX, Err(e)));
                     return;
@@ -77,9 +88,23 @@ where
                     if i >= n {
                         break;
                     }
+                    let Ok(mut m) = merged.0.lock() else {
+                        break;
+                    };
+                    while i >= *m + threads && !stop.load(Ordering::SeqCst) {
+                        m = match merged.1.wait(m) {
+                            Ok(m) => m,
+                            Err(_) => return,
+                        };
+                    }
+                    drop(m);
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
                     let result = work(i);
                     if result.is_err() {
                         stop.store(true, Ordering::SeqCst);
+                        merged.1.notify_all();
                     }
                     if tx.send((i, result)).is_err() {
                         break;
@@ -115,6 +140,7 @@ where
                     break;
                 }
             }
+            advance(wanted);
         }
         // A thread that could not start stopped the others before every pass ran: its error is what is left.
         if !done {
@@ -129,7 +155,6 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
 
     fn ordered(threads: usize, n: usize) -> Vec<usize> {
         let mut seen = Vec::new();
@@ -183,6 +208,29 @@ mod tests {
         )
         .unwrap();
         assert_eq!(most.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn a_slow_first_pass_holds_back_the_others_to_the_thread_count() {
+        // Pass 0 is slow; the other thread must not run far ahead, or its results would pile up unmerged.
+        let started = Mutex::new(Vec::new());
+        run_in_order::<_, String>(
+            8,
+            2,
+            || Ok(()),
+            |i| {
+                started.lock().unwrap().push(i);
+                if i == 0 {
+                    std::thread::sleep(std::time::Duration::from_millis(150));
+                    let ahead = started.lock().unwrap().len();
+                    assert!(ahead <= 3, "{ahead} passes started while the first ran");
+                }
+                Ok(i)
+            },
+            |_, _| Ok(Merged::Continue),
+        )
+        .unwrap();
+        assert_eq!(started.lock().unwrap().len(), 8);
     }
 
     #[test]
