@@ -140,6 +140,9 @@ pub struct SftConfig {
     /// gradients are summed to the step's (gradient accumulation, with the step's token counts as denominators).
     /// 0 scores each kind in one pass. Default 0.
     pub micro_batch: usize,
+    /// Micro-batch passes in flight at once, each from its own host thread, merged in pass order (as
+    /// `[train] concurrent_passes`). 0 = auto: 2 on accelerators, 1 on the CPU. Default 0.
+    pub concurrent_passes: usize,
     /// Write a checkpoint every this many steps (and at the end); 0 = only at the end. Default 100.
     pub checkpoint_every: usize,
 }
@@ -164,6 +167,7 @@ impl Default for SftConfig {
             holdout: 0,
             optim: OptimConfig::default(),
             micro_batch: 0,
+            concurrent_passes: 0,
             checkpoint_every: 100,
         }
     }

@@ -21,6 +21,7 @@ use crate::config::{SftConfig, SftSource};
 use crate::data::Cursor;
 use crate::grpo::{param_selection, ImageCache};
 use crate::optim::{accumulate_grads, learning_rate, AdamW};
+use crate::passes::{self, Merged};
 use crate::run::{restore_vars, RngState, RunDir, TrainState};
 use crate::run_loop::{self, RunOptions, Stepper, TrainSummary};
 use crate::TrainError;
@@ -302,7 +303,8 @@ impl SftTrainer {
     /// The same loss as [`SftTrainer::whole_batch_loss`], scored `micro_batch` examples at a time with a backward
     /// pass each: every micro-batch's sum is divided by its kind's token count over the whole step, so the
     /// micro-batches add up to the step's loss and their gradients to its gradient. Returns the loss and the
-    /// summed gradients (`None` once a micro-batch's loss is not finite).
+    /// summed gradients (`None` once a micro-batch's loss is not finite). Passes run `concurrent_passes` at a time
+    /// and are merged in order ([`crate::passes`]).
     fn micro_batch_gradients(
         &self,
         answers: &[TextRollout],
@@ -326,8 +328,9 @@ impl SftTrainer {
             };
             Ok::<Tensor, TrainError>(sum)
         };
-        let mut grads = GradStore::default();
-        let mut loss = 0f32;
+        // Every pass of the step: (kind, its examples, weight, the kind's token count, the rows of the pass).
+        let mut passes = Vec::new();
+        let mut kinds = Vec::new();
         for (name, text, w) in [
             ("answer", Some(answers), cfg.answer_weight),
             ("caption", Some(captions), cfg.caption_weight),
@@ -344,19 +347,56 @@ impl SftTrainer {
             if n == 0 || (text.is_some() && w == 0.0) {
                 continue;
             }
-            let mut kind_nll = 0f32;
             for start in (0..n).step_by(size) {
-                let sum = chunk_sum(text, start..n.min(start + size))?;
-                let nll = (sum / count.max(1) as f64)?.neg()?;
+                passes.push((kinds.len(), text, w, count, start..n.min(start + size)));
+            }
+            kinds.push((name, 0f32, passes.len()));
+        }
+        let vars = self.opt.vars();
+        let dev = self.model.device();
+        let mut grads = GradStore::default();
+        let (mut loss, mut nonfinite) = (0f32, None);
+        let mut merged = 0;
+        passes::run_in_order(
+            passes.len(),
+            passes::concurrent_passes(cfg.concurrent_passes, dev),
+            || {
+                pairuni_model::device::bind_thread(dev)
+                    .map_err(|e| pairuni_model::ModelError::Device(e.to_string()).into())
+            },
+            |i| -> Result<(f32, Option<GradStore>), TrainError> {
+                let (_, text, w, count, rows) = &passes[i];
+                let sum = chunk_sum(*text, rows.clone())?;
+                let nll = (sum / (*count).max(1) as f64)?.neg()?;
                 let value = nll.to_scalar::<f32>()?;
                 if !value.is_finite() {
                     return Ok((value, None));
                 }
-                kind_nll += value;
+                let mut own = GradStore::default();
+                accumulate_grads(&mut own, (nll * *w)?.backward()?, vars)?;
+                Ok((value, Some(own)))
+            },
+            |i, (value, g)| {
+                let Some(g) = g else {
+                    nonfinite = Some(value);
+                    return Ok(Merged::Stop);
+                };
+                let (kind, _, w, _, _) = passes[i];
+                kinds[kind].1 += value;
                 loss += value * w as f32;
-                accumulate_grads(&mut grads, (nll * w)?.backward()?, self.opt.vars())?;
+                accumulate_grads(&mut grads, g, vars)?;
+                merged = i + 1;
+                Ok(Merged::Continue)
+            },
+        )?;
+        // A kind's loss is reported once all its passes are in (on a non-finite pass, the kinds before it).
+        for (name, nll, end) in kinds {
+            if end <= merged {
+                m.insert(format!("loss/{name}"), json!(nll));
             }
-            m.insert(format!("loss/{name}"), json!(kind_nll));
+        }
+        if let Some(value) = nonfinite {
+            return Ok((value, None));
         }
         Ok((loss, Some(grads)))
     }

@@ -337,11 +337,12 @@ fn sft_micro_batches_take_the_whole_batch_step() {
     // kind, the same gradient norm and, up to AdamW's per-coordinate normalisation of rounding, the same weights.
     use pairuni_rl::sft::{SftData, SftTrainer};
     let tmp = tempfile::tempdir().unwrap();
-    let run = |micro_batch| {
+    let run = |micro_batch, concurrent_passes| {
         let cfg = pairuni_rl::config::SftConfig {
             batch_understanding: 5,
             batch_generation: 5,
             micro_batch,
+            concurrent_passes,
             ..common::short_sft(tmp.path())
         };
         let data = SftData::load(&cfg).unwrap();
@@ -349,8 +350,18 @@ fn sft_micro_batches_take_the_whole_batch_step() {
         let m = t.step().unwrap();
         (m, flat_weights(t.model()))
     };
-    let (m_all, w_all) = run(0);
-    let (m_micro, w_micro) = run(2);
+    let (m_all, w_all) = run(0, 1);
+    let (m_micro, w_micro) = run(2, 1);
+    // Passes from three threads are merged in pass order: the same step, bit for bit.
+    let (m_threads, w_threads) = run(2, 3);
+    let untimed = |m: &Map<String, Value>| {
+        m.iter()
+            .filter(|(k, _)| !k.starts_with("time/"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(untimed(&m_threads), untimed(&m_micro));
+    assert!(w_threads == w_micro, "weights differ with three threads");
     let keys = [
         "loss",
         "loss/answer",
