@@ -21,15 +21,22 @@ use crate::error::Result;
 /// Widest key range the kernel takes (its scores live in shared memory; 48 KiB holds 8192 f32s and the rest).
 pub const MAX_WIDTH: usize = 8192;
 
-/// Threads per block: four warps.
+/// Threads per block: eight warps (with four keys in flight per warp, enough loads to keep the cache reads near
+/// the memory's bandwidth with one block per row and head).
 #[cfg(feature = "cuda")]
-const THREADS: usize = 128;
+const THREADS: usize = 256;
 
 /// CUDA source of the kernel, after [`crate::nvrtc::BF16_PRELUDE`] (bf16 as raw 16-bit words: no header needed).
 pub const SOURCE: &str = r#"
 // One block per (row b, head h). Shared memory: the query (dim floats), the scores (width floats) and one
-// partial output per warp (nwarps * dim floats). dim is a multiple of 32 and at most 256.
-template <typename T>
+// partial output per warp (nwarps * dim floats). dim = 32 * PL, PL in {1, 2, 4, 8}.
+//
+// Each warp takes KEYS keys at a time, its lanes across the head dimension. A decode step reads the whole cache,
+// so the loop keeps KEYS * PL loads per lane independent of each other's sums (with the bounds known at compile
+// time and keys past the end reading the last key instead of branching), which lets them all be in flight at
+// once: one load at a time per warp would leave the step bound by memory latency.
+#define KEYS 4
+template <typename T, int PL>
 __device__ void decode_attention(
     const T* q, const T* k, const T* v, const float* mask, T* out,
     int heads, int rep, int width, int dim,
@@ -47,13 +54,23 @@ __device__ void decode_attention(
     for (int d = tid; d < dim; d += blockDim.x) qs[d] = load_val(q, b * q_b + h * q_h + d);
     __syncthreads();
 
-    // Scores: a warp per key, its lanes across the head dimension.
+    // Scores.
     const T* kb = k + b * k_b + kvh * k_h;
-    for (int w = warp; w < width; w += nwarps) {
-        float acc = 0.f;
-        for (int d = lane; d < dim; d += 32) acc += qs[d] * load_val(kb, w * k_w + d);
-        acc = warp_sum(acc);
-        if (lane == 0) scores[w] = acc + mask[b * m_b + w];
+    for (int w0 = warp * KEYS; w0 < width; w0 += nwarps * KEYS) {
+        float dot[KEYS];
+#pragma unroll
+        for (int j = 0; j < KEYS; ++j) {
+            const long row = (long)min(w0 + j, width - 1) * k_w;
+            float acc = 0.f;
+#pragma unroll
+            for (int i = 0; i < PL; ++i) acc += qs[lane + 32 * i] * load_val(kb, row + lane + 32 * i);
+            dot[j] = acc;
+        }
+#pragma unroll
+        for (int j = 0; j < KEYS; ++j) {
+            const float s = warp_sum(dot[j]);
+            if (lane == 0 && w0 + j < width) scores[w0 + j] = s + mask[b * m_b + w0 + j];
+        }
     }
     __syncthreads();
 
@@ -79,16 +96,24 @@ __device__ void decode_attention(
     for (int i = 0; i < nwarps; ++i) sum += red[i];
     const float inv = 1.f / sum;
 
-    // Output: each warp sums its share of the keys, each lane dims lane, lane + 32, ...
+    // Output: each warp sums its share of the keys, KEYS at a time as above, each lane dims lane, lane + 32, ...
+    // A key past the end weighs 0 (and reads the last key, whose values are finite).
     const T* vb = v + b * v_b + kvh * v_h;
-    float acc[8];
-    const int per_lane = dim >> 5;
-    for (int j = 0; j < 8; ++j) acc[j] = 0.f;
-    for (int w = warp; w < width; w += nwarps) {
-        const float p = scores[w];
-        for (int j = 0; j < per_lane; ++j) acc[j] += p * load_val(vb, w * v_w + lane + 32 * j);
+    float acc[PL];
+#pragma unroll
+    for (int j = 0; j < PL; ++j) acc[j] = 0.f;
+    for (int w0 = warp * KEYS; w0 < width; w0 += nwarps * KEYS) {
+#pragma unroll
+        for (int u = 0; u < KEYS; ++u) {
+            const int w = min(w0 + u, width - 1);
+            const float p = w0 + u < width ? scores[w] : 0.f;
+            const long row = (long)w * v_w;
+#pragma unroll
+            for (int j = 0; j < PL; ++j) acc[j] += p * load_val(vb, row + lane + 32 * j);
+        }
     }
-    for (int j = 0; j < per_lane; ++j) partial[warp * dim + lane + 32 * j] = acc[j];
+#pragma unroll
+    for (int j = 0; j < PL; ++j) partial[warp * dim + lane + 32 * j] = acc[j];
     __syncthreads();
     for (int d = tid; d < dim; d += blockDim.x) {
         float o = 0.f;
@@ -97,17 +122,23 @@ __device__ void decode_attention(
     }
 }
 
-#define DECODE_ATTENTION(NAME, T) \
+#define DECODE_ATTENTION(NAME, T, PL) \
 extern "C" __global__ void NAME( \
     const T* q, const T* k, const T* v, const float* mask, T* out, \
     int heads, int rep, int width, int dim, \
     long q_b, long q_h, long k_b, long k_h, long k_w, long v_b, long v_h, long v_w, long m_b, \
     long o_b, long o_h) { \
-    decode_attention<T>(q, k, v, mask, out, heads, rep, width, dim, \
-                        q_b, q_h, k_b, k_h, k_w, v_b, v_h, v_w, m_b, o_b, o_h); \
+    decode_attention<T, PL>(q, k, v, mask, out, heads, rep, width, dim, \
+                            q_b, q_h, k_b, k_h, k_w, v_b, v_h, v_w, m_b, o_b, o_h); \
 }
-DECODE_ATTENTION(decode_attention_bf16, bf16_t)
-DECODE_ATTENTION(decode_attention_f32, float)
+DECODE_ATTENTION(decode_attention_bf16_1, bf16_t, 1)
+DECODE_ATTENTION(decode_attention_bf16_2, bf16_t, 2)
+DECODE_ATTENTION(decode_attention_bf16_4, bf16_t, 4)
+DECODE_ATTENTION(decode_attention_bf16_8, bf16_t, 8)
+DECODE_ATTENTION(decode_attention_f32_1, float, 1)
+DECODE_ATTENTION(decode_attention_f32_2, float, 2)
+DECODE_ATTENTION(decode_attention_f32_4, float, 4)
+DECODE_ATTENTION(decode_attention_f32_8, float, 8)
 "#;
 
 /// What the kernel is told about one call: sizes, and every operand's element strides and start offset.
@@ -145,8 +176,7 @@ impl LaunchArgs {
             || v.dims() != k.dims()
             || kv_heads == 0
             || heads % kv_heads != 0
-            || dim % 32 != 0
-            || dim > 256
+            || !matches!(dim, 32 | 64 | 128 | 256)
             || width == 0
             || width > MAX_WIDTH
             || mask.dtype() != DType::F32
@@ -351,15 +381,17 @@ fn launch(a: &LaunchArgs, q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> 
     let candle_core::Device::Cuda(dev) = q.device() else {
         return Err(device_err(&"not a CUDA tensor"));
     };
-    let name = match q.dtype() {
-        DType::BF16 => "decode_attention_bf16",
-        _ => "decode_attention_f32",
+    // One instantiation per dtype and head dimension (32 · 1, 2, 4 or 8): the loops' bounds are compile-time.
+    let dtype = match q.dtype() {
+        DType::BF16 => "bf16",
+        _ => "f32",
     };
+    let name = format!("decode_attention_{dtype}_{}", a.dim / 32);
     let func = {
         static PTX: std::sync::OnceLock<std::result::Result<String, String>> =
             std::sync::OnceLock::new();
         let ptx = crate::nvrtc::ptx(&PTX, SOURCE).map_err(|e| device_err(&e))?;
-        dev.get_or_load_custom_func(name, "pairuni_decode_attention", ptx)?
+        dev.get_or_load_custom_func(&name, "pairuni_decode_attention", ptx)?
     };
 
     let n = a.rows * a.heads * a.dim;
