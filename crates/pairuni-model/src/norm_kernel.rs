@@ -35,17 +35,22 @@ template <typename T>
 __device__ void rms_backward(const T* x, const T* w, const T* g, T* dx, float* gn, int cols, float eps) {
     __shared__ float red[32];
     const long base = (long)blockIdx.x * cols;
+    // Unrolled so that each thread has several loads in flight rather than one (the row's reads are
+    // latency-bound otherwise).
     float ss = 0.f;
+#pragma unroll 4
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
         const float v = load_val(x, base + c);
         ss += v * v;
     }
     const float r = 1.f / sqrtf(block_sum(ss, red) / cols + eps);
     float dot = 0.f;
+#pragma unroll 4
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
         dot += load_val(g, base + c) * load_val(w, c) * (load_val(x, base + c) * r);
     }
     dot = block_sum(dot, red) / cols;
+#pragma unroll 4
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
         const float n = load_val(x, base + c) * r;
         const float gv = load_val(g, base + c);
