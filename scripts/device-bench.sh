@@ -85,18 +85,20 @@ if [[ -n "$bin" ]]; then
         smoke_bin=$bin_plain
         export PAIRUNI_ATTENTION_KERNEL=off
     fi
-    # A failure that is not a timeout (cuDNN, the attention kernel, concurrent train passes, the stacked
-    # projections, a fused kernel, a device-side draw, prompt sharing or an op without a bf16 CUDA kernel, say):
-    # retry with the binary without cuDNN, the attention kernel, the training kernels, concurrent passes and the
-    # fused AdamW and RMSNorm backward kernels,
-    # then also without the stacked projections, then without the fused sampling kernels and prompt sharing and with answers drawn
-    # on the host, then also with images drawn on the host and in f32, so that the call still brings back a
-    # candle number (the log keeps the first error). Same files (at most 8 come back); the JSON's cudnn, dtype,
+    # A failure that is not a timeout (cuDNN, a hand-written kernel, concurrent train passes, the training ops,
+    # the stacked projections, a fused kernel, a device-side draw, prompt sharing or an op without a bf16 CUDA
+    # kernel, say): retry with the binary without cuDNN, dropping the pieces newest first, each retry keeping the
+    # previous one's flags: the hand-written kernels and concurrent passes, then the training ops, then the stacked
+    # projections, then the fused sampling kernels and prompt sharing (answers drawn on the host), then images
+    # drawn on the host in f32; so that the call still brings back a candle number (the log keeps the first
+    # error). Same files (at most 8 come back); the JSON's cudnn, dtype, concurrent_passes, fused_training,
     # stack_projections, fused_sampling, prompt_sharing and *_sampler say which ran.
-    for retry in "--attention-kernel off --fused-training off --concurrent-passes 1 --fused-adamw off --norm-kernel off" \
-        "--attention-kernel off --fused-training off --concurrent-passes 1 --fused-adamw off --norm-kernel off --stack-projections off" \
-        "--fused-sampling off --prompt-sharing off --text-sampler host" \
-        "--fused-sampling off --prompt-sharing off --text-sampler host --image-sampler host --dtype f32"; do
+    off1="--attention-kernel off --fused-adamw off --norm-kernel off --concurrent-passes 1"
+    off2="$off1 --fused-training off"
+    off3="$off2 --stack-projections off"
+    off4="$off3 --fused-sampling off --prompt-sharing off --text-sampler host"
+    off5="$off4 --image-sampler host --dtype f32"
+    for retry in "$off1" "$off2" "$off3" "$off4" "$off5"; do
         t=$(( $(left) - 10 ))
         (( rc != 0 && rc != 124 && rc != 137 && t > 90 )) || break
         echo "== (c') candle step again without cuDNN ${retry:+and with $retry }(limit ${t} s)"
