@@ -335,13 +335,8 @@ fn switched_off() -> bool {
 /// of its sums. (candle's bf16 composition also rounds the scores and the probabilities to bf16, which at large
 /// attention logits differs from either by more than the kernel's own rounding.)
 fn reference_f32(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, rep: usize) -> Result<Tensor> {
-    let expand = |y: &Tensor| -> candle_core::Result<Tensor> {
-        let (b, kvh, w, d) = y.dims4()?;
-        y.to_dtype(DType::F32)?
-            .unsqueeze(2)?
-            .expand((b, kvh, rep, w, d))?
-            .reshape((b, kvh * rep, w, d))
-    };
+    // The cast makes a contiguous f32 copy of the (possibly strided) cache view.
+    let expand = |y: &Tensor| crate::trained_kernels::repeat_kv(&y.to_dtype(DType::F32)?, rep);
     let scores = q
         .to_dtype(DType::F32)?
         .matmul(&expand(k)?.t()?)?
@@ -382,16 +377,22 @@ fn launch(a: &LaunchArgs, q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> 
         return Err(device_err(&"not a CUDA tensor"));
     };
     // One instantiation per dtype and head dimension (32 · 1, 2, 4 or 8): the loops' bounds are compile-time.
-    let dtype = match q.dtype() {
-        DType::BF16 => "bf16",
-        _ => "f32",
+    // A fixed name per instantiation: this runs at every eager decode step, so no string is built here.
+    let name = match (q.dtype(), a.dim) {
+        (DType::BF16, 32) => "decode_attention_bf16_1",
+        (DType::BF16, 64) => "decode_attention_bf16_2",
+        (DType::BF16, 128) => "decode_attention_bf16_4",
+        (DType::BF16, _) => "decode_attention_bf16_8",
+        (_, 32) => "decode_attention_f32_1",
+        (_, 64) => "decode_attention_f32_2",
+        (_, 128) => "decode_attention_f32_4",
+        _ => "decode_attention_f32_8",
     };
-    let name = format!("decode_attention_{dtype}_{}", a.dim / 32);
     let func = {
         static PTX: std::sync::OnceLock<std::result::Result<String, String>> =
             std::sync::OnceLock::new();
         let ptx = crate::nvrtc::ptx(&PTX, SOURCE).map_err(|e| device_err(&e))?;
-        dev.get_or_load_custom_func(&name, "pairuni_decode_attention", ptx)?
+        dev.get_or_load_custom_func(name, "pairuni_decode_attention", ptx)?
     };
 
     let n = a.rows * a.heads * a.dim;
@@ -478,23 +479,13 @@ mod tests {
 
     fn filled(shape: &[usize], seed: usize) -> Tensor {
         let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n)
-            .map(|i| (((i + seed) * 2654435761usize) % 1000) as f32 / 500.0 - 1.0)
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+        Tensor::from_vec(crate::layers::test_values(n, seed), shape, &Device::Cpu).unwrap()
     }
 
     /// candle's composition, as `Attention::attend` runs it (scale already in the queries).
     fn composed(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, rep: usize) -> Tensor {
-        let expand = |y: &Tensor| {
-            let (b, kvh, w, d) = y.dims4().unwrap();
-            y.unsqueeze(2)
-                .unwrap()
-                .expand((b, kvh, rep, w, d))
-                .unwrap()
-                .reshape((b, kvh * rep, w, d))
-                .unwrap()
-        };
+        let expand =
+            |y: &Tensor| crate::trained_kernels::repeat_kv(&y.contiguous().unwrap(), rep).unwrap();
         let s = q
             .matmul(&expand(k).t().unwrap())
             .unwrap()

@@ -817,9 +817,10 @@ impl Janus {
     fn lm_logits(&self, h: &Tensor) -> Result<Tensor> {
         // 2-D matmul against the transposed head: broadcast_matmul would materialise a copy of the
         // [H, V] head per batch row (800 MB each at Janus-Pro-1B shapes).
-        // With the training kernels, one autograd node (the same values): the composition's backward also writes
-        // a zero [V, H] head and adds the transposed gradient into it.
-        if self.m.lm.fused_training() {
+        // Differentiated with the training kernels, one autograd node (the same values): the composition's
+        // backward also writes a zero [V, H] head and adds the transposed gradient into it. Sampling keeps the
+        // composition.
+        if self.m.lm.fused_training() && h.track_op() {
             return Ok(crate::trained_kernels::linear(h, &self.m.lm_head)?.to_dtype(DType::F32)?);
         }
         let dims = h.dims().to_vec();
@@ -833,7 +834,8 @@ impl Janus {
 
     /// Generation-head logits (f32) for hidden states [.., H].
     pub fn gen_head(&self, h: &Tensor) -> Result<Tensor> {
-        let trained = self.m.lm.fused_training();
+        // As `lm_logits`: one node per layer when differentiated, the composition when sampling.
+        let trained = self.m.lm.fused_training() && h.track_op();
         let x = self.m.gen_proj.forward_with(h, trained)?;
         let x = self
             .m

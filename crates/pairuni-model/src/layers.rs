@@ -325,12 +325,21 @@ pub(crate) fn log_softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 /// max|a − b| / max|b| in f32 (max|a − b| when b is all zeros): how far `a` is from the reference `b`.
-pub(crate) fn rel_diff(a: &Tensor, b: &Tensor) -> candle_core::Result<f32> {
+pub fn rel_diff(a: &Tensor, b: &Tensor) -> candle_core::Result<f32> {
     let a = a.to_dtype(DType::F32)?;
     let b = b.to_dtype(DType::F32)?;
     let d = (a - &b)?.abs()?.max_all()?.to_scalar::<f32>()?;
     let m = b.abs()?.max_all()?.to_scalar::<f32>()?;
     Ok(if m > 0.0 { d / m } else { d })
+}
+
+/// `n` deterministic test values spread over [−1, 1) (a multiplicative hash of index + `seed`): varied enough that
+/// every element of a comparison is tested, with no zeros in bulk.
+#[cfg(test)]
+pub(crate) fn test_values(n: usize, seed: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| (((i + seed) * 2654435761usize) % 997) as f32 / 498.5 - 1.0)
+        .collect()
 }
 
 /// Rotary tables (cos, sin) of shape [max_pos, head_dim/2], f32.

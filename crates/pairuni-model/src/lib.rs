@@ -33,6 +33,7 @@ pub use error::{ModelError, Result};
 pub use image_codec::ImageCodec;
 pub use janus::Janus;
 pub use janus_config::{ImageTokenizerKind, JanusConfig, PromptTemplate};
+pub use layers::rel_diff;
 pub use llama::KvCache;
 pub use pairuni_data::RgbImage;
 pub use sampling::{

@@ -191,11 +191,7 @@ mod tests {
     #[test]
     fn the_kernels_arithmetic_is_the_composed_backward() {
         let (rows, cols, eps) = (6, 40, 1e-6);
-        let vals = |n: usize, seed: usize| -> Vec<f32> {
-            (0..n)
-                .map(|i| (((i + seed) * 2654435761usize) % 997) as f32 / 498.5 - 1.0)
-                .collect()
-        };
+        let vals = crate::layers::test_values;
         let (x, w, g) = (vals(rows * cols, 1), vals(cols, 2), vals(rows * cols, 3));
         let xv = Var::from_vec(x.clone(), (rows, cols), &Device::Cpu).unwrap();
         let wv = Var::from_vec(w.clone(), cols, &Device::Cpu).unwrap();

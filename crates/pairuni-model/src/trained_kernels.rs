@@ -85,29 +85,6 @@ macro_rules! result_is_stored {
     };
 }
 
-/// The forwards of a custom op whose result is a copy of its last argument (the kernel's value); the arguments
-/// before it (named) are what the backward differentiates.
-macro_rules! result_is_last_arg {
-    ($($skip:ident),*) => {
-        fn cpu_fwd(&self, $($skip: &CpuStorage, _: &Layout,)* s: &CpuStorage, l: &Layout)
-            -> candle_core::Result<(CpuStorage, Shape)> {
-            $(let _ = $skip;)*
-            copy_result(s, l)
-        }
-
-        #[cfg(feature = "cuda")]
-        fn cuda_fwd(
-            &self,
-            $($skip: &candle_core::CudaStorage, _: &Layout,)*
-            s: &candle_core::CudaStorage,
-            l: &Layout,
-        ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-            $(let _ = $skip;)*
-            copy_result(s, l)
-        }
-    };
-}
-
 /// A bias-free dense layer y = x Wᵀ (x [.., in], W [out, in]): dx = g W, dW = gᵀ x. Its forward is the matmul
 /// itself (no copy), through the same storage call as `x.reshape((rows, in)).matmul(&W.t())`.
 struct LinearOp;
@@ -356,6 +333,7 @@ pub(crate) fn attention(
 /// RMSNorm y = x · r · w with r = 1/√(mean(x²) + ε) per row; with n = x · r and dn = g ⊙ w:
 /// dx = r ⊙ (dn − n ⊙ mean(dn ⊙ n)), dw = Σ_rows g ⊙ n (all in f32).
 struct RmsNormBackward {
+    out: Stored,
     eps: f64,
     /// Whether the backward may run as one CUDA kernel ([`crate::norm_kernel`]).
     kernel: bool,
@@ -434,26 +412,24 @@ impl RmsNormBackward {
     }
 }
 
-impl CustomOp3 for RmsNormBackward {
+impl CustomOp2 for RmsNormBackward {
     fn name(&self) -> &'static str {
         "rms-norm-with-backward"
     }
 
-    result_is_last_arg!(x, w);
+    result_is_stored!(x, w);
 
     fn bwd(
         &self,
         x: &Tensor,
         w: &Tensor,
-        _y: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw) = match self.through_kernel(x, w, grad)? {
-            Some(out) => out,
-            None => self.composed(x, w, grad)?,
-        };
-        Ok((dx, dw, None))
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        match self.through_kernel(x, w, grad)? {
+            Some(out) => Ok(out),
+            None => self.composed(x, w, grad),
+        }
     }
 }
 
@@ -467,7 +443,14 @@ pub(crate) fn rms_norm(
 ) -> candle_core::Result<Tensor> {
     let x = x.contiguous()?;
     let y = candle_nn::ops::rms_norm(&x.detach(), &w.detach(), eps as f32)?;
-    x.apply_op3(w, &y, RmsNormBackward { eps, kernel })
+    x.apply_op2(
+        w,
+        RmsNormBackward {
+            out: Stored::new(y),
+            eps,
+            kernel,
+        },
+    )
 }
 
 #[cfg(test)]
@@ -478,9 +461,7 @@ mod tests {
 
     fn var(shape: &[usize], seed: usize) -> Var {
         let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n)
-            .map(|i| (((i + seed) * 2654435761usize) % 997) as f32 / 498.5 - 1.0)
-            .collect();
+        let v = crate::layers::test_values(n, seed);
         Var::from_tensor(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap()).unwrap()
     }
 

@@ -18,14 +18,17 @@
 pub struct Scalars {
     /// Gradient-norm clipping factor (1 without clipping).
     pub clip: f32,
-    /// β₁ and 1 − β₁.
+    /// β₁.
     pub b1: f32,
+    /// 1 − β₁.
     pub one_minus_b1: f32,
-    /// β₂ and 1 − β₂.
+    /// β₂.
     pub b2: f32,
+    /// 1 − β₂.
     pub one_minus_b2: f32,
-    /// 1 / (1 − β₁ᵗ) and 1 / (1 − β₂ᵗ).
+    /// 1 / (1 − β₁ᵗ), the first moment's bias correction.
     pub inv_bc1: f32,
+    /// 1 / (1 − β₂ᵗ), the second moment's bias correction.
     pub inv_bc2: f32,
     /// ε.
     pub eps: f32,

@@ -23,7 +23,7 @@ use crate::config::{LogprobPolicy, TrainConfig, Trainable};
 use crate::data::PairLoader;
 use crate::loss::{self, Counts, Tokens};
 use crate::optim::{accumulate_grads, learning_rate, AdamW};
-use crate::passes::{self, Merged};
+use crate::passes::{bind_device, concurrent_passes, run_in_order, Merged};
 use crate::reward::{is_understanding_reward, RewardInput, Scored, WeightedSum};
 use crate::run::{restore_vars, RngState, RunDir, TrainState};
 use crate::run_loop::{self, RunOptions, Stepper, TrainSummary};
@@ -398,7 +398,7 @@ impl GrpoTrainer {
         // Old log-probs are the first pass's values: ρ ≡ 1 on-policy, exactly.
         let mut old: Vec<Option<Tensor>> = vec![None; pieces.len()];
         let mut stats = UpdateStats::default();
-        let threads = passes::concurrent_passes(cfg.concurrent_passes, self.policy.device());
+        let threads = concurrent_passes(cfg.concurrent_passes, self.policy.device());
         let scorer = Scorer {
             policy: &self.policy,
             temperature: cfg.temperature,
@@ -475,13 +475,10 @@ impl GrpoTrainer {
                 }
                 Ok(out)
             };
-            passes::run_in_order(
+            run_in_order(
                 passes.len(),
                 threads,
-                || {
-                    pairuni_model::device::bind_thread(&dev)
-                        .map_err(|e| pairuni_model::ModelError::Device(e.to_string()).into())
-                },
+                bind_device(&dev),
                 run_pass,
                 |_, out| {
                     if !out.loss.is_finite() {

@@ -16,6 +16,7 @@ use candle_core::{DType, Result, Tensor, Var};
 use crate::config::{LrSchedule, OptimConfig};
 use crate::fused_adamw::{self, Scalars};
 use pairuni_model::config::Toggle;
+use pairuni_model::rel_diff;
 
 /// AdamW state: the trained variables and their first/second moments.
 pub struct AdamW {
@@ -274,13 +275,6 @@ impl AdamW {
 }
 
 /// An f32 copy of `var` when it is stored in a narrower float dtype and master weights are `enabled`.
-/// max|a − b| / max|b| in f32 (max|a − b| when b is all zeros).
-fn rel_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
-    let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
-    let m = b.abs()?.max_all()?.to_scalar::<f32>()?;
-    Ok(if m > 0.0 { d / m } else { d })
-}
-
 fn master_of(var: &Var, enabled: bool) -> Result<Option<Tensor>> {
     Ok(match var.dtype() {
         DType::BF16 | DType::F16 if enabled => Some(var.as_tensor().to_dtype(DType::F32)?),

@@ -23,6 +23,17 @@ pub fn concurrent_passes(setting: usize, device: &Device) -> usize {
     }
 }
 
+/// The `prepare` of [`run_in_order`] for passes on `device`: makes it current on each worker thread (a CUDA
+/// context is current per thread, and cuBLAS uses whichever is).
+pub fn bind_device<E: From<pairuni_model::ModelError>>(
+    device: &Device,
+) -> impl Fn() -> Result<(), E> + Sync + '_ {
+    move || {
+        pairuni_model::device::bind_thread(device)
+            .map_err(|e| pairuni_model::ModelError::Device(e.to_string()).into())
+    }
+}
+
 /// What the merge tells the runner after each pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Merged {
@@ -296,7 +307,7 @@ mod tests {
     }
 
     #[test]
-    fn auto_runs_two_passes_on_accelerators_and_one_on_the_cpu() {
+    fn auto_runs_one_pass_at_a_time_on_the_cpu_and_a_set_count_stands() {
         assert_eq!(concurrent_passes(0, &Device::Cpu), 1);
         assert_eq!(concurrent_passes(3, &Device::Cpu), 3);
     }

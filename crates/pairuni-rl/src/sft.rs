@@ -21,7 +21,7 @@ use crate::config::{SftConfig, SftSource};
 use crate::data::Cursor;
 use crate::grpo::{param_selection, ImageCache};
 use crate::optim::{accumulate_grads, learning_rate, AdamW};
-use crate::passes::{self, Merged};
+use crate::passes::{bind_device, concurrent_passes, run_in_order, Merged};
 use crate::run::{restore_vars, RngState, RunDir, TrainState};
 use crate::run_loop::{self, RunOptions, Stepper, TrainSummary};
 use crate::TrainError;
@@ -328,7 +328,15 @@ impl SftTrainer {
             };
             Ok::<Tensor, TrainError>(sum)
         };
-        // Every pass of the step: (kind, its examples, weight, the kind's token count, the rows of the pass).
+        /// One micro-batch pass: its kind (an index into `kinds`), the kind's examples (`None`: image codes) and
+        /// weight, the kind's real tokens over the step (every chunk's denominator) and the pass's rows.
+        struct Pass<'a> {
+            kind: usize,
+            text: Option<&'a [TextRollout]>,
+            weight: f64,
+            count: usize,
+            rows: std::ops::Range<usize>,
+        }
         let mut passes = Vec::new();
         let mut kinds = Vec::new();
         for (name, text, w) in [
@@ -348,7 +356,13 @@ impl SftTrainer {
                 continue;
             }
             for start in (0..n).step_by(size) {
-                passes.push((kinds.len(), text, w, count, start..n.min(start + size)));
+                passes.push(Pass {
+                    kind: kinds.len(),
+                    text,
+                    weight: w,
+                    count,
+                    rows: start..n.min(start + size),
+                });
             }
             kinds.push((name, 0f32, passes.len()));
         }
@@ -357,23 +371,20 @@ impl SftTrainer {
         let mut grads = GradStore::default();
         let (mut loss, mut nonfinite) = (0f32, None);
         let mut merged = 0;
-        passes::run_in_order(
+        run_in_order(
             passes.len(),
-            passes::concurrent_passes(cfg.concurrent_passes, dev),
-            || {
-                pairuni_model::device::bind_thread(dev)
-                    .map_err(|e| pairuni_model::ModelError::Device(e.to_string()).into())
-            },
+            concurrent_passes(cfg.concurrent_passes, dev),
+            bind_device(dev),
             |i| -> Result<(f32, Option<GradStore>), TrainError> {
-                let (_, text, w, count, rows) = &passes[i];
-                let sum = chunk_sum(*text, rows.clone())?;
-                let nll = (sum / (*count).max(1) as f64)?.neg()?;
+                let p = &passes[i];
+                let sum = chunk_sum(p.text, p.rows.clone())?;
+                let nll = (sum / p.count.max(1) as f64)?.neg()?;
                 let value = nll.to_scalar::<f32>()?;
                 if !value.is_finite() {
                     return Ok((value, None));
                 }
                 let mut own = GradStore::default();
-                accumulate_grads(&mut own, (nll * *w)?.backward()?, vars)?;
+                accumulate_grads(&mut own, (nll * p.weight)?.backward()?, vars)?;
                 Ok((value, Some(own)))
             },
             |i, (value, g)| {
@@ -381,9 +392,9 @@ impl SftTrainer {
                     nonfinite = Some(value);
                     return Ok(Merged::Stop);
                 };
-                let (kind, _, w, _, _) = passes[i];
-                kinds[kind].1 += value;
-                loss += value * w as f32;
+                let p = &passes[i];
+                kinds[p.kind].1 += value;
+                loss += value * p.weight as f32;
                 accumulate_grads(&mut grads, g, vars)?;
                 merged = i + 1;
                 Ok(Merged::Continue)

@@ -28,7 +28,7 @@ use pairuni_rl::loss::{
     clipped_surrogate, group_advantages, micro_batch_loss, ratio, Counts, Tokens,
 };
 use pairuni_rl::optim::{accumulate_grads, AdamW};
-use pairuni_rl::passes::{concurrent_passes, run_in_order, Merged};
+use pairuni_rl::passes::{bind_device, concurrent_passes, run_in_order, Merged};
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
@@ -720,7 +720,7 @@ fn train_phase(
     run_in_order(
         passes.len(),
         threads,
-        || Ok(pairuni_model::device::bind_thread(&dev)?),
+        bind_device(&dev),
         run_pass,
         |_, pass| {
             loss += pass.loss;
@@ -1847,6 +1847,19 @@ mod tests {
         }
     }
 
+    /// One timed step of `a` on the CPU from its seed: the step's inputs, what it produced and its phases.
+    fn tiny_run(
+        a: &BenchGpuStepArgs,
+        model: &Janus,
+        opt: &mut AdamW,
+    ) -> (StepInputs, StepOutcome, Phases) {
+        let mut rng = ChaCha8Rng::seed_from_u64(a.seed);
+        let inputs = step_inputs(&a.shapes.config().unwrap(), a, &Device::Cpu, &mut rng).unwrap();
+        let mut ph = Phases::on(&Device::Cpu);
+        let out = run_step(model, opt, &inputs, a, a.answer_tokens, &mut rng, &mut ph).unwrap();
+        (inputs, out, ph)
+    }
+
     /// The bench's step with `concurrent_passes` threads: its loss, gradient norm and a trained weight after it.
     fn step_with_passes(concurrent_passes: usize) -> (f32, f32, Vec<f32>) {
         let a = BenchGpuStepArgs {
@@ -1858,19 +1871,7 @@ mod tests {
         let vars = model.select_trained(&ParamSelection::LanguageModel);
         let var = vars[vars.len() / 2].1.clone();
         let mut opt = AdamW::new(vars, &OptimConfig::default()).unwrap();
-        let mut rng = ChaCha8Rng::seed_from_u64(a.seed);
-        let inputs = step_inputs(&cfg, &a, &Device::Cpu, &mut rng).unwrap();
-        let mut ph = Phases::on(&Device::Cpu);
-        let out = run_step(
-            &model,
-            &mut opt,
-            &inputs,
-            &a,
-            a.answer_tokens,
-            &mut rng,
-            &mut ph,
-        )
-        .unwrap();
+        let (_, out, _) = tiny_run(&a, &model, &mut opt);
         assert_eq!(out.concurrent_passes, concurrent_passes);
         // The split is kept from one thread only: concurrent passes interleave its parts.
         assert_eq!(out.train_split.is_null(), concurrent_passes > 1);
@@ -1918,24 +1919,12 @@ mod tests {
             },
         )
         .unwrap();
-        let mut rng = ChaCha8Rng::seed_from_u64(a.seed);
-        let inputs = step_inputs(&cfg, &a, &dev, &mut rng).unwrap();
+        let (inputs, out, ph) = tiny_run(&a, &model, &mut opt);
         assert_eq!(inputs.gen_prompts.len(), 2);
         assert_eq!(
             inputs.und_prompts[0].len(),
             1 + a.question_len + cfg.vision_config.num_image_tokens
         );
-        let mut ph = Phases::on(&dev);
-        let out = run_step(
-            &model,
-            &mut opt,
-            &inputs,
-            &a,
-            a.answer_tokens,
-            &mut rng,
-            &mut ph,
-        )
-        .unwrap();
         assert_eq!(out.image_tokens, 16);
         assert_eq!(out.images, 2);
         assert_eq!(out.params_with_grad, out.params_trained);
