@@ -72,10 +72,11 @@ if [[ -n "$bin" ]]; then
     # times the rollouts once more without it. The train phase runs two passes at once (auto on a GPU);
     # --compare-concurrent-passes runs it again from one thread, with its split (train_other). The fused AdamW
     # kernel and the RMSNorm backward kernel are off by default until measured: the step turns them on
-    # (`fused_adamw` and `norm_kernel_status` say whether their checks passed).
+    # (`fused_adamw` and `norm_kernel_status` say whether their checks passed). So are the layer kernels (residual
+    # add + RMSNorm, SiLU · gate): the step turns them on and --compare-layer-kernels times the rollouts without.
     timeout "$t" "$bin" --log info bench gpu-step --device "$dev" --shapes "$shapes" --compare-graphs \
         --compare-sharing --attention-kernel on --compare-attention-kernel --compare-concurrent-passes \
-        --fused-adamw on --norm-kernel on --json \
+        --fused-adamw on --norm-kernel on --layer-kernels on --compare-layer-kernels --json \
         >"$OUT/candle_step.json" 2>"$OUT/candle_step.log"
     rc=$?
     echo "rc=$rc $(cat "$OUT/candle_step.json")"
@@ -93,7 +94,7 @@ if [[ -n "$bin" ]]; then
     # drawn on the host in f32; so that the call still brings back a candle number (the log keeps the first
     # error). Same files (at most 8 come back); the JSON's cudnn, dtype, concurrent_passes, fused_training,
     # stack_projections, fused_sampling, prompt_sharing and *_sampler say which ran.
-    off1="--attention-kernel off --fused-adamw off --norm-kernel off --concurrent-passes 1"
+    off1="--attention-kernel off --fused-adamw off --norm-kernel off --layer-kernels off --concurrent-passes 1"
     off2="$off1 --fused-training off"
     off3="$off2 --stack-projections off"
     off4="$off3 --fused-sampling off --prompt-sharing off --text-sampler host"
@@ -226,6 +227,13 @@ if ak:
     print(f"rollouts with the attention kernel {side}: " + (f"failed: {ak['error']}" if "error" in ak else
           f"rollout_image {ak.get('rollout_image')} ms ({ak.get('ms_per_image_step')} ms per image step), "
           f"rollout_text {ak.get('rollout_text')} ms"))
+lk = (cd or {}).get("layer_kernels_compare")
+if lk:
+    # The same rollouts with the layer kernels (residual add + RMSNorm, SiLU · gate) the other way.
+    side = "on" if lk.get("layer_kernels") else "off"
+    print(f"rollouts with the layer kernels {side}: " + (f"failed: {lk['error']}" if "error" in lk else
+          f"rollout_image {lk.get('rollout_image')} ms ({lk.get('ms_per_image_step')} ms per image step), "
+          f"rollout_text {lk.get('rollout_text')} ms"))
 to = (cd or {}).get("train_other") or {}
 if to:
     # The train phase on the same rollouts with the other number of passes in flight (its own optimiser step).
@@ -252,7 +260,7 @@ except OSError:
 for name, d in (("pytorch", pt), ("candle", cd)):
     if d:
         extra = {k: d.get(k) for k in ("dtype", "image_tokens", "answer_tokens", "grad_norm", "params_with_grad",
-                                       "init_ms", "peak_mem_gib", "cudnn", "image_sampler", "text_sampler", "fused_sampling", "stack_projections", "attention_kernel", "attention_kernel_report", "fused_training", "prompt_sharing", "concurrent_passes", "pool_keeps_memory", "fused_adamw", "norm_kernel", "norm_kernel_status",
+                                       "init_ms", "peak_mem_gib", "cudnn", "image_sampler", "text_sampler", "fused_sampling", "stack_projections", "attention_kernel", "attention_kernel_report", "fused_training", "prompt_sharing", "concurrent_passes", "pool_keeps_memory", "fused_adamw", "fused_adamw_report", "norm_kernel", "norm_kernel_report", "layer_kernels", "layer_kernels_status",
                                        "cuda_graphs", "graph_report", "answer_graph_report", "image_step_probe") if k in d}
         print(name, json.dumps(extra))
     else:

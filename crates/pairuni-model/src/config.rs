@@ -70,6 +70,9 @@ pub struct Placement {
     pub attention_kernel: Toggle,
     /// Whether the training kernels' RMSNorm backward runs as one CUDA kernel (`auto`: off until measured).
     pub norm_kernel: Toggle,
+    /// Whether sampling forwards run residual add + RMSNorm and SiLU · gate as one CUDA kernel each (`auto`: off
+    /// until measured).
+    pub layer_kernels: Toggle,
 }
 
 impl Placement {
@@ -84,6 +87,7 @@ impl Placement {
             fused_training: Toggle::Auto,
             attention_kernel: Toggle::Auto,
             norm_kernel: Toggle::Auto,
+            layer_kernels: Toggle::Auto,
         }
     }
 
@@ -106,6 +110,9 @@ impl Placement {
         }
         if let Some(on) = self.norm_kernel.forced() {
             model.set_norm_kernel(on);
+        }
+        if let Some(on) = self.layer_kernels.forced() {
+            model.set_layer_kernels(on);
         }
     }
 
@@ -169,6 +176,11 @@ pub struct ModelConfig {
     /// composed backward at its first use and turned off if it disagrees: `on`, `off`, or `auto` (off until a
     /// GPU run has measured it, docs/GPU.md) (default `auto`).
     pub norm_kernel: Toggle,
+    /// The residual adds with the RMSNorms after them, and SiLU with the gate product, of sampling forwards (with
+    /// `fused_sampling`) as one CUDA kernel each, checked against candle's ops at their first use and turned off
+    /// if they disagree: `on`, `off`, or `auto` (off until a GPU run has measured them, docs/GPU.md) (default
+    /// `auto`).
+    pub layer_kernels: Toggle,
 }
 
 impl Default for ModelConfig {
@@ -183,6 +195,7 @@ impl Default for ModelConfig {
             fused_training: Toggle::Auto,
             attention_kernel: Toggle::Auto,
             norm_kernel: Toggle::Auto,
+            layer_kernels: Toggle::Auto,
         }
     }
 }
@@ -211,6 +224,7 @@ impl ModelConfig {
             fused_training: self.fused_training,
             attention_kernel: self.attention_kernel,
             norm_kernel: self.norm_kernel,
+            layer_kernels: self.layer_kernels,
         })
     }
 }
@@ -240,6 +254,10 @@ mod tests {
             !m.norm_kernel(),
             "auto leaves the kernel off until measured"
         );
+        assert!(
+            !m.layer_kernels(),
+            "auto leaves the kernels off until measured"
+        );
         assert_eq!(m.dtype(), DType::F32);
         c.fused_sampling = Toggle::On;
         c.cuda_graphs = Toggle::On;
@@ -247,6 +265,7 @@ mod tests {
         c.fused_training = Toggle::On;
         c.attention_kernel = Toggle::On;
         c.norm_kernel = Toggle::On;
+        c.layer_kernels = Toggle::On;
         let placed = c.resolve(None, Some("bf16")).unwrap();
         let m = placed.adopt(toy()).unwrap();
         assert!(m.fused_sampling());
@@ -255,6 +274,7 @@ mod tests {
         assert!(m.fused_training());
         assert!(m.attention_kernel());
         assert!(m.norm_kernel());
+        assert!(m.layer_kernels());
         assert_eq!(m.dtype(), DType::BF16);
         let mut m = m;
         Placement {
@@ -264,6 +284,7 @@ mod tests {
             fused_training: Toggle::Off,
             attention_kernel: Toggle::Off,
             norm_kernel: Toggle::Off,
+            layer_kernels: Toggle::Off,
             ..placed
         }
         .configure(&mut m);
@@ -273,6 +294,7 @@ mod tests {
         assert!(!m.fused_training());
         assert!(!m.attention_kernel());
         assert!(!m.norm_kernel());
+        assert!(!m.layer_kernels());
         let parsed: ModelConfig = toml::from_str(
             "fused_sampling = \"on\"\ncuda_graphs = \"off\"\nprompt_sharing = \"on\"\nfused_training = \"off\"",
         )

@@ -292,7 +292,7 @@ pub(crate) fn attend(
     }
     if !st.checked {
         // The check reads back to the host, which a graph capture cannot hold: wait for an eager call.
-        if capturing(q)? {
+        if crate::nvrtc::capturing(q.device())? {
             return Ok(None);
         }
         st.checked = true;
@@ -344,24 +344,6 @@ fn reference_f32(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, rep: usize) 
     Ok(candle_nn::ops::softmax_last_dim(&scores)?
         .matmul(&expand(v)?)?
         .to_dtype(q.dtype())?)
-}
-
-#[cfg(feature = "cuda")]
-fn capturing(t: &Tensor) -> Result<bool> {
-    use candle_core::cuda_backend::cudarc::driver::sys::CUstreamCaptureStatus;
-    let candle_core::Device::Cuda(dev) = t.device() else {
-        return Ok(false);
-    };
-    let status = dev
-        .cuda_stream()
-        .capture_status()
-        .map_err(|e| crate::error::ModelError::Device(format!("stream capture status: {e}")))?;
-    Ok(status != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
-}
-
-#[cfg(not(feature = "cuda"))]
-fn capturing(_: &Tensor) -> Result<bool> {
-    Ok(false)
 }
 
 #[cfg(feature = "cuda")]

@@ -487,6 +487,16 @@ impl Janus {
         self.m.lm.set_attention_kernel(on);
     }
 
+    /// Whether fused-kernel forwards on a GPU run residual add + RMSNorm and SiLU · gate as one kernel each
+    /// ([`crate::layer_kernels`]).
+    pub fn layer_kernels(&self) -> bool {
+        self.m.lm.layer_kernels()
+    }
+    /// Turns the layer kernels on or off (they act on CUDA devices only; off by default until measured).
+    pub fn set_layer_kernels(&mut self, on: bool) {
+        self.m.lm.set_layer_kernels(on);
+    }
+
     /// Whether training forwards' RMSNorm backward runs as one CUDA kernel ([`crate::norm_kernel`]).
     pub fn norm_kernel(&self) -> bool {
         self.m.lm.norm_kernel()

@@ -382,6 +382,9 @@ pub struct Llama {
     /// ([`crate::decode_attention`]; it acts on CUDA devices only). Off by default until a GPU run has measured
     /// it (docs/GPU.md); `[model] attention_kernel = "on"` or `bench gpu-step --attention-kernel on` turn it on.
     attention_kernel: bool,
+    /// Whether those fused-kernel forwards on a GPU run residual add + RMSNorm and SiLU · gate as one kernel each
+    /// ([`crate::layer_kernels`]). Off by default until a GPU run has measured them.
+    layer_kernels: bool,
     /// Whether the differentiable forwards' RMSNorm backward runs as one CUDA kernel ([`crate::norm_kernel`];
     /// CUDA devices only). Off by default until a GPU run has measured it.
     norm_kernel: bool,
@@ -437,6 +440,7 @@ impl Llama {
             fused_sampling: !p.device.is_cpu(),
             stack_projections: true,
             attention_kernel: false,
+            layer_kernels: false,
             norm_kernel: false,
             fused_training: !p.device.is_cpu(),
         })
@@ -450,6 +454,16 @@ impl Llama {
     /// Chooses the kernels of sampling forwards (see the field); training forwards always compose basic ops.
     pub fn set_fused_sampling(&mut self, on: bool) {
         self.fused_sampling = on;
+    }
+
+    /// Whether fused-kernel forwards on a GPU run residual add + RMSNorm and SiLU · gate as one kernel each.
+    pub fn layer_kernels(&self) -> bool {
+        self.layer_kernels
+    }
+
+    /// Chooses whether fused-kernel forwards on a GPU run residual add + RMSNorm and SiLU · gate as one kernel each.
+    pub fn set_layer_kernels(&mut self, on: bool) {
+        self.layer_kernels = on;
     }
 
     /// Whether differentiable forwards run the fused kernels with backwards.
@@ -602,32 +616,35 @@ impl Llama {
             copy_kv: plan.is_none() || prealloc_copies_kv(dev),
             attention_kernel: self.attention_kernel,
             norm_kernel: self.norm_kernel,
+            layer_kernels: self.layer_kernels,
         };
-        let mut h = x.clone();
+        let (mut h, mut delta) = (x.clone(), None);
         let mut new_layers = Vec::with_capacity(self.layers.len());
         for (li, layer) in self.layers.iter().enumerate() {
             let past_kv = cache.layers.get(li);
             let stacks = stacked.as_ref().map(|s| &s[li]);
-            h = layer.forward(&h, &rope, &mask, kernels, stacks, |k, v| {
-                let (stored, views) = match &plan {
-                    Some((placement, pre)) => {
-                        append_prealloc(past_kv, (k, v), past, *placement, pre.capacity)?
-                    }
-                    None => {
-                        let (k, v) = match past_kv {
-                            Some((pk, pv)) => {
-                                (Tensor::cat(&[pk, k], 2)?, Tensor::cat(&[pv, v], 2)?)
-                            }
-                            None => (k.clone(), v.clone()),
-                        };
-                        ((k.clone(), v.clone()), (k, v))
-                    }
-                };
-                new_layers.push(stored);
-                Ok(views)
-            })?;
+            let out =
+                layer.forward(&h, delta.as_ref(), &rope, &mask, kernels, stacks, |k, v| {
+                    let (stored, views) = match &plan {
+                        Some((placement, pre)) => {
+                            append_prealloc(past_kv, (k, v), past, *placement, pre.capacity)?
+                        }
+                        None => {
+                            let (k, v) = match past_kv {
+                                Some((pk, pv)) => {
+                                    (Tensor::cat(&[pk, k], 2)?, Tensor::cat(&[pv, v], 2)?)
+                                }
+                                None => (k.clone(), v.clone()),
+                            };
+                            ((k.clone(), v.clone()), (k, v))
+                        }
+                    };
+                    new_layers.push(stored);
+                    Ok(views)
+                })?;
+            (h, delta) = (out.0, Some(out.1));
         }
-        let h = rms_norm(&self.norm, &h, kernels)?;
+        let (_, h) = add_norm(&self.norm, &h, delta.as_ref(), kernels)?;
         Ok((
             h,
             KvCache {
@@ -690,6 +707,25 @@ fn rms_norm(norm: &RmsNorm, x: &Tensor, kernels: Kernels) -> candle_core::Result
     }
 }
 
+/// `h + delta` (or `h` without a delta) and `norm` of it with the forward's kernels: one hand-written kernel for
+/// both where `layer_kernels` applies ([`crate::layer_kernels`]), else the add and then [`rms_norm`].
+fn add_norm(
+    norm: &RmsNorm,
+    h: &Tensor,
+    delta: Option<&Tensor>,
+    kernels: Kernels,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let Some(delta) = delta else {
+        return Ok((h.clone(), rms_norm(norm, h, kernels)?));
+    };
+    if kernels.layer_kernels() {
+        return crate::layer_kernels::add_rms_norm(h, delta, &norm.weight, norm.eps, true);
+    }
+    let h = (h + delta)?;
+    let normed = rms_norm(norm, &h, kernels)?;
+    Ok((h, normed))
+}
+
 /// Which kernels one forward's layers run.
 #[derive(Debug, Clone, Copy)]
 struct Kernels {
@@ -704,29 +740,44 @@ struct Kernels {
     attention_kernel: bool,
     /// With `differentiable`, the RMSNorm backward on a GPU runs as one kernel ([`crate::norm_kernel`]).
     norm_kernel: bool,
+    /// With `fused`, residual add + RMSNorm and SiLU · gate on a GPU run as one kernel each
+    /// ([`crate::layer_kernels`]).
+    layer_kernels: bool,
+}
+
+impl Kernels {
+    /// Whether this forward takes [`crate::layer_kernels`] (sampling forwards with candle's fused kernels).
+    fn layer_kernels(self) -> bool {
+        self.fused && self.layer_kernels
+    }
 }
 
 impl Layer {
     /// The layer on `h` [B, T, H] under the additive `mask`: `store` takes the new keys and values
     /// [B, kv_heads, T, D] and returns all the keys and values to attend over.
     /// With `stacked`, the q/k/v and gate/up projections each run as one batched matmul over those stacks.
+    ///
+    /// The residual stream enters as `h` plus the previous layer's MLP output `delta` (none before the first layer)
+    /// and leaves the same way, (stream, MLP output), so that each residual add can share a kernel with the norm
+    /// after it ([`add_norm`]).
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         h: &Tensor,
+        delta: Option<&Tensor>,
         rope: &RopeTables,
         mask: &Tensor,
         kernels: Kernels,
         stacked: Option<&StackedLayer>,
         store: impl FnOnce(&Tensor, &Tensor) -> candle_core::Result<(Tensor, Tensor)>,
-    ) -> Result<Tensor> {
-        let normed = rms_norm(&self.input_norm, h, kernels)?;
+    ) -> Result<(Tensor, Tensor)> {
+        let (h, normed) = add_norm(&self.input_norm, h, delta, kernels)?;
         let (q, k, v) = self
             .attn
             .project(&normed, rope, stacked, kernels.differentiable)?;
         let (ks, vs) = store(&k, &v)?;
         let attn_out = self.attn.attend(&q, &ks, &vs, mask, kernels)?;
-        let h = (h + attn_out)?;
-        let normed = rms_norm(&self.post_norm, &h, kernels)?;
+        let (h, normed) = add_norm(&self.post_norm, &h, Some(&attn_out), kernels)?;
         let m = &self.mlp;
         let trained = kernels.differentiable;
         let (gate, up) = match stacked {
@@ -739,8 +790,8 @@ impl Layer {
                 m.up.forward_with(&normed, trained)?,
             ),
         };
-        let act = (gate.silu()? * up)?;
-        Ok((h + m.down.forward_with(&act, trained)?)?)
+        let act = crate::layer_kernels::silu_mul(&gate, &up, kernels.layer_kernels())?;
+        Ok((h, m.down.forward_with(&act, trained)?))
     }
 
     /// Whether any projection has a bias.

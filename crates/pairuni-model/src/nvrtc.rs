@@ -22,6 +22,15 @@ __device__ __forceinline__ void store_val(bf16_t* p, long i, float v) {
     p[i] = (bf16_t)(u >> 16);
 }
 
+// `v` as an element of the array `p` would hold it (rounded to bf16 for bf16 arrays): what candle's ops store
+// between two steps that a kernel does in one.
+__device__ __forceinline__ float rounded(const float*, float v) { return v; }
+__device__ __forceinline__ float rounded(const bf16_t*, float v) {
+    bf16_t t;
+    store_val(&t, 0, v);
+    return load_val(&t, 0);
+}
+
 __device__ __forceinline__ float warp_sum(float x) {
     for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
     return x;
@@ -60,9 +69,13 @@ pub fn ptx(
 /// does its environment variable set to `off`.
 pub struct Trust {
     state: std::sync::atomic::AtomicU8,
+    /// The first check's relative difference from candle's ops (f32 bits; `NO_DIFF` before a check).
+    diff: std::sync::atomic::AtomicU32,
     env: &'static str,
     what: &'static str,
 }
+
+const NO_DIFF: u32 = u32::MAX;
 
 const UNCHECKED: u8 = 0;
 const TRUSTED: u8 = 1;
@@ -73,6 +86,7 @@ impl Trust {
     pub const fn new(env: &'static str, what: &'static str) -> Self {
         Self {
             state: std::sync::atomic::AtomicU8::new(UNCHECKED),
+            diff: std::sync::atomic::AtomicU32::new(NO_DIFF),
             env,
             what,
         }
@@ -101,7 +115,69 @@ impl Trust {
                 OFF
             }
         };
-        self.state.store(state, std::sync::atomic::Ordering::SeqCst);
+        // `fetch_max`: off stays off, even when another thread's check of the same kernel passed meanwhile.
+        self.state
+            .fetch_max(state, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Records a check that found the relative difference `diff` from candle's ops, against `tolerance`.
+    pub fn record_diff(&self, diff: f32, tolerance: f32) {
+        let _ = self.diff.compare_exchange(
+            NO_DIFF,
+            diff.to_bits(),
+            std::sync::atomic::Ordering::SeqCst,
+            std::sync::atomic::Ordering::SeqCst,
+        );
+        self.record(if diff.is_nan() || diff > tolerance {
+            Err(format!(
+                "differs from candle's ops by {diff:e} (tolerance {tolerance:e})"
+            ))
+        } else {
+            tracing::info!(kernel = self.what, rel_err = diff, "kernel checked");
+            Ok(())
+        });
+    }
+
+    /// The relative difference the first check found, if one ran through [`Trust::record_diff`].
+    pub fn check_rel_err(&self) -> Option<f32> {
+        let bits = self.diff.load(std::sync::atomic::Ordering::SeqCst);
+        (bits != NO_DIFF).then(|| f32::from_bits(bits))
+    }
+
+    /// The status and the first check's difference, for a benchmark's JSON.
+    pub fn report(&self) -> serde_json::Value {
+        serde_json::json!({ "status": self.status(), "check_rel_err": self.check_rel_err() })
+    }
+
+    /// Runs `kernel` under this trust, `composed` (candle's ops) where it may not: when the kernel is off, does
+    /// not apply (`Ok(None)`) or fails to launch (which turns it off), and at the process's first call, which
+    /// computes both, compares them with `diff` against `tolerance` and returns candle's values. A first call
+    /// while the stream is being captured (`capturing`) runs candle's ops: the check reads back to the host.
+    pub fn run<T>(
+        &self,
+        tolerance: f32,
+        capturing: impl FnOnce() -> candle_core::Result<bool>,
+        kernel: impl FnOnce() -> candle_core::Result<Option<T>>,
+        composed: impl FnOnce() -> candle_core::Result<T>,
+        diff: impl FnOnce(&T, &T) -> candle_core::Result<f32>,
+    ) -> candle_core::Result<T> {
+        if !self.usable() || (self.needs_check() && capturing()?) {
+            return composed();
+        }
+        let ours = match kernel() {
+            Ok(Some(out)) => out,
+            Ok(None) => return composed(),
+            Err(e) => {
+                self.record(Err(format!("launch: {e}")));
+                return composed();
+            }
+        };
+        if !self.needs_check() {
+            return Ok(ours);
+        }
+        let reference = composed()?;
+        self.record_diff(diff(&ours, &reference)?, tolerance);
+        Ok(reference)
     }
 
     /// `unchecked` (it has not run), `trusted` (its check passed) or `off`.
@@ -111,5 +187,103 @@ impl Trust {
             TRUSTED => "trusted",
             _ => "unchecked",
         }
+    }
+}
+
+/// Whether `device`'s stream is being captured into a CUDA graph (never on other devices).
+#[cfg(feature = "cuda")]
+pub fn capturing(device: &candle_core::Device) -> candle_core::Result<bool> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUstreamCaptureStatus;
+    let candle_core::Device::Cuda(dev) = device else {
+        return Ok(false);
+    };
+    let status = dev
+        .cuda_stream()
+        .capture_status()
+        .map_err(|e| candle_core::Error::Msg(format!("stream capture status: {e}")))?;
+    Ok(status != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
+}
+
+/// Whether `device`'s stream is being captured into a CUDA graph: never without CUDA.
+#[cfg(not(feature = "cuda"))]
+pub fn capturing(_: &candle_core::Device) -> candle_core::Result<bool> {
+    Ok(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_check_keeps_the_kernel_off_whatever_passes_later() {
+        static T: Trust = Trust::new("PAIRUNI_TEST_TRUST_UNSET", "test kernel");
+        assert!(T.needs_check() && T.usable());
+        assert_eq!(T.status(), "unchecked");
+        T.record(Ok(()));
+        assert_eq!(T.status(), "trusted");
+        assert!(!T.needs_check());
+        // Two threads checking at once: one fails after the other passed, or before it.
+        T.record(Err("differs".into()));
+        T.record(Ok(()));
+        assert_eq!(T.status(), "off");
+        assert!(!T.usable());
+    }
+
+    /// One call of `trust.run` with a stand-in kernel giving `kernel`, candle's ops giving 1.0 and the difference
+    /// |ours − theirs|: (value returned, whether candle's ops ran).
+    fn run_once(
+        trust: &Trust,
+        capturing: bool,
+        kernel: candle_core::Result<Option<f32>>,
+    ) -> (f32, bool) {
+        let composed_ran = std::cell::Cell::new(false);
+        let out = trust
+            .run(
+                0.1,
+                || Ok(capturing),
+                || kernel,
+                || {
+                    composed_ran.set(true);
+                    Ok(1.0)
+                },
+                |a, b| Ok((a - b).abs()),
+            )
+            .unwrap();
+        (out, composed_ran.get())
+    }
+
+    #[test]
+    fn the_first_call_is_checked_and_returns_candles_values_later_calls_the_kernels() {
+        static T: Trust = Trust::new("PAIRUNI_TEST_TRUST_UNSET", "test kernel");
+        // Under a capture the check waits: candle's ops run and nothing is recorded.
+        assert_eq!(run_once(&T, true, Ok(Some(1.05))), (1.0, true));
+        assert!(T.needs_check() && T.check_rel_err().is_none());
+        // A kernel that does not take the operands leaves the check for later too.
+        assert_eq!(run_once(&T, false, Ok(None)), (1.0, true));
+        assert!(T.needs_check());
+        // The check: both run, candle's value is returned, the difference is kept.
+        assert_eq!(run_once(&T, false, Ok(Some(1.05))), (1.0, true));
+        assert_eq!(T.status(), "trusted");
+        assert!((T.check_rel_err().unwrap() - 0.05).abs() < 1e-6);
+        // Trusted: the kernel's value, candle's ops not run, even under a capture.
+        assert_eq!(run_once(&T, true, Ok(Some(1.05))), (1.05, false));
+        assert_eq!(T.report()["status"], "trusted");
+    }
+
+    #[test]
+    fn a_kernel_that_differs_or_fails_to_launch_is_turned_off() {
+        static DIFFERS: Trust = Trust::new("PAIRUNI_TEST_TRUST_UNSET", "test kernel");
+        assert_eq!(run_once(&DIFFERS, false, Ok(Some(3.0))), (1.0, true));
+        assert_eq!(DIFFERS.status(), "off");
+        assert_eq!(DIFFERS.check_rel_err(), Some(2.0));
+        assert_eq!(run_once(&DIFFERS, false, Ok(Some(1.0))), (1.0, true));
+        static NAN: Trust = Trust::new("PAIRUNI_TEST_TRUST_UNSET", "test kernel");
+        run_once(&NAN, false, Ok(Some(f32::NAN)));
+        assert_eq!(NAN.status(), "off");
+        static FAILS: Trust = Trust::new("PAIRUNI_TEST_TRUST_UNSET", "test kernel");
+        let err = Err(candle_core::Error::Msg("no such function".into()));
+        assert_eq!(run_once(&FAILS, false, err), (1.0, true));
+        assert_eq!(FAILS.status(), "off");
+        assert!(FAILS.check_rel_err().is_none());
     }
 }

@@ -366,49 +366,44 @@ impl RmsNormBackward {
         Ok((Some(dx.to_dtype(x.dtype())?).filter(|_| x.track_op()), dw))
     }
 
-    /// The backward through the kernel, when it applies; its first call in a process is checked against the
-    /// composition (whose values that call returns).
+    /// The backward through the kernel where it applies and is trusted; its first call in a process is checked
+    /// against the composition (whose values that call returns).
     fn through_kernel(
         &self,
         x: &Tensor,
         w: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<Option<(Option<Tensor>, Option<Tensor>)>> {
-        let trust = &crate::norm_kernel::TRUST;
-        if !self.kernel || !trust.usable() {
-            return Ok(None);
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        if !self.kernel {
+            return self.composed(x, w, grad);
         }
-        let (dx, dw) = match crate::norm_kernel::backward(x, w, grad, self.eps) {
-            Ok(Some(out)) => out,
-            Ok(None) => return Ok(None),
-            Err(e) => {
-                trust.record(Err(format!("launch: {e}")));
-                return Ok(None);
-            }
-        };
-        if trust.needs_check() {
-            let (cdx, cdw) = self.composed(x, w, grad)?;
-            // bf16 outputs are compared at bf16's rounding, f32 ones near f32's (the sums run in another order).
-            let tol = if x.dtype() == DType::F32 { 1e-4 } else { 2e-2 };
-            let mut worst = 0f32;
-            for (got, want) in [(Some(&dx), cdx.as_ref()), (Some(&dw), cdw.as_ref())] {
-                if let (Some(got), Some(want)) = (got, want) {
-                    worst = worst.max(crate::layers::rel_diff(got, want)?);
+        // bf16 outputs are compared at bf16's rounding, f32 ones near f32's (the sums run in another order).
+        let tolerance = if x.dtype() == DType::F32 { 1e-4 } else { 2e-2 };
+        crate::norm_kernel::TRUST.run(
+            tolerance,
+            // Training is never captured.
+            || Ok(false),
+            || {
+                Ok(
+                    crate::norm_kernel::backward(x, w, grad, self.eps)?.map(|(dx, dw)| {
+                        (
+                            Some(dx).filter(|_| x.track_op()),
+                            Some(dw).filter(|_| w.track_op()),
+                        )
+                    }),
+                )
+            },
+            || self.composed(x, w, grad),
+            |ours, theirs| {
+                let mut worst = 0f32;
+                for (got, want) in [(&ours.0, &theirs.0), (&ours.1, &theirs.1)] {
+                    if let (Some(got), Some(want)) = (got, want) {
+                        worst = worst.max(crate::layers::rel_diff(got, want)?);
+                    }
                 }
-            }
-            let outcome = if worst.is_nan() || worst > tol {
-                Err(format!("differs from the composed backward by {worst:e}"))
-            } else {
-                tracing::info!(rel_err = worst, "RMSNorm backward kernel checked");
-                Ok(())
-            };
-            trust.record(outcome);
-            return Ok(Some((cdx, cdw)));
-        }
-        Ok(Some((
-            Some(dx).filter(|_| x.track_op()),
-            Some(dw).filter(|_| w.track_op()),
-        )))
+                Ok(worst)
+            },
+        )
     }
 }
 
@@ -426,10 +421,7 @@ impl CustomOp2 for RmsNormBackward {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        match self.through_kernel(x, w, grad)? {
-            Some(out) => Ok(out),
-            None => self.composed(x, w, grad),
-        }
+        self.through_kernel(x, w, grad)
     }
 }
 

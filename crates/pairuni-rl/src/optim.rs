@@ -190,30 +190,33 @@ impl AdamW {
             self.assign(i, var, m, v, theta)?;
             return Ok(true);
         }
-        let theta_now = match &self.master[i] {
-            Some(t) => t.clone(),
-            None => w.to_dtype(DType::F32)?,
+        // Without a master copy the kernel's θ is the weight itself, rounded to its dtype: compare it with the
+        // composed θ rounded the same way (a bf16 weight would otherwise differ by its rounding, ≈ 4e-3).
+        let (theta_now, theta_want) = match &self.master[i] {
+            Some(t) => (t.clone(), theta.clone()),
+            None => (
+                w.to_dtype(DType::F32)?,
+                theta.to_dtype(w.dtype())?.to_dtype(DType::F32)?,
+            ),
         };
-        let diffs = [
-            ("m", rel_diff(&self.m[i], &m)?),
-            ("v", rel_diff(&self.v[i], &v)?),
-            ("theta", rel_diff(&theta_now, &theta)?),
-        ];
+        let worst = [
+            rel_diff(&self.m[i], &m)?,
+            rel_diff(&self.v[i], &v)?,
+            rel_diff(&theta_now, &theta_want)?,
+        ]
+        .into_iter()
+        .fold(0f32, |a, d| {
+            if a.is_nan() || d.is_nan() {
+                f32::NAN
+            } else {
+                a.max(d)
+            }
+        });
         // The kernel does the composition's f32 operations in its order: the values are expected to be equal.
-        match diffs.iter().find(|(_, d)| d.is_nan() || *d > 1e-6) {
-            Some((name, d)) => {
-                fused_adamw::TRUST
-                    .record(Err(format!("{name} differs from the composition by {d:e}")));
-                self.assign(i, var, m, v, theta)?;
-            }
-            None => {
-                let worst = diffs.iter().fold(0f32, |a, (_, d)| a.max(*d));
-                tracing::info!(
-                    rel_err = worst,
-                    "fused AdamW kernel checked against the composed update"
-                );
-                fused_adamw::TRUST.record(Ok(()));
-            }
+        const TOLERANCE: f32 = 1e-6;
+        fused_adamw::TRUST.record_diff(worst, TOLERANCE);
+        if worst.is_nan() || worst > TOLERANCE {
+            self.assign(i, var, m, v, theta)?;
         }
         Ok(true)
     }

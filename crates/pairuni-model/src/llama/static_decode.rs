@@ -199,21 +199,25 @@ impl Llama {
             copy_kv: super::prealloc_copies_kv(x.device()),
             attention_kernel: self.attention_kernel,
             norm_kernel: false,
+            layer_kernels: self.layer_kernels,
         };
-        let mut h = x.clone();
+        let (mut h, mut delta) = (x.clone(), None);
         for (li, (layer, (kb, vb))) in self.layers.iter().zip(&sd.layers).enumerate() {
             let stacks = if fused {
                 sd.stacked.as_ref().map(|s| &s[li])
             } else {
                 None
             };
-            h = layer.forward(&h, &rope, &mask, kernels, stacks, |k, v| {
-                kb.scatter_set(&write_at, k, 2)?;
-                vb.scatter_set(&write_at, v, 2)?;
-                Ok((kb.narrow(2, 0, width)?, vb.narrow(2, 0, width)?))
-            })?;
+            let out =
+                layer.forward(&h, delta.as_ref(), &rope, &mask, kernels, stacks, |k, v| {
+                    kb.scatter_set(&write_at, k, 2)?;
+                    vb.scatter_set(&write_at, v, 2)?;
+                    Ok((kb.narrow(2, 0, width)?, vb.narrow(2, 0, width)?))
+                })?;
+            (h, delta) = (out.0, Some(out.1));
         }
-        Ok(self.norm.forward_with(&h, fused)?.squeeze(1)?)
+        let (_, h) = super::add_norm(&self.norm, &h, delta.as_ref(), kernels)?;
+        Ok(h.squeeze(1)?)
     }
 }
 

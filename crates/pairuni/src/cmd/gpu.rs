@@ -213,6 +213,10 @@ pub struct BenchGpuStepArgs {
     /// its first call, and turned off if they differ): on | off (auto: the model's default, off until measured).
     #[arg(long, default_value = "auto")]
     pub attention_kernel: Toggle,
+    /// Residual add + RMSNorm and SiLU · gate of fused-kernel sampling forwards as one CUDA kernel each (checked
+    /// against candle's ops at their first call): on | off (auto: the model's default, off until measured).
+    #[arg(long, default_value = "auto")]
+    pub layer_kernels: Toggle,
     /// Image and answer rollouts in fixed-shape steps captured as CUDA graphs: on | off | auto, which is on for
     /// the step when the graph check before it passes (a CUDA device, every width captured, the codes and the
     /// answer tokens bit-identical to the same steps run eagerly) and off otherwise.
@@ -234,6 +238,10 @@ pub struct BenchGpuStepArgs {
     /// other way (reported as `attention_kernel_compare`; not fatal).
     #[arg(long)]
     pub compare_attention_kernel: bool,
+    /// After the step, time the image and answer rollouts once more with the layer kernels switched the other
+    /// way (reported as `layer_kernels_compare`; not fatal).
+    #[arg(long)]
+    pub compare_layer_kernels: bool,
     /// Phases of the step (rollout_image, rollout_text, decode_vq, train) to hand to a kernel profiler started
     /// with profiling off (`ncu --profile-from-start off`): each runs between cuProfilerStart and cuProfilerStop,
     /// opening with one `usqrt_f64` kernel that marks where its kernels begin.
@@ -820,6 +828,7 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
         fused_training: a.fused_training,
         attention_kernel: a.attention_kernel,
         norm_kernel: a.norm_kernel,
+        layer_kernels: a.layer_kernels,
     }
     .configure(&mut model);
     if let Some(on) = a.stack_projections.forced() {
@@ -911,6 +920,18 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
     } else {
         serde_json::Value::Null
     };
+    let layer_compare = if a.compare_layer_kernels {
+        rollouts_with_switch_flipped(
+            &mut model,
+            &inputs,
+            &a,
+            answer_tokens,
+            &mut rng,
+            LAYER_KERNELS,
+        )
+    } else {
+        serde_json::Value::Null
+    };
     let sharing_compare = if a.compare_sharing {
         json!({
             "on": answers_with_sharing(&mut model, &inputs, &a, answer_tokens, &mut rng, true),
@@ -950,9 +971,11 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
         "concurrent_passes": out.concurrent_passes,
         // The fused AdamW kernel after the step: unchecked (it did not run), trusted (its check passed) or off.
         "fused_adamw": pairuni_rl::fused_adamw::TRUST.status(),
+        "fused_adamw_report": pairuni_rl::fused_adamw::TRUST.report(),
         // The RMSNorm backward kernel: whether it was asked for, and its state after the step.
         "norm_kernel": model.norm_kernel(),
         "norm_kernel_status": pairuni_model::norm_kernel::TRUST.status(),
+        "norm_kernel_report": pairuni_model::norm_kernel::TRUST.report(),
         "train_other": out.train_other,
         "params_with_grad": format!("{}/{}", out.params_with_grad, out.params_trained),
         "image_sampler": a.image_sampler.resolved(&dev),
@@ -963,6 +986,13 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
         "fused_training": model.fused_training(),
         "attention_kernel_report": pairuni_model::decode_attention::report(),
         "attention_kernel_compare": attention_compare,
+        // The layer kernels: whether they were asked for, and each one's state and first-check difference.
+        "layer_kernels": model.layer_kernels(),
+        "layer_kernels_status": {
+            "add_rms_norm": pairuni_model::layer_kernels::ADD_NORM.report(),
+            "silu_mul": pairuni_model::layer_kernels::SILU_MUL.report(),
+        },
+        "layer_kernels_compare": layer_compare,
         "cuda_graphs": graphs_in_step,
         "prompt_sharing": model.prompt_sharing(),
         "prompt_sharing_compare": sharing_compare,
@@ -1024,7 +1054,7 @@ type Switch = (&'static str, fn(&Janus) -> bool, fn(&mut Janus, bool));
 /// The step's rollouts again with one of the model's switches the other way (`get`/`set`; restored after),
 /// reported as `key`: the time of each (and the image rollout's per code) with its graph report, or the error it
 /// ended with (so that a failing capture, replay or kernel does not cost the device call the step's own
-/// measurement). The switches compared: `cuda_graphs` and `attention_kernel`.
+/// measurement). The switches compared: `cuda_graphs`, `attention_kernel` and `layer_kernels`.
 fn rollouts_with_switch_flipped(
     model: &mut Janus,
     inputs: &StepInputs,
@@ -1053,6 +1083,13 @@ const ATTENTION_KERNEL: Switch = (
     "attention_kernel",
     Janus::attention_kernel,
     Janus::set_attention_kernel,
+);
+
+/// The layer kernels' switch, for [`rollouts_with_switch_flipped`].
+const LAYER_KERNELS: Switch = (
+    "layer_kernels",
+    Janus::layer_kernels,
+    Janus::set_layer_kernels,
 );
 
 /// The step's image and answer rollouts timed as the model is now set, with their graph reports; a failure is
@@ -1744,8 +1781,10 @@ mod tests {
             prompt_sharing: Toggle::Auto,
             compare_sharing: false,
             compare_attention_kernel: false,
+            compare_layer_kernels: false,
             profile_phases: Vec::new(),
             attention_kernel: Toggle::Auto,
+            layer_kernels: Toggle::Auto,
             fused_training: Toggle::Auto,
             json: true,
         }
