@@ -304,7 +304,8 @@ pub(crate) fn attend(
                 return Ok(None);
             }
         };
-        let err = crate::layers::rel_diff(&ours, &reference_f32(q, k, v, mask, args.rep)?)?;
+        let reference = reference_f32(q, k, v, mask, args.rep)?;
+        let err = crate::layers::rel_diff(&ours, &reference)?;
         st.report.check_rel_err = Some(err);
         if err.is_nan() || err > CHECK_TOLERANCE {
             tracing::warn!(
@@ -312,7 +313,9 @@ pub(crate) fn attend(
                 "decode attention kernel disagrees with the f32 reference; turned off"
             );
             st.report.failure = Some(format!(
-                "first-call check: relative difference {err:.3e} from the f32 reference (tolerance {CHECK_TOLERANCE:.0e})"
+                "first-call check: relative difference {err:.3e} from the f32 reference (tolerance \
+                 {CHECK_TOLERANCE:.0e}); {}; launch {args:?}",
+                crate::nvrtc::describe_difference(&ours, &reference)?
             ));
             return Ok(Some(composed()?));
         }

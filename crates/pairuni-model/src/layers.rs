@@ -328,7 +328,12 @@ pub(crate) fn log_softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
 pub fn rel_diff(a: &Tensor, b: &Tensor) -> candle_core::Result<f32> {
     let a = a.to_dtype(DType::F32)?;
     let b = b.to_dtype(DType::F32)?;
-    let d = (a - &b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    let delta = (a - &b)?.abs()?;
+    // A maximum may skip NaN (CUDA's fmaxf does); a sum does not: a NaN or an infinity in either is a NaN here.
+    if !delta.sum_all()?.to_scalar::<f32>()?.is_finite() {
+        return Ok(f32::NAN);
+    }
+    let d = delta.max_all()?.to_scalar::<f32>()?;
     let m = b.abs()?.max_all()?.to_scalar::<f32>()?;
     Ok(if m > 0.0 { d / m } else { d })
 }

@@ -105,7 +105,7 @@ pub(crate) fn backward(
     }
     let cols = w.elem_count();
     let n = x.elem_count();
-    if cols == 0 || n % cols != 0 || grad.elem_count() != n || cols > i32::MAX as usize {
+    if cols == 0 || !n.is_multiple_of(cols) || grad.elem_count() != n || cols > i32::MAX as usize {
         return Ok(None);
     }
     let rows = n / cols;

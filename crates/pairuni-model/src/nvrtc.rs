@@ -2,6 +2,8 @@
 //! need no CUDA header, so that the build stays free of a CUDA toolchain and NVRTC need not find headers on the
 //! GPU machine. This module holds what those sources share and the compile-and-load step.
 
+use candle_core::{DType, Tensor};
+
 /// Shared device helpers: bf16 travels as raw 16-bit words (`bf16_t`), read and written in f32 (round to nearest
 /// even, NaN kept quiet), and warp-wide sums and maxima.
 pub const BF16_PRELUDE: &str = r#"
@@ -71,6 +73,8 @@ pub struct Trust {
     state: std::sync::atomic::AtomicU8,
     /// The first check's relative difference from candle's ops (f32 bits; `NO_DIFF` before a check).
     diff: std::sync::atomic::AtomicU32,
+    /// Why the kernel was turned off, if it was.
+    failure: std::sync::Mutex<Option<String>>,
     env: &'static str,
     what: &'static str,
 }
@@ -87,6 +91,7 @@ impl Trust {
         Self {
             state: std::sync::atomic::AtomicU8::new(UNCHECKED),
             diff: std::sync::atomic::AtomicU32::new(NO_DIFF),
+            failure: std::sync::Mutex::new(None),
             env,
             what,
         }
@@ -112,6 +117,9 @@ impl Trust {
             Ok(()) => TRUSTED,
             Err(reason) => {
                 tracing::warn!(kernel = self.what, %reason, "kernel turned off; candle's ops run instead");
+                if let Ok(mut f) = self.failure.lock() {
+                    f.get_or_insert(reason);
+                }
                 OFF
             }
         };
@@ -120,8 +128,9 @@ impl Trust {
             .fetch_max(state, std::sync::atomic::Ordering::SeqCst);
     }
 
-    /// Records a check that found the relative difference `diff` from candle's ops, against `tolerance`.
-    pub fn record_diff(&self, diff: f32, tolerance: f32) {
+    /// Records a check that found the relative difference `diff` from candle's ops, against `tolerance`; `detail`
+    /// says where (it is only called when the check fails).
+    pub fn record_diff(&self, diff: f32, tolerance: f32, detail: impl FnOnce() -> String) {
         let _ = self.diff.compare_exchange(
             NO_DIFF,
             diff.to_bits(),
@@ -130,7 +139,8 @@ impl Trust {
         );
         self.record(if diff.is_nan() || diff > tolerance {
             Err(format!(
-                "differs from candle's ops by {diff:e} (tolerance {tolerance:e})"
+                "differs from candle's ops by {diff:e} (tolerance {tolerance:e}): {}",
+                detail()
             ))
         } else {
             tracing::info!(kernel = self.what, rel_err = diff, "kernel checked");
@@ -144,22 +154,30 @@ impl Trust {
         (bits != NO_DIFF).then(|| f32::from_bits(bits))
     }
 
-    /// The status and the first check's difference, for a benchmark's JSON.
+    /// Why the kernel was turned off, if a check or a launch did.
+    pub fn failure(&self) -> Option<String> {
+        self.failure.lock().ok().and_then(|f| f.clone())
+    }
+
+    /// The status, the first check's difference and any failure, for a benchmark's JSON.
     pub fn report(&self) -> serde_json::Value {
-        serde_json::json!({ "status": self.status(), "check_rel_err": self.check_rel_err() })
+        serde_json::json!({
+            "status": self.status(),
+            "check_rel_err": self.check_rel_err(),
+            "failure": self.failure(),
+        })
     }
 
     /// Runs `kernel` under this trust, `composed` (candle's ops) where it may not: when the kernel is off, does
     /// not apply (`Ok(None)`) or fails to launch (which turns it off), and at the process's first call, which
-    /// computes both, compares them with `diff` against `tolerance` and returns candle's values. A first call
+    /// computes both, compares them ([`Compared`]) against `tolerance` and returns candle's values. A first call
     /// while the stream is being captured (`capturing`) runs candle's ops: the check reads back to the host.
-    pub fn run<T>(
+    pub fn run<T: Compared>(
         &self,
         tolerance: f32,
         capturing: impl FnOnce() -> candle_core::Result<bool>,
         kernel: impl FnOnce() -> candle_core::Result<Option<T>>,
         composed: impl FnOnce() -> candle_core::Result<T>,
-        diff: impl FnOnce(&T, &T) -> candle_core::Result<f32>,
     ) -> candle_core::Result<T> {
         if !self.usable() || (self.needs_check() && capturing()?) {
             return composed();
@@ -176,8 +194,37 @@ impl Trust {
             return Ok(ours);
         }
         let reference = composed()?;
-        self.record_diff(diff(&ours, &reference)?, tolerance);
+        self.check(&ours, &reference, tolerance)?;
         Ok(reference)
+    }
+
+    /// Compares a kernel's values with candle's and records the outcome: whether the check passed.
+    pub fn check<T: Compared>(
+        &self,
+        ours: &T,
+        theirs: &T,
+        tolerance: f32,
+    ) -> candle_core::Result<bool> {
+        let (mut worst, mut at) = (0f32, None);
+        for (i, (a, b)) in ours.pairs(theirs).into_iter().enumerate() {
+            let d = crate::layers::rel_diff(a, b)?;
+            if d.is_nan() || d > worst || at.is_none() {
+                (worst, at) = (d, Some(i));
+            }
+            if d.is_nan() {
+                break;
+            }
+        }
+        let mut detail = String::new();
+        let failed = worst.is_nan() || worst > tolerance;
+        if failed {
+            if let Some(i) = at {
+                let (a, b) = ours.pairs(theirs)[i];
+                detail = format!("output {i}: {}", describe_difference(a, b)?);
+            }
+        }
+        self.record_diff(worst, tolerance, || detail);
+        Ok(!failed)
     }
 
     /// `unchecked` (it has not run), `trusted` (its check passed) or `off`.
@@ -188,6 +235,80 @@ impl Trust {
             _ => "unchecked",
         }
     }
+}
+
+/// Values a kernel's check compares with candle's: one tensor or several, in matching pairs (an output a kernel
+/// did not compute, `None` on either side, is skipped).
+pub trait Compared {
+    /// (ours, theirs) for each output.
+    fn pairs<'a>(&'a self, theirs: &'a Self) -> Vec<(&'a Tensor, &'a Tensor)>;
+}
+
+impl Compared for Tensor {
+    fn pairs<'a>(&'a self, theirs: &'a Self) -> Vec<(&'a Tensor, &'a Tensor)> {
+        vec![(self, theirs)]
+    }
+}
+
+impl<const N: usize> Compared for [Tensor; N] {
+    fn pairs<'a>(&'a self, theirs: &'a Self) -> Vec<(&'a Tensor, &'a Tensor)> {
+        self.iter().zip(theirs.iter()).collect()
+    }
+}
+
+impl Compared for (Tensor, Tensor) {
+    fn pairs<'a>(&'a self, theirs: &'a Self) -> Vec<(&'a Tensor, &'a Tensor)> {
+        vec![(&self.0, &theirs.0), (&self.1, &theirs.1)]
+    }
+}
+
+impl Compared for (Option<Tensor>, Option<Tensor>) {
+    fn pairs<'a>(&'a self, theirs: &'a Self) -> Vec<(&'a Tensor, &'a Tensor)> {
+        [(&self.0, &theirs.0), (&self.1, &theirs.1)]
+            .into_iter()
+            .filter_map(|(a, b)| Some((a.as_ref()?, b.as_ref()?)))
+            .collect()
+    }
+}
+
+/// Where two tensors of one shape differ most, for a failed check's message: the element (as a multi-index), both
+/// values, and how many elements of ours are not finite. Computed on the tensors' device; three scalars come back.
+pub fn describe_difference(ours: &Tensor, theirs: &Tensor) -> candle_core::Result<String> {
+    let (a, b) = (ours.to_dtype(DType::F32)?, theirs.to_dtype(DType::F32)?);
+    if a.shape() != b.shape() {
+        return Ok(format!(
+            "shapes differ: {:?} against {:?}",
+            a.dims(),
+            b.dims()
+        ));
+    }
+    let (fa, fb) = (a.flatten_all()?, b.flatten_all()?);
+    // 0 · x is NaN exactly where x is NaN or infinite, and NaN ≠ NaN: counts the elements that are not finite.
+    let zeroed = fa.affine(0.0, 0.0)?;
+    let not_finite = zeroed.ne(&zeroed)?.to_dtype(DType::F32)?.sum_all()?;
+    // Non-finite elements count as the largest difference.
+    let delta = (&fa - &fb)?.abs()?;
+    let delta = delta.ne(&delta)?.where_cond(
+        &Tensor::full(f32::INFINITY, delta.shape(), delta.device())?,
+        &delta,
+    )?;
+    let i = delta.argmax(0)?.to_scalar::<u32>()? as usize;
+    let (x, y) = (
+        fa.get(i)?.to_scalar::<f32>()?,
+        fb.get(i)?.to_scalar::<f32>()?,
+    );
+    let mut index = Vec::with_capacity(a.rank());
+    let mut rest = i;
+    for &d in a.dims().iter().rev() {
+        index.push(rest % d.max(1));
+        rest /= d.max(1);
+    }
+    index.reverse();
+    Ok(format!(
+        "largest at {index:?} of {:?}: {x:e} against candle's {y:e}; {} elements not finite",
+        a.dims(),
+        not_finite.to_scalar::<f32>()?
+    ))
 }
 
 /// Whether `device`'s stream is being captured into a CUDA graph (never on other devices).
@@ -229,8 +350,12 @@ mod tests {
         assert!(!T.usable());
     }
 
-    /// One call of `trust.run` with a stand-in kernel giving `kernel`, candle's ops giving 1.0 and the difference
-    /// |ours − theirs|: (value returned, whether candle's ops ran).
+    fn scalar(v: f32) -> Tensor {
+        Tensor::new(&[v, 2.0], &candle_core::Device::Cpu).unwrap()
+    }
+
+    /// One call of `trust.run` with a stand-in kernel giving [`kernel`, 2], candle's ops giving [1, 2]: (the first
+    /// value returned, whether candle's ops ran).
     fn run_once(
         trust: &Trust,
         capturing: bool,
@@ -241,15 +366,14 @@ mod tests {
             .run(
                 0.1,
                 || Ok(capturing),
-                || kernel,
+                || Ok(kernel?.map(scalar)),
                 || {
                     composed_ran.set(true);
-                    Ok(1.0)
+                    Ok(scalar(1.0))
                 },
-                |a, b| Ok((a - b).abs()),
             )
             .unwrap();
-        (out, composed_ran.get())
+        (out.to_vec1::<f32>().unwrap()[0], composed_ran.get())
     }
 
     #[test]
@@ -264,7 +388,8 @@ mod tests {
         // The check: both run, candle's value is returned, the difference is kept.
         assert_eq!(run_once(&T, false, Ok(Some(1.05))), (1.0, true));
         assert_eq!(T.status(), "trusted");
-        assert!((T.check_rel_err().unwrap() - 0.05).abs() < 1e-6);
+        // max|Δ| / max|candle's| = 0.05 / 2.
+        assert!((T.check_rel_err().unwrap() - 0.025).abs() < 1e-6);
         // Trusted: the kernel's value, candle's ops not run, even under a capture.
         assert_eq!(run_once(&T, true, Ok(Some(1.05))), (1.05, false));
         assert_eq!(T.report()["status"], "trusted");
@@ -275,15 +400,46 @@ mod tests {
         static DIFFERS: Trust = Trust::new("PAIRUNI_TEST_TRUST_UNSET", "test kernel");
         assert_eq!(run_once(&DIFFERS, false, Ok(Some(3.0))), (1.0, true));
         assert_eq!(DIFFERS.status(), "off");
-        assert_eq!(DIFFERS.check_rel_err(), Some(2.0));
+        assert_eq!(DIFFERS.check_rel_err(), Some(1.0));
+        let why = DIFFERS.failure().unwrap();
+        assert!(
+            why.contains("largest at [0] of [2]: 3e0 against candle's 1e0"),
+            "{why}"
+        );
         assert_eq!(run_once(&DIFFERS, false, Ok(Some(1.0))), (1.0, true));
         static NAN: Trust = Trust::new("PAIRUNI_TEST_TRUST_UNSET", "test kernel");
         run_once(&NAN, false, Ok(Some(f32::NAN)));
         assert_eq!(NAN.status(), "off");
+        assert!(NAN.check_rel_err().unwrap().is_nan());
+        assert!(NAN.failure().unwrap().contains("1 elements not finite"));
         static FAILS: Trust = Trust::new("PAIRUNI_TEST_TRUST_UNSET", "test kernel");
         let err = Err(candle_core::Error::Msg("no such function".into()));
         assert_eq!(run_once(&FAILS, false, err), (1.0, true));
         assert_eq!(FAILS.status(), "off");
         assert!(FAILS.check_rel_err().is_none());
+        assert!(FAILS.failure().unwrap().contains("no such function"));
+    }
+
+    #[test]
+    fn differences_are_located_and_nan_is_never_skipped() {
+        let dev = candle_core::Device::Cpu;
+        let theirs = Tensor::new(&[[1f32, 2.0, 3.0], [4.0, 5.0, 6.0]], &dev).unwrap();
+        let ours = Tensor::new(&[[1f32, 2.0, 3.0], [4.0, 5.5, 6.0]], &dev).unwrap();
+        let d = describe_difference(&ours, &theirs).unwrap();
+        assert!(
+            d.starts_with("largest at [1, 1] of [2, 3]: 5.5e0 against candle's 5e0; 0 elements"),
+            "{d}"
+        );
+        // A NaN far from the largest finite difference is still what the check reports.
+        let nan = Tensor::new(&[[f32::NAN, 2.0, 3.0], [4.0, 5.5, 6.0]], &dev).unwrap();
+        assert!(crate::layers::rel_diff(&nan, &theirs).unwrap().is_nan());
+        let d = describe_difference(&nan, &theirs).unwrap();
+        assert!(
+            d.starts_with("largest at [0, 0]") && d.ends_with("1 elements not finite"),
+            "{d}"
+        );
+        static T: Trust = Trust::new("PAIRUNI_TEST_TRUST_UNSET", "test kernel");
+        assert!(!T.check(&nan, &theirs, 1.0).unwrap());
+        assert_eq!(T.status(), "off");
     }
 }
