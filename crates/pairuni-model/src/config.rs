@@ -70,8 +70,8 @@ pub struct Placement {
     pub attention_kernel: Toggle,
     /// Whether the training kernels' RMSNorm backward runs as one CUDA kernel (`auto`: off until measured).
     pub norm_kernel: Toggle,
-    /// Whether sampling forwards run residual add + RMSNorm and SiLU · gate as one CUDA kernel each (`auto`: off
-    /// until measured).
+    /// Whether sampling forwards run residual add + RMSNorm, SiLU · gate and rotary + cache write as one CUDA
+    /// kernel each (`auto`: off until measured).
     pub layer_kernels: Toggle,
 }
 
@@ -176,8 +176,8 @@ pub struct ModelConfig {
     /// composed backward at its first use and turned off if it disagrees: `on`, `off`, or `auto` (off until a
     /// GPU run has measured it, docs/GPU.md) (default `auto`).
     pub norm_kernel: Toggle,
-    /// The residual adds with the RMSNorms after them, and SiLU with the gate product, of sampling forwards (with
-    /// `fused_sampling`) as one CUDA kernel each, checked against candle's ops at their first use and turned off
+    /// The residual adds with the RMSNorms after them, SiLU with the gate product, and a static decode step's
+    /// rotary embedding with its cache writes, of sampling forwards (with `fused_sampling`) as one CUDA kernel each, checked against candle's ops at their first use and turned off
     /// if they disagree: `on`, `off`, or `auto` (off until a GPU run has measured them, docs/GPU.md) (default
     /// `auto`).
     pub layer_kernels: Toggle,

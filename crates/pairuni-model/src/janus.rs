@@ -487,8 +487,7 @@ impl Janus {
         self.m.lm.set_attention_kernel(on);
     }
 
-    /// Whether fused-kernel forwards on a GPU run residual add + RMSNorm and SiLU · gate as one kernel each
-    /// ([`crate::layer_kernels`]).
+    /// Whether fused-kernel forwards on a GPU run the layer kernels ([`crate::layer_kernels`]).
     pub fn layer_kernels(&self) -> bool {
         self.m.lm.layer_kernels()
     }

@@ -382,8 +382,8 @@ pub struct Llama {
     /// ([`crate::decode_attention`]; it acts on CUDA devices only). Off by default until a GPU run has measured
     /// it (docs/GPU.md); `[model] attention_kernel = "on"` or `bench gpu-step --attention-kernel on` turn it on.
     attention_kernel: bool,
-    /// Whether those fused-kernel forwards on a GPU run residual add + RMSNorm and SiLU · gate as one kernel each
-    /// ([`crate::layer_kernels`]). Off by default until a GPU run has measured them.
+    /// Whether those fused-kernel forwards on a GPU run the layer kernels ([`crate::layer_kernels`]). Off by
+    /// default until a GPU run has measured them.
     layer_kernels: bool,
     /// Whether the differentiable forwards' RMSNorm backward runs as one CUDA kernel ([`crate::norm_kernel`];
     /// CUDA devices only). Off by default until a GPU run has measured it.
@@ -456,12 +456,12 @@ impl Llama {
         self.fused_sampling = on;
     }
 
-    /// Whether fused-kernel forwards on a GPU run residual add + RMSNorm and SiLU · gate as one kernel each.
+    /// Whether fused-kernel forwards on a GPU run the layer kernels ([`crate::layer_kernels`]).
     pub fn layer_kernels(&self) -> bool {
         self.layer_kernels
     }
 
-    /// Chooses whether fused-kernel forwards on a GPU run residual add + RMSNorm and SiLU · gate as one kernel each.
+    /// Chooses whether fused-kernel forwards on a GPU run the layer kernels ([`crate::layer_kernels`]).
     pub fn set_layer_kernels(&mut self, on: bool) {
         self.layer_kernels = on;
     }
@@ -617,14 +617,21 @@ impl Llama {
             attention_kernel: self.attention_kernel,
             norm_kernel: self.norm_kernel,
             layer_kernels: self.layer_kernels,
+            rope_in_store: false,
         };
         let (mut h, mut delta) = (x.clone(), None);
         let mut new_layers = Vec::with_capacity(self.layers.len());
         for (li, layer) in self.layers.iter().enumerate() {
             let past_kv = cache.layers.get(li);
             let stacks = stacked.as_ref().map(|s| &s[li]);
-            let out =
-                layer.forward(&h, delta.as_ref(), &rope, &mask, kernels, stacks, |k, v| {
+            let out = layer.forward(
+                &h,
+                delta.as_ref(),
+                &rope,
+                &mask,
+                kernels,
+                stacks,
+                |q, k, v| {
                     let (stored, views) = match &plan {
                         Some((placement, pre)) => {
                             append_prealloc(past_kv, (k, v), past, *placement, pre.capacity)?
@@ -640,8 +647,9 @@ impl Llama {
                         }
                     };
                     new_layers.push(stored);
-                    Ok(views)
-                })?;
+                    Ok((q.clone(), views.0, views.1))
+                },
+            )?;
             (h, delta) = (out.0, Some(out.1));
         }
         let (_, h) = add_norm(&self.norm, &h, delta.as_ref(), kernels)?;
@@ -740,9 +748,11 @@ struct Kernels {
     attention_kernel: bool,
     /// With `differentiable`, the RMSNorm backward on a GPU runs as one kernel ([`crate::norm_kernel`]).
     norm_kernel: bool,
-    /// With `fused`, residual add + RMSNorm and SiLU · gate on a GPU run as one kernel each
-    /// ([`crate::layer_kernels`]).
+    /// With `fused`, the layer kernels ([`crate::layer_kernels`]) run on a GPU.
     layer_kernels: bool,
+    /// The layers hand their queries and keys to `store` unrotated (a static decode step rotates them as it
+    /// writes the cache, [`crate::layer_kernels::rope_store`]).
+    rope_in_store: bool,
 }
 
 impl Kernels {
@@ -769,13 +779,17 @@ impl Layer {
         mask: &Tensor,
         kernels: Kernels,
         stacked: Option<&StackedLayer>,
-        store: impl FnOnce(&Tensor, &Tensor) -> candle_core::Result<(Tensor, Tensor)>,
+        store: impl FnOnce(&Tensor, &Tensor, &Tensor) -> candle_core::Result<(Tensor, Tensor, Tensor)>,
     ) -> Result<(Tensor, Tensor)> {
         let (h, normed) = add_norm(&self.input_norm, h, delta, kernels)?;
-        let (q, k, v) = self
-            .attn
-            .project(&normed, rope, stacked, kernels.differentiable)?;
-        let (ks, vs) = store(&k, &v)?;
+        let (q, k, v) = self.attn.project(
+            &normed,
+            rope,
+            stacked,
+            kernels.differentiable,
+            !kernels.rope_in_store,
+        )?;
+        let (q, ks, vs) = store(&q, &k, &v)?;
         let attn_out = self.attn.attend(&q, &ks, &vs, mask, kernels)?;
         let (h, normed) = add_norm(&self.post_norm, &h, Some(&attn_out), kernels)?;
         let m = &self.mlp;
@@ -861,13 +875,14 @@ fn stacked_matmul<const N: usize>(x: &Tensor, w: &Tensor) -> candle_core::Result
 
 impl Attention {
     /// Queries, keys and values [B, heads, T, D] of `x` [B, T, H], with rotary positions applied (and, with the
-    /// fused tables, the queries scaled by 1/√D).
+    /// fused tables, the queries scaled by 1/√D); without `rotate` (fused tables only), as projected.
     fn project(
         &self,
         x: &Tensor,
         rope: &RopeTables,
         stacked: Option<&StackedLayer>,
         differentiable: bool,
+        rotate: bool,
     ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         if let (RopeTables::Fused(tb), true) = (rope, differentiable) {
             // Training: each projection and each head split (with its rotation) is one autograd node.
@@ -904,6 +919,7 @@ impl Attention {
             RopeTables::Composed { cos, sin } => {
                 Ok((apply_rope(&q, cos, sin)?, apply_rope(&k, cos, sin)?, v))
             }
+            RopeTables::Fused(_) if !rotate => Ok((q, k, v)),
             RopeTables::Fused(tb) => Ok((
                 apply_rope_fused(&q, &tb.cos_q, &tb.sin_q)?,
                 apply_rope_fused(&k, &tb.cos_k, &tb.sin_k)?,

@@ -200,7 +200,14 @@ impl Llama {
             attention_kernel: self.attention_kernel,
             norm_kernel: false,
             layer_kernels: self.layer_kernels,
+            // With the layer kernels, one kernel rotates the queries and keys and writes the cache.
+            rope_in_store: fused && self.layer_kernels,
         };
+        let tables = match (&rope, kernels.rope_in_store) {
+            (super::RopeTables::Fused(tb), true) => Some(tb),
+            _ => None,
+        };
+        let col_index = col.flatten_all()?;
         let (mut h, mut delta) = (x.clone(), None);
         for (li, (layer, (kb, vb))) in self.layers.iter().zip(&sd.layers).enumerate() {
             let stacks = if fused {
@@ -208,12 +215,32 @@ impl Llama {
             } else {
                 None
             };
-            let out =
-                layer.forward(&h, delta.as_ref(), &rope, &mask, kernels, stacks, |k, v| {
-                    kb.scatter_set(&write_at, k, 2)?;
-                    vb.scatter_set(&write_at, v, 2)?;
-                    Ok((kb.narrow(2, 0, width)?, vb.narrow(2, 0, width)?))
-                })?;
+            let out = layer.forward(
+                &h,
+                delta.as_ref(),
+                &rope,
+                &mask,
+                kernels,
+                stacks,
+                |q, k, v| {
+                    let q = match tables {
+                        Some(tb) => crate::layer_kernels::rope_store(
+                            (q, k, v),
+                            tb,
+                            (kb, vb),
+                            &col_index,
+                            &write_at,
+                            true,
+                        )?,
+                        None => {
+                            kb.scatter_set(&write_at, k, 2)?;
+                            vb.scatter_set(&write_at, v, 2)?;
+                            q.clone()
+                        }
+                    };
+                    Ok((q, kb.narrow(2, 0, width)?, vb.narrow(2, 0, width)?))
+                },
+            )?;
             (h, delta) = (out.0, Some(out.1));
         }
         let (_, h) = super::add_norm(&self.norm, &h, delta.as_ref(), kernels)?;
@@ -278,6 +305,32 @@ mod tests {
                 assert!(err < 1e-5, "kv {kv:?} fused {fused}: rel err {err}");
             }
         }
+    }
+
+    #[test]
+    fn the_layer_kernels_switch_leaves_cpu_static_steps_bit_for_bit() {
+        // On the CPU the layer kernels fall back to candle's ops, through the restructured layer (the residual
+        // carried beside the stream, the rotation done where the cache is written): the same values exactly.
+        for kv in [None, Some(2)] {
+            let mut m = decoder(kv);
+            m.set_fused_sampling(true);
+            let x = embeddings(&m, 70);
+            let want = decode(&m, &x, 5, 128, true);
+            m.set_layer_kernels(true);
+            assert_eq!(decode(&m, &x, 5, 128, true), want, "kv {kv:?}");
+            assert_eq!(
+                decode(&m, &x, 5, 70, false),
+                decode_off(&x, kv),
+                "kv {kv:?}"
+            );
+        }
+    }
+
+    /// [`decode`] through `forward` with the layer kernels off, for comparison.
+    fn decode_off(x: &Tensor, kv: Option<usize>) -> Vec<f32> {
+        let mut m = decoder(kv);
+        m.set_fused_sampling(true);
+        decode(&m, x, 5, 70, false)
     }
 
     #[test]

@@ -213,7 +213,7 @@ pub struct BenchGpuStepArgs {
     /// its first call, and turned off if they differ): on | off (auto: the model's default, off until measured).
     #[arg(long, default_value = "auto")]
     pub attention_kernel: Toggle,
-    /// Residual add + RMSNorm and SiLU · gate of fused-kernel sampling forwards as one CUDA kernel each (checked
+    /// Residual add + RMSNorm, SiLU · gate and rotary + cache write of sampling forwards as one CUDA kernel each (checked
     /// against candle's ops at their first call): on | off (auto: the model's default, off until measured).
     #[arg(long, default_value = "auto")]
     pub layer_kernels: Toggle,
@@ -991,6 +991,7 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
         "layer_kernels_status": {
             "add_rms_norm": pairuni_model::layer_kernels::ADD_NORM.report(),
             "silu_mul": pairuni_model::layer_kernels::SILU_MUL.report(),
+            "rope_store": pairuni_model::layer_kernels::ROPE_STORE.report(),
         },
         "layer_kernels_compare": layer_compare,
         "cuda_graphs": graphs_in_step,
