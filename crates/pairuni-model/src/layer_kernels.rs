@@ -409,7 +409,6 @@ pub fn emulate_rope_store(
 /// Through one kernel on a CUDA device when `kernel` is set and it is trusted; candle's rotary kernel and
 /// scatters otherwise. Its first call also reads back the columns it wrote, runs candle's ops (whose values it
 /// returns and leaves in the caches) and compares all four.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn rope_store(
     (q, k, v): (&Tensor, &Tensor, &Tensor),
     tables: &crate::layers::FusedRotaryTables,
@@ -840,19 +839,25 @@ mod tests {
                 _ => unreachable!("CPU tensors"),
             }
         };
-        let (mut kb_host, mut vb_host) = (storage(&kb), storage(&vb));
-        let (q_out, k_out) = emulate_rope_store(
-            &args,
-            (&storage(&q), &storage(&k), &storage(&v)),
-            [
-                &storage(&tables.cos_q),
-                &storage(&tables.sin_q),
-                &storage(&tables.cos_k),
-                &storage(&tables.sin_k),
-            ],
-            (&mut kb_host, &mut vb_host),
-            col,
-        );
+        // The kernel's arithmetic on copies of the caches, writing at column `at`.
+        let emulate_at = |at: usize| {
+            let (mut kb_host, mut vb_host) = (storage(&kb), storage(&vb));
+            let (q_out, k_out) = emulate_rope_store(
+                &args,
+                (&storage(&q), &storage(&k), &storage(&v)),
+                [
+                    &storage(&tables.cos_q),
+                    &storage(&tables.sin_q),
+                    &storage(&tables.cos_k),
+                    &storage(&tables.sin_k),
+                ],
+                (&mut kb_host, &mut vb_host),
+                at,
+            );
+            (q_out, k_out, kb_host, vb_host)
+        };
+        let (q_out, k_out, kb_host, vb_host) = emulate_at(col);
+        let (_, _, kb_wrong, _) = emulate_at(col - 1);
         // candle's ops: its rotary kernel and two scatters.
         let write_at = t(vec![col as f32; b * kvh * d], &[b, kvh, 1, d])
             .to_dtype(DType::U32)
@@ -877,19 +882,6 @@ mod tests {
         assert_eq!(vb_host, flat(&vb), "the value cache: a copy");
         assert!(ROPE_STORE.needs_check(), "no kernel ran on the CPU");
         // A column off by one would leave the written keys elsewhere.
-        let (mut kb_wrong, mut vb_wrong) = (storage(&cache(7)), storage(&cache(8)));
-        emulate_rope_store(
-            &args,
-            (&storage(&q), &storage(&k), &storage(&v)),
-            [
-                &storage(&tables.cos_q),
-                &storage(&tables.sin_q),
-                &storage(&tables.cos_k),
-                &storage(&tables.sin_k),
-            ],
-            (&mut kb_wrong, &mut vb_wrong),
-            col - 1,
-        );
         assert!(rel(&kb_wrong, &flat(&kb)) > 0.1);
     }
 

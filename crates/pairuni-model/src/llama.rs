@@ -763,8 +763,9 @@ impl Kernels {
 }
 
 impl Layer {
-    /// The layer on `h` [B, T, H] under the additive `mask`: `store` takes the new keys and values
-    /// [B, kv_heads, T, D] and returns all the keys and values to attend over.
+    /// The layer on `h` [B, T, H] under the additive `mask`: `store` takes the new queries [B, heads, T, D], keys
+    /// and values [B, kv_heads, T, D] and returns the queries (rotated by then: it rotates them itself when
+    /// `kernels.rope_in_store`) with all the keys and values to attend over.
     /// With `stacked`, the q/k/v and gate/up projections each run as one batched matmul over those stacks.
     ///
     /// The residual stream enters as `h` plus the previous layer's MLP output `delta` (none before the first layer)
