@@ -70,7 +70,8 @@ if [[ -n "$bin" ]]; then
     # answer rollout and the answers' teacher-forced pass with prompt sharing on and off (prompt_sharing_compare).
     # The attention kernel is off by default until measured: the step turns it on, and --compare-attention-kernel
     # times the rollouts once more without it. The train phase runs two passes at once (auto on a GPU);
-    # --compare-concurrent-passes runs it again from one thread, with its split (train_other). The fused AdamW
+    # --compare-concurrent-passes runs it again from one thread, with its split, and from four (train_others;
+    # the bench's step has four passes, so four threads run them all at once). The fused AdamW
     # kernel and the RMSNorm backward kernel are off by default until measured: the step turns them on
     # (`fused_adamw` and `norm_kernel_status` say whether their checks passed). So are the layer kernels (residual
     # add + RMSNorm, SiLU · gate): the step turns them on and --compare-layer-kernels times the rollouts without.
@@ -234,12 +235,12 @@ if lk:
     print(f"rollouts with the layer kernels {side}: " + (f"failed: {lk['error']}" if "error" in lk else
           f"rollout_image {lk.get('rollout_image')} ms ({lk.get('ms_per_image_step')} ms per image step), "
           f"rollout_text {lk.get('rollout_text')} ms"))
-to = (cd or {}).get("train_other") or {}
-if to:
-    # The train phase on the same rollouts with the other number of passes in flight (its own optimiser step).
+others = (cd or {}).get("train_others") or ([cd["train_other"]] if (cd or {}).get("train_other") else [])
+if others:
+    # The train phase on the same rollouts with other numbers of passes in flight (each its own optimiser step).
     print(f"candle train with {(cd or {}).get('concurrent_passes')} passes in flight: {(cd or {}).get('train')} ms; "
-          f"with {to.get('concurrent_passes')}: {to.get('train')} ms")
-ts = (cd or {}).get("train_split") or to.get("train_split")
+          + "; ".join(f"with {o.get('concurrent_passes')}: {o.get('train')} ms" for o in others))
+ts = (cd or {}).get("train_split") or next((o["train_split"] for o in others if o.get("train_split")), None)
 if ts:
     # Host milliseconds and tensors created (about one kernel each) per part of candle's train phase from one
     # thread: a sum near its time says the phase is bound by candle's per-op host cost, a sum well below it says

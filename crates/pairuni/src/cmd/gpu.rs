@@ -169,9 +169,14 @@ pub struct BenchGpuStepArgs {
     /// auto: 2 on accelerators, 1 on the CPU).
     #[arg(long, default_value_t = 0)]
     pub concurrent_passes: usize,
-    /// After the timed step, run its train phase again with the other thread count (1 or 2) and report it.
+    /// After the timed step, run its train phase again with each of `--compare-pass-counts` other than the
+    /// step's own, and report them (`train_others`; `train_other` is the first).
     #[arg(long)]
     pub compare_concurrent_passes: bool,
+    /// The thread counts `--compare-concurrent-passes` runs the train phase with (one thread also reports its
+    /// split into parts).
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 4])]
+    pub compare_pass_counts: Vec<usize>,
     /// The training kernels' RMSNorm backward as one CUDA kernel (`[model] norm_kernel`, checked against the
     /// composed backward at its first call): on | off (auto: off until measured).
     #[arg(long, default_value = "auto")]
@@ -474,8 +479,10 @@ struct StepOutcome {
     train_split: serde_json::Value,
     /// Micro-batch passes in flight at once in the train phase.
     concurrent_passes: usize,
-    /// The train phase again with the other thread count (`--compare-concurrent-passes`).
+    /// The train phase again with the first other thread count (`--compare-concurrent-passes`).
     train_other: serde_json::Value,
+    /// The train phase again with each other thread count.
+    train_others: serde_json::Value,
     image_tokens: usize,
     answer_tokens_mean: f64,
     grad_norm: f32,
@@ -574,26 +581,36 @@ fn run_step(
     if let Some(split) = &train.split {
         tracing::info!(%split, "train phase split");
     }
-    // With `--compare-concurrent-passes`, the train phase again on the same rollouts with the other thread count
-    // (its own optimiser step: the weights move by one more step of lr).
-    let train_other = if a.compare_concurrent_passes {
-        let other = if threads == 1 { 2 } else { 1 };
-        model.device().synchronize()?;
-        let t0 = Instant::now();
-        let again = train_phase(model, opt, &images, &answers, (&a_img, &a_txt), a, other)?;
-        model.device().synchronize()?;
-        Some(json!({
-            "concurrent_passes": other,
-            "train": round1(t0.elapsed().as_secs_f64() * 1e3),
-            "train_split": again.split.unwrap_or(serde_json::Value::Null),
-        }))
-    } else {
-        None
-    };
+    // With `--compare-concurrent-passes`, the train phase again on the same rollouts with each other thread count
+    // (each its own optimiser step: the weights move by one more step of lr).
+    let mut train_others = Vec::new();
+    if a.compare_concurrent_passes {
+        let mut counts: Vec<usize> = Vec::new();
+        for &c in &a.compare_pass_counts {
+            if c >= 1 && c != threads && !counts.contains(&c) {
+                counts.push(c);
+            }
+        }
+        for other in counts {
+            model.device().synchronize()?;
+            let t0 = Instant::now();
+            let again = train_phase(model, opt, &images, &answers, (&a_img, &a_txt), a, other)?;
+            model.device().synchronize()?;
+            train_others.push(json!({
+                "concurrent_passes": other,
+                "train": round1(t0.elapsed().as_secs_f64() * 1e3),
+                "train_split": again.split.unwrap_or(serde_json::Value::Null),
+            }));
+        }
+    }
     Ok(StepOutcome {
         train_split: train.split.unwrap_or(serde_json::Value::Null),
         concurrent_passes: threads,
-        train_other: train_other.unwrap_or(serde_json::Value::Null),
+        train_other: train_others
+            .first()
+            .cloned()
+            .unwrap_or(serde_json::Value::Null),
+        train_others: serde_json::Value::Array(train_others),
         gap_image: LogprobGap::of(&train.scored_image)?,
         gap_text: LogprobGap::of(&train.scored_text)?,
         image_tokens: images.first().map_or(0, |r| r.codes.len()),
@@ -977,6 +994,7 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
         "norm_kernel_status": pairuni_model::norm_kernel::TRUST.status(),
         "norm_kernel_report": pairuni_model::norm_kernel::TRUST.report(),
         "train_other": out.train_other,
+        "train_others": out.train_others,
         "params_with_grad": format!("{}/{}", out.params_with_grad, out.params_trained),
         "image_sampler": a.image_sampler.resolved(&dev),
         "text_sampler": a.text_sampler.resolved(&dev),
@@ -1767,6 +1785,7 @@ mod tests {
             micro_batch: 1,
             concurrent_passes: 0,
             compare_concurrent_passes: false,
+            compare_pass_counts: vec![1, 4],
             fused_adamw: Toggle::Auto,
             norm_kernel: Toggle::Auto,
             lr: 1e-2,
@@ -1898,6 +1917,34 @@ mod tests {
         let mut ph = Phases::on(&Device::Cpu);
         let out = run_step(model, opt, &inputs, a, a.answer_tokens, &mut rng, &mut ph).unwrap();
         (inputs, out, ph)
+    }
+
+    #[test]
+    fn the_train_phase_is_compared_at_each_other_thread_count() {
+        let a = BenchGpuStepArgs {
+            concurrent_passes: 2,
+            compare_concurrent_passes: true,
+            compare_pass_counts: vec![1, 2, 4, 1],
+            ..tiny_args()
+        };
+        let cfg = a.shapes.config().unwrap();
+        let mut model = build_model(&cfg, a.seed, &Device::Cpu, DType::F32).unwrap();
+        let vars = model.select_trained(&ParamSelection::LanguageModel);
+        let mut opt = AdamW::new(vars, &OptimConfig::default()).unwrap();
+        let (_, out, _) = tiny_run(&a, &model, &mut opt);
+        // The step's own count and repeats are skipped; one thread brings its split.
+        let counts: Vec<u64> = out
+            .train_others
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o["concurrent_passes"].as_u64().unwrap())
+            .collect();
+        assert_eq!(counts, [1, 4]);
+        assert_eq!(out.train_other, out.train_others[0]);
+        assert!(out.train_others[0]["train_split"].is_object());
+        assert!(out.train_others[1]["train_split"].is_null());
+        assert!(out.train_others[1]["train"].as_f64().unwrap() > 0.0);
     }
 
     /// The bench's step with `concurrent_passes` threads: its loss, gradient norm and a trained weight after it.
