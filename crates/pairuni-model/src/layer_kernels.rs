@@ -93,11 +93,14 @@ __device__ void rope_pair(const T* x, const T* cs, const T* sn, int i, int half,
 template <typename T>
 __device__ void rope_store(
     const T* q, const T* k, const T* v, const T* cos_q, const T* sin_q, const T* cos_k, const T* sin_k,
-    T* q_out, T* k_out, T* kb, T* vb, const unsigned int* col,
+    T* q_out, T* k_out, T* kb, T* vb, const unsigned int* col, int cache_width,
     int rows, int heads, int kv_heads, int dim, long q_b, long k_b, long v_b, long c_b, long c_h, long c_w)
 {
     const int half = dim / 2, slots = heads + 2 * kv_heads;
     const long n = (long)rows * slots * half;
+    // A column past the cache writes nothing (the host checks the step count first; this keeps a miscount from
+    // writing outside the buffers).
+    const bool in_cache = *col < (unsigned int)cache_width;
     const long at = (long)(*col) * c_w;
     for (long idx = blockIdx.x * (long)blockDim.x + threadIdx.x; idx < n; idx += (long)gridDim.x * blockDim.x) {
         const int i = (int)(idx % half);
@@ -115,10 +118,12 @@ __device__ void rope_store(
             T* y = k_out + (b * kv_heads + h) * dim;
             store_val(y, i, y1);
             store_val(y, i + half, y2);
-            T* cached = kb + b * c_b + h * c_h + at;
-            store_val(cached, i, y1);
-            store_val(cached, i + half, y2);
-        } else {
+            if (in_cache) {
+                T* cached = kb + b * c_b + h * c_h + at;
+                store_val(cached, i, y1);
+                store_val(cached, i + half, y2);
+            }
+        } else if (in_cache) {
             const int h = slot - heads - kv_heads;
             const T* x = v + b * v_b + (long)h * dim;
             T* cached = vb + b * c_b + h * c_h + at;
@@ -136,10 +141,10 @@ extern "C" __global__ void add_rms_norm_##SUFFIX(const T* h, const T* a, const T
 extern "C" __global__ void silu_mul_##SUFFIX(const T* g, const T* u, T* out, long n) { silu_mul<T>(g, u, out, n); } \
 extern "C" __global__ void rope_store_##SUFFIX( \
     const T* q, const T* k, const T* v, const T* cos_q, const T* sin_q, const T* cos_k, const T* sin_k, \
-    T* q_out, T* k_out, T* kb, T* vb, const unsigned int* col, \
+    T* q_out, T* k_out, T* kb, T* vb, const unsigned int* col, int cache_width, \
     int rows, int heads, int kv_heads, int dim, long q_b, long k_b, long v_b, long c_b, long c_h, long c_w) { \
-    rope_store<T>(q, k, v, cos_q, sin_q, cos_k, sin_k, q_out, k_out, kb, vb, col, rows, heads, kv_heads, dim, \
-                  q_b, k_b, v_b, c_b, c_h, c_w); \
+    rope_store<T>(q, k, v, cos_q, sin_q, cos_k, sin_k, q_out, k_out, kb, vb, col, cache_width, rows, heads, \
+                  kv_heads, dim, q_b, k_b, v_b, c_b, c_h, c_w); \
 }
 LAYER_KERNELS(bf16, bf16_t)
 LAYER_KERNELS(f32, float)
@@ -281,6 +286,8 @@ pub struct RopeStoreArgs {
     pub offsets: [usize; 7],
     /// Cache strides (row, head, position; both caches have them) and the caches' start offsets.
     pub cache: (usize, usize, usize, usize, usize),
+    /// Positions the caches hold: a column at or past it is not written.
+    pub cache_width: usize,
 }
 
 impl RopeStoreArgs {
@@ -318,7 +325,8 @@ impl RopeStoreArgs {
             && kb.stride() == vb.stride()
             && kb.dims()[..2] == [rows, kv_heads]
             && kb.dims()[3] == dim
-            && kb.stride()[3] == 1;
+            && kb.stride()[3] == 1
+            && kb.dims()[2] <= i32::MAX as usize;
         if t != 1
             || dim % 2 != 0
             || dim == 0
@@ -350,6 +358,7 @@ impl RopeStoreArgs {
                 off(&tables.sin_k),
             ],
             cache: (cs[0], cs[1], cs[2], off(kb), off(vb)),
+            cache_width: kb.dims()[2],
         })
     }
 }
@@ -377,6 +386,7 @@ pub fn emulate_rope_store(
         (x1 * c - x2 * s, x1 * s + x2 * c)
     };
     let (cb, ch, cw, kb_off, vb_off) = a.cache;
+    let in_cache = col < a.cache_width;
     for b in 0..a.rows {
         for h in 0..a.heads {
             let base = a.offsets[0] + b * a.row_strides[0] + h * a.dim;
@@ -394,9 +404,11 @@ pub fn emulate_rope_store(
                 let (y1, y2) = rotate(k, kbase, (2, 3), b, i);
                 let at = (b * a.kv_heads + h) * a.dim;
                 (k_out[at + i], k_out[at + i + half]) = (y1, y2);
-                (kb[kb_off + cache_at + i], kb[kb_off + cache_at + i + half]) = (y1, y2);
-                vb[vb_off + cache_at + i] = v[vbase + i];
-                vb[vb_off + cache_at + i + half] = v[vbase + i + half];
+                if in_cache {
+                    (kb[kb_off + cache_at + i], kb[kb_off + cache_at + i + half]) = (y1, y2);
+                    vb[vb_off + cache_at + i] = v[vbase + i];
+                    vb[vb_off + cache_at + i + half] = v[vbase + i + half];
+                }
             }
         }
     }
@@ -641,6 +653,7 @@ fn launch_rope_store(
         block_dim: (THREADS as u32, 1, 1),
         shared_mem_bytes: 0,
     };
+    let cache_width = a.cache_width as i32;
     let ints = [a.rows, a.heads, a.kv_heads, a.dim].map(|x| x as i32);
     let longs = [
         a.row_strides[0],
@@ -697,6 +710,7 @@ fn launch_rope_store(
             builder.arg(&kb_view);
             builder.arg(&vb_view);
             builder.arg(&col_view);
+            builder.arg(&cache_width);
             for x in &ints {
                 builder.arg(x);
             }
@@ -858,6 +872,13 @@ mod tests {
         };
         let (q_out, k_out, kb_host, vb_host) = emulate_at(col);
         let (_, _, kb_wrong, _) = emulate_at(col - 1);
+        let (q_past, _, kb_past, vb_past) = emulate_at(width);
+        assert_eq!(q_past, q_out, "the queries do not depend on the column");
+        assert_eq!(
+            (kb_past, vb_past),
+            (storage(&kb), storage(&vb)),
+            "nothing written past the cache"
+        );
         // candle's ops: its rotary kernel and two scatters.
         let write_at = t(vec![col as f32; b * kvh * d], &[b, kvh, 1, d])
             .to_dtype(DType::U32)
