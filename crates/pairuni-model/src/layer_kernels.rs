@@ -26,7 +26,7 @@ use candle_core::{DType, Tensor};
 
 use crate::nvrtc::Trust;
 
-/// The residual add + RMSNorm kernel's state (`PAIRUNI_LAYER_KERNELS=off` turns both kernels off).
+/// The residual add + RMSNorm kernel's state (`PAIRUNI_LAYER_KERNELS=off` turns all three layer kernels off).
 pub static ADD_NORM: Trust = Trust::new("PAIRUNI_LAYER_KERNELS", "residual add + RMSNorm kernel");
 
 /// The SiLU · gate kernel's state.

@@ -75,6 +75,8 @@ pub struct Trust {
     diff: std::sync::atomic::AtomicU32,
     /// Why the kernel was turned off, if it was.
     failure: std::sync::Mutex<Option<String>>,
+    /// Whether `env` says `off`, read once (kernels ask at every launch).
+    env_off: std::sync::OnceLock<bool>,
     env: &'static str,
     what: &'static str,
 }
@@ -92,6 +94,7 @@ impl Trust {
             state: std::sync::atomic::AtomicU8::new(UNCHECKED),
             diff: std::sync::atomic::AtomicU32::new(NO_DIFF),
             failure: std::sync::Mutex::new(None),
+            env_off: std::sync::OnceLock::new(),
             env,
             what,
         }
@@ -103,7 +106,10 @@ impl Trust {
 
     /// Whether the kernel may run.
     pub fn usable(&self) -> bool {
-        self.state() != OFF && std::env::var(self.env).map_or(true, |v| v != "off")
+        let env_off = *self
+            .env_off
+            .get_or_init(|| std::env::var(self.env).is_ok_and(|v| v == "off"));
+        self.state() != OFF && !env_off
     }
 
     /// Whether the next call has to be checked.
