@@ -175,9 +175,11 @@ impl Trust {
     }
 
     /// Runs `kernel` under this trust, `composed` (candle's ops) where it may not: when the kernel is off, does
-    /// not apply (`Ok(None)`) or fails to launch (which turns it off), and at the process's first call, which
-    /// computes both, compares them ([`Compared`]) against `tolerance` and returns candle's values. A first call
-    /// while the stream is being captured (`capturing`) runs candle's ops: the check reads back to the host.
+    /// not apply (`Ok(None)`) or fails to launch (which turns it off). The process's first call computes both and
+    /// compares them ([`Compared`]) against `tolerance`: it returns the kernel's values if they pass, as every
+    /// later call will (so that a sampling run does not differ from the next one in its first step only), and
+    /// candle's if not. A first call while the stream is being captured (`capturing`) runs candle's ops: the
+    /// check reads back to the host.
     pub fn run<T: Compared>(
         &self,
         tolerance: f32,
@@ -200,8 +202,11 @@ impl Trust {
             return Ok(ours);
         }
         let reference = composed()?;
-        self.check(&ours, &reference, tolerance)?;
-        Ok(reference)
+        Ok(if self.check(&ours, &reference, tolerance)? {
+            ours
+        } else {
+            reference
+        })
     }
 
     /// Compares a kernel's values with candle's and records the outcome: whether the check passed.
@@ -391,8 +396,8 @@ mod tests {
         // A kernel that does not take the operands leaves the check for later too.
         assert_eq!(run_once(&T, false, Ok(None)), (1.0, true));
         assert!(T.needs_check());
-        // The check: both run, candle's value is returned, the difference is kept.
-        assert_eq!(run_once(&T, false, Ok(Some(1.05))), (1.0, true));
+        // The check: both run, the kernel's value (it passed) is returned, the difference is kept.
+        assert_eq!(run_once(&T, false, Ok(Some(1.05))), (1.05, true));
         assert_eq!(T.status(), "trusted");
         // max|Δ| / max|candle's| = 0.05 / 2.
         assert!((T.check_rel_err().unwrap() - 0.025).abs() < 1e-6);

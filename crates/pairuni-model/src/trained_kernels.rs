@@ -367,7 +367,7 @@ impl RmsNormBackward {
     }
 
     /// The backward through the kernel where it applies and is trusted; its first call in a process is checked
-    /// against the composition (whose values that call returns).
+    /// against the composition (whose values that call returns if the kernel's differ).
     fn through_kernel(
         &self,
         x: &Tensor,
