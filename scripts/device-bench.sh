@@ -90,17 +90,27 @@ if [[ -n "$bin" ]]; then
     # A failure that is not a timeout (cuDNN, a hand-written kernel, concurrent train passes, the training ops,
     # the stacked projections, a fused kernel, a device-side draw, prompt sharing or an op without a bf16 CUDA
     # kernel, say): retry with the binary without cuDNN, dropping the pieces newest first, each retry keeping the
-    # previous one's flags: the hand-written kernels and concurrent passes, then the training ops, then the stacked
+    # previous one's flags: the layer kernels, then the other hand-written kernels and concurrent passes, then the
+    # training ops, then the stacked
     # projections, then the fused sampling kernels and prompt sharing (answers drawn on the host), then images
     # drawn on the host in f32; so that the call still brings back a candle number (the log keeps the first
     # error). Same files (at most 8 come back); the JSON's cudnn, dtype, concurrent_passes, fused_training,
     # stack_projections, fused_sampling, prompt_sharing and *_sampler say which ran.
+    # (A retry names each of these switches once: the command line takes a switch once.)
+    all_on="--attention-kernel on --fused-adamw on --norm-kernel on --layer-kernels on"
+    off0="--attention-kernel on --fused-adamw on --norm-kernel on --layer-kernels off"
     off1="--attention-kernel off --fused-adamw off --norm-kernel off --layer-kernels off --concurrent-passes 1"
     off2="$off1 --fused-training off"
     off3="$off2 --stack-projections off"
     off4="$off3 --fused-sampling off --prompt-sharing off --text-sampler host"
     off5="$off4 --image-sampler host --dtype f32"
-    for retry in "$off1" "$off2" "$off3" "$off4" "$off5"; do
+    ladder=("$off0" "$off1" "$off2" "$off3" "$off4" "$off5")
+    # An error that names cuDNN is the cuDNN binary's own: the first retry then runs the plain binary with every
+    # piece on, so that a cuDNN failure alone costs none of the other measurements.
+    if (( rc != 0 && rc != 124 && rc != 137 )) && grep -qi cudnn "$OUT/candle_step.log"; then
+        ladder=("$all_on" "${ladder[@]}")
+    fi
+    for retry in "${ladder[@]}"; do
         t=$(( $(left) - 10 ))
         (( rc != 0 && rc != 124 && rc != 137 && t > 90 )) || break
         echo "== (c') candle step again without cuDNN ${retry:+and with $retry }(limit ${t} s)"
