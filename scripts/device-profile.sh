@@ -36,9 +36,18 @@ profile() { # name, launch count, gpu-step flags...
     "$ncu" -i "/tmp/ncu_$name.ncu-rep" --csv --page raw >"/tmp/ncu_$name.csv" 2>>"$OUT/ncu_$name.log"
     gzip -c "/tmp/ncu_$name.csv" >"$OUT/ncu_$name.csv.gz"
 }
+# The hand-written kernels (off by default until measured) run as the bench step runs them; KERNELS=off profiles
+# candle's ops alone.
+if [[ "${KERNELS:-on}" == on ]]; then
+    kernels_a=(--norm-kernel on --fused-adamw on)
+    kernels_b=(--attention-kernel on --layer-kernels on)
+else
+    kernels_a=()
+    kernels_b=()
+fi
 if [[ -n "$bin" && -n "$ncu" ]]; then
-    profile A "${LAUNCHES_A:-6000}" --profile-phases decode_vq,train
-    profile B "${LAUNCHES_B:-4500}" --profile-phases rollout_image
+    profile A "${LAUNCHES_A:-6000}" --profile-phases decode_vq,train "${kernels_a[@]}"
+    profile B "${LAUNCHES_B:-4500}" --profile-phases rollout_image "${kernels_b[@]}"
 fi
 
 python3 - "$OUT" <<'PY' | tee "$OUT/summary.txt"
