@@ -74,10 +74,12 @@ if [[ -n "$bin" ]]; then
     # the bench's step has four passes, so four threads run them all at once). The fused AdamW
     # kernel and the RMSNorm backward kernel are off by default until measured: the step turns them on
     # (`fused_adamw` and `norm_kernel_status` say whether their checks passed). So are the layer kernels (residual
-    # add + RMSNorm, SiLU · gate): the step turns them on and --compare-layer-kernels times the rollouts without.
+    # add + RMSNorm, SiLU · gate, rotary + cache write): the step turns them on and --compare-layer-kernels times
+    # the rollouts without. --compare-micro-batches 16 runs the train phase once more with 16 rollouts per pass
+    # (half the passes: on a host-bound device, about half the ops).
     timeout "$t" "$bin" --log info bench gpu-step --device "$dev" --shapes "$shapes" --compare-graphs \
         --compare-sharing --attention-kernel on --compare-attention-kernel --compare-concurrent-passes \
-        --fused-adamw on --norm-kernel on --layer-kernels on --compare-layer-kernels --json \
+        --fused-adamw on --norm-kernel on --layer-kernels on --compare-layer-kernels --compare-micro-batches 16 --json \
         >"$OUT/candle_step.json" 2>"$OUT/candle_step.log"
     rc=$?
     echo "rc=$rc $(cat "$OUT/candle_step.json")"
@@ -250,6 +252,11 @@ if others:
     # The train phase on the same rollouts with other numbers of passes in flight (each its own optimiser step).
     print(f"candle train with {(cd or {}).get('concurrent_passes')} passes in flight: {(cd or {}).get('train')} ms; "
           + "; ".join(f"with {o.get('concurrent_passes')}: {o.get('train')} ms" for o in others))
+mbs = (cd or {}).get("train_micro_batches") or []
+if mbs:
+    # The train phase on the same rollouts with more rollouts per pass (each its own optimiser step).
+    print(f"candle train with micro-batches of {(cd or {}).get('micro_batch', 8)}: {(cd or {}).get('train')} ms; "
+          + "; ".join(f"of {m.get('micro_batch')}: {m.get('train')} ms" for m in mbs))
 ts = (cd or {}).get("train_split") or next((o["train_split"] for o in others if o.get("train_split")), None)
 if ts:
     # Host milliseconds and tensors created (about one kernel each) per part of candle's train phase from one

@@ -177,6 +177,11 @@ pub struct BenchGpuStepArgs {
     /// split into parts).
     #[arg(long, value_delimiter = ',', default_values_t = [1usize, 4])]
     pub compare_pass_counts: Vec<usize>,
+    /// After the timed step, run its train phase again with each of these micro-batch sizes (rollouts per pass;
+    /// the step's own thread count), reported as `train_micro_batches`: on a host-bound device, twice the rows
+    /// per pass is half the passes and about half the ops.
+    #[arg(long, value_delimiter = ',')]
+    pub compare_micro_batches: Vec<usize>,
     /// The training kernels' RMSNorm backward as one CUDA kernel (`[model] norm_kernel`, checked against the
     /// composed backward at its first call): on | off (auto: off until measured).
     #[arg(long, default_value = "auto")]
@@ -483,6 +488,8 @@ struct StepOutcome {
     train_other: serde_json::Value,
     /// The train phase again with each other thread count.
     train_others: serde_json::Value,
+    /// The train phase again with each other micro-batch size (`--compare-micro-batches`).
+    train_micro_batches: serde_json::Value,
     image_tokens: usize,
     answer_tokens_mean: f64,
     grad_norm: f32,
@@ -603,7 +610,36 @@ fn run_step(
             }));
         }
     }
+    // With `--compare-micro-batches`, the same with other micro-batch sizes.
+    let mut train_micro_batches = Vec::new();
+    for &mb in &a.compare_micro_batches {
+        if mb == 0 || mb == a.micro_batch {
+            continue;
+        }
+        let with_mb = BenchGpuStepArgs {
+            micro_batch: mb,
+            ..a.clone()
+        };
+        model.device().synchronize()?;
+        let t0 = Instant::now();
+        train_phase(
+            model,
+            opt,
+            &images,
+            &answers,
+            (&a_img, &a_txt),
+            &with_mb,
+            threads,
+        )?;
+        model.device().synchronize()?;
+        train_micro_batches.push(json!({
+            "micro_batch": mb,
+            "concurrent_passes": threads,
+            "train": round1(t0.elapsed().as_secs_f64() * 1e3),
+        }));
+    }
     Ok(StepOutcome {
+        train_micro_batches: serde_json::Value::Array(train_micro_batches),
         train_split: train.split.unwrap_or(serde_json::Value::Null),
         concurrent_passes: threads,
         train_other: train_others
@@ -994,7 +1030,9 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
         "norm_kernel_status": pairuni_model::norm_kernel::TRUST.status(),
         "norm_kernel_report": pairuni_model::norm_kernel::TRUST.report(),
         "train_other": out.train_other,
+        "micro_batch": a.micro_batch,
         "train_others": out.train_others,
+        "train_micro_batches": out.train_micro_batches,
         "params_with_grad": format!("{}/{}", out.params_with_grad, out.params_trained),
         "image_sampler": a.image_sampler.resolved(&dev),
         "text_sampler": a.text_sampler.resolved(&dev),
@@ -1786,6 +1824,7 @@ mod tests {
             concurrent_passes: 0,
             compare_concurrent_passes: false,
             compare_pass_counts: vec![1, 4],
+            compare_micro_batches: Vec::new(),
             fused_adamw: Toggle::Auto,
             norm_kernel: Toggle::Auto,
             lr: 1e-2,
@@ -1945,6 +1984,30 @@ mod tests {
         assert!(out.train_others[0]["train_split"].is_object());
         assert!(out.train_others[1]["train_split"].is_null());
         assert!(out.train_others[1]["train"].as_f64().unwrap() > 0.0);
+    }
+
+    #[test]
+    fn the_train_phase_is_compared_at_other_micro_batch_sizes() {
+        let a = BenchGpuStepArgs {
+            compare_micro_batches: vec![4, 1, 2],
+            ..tiny_args()
+        };
+        assert_eq!(a.micro_batch, 1);
+        let cfg = a.shapes.config().unwrap();
+        let mut model = build_model(&cfg, a.seed, &Device::Cpu, DType::F32).unwrap();
+        let vars = model.select_trained(&ParamSelection::LanguageModel);
+        let mut opt = AdamW::new(vars, &OptimConfig::default()).unwrap();
+        let (_, out, _) = tiny_run(&a, &model, &mut opt);
+        // The step's own size is skipped.
+        let sizes: Vec<u64> = out
+            .train_micro_batches
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o["micro_batch"].as_u64().unwrap())
+            .collect();
+        assert_eq!(sizes, [4, 2]);
+        assert!(out.train_micro_batches[0]["train"].as_f64().unwrap() > 0.0);
     }
 
     /// The bench's step with `concurrent_passes` threads: its loss, gradient norm and a trained weight after it.
