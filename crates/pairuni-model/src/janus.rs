@@ -889,6 +889,20 @@ impl Janus {
     ) -> Result<(Tensor, KvCache)> {
         self.m.lm.forward(emb, valid, cache)
     }
+    /// The decoder on one-token embeddings `steps` ([B, 1, H] each, every row real) after a prefilled cache, in
+    /// the fixed-shape steps the samplers capture as CUDA graphs (run eagerly here): the final-normed hidden
+    /// states [B, 1, H] of each step. For callers that check those steps against `decoder_step` or a reference.
+    pub fn static_decoder_steps(&self, cache: KvCache, steps: &[Tensor]) -> Result<Vec<Tensor>> {
+        let mut sd = self.m.lm.static_decode(cache, steps.len())?;
+        let mut out = Vec::with_capacity(steps.len());
+        for x in steps {
+            let width = sd.next_width();
+            out.push(self.m.lm.static_step(x, &sd, width)?.unsqueeze(1)?);
+            sd.count_step()?;
+            sd.advance();
+        }
+        Ok(out)
+    }
     /// An empty KV cache for `batch` rows.
     pub fn empty_cache(&self, batch: usize) -> KvCache {
         self.m.lm.empty_cache(batch)

@@ -1674,6 +1674,7 @@ fn decoded_gen_logits(
     m: &Janus,
     prompts: &[Vec<u32>],
     codes: &[Vec<u32>],
+    static_steps: bool,
 ) -> anyhow::Result<Tensor> {
     let (b, l) = (prompts.len(), prompts.first().map_or(0, Vec::len));
     let n = codes.first().map_or(0, Vec::len);
@@ -1682,16 +1683,60 @@ fn decoded_gen_logits(
     let cache = m.empty_cache_with_capacity(b, l + n);
     let (h, mut cache) = m.decoder_step(&emb, &vec![vec![true; l]; b], &cache)?;
     let mut hidden = vec![h];
+    let mut steps = Vec::with_capacity(n);
     for i in 0..n {
         let step: Vec<u32> = codes.iter().map(|c| c[i]).collect();
-        let e = m
-            .code_embeddings(&Tensor::from_vec(step, (b, 1), dev)?)?
-            .to_dtype(m.dtype())?;
-        let (h, c) = m.decoder_step(&e, &vec![vec![true]; b], &cache)?;
-        cache = c.detach();
-        hidden.push(h);
+        steps.push(
+            m.code_embeddings(&Tensor::from_vec(step, (b, 1), dev)?)?
+                .to_dtype(m.dtype())?,
+        );
+    }
+    if static_steps {
+        hidden.extend(m.static_decoder_steps(cache, &steps)?);
+    } else {
+        for e in &steps {
+            let (h, c) = m.decoder_step(e, &vec![vec![true]; b], &cache)?;
+            cache = c.detach();
+            hidden.push(h);
+        }
     }
     Ok(m.gen_head(&Tensor::cat(&hidden, 1)?)?)
+}
+
+/// The fixture's generation logits computed the way sampling computes them, through a preallocated cache one code
+/// at a time and in the captured form's static steps, with the model's kernels; `labelled` names them as the
+/// hand-written kernels' rows.
+fn decoded_rows(
+    m: &Janus,
+    f: &std::collections::HashMap<String, Tensor>,
+    labelled: bool,
+) -> anyhow::Result<Vec<(&'static str, &'static str, Tensor)>> {
+    let get = |k: &str| {
+        f.get(k)
+            .with_context(|| format!("fixtures.safetensors has no tensor `{k}`"))
+    };
+    let prompts = id_rows(get("gen.prompt_ids")?)?;
+    let codes = id_rows(get("gen.codes")?)?;
+    let (cached, fixed) = if labelled {
+        (
+            "gen.logits (cached decode, hand-written kernels)",
+            "gen.logits (static decode, hand-written kernels)",
+        )
+    } else {
+        ("gen.logits (cached decode)", "gen.logits (static decode)")
+    };
+    Ok(vec![
+        (
+            cached,
+            "gen.logits",
+            decoded_gen_logits(m, &prompts, &codes, false)?,
+        ),
+        (
+            fixed,
+            "gen.logits",
+            decoded_gen_logits(m, &prompts, &codes, true)?,
+        ),
+    ])
 }
 
 /// Every fixture output of `m`: (what it is, the fixture's reference tensor, the output).
@@ -1724,13 +1769,11 @@ fn fixture_outputs(
             m.code_embeddings(&Tensor::new(codes.clone(), dev)?)?,
         ),
         same("gen.logits", m.gen_logits(&prompts, &codes)?),
-        (
-            "gen.logits (cached decode)",
-            "gen.logits",
-            decoded_gen_logits(m, &prompts, &codes)?,
-        ),
         same("vq.decode_pixels", vq.decode_tensor(&dcodes)?),
-    ])
+    ]
+    .into_iter()
+    .chain(decoded_rows(m, f, false)?)
+    .collect())
 }
 
 /// Runs `pairuni bench gpu-parity`.
@@ -1742,13 +1785,20 @@ pub fn run_bench_gpu_parity(a: BenchGpuParityArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("reading {}", fx_path.display()))?;
     // The CPU f32 run is the baseline the device runs are also compared with (CPU-vs-GPU parity).
     let cpu = Janus::load(&a.fixtures, &Device::Cpu, DType::F32)?;
-    let cpu_out = fixture_outputs(&cpu, &f)?;
+    let mut cpu_out = fixture_outputs(&cpu, &f)?;
+    // The hand-written kernels' rows: on the CPU they run candle's ops, the rows they are compared with.
+    cpu_out.extend(decoded_rows(&cpu, &f, true)?);
     let mut rows = Vec::new();
     let mut ok = true;
     for (dtype, tol) in [(DType::F32, a.tol_f32), (DType::BF16, a.tol_bf16)] {
-        let m = Janus::load(&a.fixtures, &dev, dtype)
+        let mut m = Janus::load(&a.fixtures, &dev, dtype)
             .with_context(|| format!("loading {} on {}", a.fixtures.display(), spec))?;
-        let out = fixture_outputs(&m, &f)?;
+        let mut out = fixture_outputs(&m, &f)?;
+        // The same decodes through the hand-written decode kernels (off by default until measured), against the
+        // same reference: the attention kernel where it covers the head dimension, and the layer kernels.
+        m.set_attention_kernel(true);
+        m.set_layer_kernels(true);
+        out.extend(decoded_rows(&m, &f, true)?);
         for ((name, key, t), (_, _, c)) in out.iter().zip(&cpu_out) {
             let vs_ref = rel_err(t, &f[*key])?;
             let vs_cpu = rel_err(t, c)?;
@@ -1764,7 +1814,19 @@ pub fn run_bench_gpu_parity(a: BenchGpuParityArgs) -> anyhow::Result<ExitCode> {
     if a.json {
         println!(
             "{}",
-            json!({ "device": device_name(&dev), "pass": ok, "checks": rows })
+            json!({
+                "device": device_name(&dev),
+                "pass": ok,
+                "checks": rows,
+                // What the hand-written decode kernels did in the rows that name them (their first-call checks
+                // ran there).
+                "kernels": {
+                    "attention": pairuni_model::decode_attention::report(),
+                    "add_rms_norm": pairuni_model::layer_kernels::ADD_NORM.report(),
+                    "silu_mul": pairuni_model::layer_kernels::SILU_MUL.report(),
+                    "rope_store": pairuni_model::layer_kernels::ROPE_STORE.report(),
+                },
+            })
         );
     } else {
         println!(
@@ -2189,22 +2251,31 @@ mod tests {
     }
 
     #[test]
-    fn cached_decode_reproduces_the_fixture_logits_with_either_kernel_set() {
+    fn cached_and_static_decodes_reproduce_the_fixture_logits_with_either_kernel_set() {
         let dir =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/janus");
         let f =
             candle_core::safetensors::load(dir.join("fixtures.safetensors"), &Device::Cpu).unwrap();
         let mut m = Janus::load(&dir, &Device::Cpu, DType::F32).unwrap();
-        for fused in [false, true] {
+        for (fused, layer_kernels) in [(false, false), (true, false), (true, true)] {
             m.set_fused_sampling(fused);
-            let out = fixture_outputs(&m, &f).unwrap();
-            let (_, key, t) = out
-                .iter()
-                .find(|(name, _, _)| name.contains("cached decode"))
-                .unwrap();
-            let e = rel_err(t, &f[*key]).unwrap();
-            assert!(e < 1e-4, "fused {fused}: rel err {e}");
+            m.set_layer_kernels(layer_kernels);
+            let out = decoded_rows(&m, &f, layer_kernels).unwrap();
+            assert_eq!(out.len(), 2, "the cached and the static decode");
+            for (name, key, t) in &out {
+                let e = rel_err(t, &f[*key]).unwrap();
+                assert!(e < 1e-4, "{name}, fused {fused}: rel err {e}");
+            }
         }
+        // A static decode fed the wrong codes is far off: the rows compare what the steps compute.
+        let codes = id_rows(&f["gen.codes"]).unwrap();
+        let shifted: Vec<Vec<u32>> = codes
+            .iter()
+            .map(|r| r.iter().map(|c| (c + 1) % 16).collect())
+            .collect();
+        let prompts = id_rows(&f["gen.prompt_ids"]).unwrap();
+        let wrong = decoded_gen_logits(&m, &prompts, &shifted, true).unwrap();
+        assert!(rel_err(&wrong, &f["gen.logits"]).unwrap() > 1e-2);
     }
 
     #[test]
