@@ -2020,6 +2020,24 @@ mod tests {
         (inputs, out, ph)
     }
 
+    /// One timed step of `a` on a fresh tiny model and optimiser: what it produced.
+    fn fresh_tiny_step(a: &BenchGpuStepArgs) -> StepOutcome {
+        let cfg = a.shapes.config().unwrap();
+        let mut model = build_model(&cfg, a.seed, &Device::Cpu, DType::F32).unwrap();
+        let vars = model.select_trained(&ParamSelection::LanguageModel);
+        let mut opt = AdamW::new(vars, &OptimConfig::default()).unwrap();
+        tiny_run(a, &model, &mut opt).1
+    }
+
+    /// The `key` of each entry of a JSON array of objects, as integers.
+    fn json_ints(list: &serde_json::Value, key: &str) -> Vec<u64> {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o[key].as_u64().unwrap())
+            .collect()
+    }
+
     #[test]
     fn the_train_phase_is_compared_at_each_other_thread_count() {
         let a = BenchGpuStepArgs {
@@ -2028,20 +2046,9 @@ mod tests {
             compare_pass_counts: vec![1, 2, 4, 1],
             ..tiny_args()
         };
-        let cfg = a.shapes.config().unwrap();
-        let mut model = build_model(&cfg, a.seed, &Device::Cpu, DType::F32).unwrap();
-        let vars = model.select_trained(&ParamSelection::LanguageModel);
-        let mut opt = AdamW::new(vars, &OptimConfig::default()).unwrap();
-        let (_, out, _) = tiny_run(&a, &model, &mut opt);
+        let out = fresh_tiny_step(&a);
         // The step's own count and repeats are skipped; one thread brings its split.
-        let counts: Vec<u64> = out
-            .train_others
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|o| o["concurrent_passes"].as_u64().unwrap())
-            .collect();
-        assert_eq!(counts, [1, 4]);
+        assert_eq!(json_ints(&out.train_others, "concurrent_passes"), [1, 4]);
         assert_eq!(out.train_other, out.train_others[0]);
         assert!(out.train_others[0]["train_split"].is_object());
         assert!(out.train_others[1]["train_split"].is_null());
@@ -2055,20 +2062,9 @@ mod tests {
             ..tiny_args()
         };
         assert_eq!(a.micro_batch, 1);
-        let cfg = a.shapes.config().unwrap();
-        let mut model = build_model(&cfg, a.seed, &Device::Cpu, DType::F32).unwrap();
-        let vars = model.select_trained(&ParamSelection::LanguageModel);
-        let mut opt = AdamW::new(vars, &OptimConfig::default()).unwrap();
-        let (_, out, _) = tiny_run(&a, &model, &mut opt);
+        let out = fresh_tiny_step(&a);
         // The step's own size is skipped.
-        let sizes: Vec<u64> = out
-            .train_micro_batches
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|o| o["micro_batch"].as_u64().unwrap())
-            .collect();
-        assert_eq!(sizes, [4, 2]);
+        assert_eq!(json_ints(&out.train_micro_batches, "micro_batch"), [4, 2]);
         assert!(out.train_micro_batches[0]["train"].as_f64().unwrap() > 0.0);
     }
 
