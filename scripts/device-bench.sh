@@ -239,20 +239,15 @@ if ps:
     print(f"prompt sharing (the step ran with it {'on' if cd.get('prompt_sharing') else 'off'}): "
           + "; ".join(f"{k}: " + (f"rollout_text {v['rollout_text']} ms, score_text {v['score_text']} ms"
                                    if "error" not in v else f"failed: {v['error']}") for k, v in ps.items()))
-ak = (cd or {}).get("attention_kernel_compare")
-if ak:
-    # The same rollouts with the decode-attention kernel the other way (graphs as in the step).
-    side = "on" if ak.get("attention_kernel") else "off"
-    print(f"rollouts with the attention kernel {side}: " + (f"failed: {ak['error']}" if "error" in ak else
-          f"rollout_image {ak.get('rollout_image')} ms ({ak.get('ms_per_image_step')} ms per image step), "
-          f"rollout_text {ak.get('rollout_text')} ms"))
-lk = (cd or {}).get("layer_kernels_compare")
-if lk:
-    # The same rollouts with the layer kernels (residual add + RMSNorm, SiLU · gate) the other way.
-    side = "on" if lk.get("layer_kernels") else "off"
-    print(f"rollouts with the layer kernels {side}: " + (f"failed: {lk['error']}" if "error" in lk else
-          f"rollout_image {lk.get('rollout_image')} ms ({lk.get('ms_per_image_step')} ms per image step), "
-          f"rollout_text {lk.get('rollout_text')} ms"))
+for key, switch, label in (("attention_kernel_compare", "attention_kernel", "the attention kernel"),
+                           ("layer_kernels_compare", "layer_kernels", "the layer kernels")):
+    # The same rollouts with one set of hand-written decode kernels the other way (graphs as in the step).
+    c = (cd or {}).get(key)
+    if c:
+        side = "on" if c.get(switch) else "off"
+        print(f"rollouts with {label} {side}: " + (f"failed: {c['error']}" if "error" in c else
+              f"rollout_image {c.get('rollout_image')} ms ({c.get('ms_per_image_step')} ms per image step), "
+              f"rollout_text {c.get('rollout_text')} ms"))
 others = (cd or {}).get("train_others") or ([cd["train_other"]] if (cd or {}).get("train_other") else [])
 if others:
     # The train phase on the same rollouts with other numbers of passes in flight (each its own optimiser step).

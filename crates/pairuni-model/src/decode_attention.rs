@@ -351,6 +351,7 @@ fn reference_f32(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, rep: usize) 
 
 #[cfg(feature = "cuda")]
 fn launch(a: &LaunchArgs, q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    use crate::nvrtc::Operand;
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::CudaStorage;
     use candle_core::{op::BackpropOp, Storage};
@@ -401,23 +402,17 @@ fn launch(a: &LaunchArgs, q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> 
         (a.heads * a.dim) as i64,
         a.dim as i64,
     ];
-    let (ms, _) = mask.storage_and_layout();
-    let Storage::Cuda(ms) = &*ms else {
+    let mask_operand = Operand::of(mask);
+    let Some(mask_slice) = mask_operand.view::<f32>()? else {
         return Err(device_err(&"mask is not on the GPU"));
     };
-    let mask_slice = ms.as_cuda_slice::<f32>()?.slice(a.mask.1..);
 
     macro_rules! run {
         ($t:ty) => {{
-            let (qs, _) = q.storage_and_layout();
-            let (ks, _) = k.storage_and_layout();
-            let (vs, _) = v.storage_and_layout();
-            let (Storage::Cuda(qs), Storage::Cuda(ks), Storage::Cuda(vs)) = (&*qs, &*ks, &*vs) else {
+            let (qo, ko, vo) = (Operand::of(q), Operand::of(k), Operand::of(v));
+            let (Some(qv), Some(kv), Some(vv)) = (qo.view::<$t>()?, ko.view::<$t>()?, vo.view::<$t>()?) else {
                 return Err(device_err(&"operands are not on the GPU"));
             };
-            let qv = qs.as_cuda_slice::<$t>()?.slice(a.q.2..);
-            let kv = ks.as_cuda_slice::<$t>()?.slice(a.k.3..);
-            let vv = vs.as_cuda_slice::<$t>()?.slice(a.v.3..);
             // SAFETY: every element is written by the kernel below.
             let out = unsafe { dev.alloc::<$t>(n)? };
             let mut builder = func.builder();

@@ -234,17 +234,16 @@ fn composed_add_rms_norm(
     Ok((sum, normed))
 }
 
-/// The residual stream after adding `a` to `h` and its RMSNorm with weight `w`, through the kernel on a CUDA
-/// device when `kernel` is set and it is trusted (candle's ops otherwise).
+/// The residual stream after adding `a` to `h` and its RMSNorm with weight `w` (candle's fused one), through the
+/// kernel on a CUDA device when it is trusted (candle's ops otherwise).
 pub(crate) fn add_rms_norm(
     h: &Tensor,
     a: &Tensor,
     w: &Tensor,
     eps: f64,
-    kernel: bool,
 ) -> candle_core::Result<(Tensor, Tensor)> {
     let composed = || composed_add_rms_norm(h, a, w, eps);
-    if !kernel || !h.device().is_cuda() {
+    if !h.device().is_cuda() {
         return composed();
     }
     ADD_NORM.run(
@@ -418,7 +417,7 @@ pub fn emulate_rope_store(
 /// A static decode step's queries rotated, with its keys rotated and written, and its values written, into the
 /// caches `kb` and `vb` at the column held (on the device) in `col` [1] (u32); `write_at` is that column broadcast
 /// over [B, KVH, 1, D], which candle's scatter takes. q [B, H, 1, D], k and v [B, KVH, 1, D], unrotated.
-/// Through one kernel on a CUDA device when `kernel` is set and it is trusted; candle's rotary kernel and
+/// Through one kernel on a CUDA device when it is trusted; candle's rotary kernel and
 /// scatters otherwise. Its first call also reads back the columns it wrote and compares all four outputs with
 /// candle's rotations and the values; if they differ, candle's values are written and returned instead.
 pub(crate) fn rope_store(
@@ -427,7 +426,6 @@ pub(crate) fn rope_store(
     (kb, vb): (&Tensor, &Tensor),
     col: &Tensor,
     write_at: &Tensor,
-    kernel: bool,
 ) -> candle_core::Result<Tensor> {
     use crate::layers::apply_rope_fused;
     let rotated = || -> candle_core::Result<(Tensor, Tensor)> {
@@ -446,8 +444,7 @@ pub(crate) fn rope_store(
         Ok((q, k))
     };
     let dev = q.device();
-    if !kernel
-        || !dev.is_cuda()
+    if !dev.is_cuda()
         || !ROPE_STORE.usable()
         || (ROPE_STORE.needs_check() && crate::nvrtc::capturing(dev)?)
     {
@@ -515,8 +512,8 @@ fn launch_add_rms_norm(
     w: &Tensor,
     eps: f64,
 ) -> candle_core::Result<Option<(Tensor, Tensor)>> {
+    use crate::nvrtc::Operand;
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-    use candle_core::Storage;
 
     let candle_core::Device::Cuda(dev) = h.device() else {
         return Ok(None);
@@ -548,15 +545,10 @@ fn launch_add_rms_norm(
     let (cols_i, eps_f) = (cols as i32, eps as f32);
     macro_rules! run {
         ($t:ty) => {{
-            let (hs, hl) = h.storage_and_layout();
-            let (as_, al) = a.storage_and_layout();
-            let (ws, wl) = w.storage_and_layout();
-            let (Storage::Cuda(hs), Storage::Cuda(as_), Storage::Cuda(ws)) = (&*hs, &*as_, &*ws) else {
+            let (ho, ao, wo) = (Operand::of(&h), Operand::of(&a), Operand::of(&w));
+            let (Some(hv), Some(av), Some(wv)) = (ho.view::<$t>()?, ao.view::<$t>()?, wo.view::<$t>()?) else {
                 return Ok(None);
             };
-            let hv = hs.as_cuda_slice::<$t>()?.slice(hl.start_offset()..);
-            let av = as_.as_cuda_slice::<$t>()?.slice(al.start_offset()..);
-            let wv = ws.as_cuda_slice::<$t>()?.slice(wl.start_offset()..);
             // SAFETY: the kernel writes every element of both outputs.
             let (sum, out) = unsafe { (dev.alloc::<$t>(n)?, dev.alloc::<$t>(n)?) };
             let mut builder = func.builder();
@@ -581,8 +573,8 @@ fn launch_add_rms_norm(
 
 #[cfg(feature = "cuda")]
 fn launch_silu_mul(g: &Tensor, u: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    use crate::nvrtc::Operand;
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-    use candle_core::Storage;
 
     let candle_core::Device::Cuda(dev) = g.device() else {
         return Ok(None);
@@ -607,13 +599,10 @@ fn launch_silu_mul(g: &Tensor, u: &Tensor) -> candle_core::Result<Option<Tensor>
     let len = n as i64;
     macro_rules! run {
         ($t:ty) => {{
-            let (gs, gl) = g.storage_and_layout();
-            let (us, ul) = u.storage_and_layout();
-            let (Storage::Cuda(gs), Storage::Cuda(us)) = (&*gs, &*us) else {
+            let (go, uo) = (Operand::of(&g), Operand::of(&u));
+            let (Some(gv), Some(uv)) = (go.view::<$t>()?, uo.view::<$t>()?) else {
                 return Ok(None);
             };
-            let gv = gs.as_cuda_slice::<$t>()?.slice(gl.start_offset()..);
-            let uv = us.as_cuda_slice::<$t>()?.slice(ul.start_offset()..);
             // SAFETY: the kernel writes every element.
             let out = unsafe { dev.alloc::<$t>(n)? };
             let mut builder = func.builder();
@@ -641,8 +630,8 @@ fn launch_rope_store(
     (kb, vb): (&Tensor, &Tensor),
     col: &Tensor,
 ) -> candle_core::Result<Option<(Tensor, Tensor)>> {
+    use crate::nvrtc::Operand;
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-    use candle_core::Storage;
 
     let candle_core::Device::Cuda(dev) = q.device() else {
         return Ok(None);
@@ -675,11 +664,10 @@ fn launch_rope_store(
         a.cache.2,
     ]
     .map(|x| x as i64);
-    let (cs, cl) = col.storage_and_layout();
-    let Storage::Cuda(cs) = &*cs else {
+    let col_operand = Operand::of(&col);
+    let Some(col_view) = col_operand.view::<u32>()? else {
         return Ok(None);
     };
-    let col_view = cs.as_cuda_slice::<u32>()?.slice(cl.start_offset()..);
     let inputs = [
         q,
         k,
@@ -691,20 +679,18 @@ fn launch_rope_store(
     ];
     macro_rules! run {
         ($t:ty) => {{
-            let guards: Vec<_> = inputs.iter().map(|x| x.storage_and_layout().0).collect();
-            let mut views = Vec::with_capacity(inputs.len());
-            for (g, off) in guards.iter().zip(a.offsets) {
-                let Storage::Cuda(s) = &**g else {
+            let operands = inputs.map(Operand::of);
+            let mut views = Vec::with_capacity(operands.len());
+            for o in &operands {
+                let Some(view) = o.view::<$t>()? else {
                     return Ok(None);
                 };
-                views.push(s.as_cuda_slice::<$t>()?.slice(off..));
+                views.push(view);
             }
-            let (kg, vg) = (kb.storage_and_layout().0, vb.storage_and_layout().0);
-            let (Storage::Cuda(ks), Storage::Cuda(vs)) = (&*kg, &*vg) else {
+            let (ko, vo) = (Operand::of(kb), Operand::of(vb));
+            let (Some(kb_view), Some(vb_view)) = (ko.view::<$t>()?, vo.view::<$t>()?) else {
                 return Ok(None);
             };
-            let kb_view = ks.as_cuda_slice::<$t>()?.slice(a.cache.3..);
-            let vb_view = vs.as_cuda_slice::<$t>()?.slice(a.cache.4..);
             // SAFETY: the kernel writes every element of both outputs.
             let (q_out, k_out) = unsafe {
                 (
@@ -895,15 +881,7 @@ mod tests {
             .to_dtype(DType::U32)
             .unwrap();
         let col_index = Tensor::new(&[col as u32], &dev).unwrap();
-        let want_q = rope_store(
-            (&q, &k, &v),
-            &tables,
-            (&kb, &vb),
-            &col_index,
-            &write_at,
-            true,
-        )
-        .unwrap();
+        let want_q = rope_store((&q, &k, &v), &tables, (&kb, &vb), &col_index, &write_at).unwrap();
         let want_k = crate::layers::apply_rope_fused(&k, &tables.cos_k, &tables.sin_k).unwrap();
         assert!(rel(&q_out, &flat(&want_q)) < 1e-6, "queries");
         assert!(rel(&k_out, &flat(&want_k)) < 1e-6, "keys");
@@ -926,7 +904,7 @@ mod tests {
             tensor(&a, &[4, 16]),
             tensor(&w, &[16]),
         );
-        let (s, n) = add_rms_norm(&h, &a, &w, 1e-5, true).unwrap();
+        let (s, n) = add_rms_norm(&h, &a, &w, 1e-5).unwrap();
         let (cs, cn) = composed_add_rms_norm(&h, &a, &w, 1e-5).unwrap();
         assert_eq!(flat(&s), flat(&cs));
         assert_eq!(flat(&n), flat(&cn));

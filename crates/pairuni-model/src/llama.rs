@@ -727,7 +727,7 @@ fn add_norm(
         return Ok((h.clone(), rms_norm(norm, h, kernels)?));
     };
     if kernels.layer_kernels() {
-        return crate::layer_kernels::add_rms_norm(h, delta, &norm.weight, norm.eps, true);
+        return crate::layer_kernels::add_rms_norm(h, delta, &norm.weight, norm.eps);
     }
     let h = (h + delta)?;
     let normed = rms_norm(norm, &h, kernels)?;

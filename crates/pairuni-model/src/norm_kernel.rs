@@ -92,6 +92,7 @@ pub(crate) fn backward(
     grad: &Tensor,
     eps: f64,
 ) -> candle_core::Result<Option<(Tensor, Tensor)>> {
+    use crate::nvrtc::Operand;
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::CudaStorage;
     use candle_core::{op::BackpropOp, DType, Storage};
@@ -132,15 +133,10 @@ pub(crate) fn backward(
     let gn = unsafe { dev.alloc::<f32>(n)? };
     macro_rules! run {
         ($t:ty) => {{
-            let (xs, xl) = x.storage_and_layout();
-            let (ws, wl) = w.storage_and_layout();
-            let (gs, gl) = grad.storage_and_layout();
-            let (Storage::Cuda(xs), Storage::Cuda(ws), Storage::Cuda(gs)) = (&*xs, &*ws, &*gs) else {
+            let (xo, wo, go) = (Operand::of(&x), Operand::of(&w), Operand::of(&grad));
+            let (Some(xv), Some(wv), Some(gv)) = (xo.view::<$t>()?, wo.view::<$t>()?, go.view::<$t>()?) else {
                 return Ok(None);
             };
-            let xv = xs.as_cuda_slice::<$t>()?.slice(xl.start_offset()..);
-            let wv = ws.as_cuda_slice::<$t>()?.slice(wl.start_offset()..);
-            let gv = gs.as_cuda_slice::<$t>()?.slice(gl.start_offset()..);
             // SAFETY: the kernel writes every element.
             let dx = unsafe { dev.alloc::<$t>(n)? };
             let mut builder = func.builder();

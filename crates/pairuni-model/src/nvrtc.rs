@@ -322,6 +322,36 @@ pub fn describe_difference(ours: &Tensor, theirs: &Tensor) -> candle_core::Resul
     ))
 }
 
+/// A tensor's storage held (read-locked) for a kernel launch, with the tensor's start offset in it.
+#[cfg(feature = "cuda")]
+pub struct Operand<'a> {
+    storage: candle_core::StorageRef<'a>,
+    offset: usize,
+}
+
+#[cfg(feature = "cuda")]
+impl<'a> Operand<'a> {
+    /// Holds `t`'s storage until the operand is dropped.
+    pub fn of(t: &'a Tensor) -> Self {
+        let (storage, layout) = t.storage_and_layout();
+        Self {
+            storage,
+            offset: layout.start_offset(),
+        }
+    }
+
+    /// The tensor's elements on the device from its start offset; `None` when its storage is not on a CUDA device.
+    pub fn view<T: candle_core::cuda_backend::CudaDType>(
+        &self,
+    ) -> candle_core::Result<Option<candle_core::cuda_backend::cudarc::driver::CudaView<'_, T>>>
+    {
+        match &*self.storage {
+            candle_core::Storage::Cuda(s) => Ok(Some(s.as_cuda_slice::<T>()?.slice(self.offset..))),
+            _ => Ok(None),
+        }
+    }
+}
+
 /// Whether `device`'s stream is being captured into a CUDA graph (never on other devices).
 #[cfg(feature = "cuda")]
 pub fn capturing(device: &candle_core::Device) -> candle_core::Result<bool> {

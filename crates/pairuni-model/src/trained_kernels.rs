@@ -365,15 +365,24 @@ impl RmsNormBackward {
         })?;
         Ok((Some(dx.to_dtype(x.dtype())?).filter(|_| x.track_op()), dw))
     }
+}
 
-    /// The backward through the kernel where it applies and is trusted; its first call in a process is checked
-    /// against the composition (whose values that call returns if the kernel's differ).
-    fn through_kernel(
+impl CustomOp2 for RmsNormBackward {
+    fn name(&self) -> &'static str {
+        "rms-norm-with-backward"
+    }
+
+    result_is_stored!(x, w);
+
+    fn bwd(
         &self,
         x: &Tensor,
         w: &Tensor,
+        _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        // Through the kernel where it applies and is trusted; its first call in a process is checked against the
+        // composition (whose values that call returns if the kernel's differ).
         if !self.kernel {
             return self.composed(x, w, grad);
         }
@@ -395,24 +404,6 @@ impl RmsNormBackward {
             },
             || self.composed(x, w, grad),
         )
-    }
-}
-
-impl CustomOp2 for RmsNormBackward {
-    fn name(&self) -> &'static str {
-        "rms-norm-with-backward"
-    }
-
-    result_is_stored!(x, w);
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        self.through_kernel(x, w, grad)
     }
 }
 

@@ -122,7 +122,8 @@ pub(crate) fn launch(
     s: &Scalars,
 ) -> candle_core::Result<bool> {
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-    use candle_core::{DType, Storage};
+    use candle_core::DType;
+    use pairuni_model::nvrtc::Operand;
 
     let candle_core::Device::Cuda(dev) = w.device() else {
         return Ok(false);
@@ -170,18 +171,15 @@ pub(crate) fn launch(
         s.lr,
     ];
     let len = n as i64;
-    let (ms, ml) = m.storage_and_layout();
-    let (vs, vl) = v.storage_and_layout();
-    let (Storage::Cuda(ms), Storage::Cuda(vs)) = (&*ms, &*vs) else {
+    let (mo, vo) = (Operand::of(m), Operand::of(v));
+    let (Some(m_slice), Some(v_slice)) = (mo.view::<f32>()?, vo.view::<f32>()?) else {
         return Ok(false);
     };
-    let m_slice = ms.as_cuda_slice::<f32>()?.slice(ml.start_offset()..);
-    let v_slice = vs.as_cuda_slice::<f32>()?.slice(vl.start_offset()..);
-    let master_guard = master.map(|t| t.storage_and_layout());
-    let master_slice = match &master_guard {
-        Some((s, l)) => match &**s {
-            Storage::Cuda(s) => Some(s.as_cuda_slice::<f32>()?.slice(l.start_offset()..)),
-            _ => return Ok(false),
+    let master_operand = master.map(Operand::of);
+    let master_slice = match &master_operand {
+        Some(o) => match o.view::<f32>()? {
+            Some(view) => Some(view),
+            None => return Ok(false),
         },
         None => None,
     };
@@ -189,13 +187,10 @@ pub(crate) fn launch(
     let null: u64 = 0;
     macro_rules! run {
         ($t:ty) => {{
-            let (gs, gl) = g.storage_and_layout();
-            let (ws, wl) = w.storage_and_layout();
-            let (Storage::Cuda(gs), Storage::Cuda(ws)) = (&*gs, &*ws) else {
+            let (go, wo) = (Operand::of(g), Operand::of(w));
+            let (Some(g_slice), Some(w_slice)) = (go.view::<$t>()?, wo.view::<$t>()?) else {
                 return Ok(false);
             };
-            let g_slice = gs.as_cuda_slice::<$t>()?.slice(gl.start_offset()..);
-            let w_slice = ws.as_cuda_slice::<$t>()?.slice(wl.start_offset()..);
             let mut builder = func.builder();
             builder.arg(&g_slice);
             builder.arg(&m_slice);

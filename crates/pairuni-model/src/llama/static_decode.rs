@@ -230,7 +230,6 @@ impl Llama {
                             (kb, vb),
                             &col_index,
                             &write_at,
-                            true,
                         )?,
                         None => {
                             kb.scatter_set(&write_at, k, 2)?;

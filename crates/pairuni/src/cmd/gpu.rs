@@ -956,35 +956,17 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
             "step measured; timing the rollouts with the other --cuda-graphs setting"
         );
     }
-    let other = if a.compare_graphs {
-        rollouts_with_switch_flipped(&mut model, &inputs, &a, answer_tokens, &mut rng, GRAPHS)
-    } else {
-        serde_json::Value::Null
+    // The rollouts again with one switch flipped, for each comparison asked for.
+    let mut flipped = |asked: bool, switch: Switch| {
+        if asked {
+            rollouts_with_switch_flipped(&mut model, &inputs, &a, answer_tokens, &mut rng, switch)
+        } else {
+            serde_json::Value::Null
+        }
     };
-    let attention_compare = if a.compare_attention_kernel {
-        rollouts_with_switch_flipped(
-            &mut model,
-            &inputs,
-            &a,
-            answer_tokens,
-            &mut rng,
-            ATTENTION_KERNEL,
-        )
-    } else {
-        serde_json::Value::Null
-    };
-    let layer_compare = if a.compare_layer_kernels {
-        rollouts_with_switch_flipped(
-            &mut model,
-            &inputs,
-            &a,
-            answer_tokens,
-            &mut rng,
-            LAYER_KERNELS,
-        )
-    } else {
-        serde_json::Value::Null
-    };
+    let other = flipped(a.compare_graphs, GRAPHS);
+    let attention_compare = flipped(a.compare_attention_kernel, ATTENTION_KERNEL);
+    let layer_compare = flipped(a.compare_layer_kernels, LAYER_KERNELS);
     let sharing_compare = if a.compare_sharing {
         json!({
             "on": answers_with_sharing(&mut model, &inputs, &a, answer_tokens, &mut rng, true),
