@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds the release `pairuni` binary with the `cuda` feature on a machine WITHOUT a GPU or CUDA toolkit
 # (recipe: docs/GPU.md and the team's CUDA.md). Nothing third-party is committed: nvcc comes from pinned PyPI
-# wheels in a git-ignored venv, and candle-core is patched to load the CUDA libraries at run time through a
-# `[patch.crates-io]` given on the command line.
+# wheels in a git-ignored venv, and candle-core is patched (scripts/patch-candle.sh) to load the CUDA libraries at
+# run time and to start gradients from their first contribution, through a `[patch.crates-io]` given on the
+# command line.
 #
 # Usage: scripts/build-cuda.sh            (from anywhere; builds from a snapshot of the repo)
 # Env:   CARGO_TARGET_DIR  build folder            (default /work/targets/cuda, else <repo>/target-cuda)
@@ -42,25 +43,12 @@ export PATH="$CUDA_HOME/bin:$PATH"
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
 nvcc --version | tail -2
 
-# 2. candle-core with cudarc switched from `dynamic-linking` to `dynamic-loading` (libcuda, cublas, curand,
-#    nvrtc are dlopen'ed at run time, so the binary starts on machines without them and finds them by soname on
-#    the GPU machine). cudarc refuses both features at once, so the word is replaced in a private copy.
-candle_ver="$(grep -A1 '^name = "candle-core"' "$repo/Cargo.lock" | sed -n 's/^version = "\(.*\)"/\1/p' | head -1)"
-candle_ver="${candle_ver:-0.11.1}"
-registry_src="$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/candle-core-"$candle_ver" 2>/dev/null | head -1 || true)"
-if [[ -z "$registry_src" ]]; then
-    (cd "$repo" && cargo fetch >/dev/null)
-    registry_src="$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/candle-core-"$candle_ver" | head -1)"
-fi
-patched="$CARGO_TARGET_DIR/patched/candle-core-$candle_ver"
-if [[ ! -f "$patched/.pairuni-patched" ]]; then
-    rm -rf "$patched"
-    mkdir -p "$(dirname "$patched")"
-    cp -r "$registry_src" "$patched"
-    grep -q '"dynamic-linking"' "$patched/Cargo.toml" || { echo "candle-core $candle_ver: no dynamic-linking feature to switch" >&2; exit 1; }
-    sed -i 's/"dynamic-linking"/"dynamic-loading"/' "$patched/Cargo.toml"
-    touch "$patched/.pairuni-patched"
-fi
+# 2. A private copy of candle-core (scripts/patch-candle.sh): cudarc switched from `dynamic-linking` to
+#    `dynamic-loading` (libcuda, cublas, curand, nvrtc are dlopen'ed at run time, so the binary starts on machines
+#    without them and finds them by soname on the GPU machine; cudarc refuses both features at once), and the
+#    backward pass's gradients started from their first contribution instead of from zeros (about a quarter of the
+#    train phase's backward ops; PAIRUNI_GRAD_ACCUMULATE=zeros at run time restores candle's accumulation).
+patched="$("$repo/scripts/patch-candle.sh" "$CARGO_TARGET_DIR/patched" cuda grad | tail -1)"
 
 # 3. Static cudart: candle-kernels asks the linker for `cudart`, and the wheel has only libcudart.so.13 and
 #    libcudart_static.a. A linker script named libcudart.so that pulls in the static archive satisfies `-lcudart`.

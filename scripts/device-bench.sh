@@ -90,13 +90,13 @@ if [[ -n "$bin" ]]; then
     # The toy pipeline below runs the binary that last completed the step.
     if (( rc != 0 && rc != 124 && rc != 137 )); then
         smoke_bin=$bin_plain
-        export PAIRUNI_ATTENTION_KERNEL=off
+        export PAIRUNI_ATTENTION_KERNEL=off PAIRUNI_GRAD_ACCUMULATE=zeros
     fi
     # A failure that is not a timeout (cuDNN, a hand-written kernel, concurrent train passes, the training ops,
     # the stacked projections, a fused kernel, a device-side draw, prompt sharing or an op without a bf16 CUDA
     # kernel, say): retry with the binary without cuDNN, dropping the pieces newest first, each retry keeping the
     # previous one's flags: the layer kernels, then the other hand-written kernels and concurrent passes, then the
-    # training ops, then the stacked
+    # training ops (and the patched gradient accumulation, scripts/patch-candle.sh), then the stacked
     # projections, then the fused sampling kernels and prompt sharing (answers drawn on the host), then images
     # drawn on the host in f32; so that the call still brings back a candle number (the log keeps the first
     # error). Same files (at most 8 come back); the JSON's cudnn, dtype, concurrent_passes, fused_training,
@@ -120,8 +120,11 @@ if [[ -n "$bin" ]]; then
         (( rc != 0 && rc != 124 && rc != 137 && t > 90 )) || break
         echo "== (c') candle step again without cuDNN ${retry:+and with $retry }(limit ${t} s)"
         echo "==== retry without cuDNN ${retry:+and with $retry}" >>"$OUT/candle_step.log"
+        grad_env=PAIRUNI_GRAD_ACCUMULATE=first
+        [[ $retry == *"--fused-training off"* ]] && grad_env=PAIRUNI_GRAD_ACCUMULATE=zeros
+        echo "==== ($grad_env)" >>"$OUT/candle_step.log"
         # shellcheck disable=SC2086 # $retry is a list of flags
-        timeout "$t" "$bin_plain" --log info bench gpu-step --device "$dev" --shapes "$shapes" $retry --no-warmup --json \
+        timeout "$t" env "$grad_env" "$bin_plain" --log info bench gpu-step --device "$dev" --shapes "$shapes" $retry --no-warmup --json \
             >"$OUT/candle_step.json" 2>>"$OUT/candle_step.log"
         rc=$?
         echo "rc=$rc $(cat "$OUT/candle_step.json")"
@@ -279,7 +282,7 @@ except OSError:
 for name, d in (("pytorch", pt), ("candle", cd)):
     if d:
         extra = {k: d.get(k) for k in ("dtype", "image_tokens", "answer_tokens", "grad_norm", "params_with_grad",
-                                       "init_ms", "peak_mem_gib", "cudnn", "image_sampler", "text_sampler", "fused_sampling", "stack_projections", "attention_kernel", "attention_kernel_report", "fused_training", "prompt_sharing", "concurrent_passes", "pool_keeps_memory", "fused_adamw", "fused_adamw_report", "norm_kernel", "norm_kernel_report", "layer_kernels", "layer_kernels_status",
+                                       "init_ms", "peak_mem_gib", "cudnn", "image_sampler", "text_sampler", "fused_sampling", "stack_projections", "attention_kernel", "attention_kernel_report", "fused_training", "prompt_sharing", "concurrent_passes", "pool_keeps_memory", "grad_accumulation", "fused_adamw", "fused_adamw_report", "norm_kernel", "norm_kernel_report", "layer_kernels", "layer_kernels_status",
                                        "cuda_graphs", "graph_report", "answer_graph_report", "image_step_probe") if k in d}
         print(name, json.dumps(extra))
     else:

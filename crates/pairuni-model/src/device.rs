@@ -186,6 +186,72 @@ pub fn bind_thread(device: &Device) -> Result<(), DeviceError> {
     Ok(())
 }
 
+/// The id candle gives the next tensor (its ids come from one global counter), spending one id to read it.
+pub fn next_tensor_id() -> candle_core::Result<usize> {
+    let probe = candle_core::Tensor::zeros((), DType::U8, &Device::Cpu)?;
+    let text = format!("{:?}", probe.id());
+    text.trim_start_matches("TensorId(")
+        .trim_end_matches(')')
+        .parse()
+        .map_err(|_| {
+            candle_core::Error::Msg(format!(
+                "candle's tensor id `{text}` is not `TensorId(<n>)`"
+            ))
+        })
+}
+
+/// How the linked candle-core's backward pass starts each gradient it accumulates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GradAccumulation {
+    /// From a tensor of zeros that the first contribution is added to (candle as published).
+    Zeros,
+    /// From the first contribution itself (candle patched by scripts/patch-candle.sh, as the CUDA builds are).
+    FirstContribution,
+    /// Neither: the backward creates this many tensors per node of a chain of scalings.
+    Unknown(usize),
+}
+
+impl fmt::Display for GradAccumulation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Zeros => f.write_str("zeros"),
+            Self::FirstContribution => f.write_str("first contribution"),
+            Self::Unknown(n) => write!(f, "unknown ({n} tensors per node)"),
+        }
+    }
+}
+
+/// Tells, by counting the tensors one backward pass creates, how the linked candle accumulates gradients.
+///
+/// Each node of a chain of scalings costs candle's backward the scaled gradient; starting from zeros costs two
+/// more (the zeros and the add). Two chain lengths cancel the fixed part, and the smallest count of a few tries
+/// drops tensors other threads made meanwhile (the counter is global).
+pub fn grad_accumulation() -> candle_core::Result<GradAccumulation> {
+    let backward_tensors = |nodes: usize| -> candle_core::Result<usize> {
+        let mut fewest = usize::MAX;
+        for _ in 0..5 {
+            let x = candle_core::Var::new(&[1f32, 2.0], &Device::Cpu)?;
+            let mut y = x.as_tensor().clone();
+            for _ in 0..nodes {
+                y = y.affine(3.0, 0.0)?;
+            }
+            let loss = y.sum_all()?;
+            let before = next_tensor_id()?;
+            let grads = loss.backward()?;
+            let after = next_tensor_id()?;
+            std::hint::black_box(grads);
+            fewest = fewest.min(after - before - 1);
+        }
+        Ok(fewest)
+    };
+    let per_node = (backward_tensors(3)? - backward_tensors(1)?) / 2;
+    Ok(match per_node {
+        3 => GradAccumulation::Zeros,
+        1 => GradAccumulation::FirstContribution,
+        n => GradAccumulation::Unknown(n),
+    })
+}
+
 /// Whether a CUDA device keeps the memory freed into its allocation pool (the default) or hands it back to the
 /// driver at every synchronisation (`PAIRUNI_CUDA_POOL=release`, the driver's own default).
 pub fn pool_keeps_memory() -> bool {
@@ -277,6 +343,17 @@ pub fn default_dtype(device: &Device) -> DType {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The stock candle this test suite builds against starts gradients from zeros; the run of the suite against
+    /// the patched copy (`.ci/run`, PAIRUNI_EXPECT_GRAD_ACCUMULATE=first) must see the patch at work.
+    #[test]
+    fn grad_accumulation_tells_the_linked_candle() {
+        let expected = match std::env::var("PAIRUNI_EXPECT_GRAD_ACCUMULATE").as_deref() {
+            Ok("first") => GradAccumulation::FirstContribution,
+            _ => GradAccumulation::Zeros,
+        };
+        assert_eq!(grad_accumulation().unwrap(), expected);
+    }
 
     #[test]
     fn parses_every_accepted_spelling() {

@@ -14,7 +14,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use candle_core::backprop::GradStore;
 use pairuni_model::config::{Placement, Toggle};
-use pairuni_model::device::{default_dtype, parse_dtype, DeviceSpec};
+use pairuni_model::device::{default_dtype, next_tensor_id, parse_dtype, DeviceSpec};
 use pairuni_model::graphs::GraphReport;
 use pairuni_model::image_codec::{vq_config, ImageCodec};
 use pairuni_model::llama::WIDTH_STEP;
@@ -981,6 +981,9 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
         "cudnn": cfg!(feature = "cudnn"),
         // Whether a CUDA device's memory pool keeps freed memory (`PAIRUNI_CUDA_POOL=release` turns it off).
         "pool_keeps_memory": dev.is_cuda() && pairuni_model::device::pool_keeps_memory(),
+        // How the linked candle's backward starts each gradient ("first contribution" in the CUDA builds, whose
+        // candle scripts/patch-candle.sh patches; "zeros" as published or under PAIRUNI_GRAD_ACCUMULATE=zeros).
+        "grad_accumulation": pairuni_model::device::grad_accumulation()?.to_string(),
         "device": device_name(&dev),
         "shapes": a.shapes.name(),
         "dtype": format!("{dtype:?}").to_lowercase(),
@@ -1449,16 +1452,6 @@ fn tensors_per_decode_step(
     std::hint::black_box(step);
     // The second probe tensor is counted by the difference too.
     Ok(after - before - 1)
-}
-
-/// The id candle gives the next tensor (its ids come from one global counter), spending one id to read it.
-fn next_tensor_id() -> anyhow::Result<usize> {
-    let probe = Tensor::zeros((), DType::U8, &Device::Cpu)?;
-    let text = format!("{:?}", probe.id());
-    text.trim_start_matches("TensorId(")
-        .trim_end_matches(')')
-        .parse()
-        .with_context(|| format!("candle's tensor id `{text}` is not `TensorId(<n>)`"))
 }
 
 /// One CFG decode step from the hidden states `last` [2b, H] through `cache`: generation head, `pick` on the
