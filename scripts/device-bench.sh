@@ -51,7 +51,7 @@ if [[ -n "$bin" ]]; then
         { echo "==== first run's result (rc=$rc)"; cat "$OUT/parity.json"; } >>"$OUT/parity.log"
         echo "== (a') parity again without cuDNN and the hand-written decode kernels"
         echo "==== without cuDNN and the hand-written decode kernels" >>"$OUT/parity.log"
-        PAIRUNI_ATTENTION_KERNEL=off PAIRUNI_LAYER_KERNELS=off timeout 60 "$bin_plain" bench gpu-parity \
+        PAIRUNI_ATTENTION_KERNEL=off PAIRUNI_LAYER_KERNELS=off PAIRUNI_CONV_KERNEL=off timeout 60 "$bin_plain" bench gpu-parity \
             --device "$dev" --json >"$OUT/parity.json" 2>>"$OUT/parity.log"
         echo "rc=$? $(tail -c 2000 "$OUT/parity.json")"
     fi
@@ -79,10 +79,13 @@ if [[ -n "$bin" ]]; then
     # (`fused_adamw` and `norm_kernel_status` say whether their checks passed). So are the layer kernels (residual
     # add + RMSNorm, SiLU · gate, rotary + cache write): the step turns them on and --compare-layer-kernels times
     # the rollouts without. --compare-micro-batches 16 runs the train phase once more with 16 rollouts per pass
-    # (half the passes: on a host-bound device, about half the ops).
+    # (half the passes: on a host-bound device, about half the ops). The VQ's convolution kernel (im2col with the
+    # weight's row order, then one batched matmul) is off by default until measured: the step turns it on and
+    # --compare-conv-kernel times the VQ decode without it (conv_kernel_compare).
     timeout "$t" "$bin" --log info bench gpu-step --device "$dev" --shapes "$shapes" --compare-graphs \
         --compare-sharing --attention-kernel on --compare-attention-kernel --compare-concurrent-passes \
-        --fused-adamw on --norm-kernel on --layer-kernels on --compare-layer-kernels --compare-micro-batches 16 --json \
+        --fused-adamw on --norm-kernel on --layer-kernels on --compare-layer-kernels --compare-micro-batches 16 \
+        --conv-kernel on --compare-conv-kernel --json \
         >"$OUT/candle_step.json" 2>"$OUT/candle_step.log"
     rc=$?
     echo "rc=$rc $(cat "$OUT/candle_step.json")"
@@ -95,16 +98,16 @@ if [[ -n "$bin" ]]; then
     # A failure that is not a timeout (cuDNN, a hand-written kernel, concurrent train passes, the training ops,
     # the stacked projections, a fused kernel, a device-side draw, prompt sharing or an op without a bf16 CUDA
     # kernel, say): retry with the binary without cuDNN, dropping the pieces newest first, each retry keeping the
-    # previous one's flags: the layer kernels, then the other hand-written kernels and concurrent passes, then the
+    # previous one's flags: the layer and convolution kernels, then the other hand-written kernels and concurrent passes, then the
     # training ops (and the patched gradient accumulation, scripts/patch-candle.sh), then the stacked
     # projections, then the fused sampling kernels and prompt sharing (answers drawn on the host), then images
     # drawn on the host in f32; so that the call still brings back a candle number (the log keeps the first
     # error). Same files (at most 8 come back); the JSON's cudnn, dtype, concurrent_passes, fused_training,
     # stack_projections, fused_sampling, prompt_sharing and *_sampler say which ran.
     # (A retry names each of these switches once: the command line takes a switch once.)
-    all_on="--attention-kernel on --fused-adamw on --norm-kernel on --layer-kernels on"
-    off0="--attention-kernel on --fused-adamw on --norm-kernel on --layer-kernels off"
-    off1="--attention-kernel off --fused-adamw off --norm-kernel off --layer-kernels off --concurrent-passes 1"
+    all_on="--attention-kernel on --fused-adamw on --norm-kernel on --layer-kernels on --conv-kernel on"
+    off0="--attention-kernel on --fused-adamw on --norm-kernel on --layer-kernels off --conv-kernel off"
+    off1="--attention-kernel off --fused-adamw off --norm-kernel off --layer-kernels off --conv-kernel off --concurrent-passes 1"
     off2="$off1 --fused-training off"
     off3="$off2 --stack-projections off"
     off4="$off3 --fused-sampling off --prompt-sharing off --text-sampler host"
@@ -251,6 +254,14 @@ for key, switch, label in (("attention_kernel_compare", "attention_kernel", "the
         print(f"rollouts with {label} {side}: " + (f"failed: {c['error']}" if "error" in c else
               f"rollout_image {c.get('rollout_image')} ms ({c.get('ms_per_image_step')} ms per image step), "
               f"rollout_text {c.get('rollout_text')} ms"))
+cc = (cd or {}).get("conv_kernel_compare")
+if cc:
+    # The VQ decode of as many images with the convolution kernel the other way (im2col + matmul of candle, or
+    # cuDNN in the cuDNN build).
+    side = "on" if cc.get("conv_kernel") else "off"
+    print(f"decode_vq with the conv kernel {'on' if (cd or {}).get('conv_kernel') else 'off'}: "
+          f"{(cd or {}).get('decode_vq')} ms; {side}: "
+          + (f"failed: {cc['error']}" if "error" in cc else f"{cc.get('decode_vq')} ms"))
 others = (cd or {}).get("train_others") or ([cd["train_other"]] if (cd or {}).get("train_other") else [])
 if others:
     # The train phase on the same rollouts with other numbers of passes in flight (each its own optimiser step).
@@ -282,7 +293,7 @@ except OSError:
 for name, d in (("pytorch", pt), ("candle", cd)):
     if d:
         extra = {k: d.get(k) for k in ("dtype", "image_tokens", "answer_tokens", "grad_norm", "params_with_grad",
-                                       "init_ms", "peak_mem_gib", "cudnn", "image_sampler", "text_sampler", "fused_sampling", "stack_projections", "attention_kernel", "attention_kernel_report", "fused_training", "prompt_sharing", "concurrent_passes", "pool_keeps_memory", "grad_accumulation", "fused_adamw", "fused_adamw_report", "norm_kernel", "norm_kernel_report", "layer_kernels", "layer_kernels_status",
+                                       "init_ms", "peak_mem_gib", "cudnn", "image_sampler", "text_sampler", "fused_sampling", "stack_projections", "attention_kernel", "attention_kernel_report", "fused_training", "prompt_sharing", "concurrent_passes", "pool_keeps_memory", "grad_accumulation", "fused_adamw", "fused_adamw_report", "norm_kernel", "norm_kernel_report", "layer_kernels", "layer_kernels_status", "conv_kernel", "conv_kernel_report",
                                        "cuda_graphs", "graph_report", "answer_graph_report", "image_step_probe") if k in d}
         print(name, json.dumps(extra))
     else:

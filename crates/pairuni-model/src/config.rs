@@ -73,6 +73,9 @@ pub struct Placement {
     /// Whether sampling forwards run residual add + RMSNorm, SiLU · gate and rotary + cache write as one CUDA
     /// kernel each (`auto`: off until measured).
     pub layer_kernels: Toggle,
+    /// Whether the VQ's convolutions on a CUDA device run through the hand-written im2col kernel (process-wide;
+    /// `auto`: off until measured).
+    pub conv_kernel: Toggle,
 }
 
 impl Placement {
@@ -88,6 +91,7 @@ impl Placement {
             attention_kernel: Toggle::Auto,
             norm_kernel: Toggle::Auto,
             layer_kernels: Toggle::Auto,
+            conv_kernel: Toggle::Auto,
         }
     }
 
@@ -113,6 +117,9 @@ impl Placement {
         }
         if let Some(on) = self.layer_kernels.forced() {
             model.set_layer_kernels(on);
+        }
+        if let Some(on) = self.conv_kernel.forced() {
+            crate::conv_kernel::set_enabled(on);
         }
     }
 
@@ -181,6 +188,10 @@ pub struct ModelConfig {
     /// if they disagree: `on`, `off`, or `auto` (off until a GPU run has measured them, docs/GPU.md) (default
     /// `auto`).
     pub layer_kernels: Toggle,
+    /// The VQ's k×k convolutions on a CUDA device as one hand-written im2col kernel and one batched matmul instead
+    /// of candle's `conv2d` (process-wide; checked against candle's at its first use and turned off if it
+    /// disagrees): `on`, `off`, or `auto` (off until a GPU run has measured it, docs/GPU.md) (default `auto`).
+    pub conv_kernel: Toggle,
 }
 
 impl Default for ModelConfig {
@@ -196,6 +207,7 @@ impl Default for ModelConfig {
             attention_kernel: Toggle::Auto,
             norm_kernel: Toggle::Auto,
             layer_kernels: Toggle::Auto,
+            conv_kernel: Toggle::Auto,
         }
     }
 }
@@ -225,6 +237,7 @@ impl ModelConfig {
             attention_kernel: self.attention_kernel,
             norm_kernel: self.norm_kernel,
             layer_kernels: self.layer_kernels,
+            conv_kernel: self.conv_kernel,
         })
     }
 }
@@ -266,8 +279,11 @@ mod tests {
         c.attention_kernel = Toggle::On;
         c.norm_kernel = Toggle::On;
         c.layer_kernels = Toggle::On;
+        c.conv_kernel = Toggle::On;
         let placed = c.resolve(None, Some("bf16")).unwrap();
         let m = placed.adopt(toy()).unwrap();
+        // Process-wide: no other test sets it.
+        assert!(crate::conv_kernel::enabled());
         assert!(m.fused_sampling());
         assert!(m.static_decode());
         assert!(m.prompt_sharing());
@@ -285,9 +301,11 @@ mod tests {
             attention_kernel: Toggle::Off,
             norm_kernel: Toggle::Off,
             layer_kernels: Toggle::Off,
+            conv_kernel: Toggle::Off,
             ..placed
         }
         .configure(&mut m);
+        assert!(!crate::conv_kernel::enabled());
         assert!(!m.fused_sampling());
         assert!(!m.static_decode());
         assert!(!m.prompt_sharing());
@@ -296,9 +314,10 @@ mod tests {
         assert!(!m.norm_kernel());
         assert!(!m.layer_kernels());
         let parsed: ModelConfig = toml::from_str(
-            "fused_sampling = \"on\"\ncuda_graphs = \"off\"\nprompt_sharing = \"on\"\nfused_training = \"off\"",
+            "fused_sampling = \"on\"\ncuda_graphs = \"off\"\nprompt_sharing = \"on\"\nfused_training = \"off\"\nconv_kernel = \"on\"",
         )
         .unwrap();
+        assert_eq!(parsed.conv_kernel, Toggle::On);
         assert_eq!(parsed.fused_training, Toggle::Off);
         assert_eq!(parsed.fused_sampling, Toggle::On);
         assert_eq!(parsed.cuda_graphs, Toggle::Off);

@@ -9,6 +9,7 @@
 //! checkpoint. [`config::ModelConfig`] is the `[model]` section of pairuni's TOML files.
 
 pub mod config;
+pub mod conv_kernel;
 pub mod decode_attention;
 pub mod device;
 pub mod error;

@@ -8,6 +8,8 @@
 
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{conv2d, Conv2d, Conv2dConfig, VarBuilder};
+
+use crate::conv_kernel;
 use pairuni_data::RgbImage;
 use serde::{Deserialize, Serialize};
 
@@ -116,13 +118,24 @@ fn conv(
     stride: usize,
     padding: usize,
     vb: VarBuilder,
-) -> Result<Conv2d> {
+) -> Result<VqConv> {
     let cfg = Conv2dConfig {
         padding,
         stride,
         ..Default::default()
     };
-    Ok(conv2d(cin, cout, k, cfg, vb)?)
+    Ok(VqConv(conv2d(cin, cout, k, cfg, vb)?))
+}
+
+/// A VQ convolution: candle's `Conv2d`, run through [`conv_kernel::conv2d`] (the hand-written im2col kernel on
+/// a CUDA device when `[model] conv_kernel` is on).
+#[derive(Debug, Clone)]
+struct VqConv(Conv2d);
+
+impl Module for VqConv {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        conv_kernel::conv2d(x, &self.0)
+    }
 }
 
 fn norm(c: usize, vb: VarBuilder) -> Result<GroupNorm> {
@@ -200,10 +213,10 @@ impl GroupNorm {
 #[derive(Debug, Clone)]
 struct ResnetBlock {
     norm1: GroupNorm,
-    conv1: Conv2d,
+    conv1: VqConv,
     norm2: GroupNorm,
-    conv2: Conv2d,
-    shortcut: Option<Conv2d>,
+    conv2: VqConv,
+    shortcut: Option<VqConv>,
 }
 
 impl ResnetBlock {
@@ -239,10 +252,10 @@ impl ResnetBlock {
 #[derive(Debug, Clone)]
 struct AttnBlock {
     norm: GroupNorm,
-    q: Conv2d,
-    k: Conv2d,
-    v: Conv2d,
-    proj_out: Conv2d,
+    q: VqConv,
+    k: VqConv,
+    v: VqConv,
+    proj_out: VqConv,
 }
 
 impl AttnBlock {
@@ -306,7 +319,7 @@ impl MidBlock {
 struct Level {
     blocks: Vec<ResnetBlock>,
     attns: Vec<AttnBlock>,
-    resample: Option<Conv2d>,
+    resample: Option<VqConv>,
 }
 
 impl Level {
@@ -323,11 +336,11 @@ impl Level {
 
 #[derive(Debug, Clone)]
 struct Encoder {
-    conv_in: Conv2d,
+    conv_in: VqConv,
     down: Vec<Level>,
     mid: MidBlock,
     norm_out: GroupNorm,
-    conv_out: Conv2d,
+    conv_out: VqConv,
 }
 
 impl Encoder {
@@ -401,11 +414,11 @@ impl Encoder {
 
 #[derive(Debug, Clone)]
 struct Decoder {
-    conv_in: Conv2d,
+    conv_in: VqConv,
     mid: MidBlock,
     up: Vec<Level>,
     norm_out: GroupNorm,
-    conv_out: Conv2d,
+    conv_out: VqConv,
 }
 
 impl Decoder {
@@ -473,14 +486,14 @@ impl Decoder {
 pub struct JanusVq {
     cfg: JanusVqConfig,
     encoder: Encoder,
-    quant_conv: Conv2d,
+    quant_conv: VqConv,
     /// Raw codebook `[K, D]` in f32 (encode compares against it).
     codebook: Tensor,
     /// Squared norms of the raw rows `[K]` f32.
     codebook_sq: Tensor,
     /// L2-normalised codebook `[K, D]` in the model dtype (decode looks rows up here).
     codebook_unit: Tensor,
-    post_quant_conv: Conv2d,
+    post_quant_conv: VqConv,
     decoder: Decoder,
     device: Device,
     dtype: DType,

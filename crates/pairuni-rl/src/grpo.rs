@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::backprop::GradStore;
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use pairuni_data::{PairRecord, RgbImage};
 use pairuni_model::{
     CfgLogprobPolicy, ImageRollout, ImageSampling, Janus, ParamSelection, TextRollout, TextSampling,
@@ -430,21 +430,13 @@ impl GrpoTrainer {
                         }
                     };
                     let adv = piece.advantages(b, &dev)?;
-                    let mut kl = (0f32, 0f32);
-                    let (l, s) =
-                        modality_loss(&lp, &old_lp, &adv, refs[i].as_ref(), &mask, cfg, &mut kl)?;
-                    let mut clip = (0f32, 0f32, 0f32);
-                    accumulate_clip(&s, &mask, &mut clip)?;
-                    let entropy = if first {
-                        Some(entropy_sums(&ent, &mask)?)
-                    } else {
-                        None
-                    };
+                    let (l, s, kl) = modality_loss(&lp, &old_lp, &adv, refs[i].as_ref(), cfg)?;
+                    let entropy = first.then_some(&ent);
                     out.pieces.push(PieceStats {
                         text: piece.text,
-                        kl,
-                        clip,
-                        entropy,
+                        kl: kl.is_some(),
+                        entropy: entropy.is_some(),
+                        sums: piece_sums(&s, &mask, kl.as_ref(), entropy)?,
                     });
                     let max_len = if piece.text {
                         cfg.max_new_tokens
@@ -467,12 +459,13 @@ impl GrpoTrainer {
                     let modality = counts.modality(scored[0].3);
                     loss::micro_batch_loss(&parts[0], cfg.loss_aggregation, modality, counts.all())?
                 };
-                out.loss = loss.to_scalar::<f32>()?;
-                if out.loss.is_finite() {
-                    let mut own = GradStore::default();
-                    accumulate_grads(&mut own, loss.backward()?, &vars)?;
-                    out.grads = Some(own);
-                }
+                // The backward is queued before anything is read back, and the pass reads nothing: the loss
+                // and statistics come back in one transfer on the merging thread, which drops the gradients
+                // of a non-finite loss.
+                let mut own = GradStore::default();
+                accumulate_grads(&mut own, loss.backward()?, &vars)?;
+                out.grads = Some(own);
+                out.loss = Some(loss.detach());
                 Ok(out)
             };
             run_in_order(
@@ -481,19 +474,22 @@ impl GrpoTrainer {
                 bind_device(&dev),
                 run_pass,
                 |_, out| {
-                    if !out.loss.is_finite() {
+                    let (loss, sums) = out.read()?;
+                    if !loss.is_finite() {
                         skipped = Some("loss");
                         return Ok(Merged::Stop);
                     }
-                    loss_value += out.loss;
-                    for p in out.pieces {
-                        kl_parts.0 += p.kl.0;
-                        kl_parts.1 += p.kl.1;
-                        low_high_n.0 += p.clip.0;
-                        low_high_n.1 += p.clip.1;
-                        low_high_n.2 += p.clip.2;
-                        if let Some(sums) = p.entropy {
-                            stats.add_entropy(p.text, sums);
+                    loss_value += loss;
+                    for (p, [low, high, n, kl, ent]) in out.pieces.iter().zip(sums) {
+                        if p.kl {
+                            kl_parts.0 += kl;
+                            kl_parts.1 += n;
+                        }
+                        low_high_n.0 += low;
+                        low_high_n.1 += high;
+                        low_high_n.2 += n;
+                        if p.entropy {
+                            stats.add_entropy(p.text, (ent, n));
                         }
                     }
                     for (i, lp) in out.first_logprobs {
@@ -634,7 +630,7 @@ struct UpdateStats {
 }
 
 impl UpdateStats {
-    /// Adds one piece's (Σ entropy over real tokens, real tokens) from [`entropy_sums`].
+    /// Adds one piece's (Σ entropy over real tokens, real tokens) from [`piece_sums`].
     fn add_entropy(&mut self, text: bool, (sum, n): (f32, f32)) {
         let acc = if text {
             &mut self.entropy_text
@@ -693,58 +689,86 @@ fn sanitize_answers(
         .collect()
 }
 
-/// Per-token loss of one modality: clipped surrogate plus β·KL; also the surrogate for clip metrics.
+/// Per-token loss of one modality: clipped surrogate plus β·KL; also the surrogate for clip metrics and the
+/// per-token KL (detached) when it is part of the loss.
 fn modality_loss(
     lp: &Tensor,
     old: &Tensor,
     adv: &Tensor,
     reference: Option<&Tensor>,
-    mask: &Tensor,
     cfg: &TrainConfig,
-    kl_acc: &mut (f32, f32),
-) -> Result<(Tensor, loss::Surrogate), TrainError> {
+) -> Result<(Tensor, loss::Surrogate, Option<Tensor>), TrainError> {
     let ratio = loss::ratio(lp, old)?;
     let s = loss::clipped_surrogate(&ratio, adv, cfg.epsilon_low, cfg.epsilon_high)?;
     let mut per_token = s.loss.clone();
+    let mut kl_detached = None;
     if let (Some(r), true) = (reference, cfg.beta > 0.0) {
         let kl = loss::kl_per_token(lp, r, cfg.kl_estimator)?;
-        kl_acc.0 += (kl.detach() * mask)?.sum_all()?.to_scalar::<f32>()?;
-        kl_acc.1 += mask.sum_all()?.to_scalar::<f32>()?;
+        kl_detached = Some(kl.detach());
         per_token = (per_token + (kl * cfg.beta)?)?;
     }
-    Ok((per_token, s))
+    Ok((per_token, s, kl_detached))
 }
 
-/// (Σ entropy over real tokens, real tokens) of one piece.
-fn entropy_sums(ent: &Tensor, mask: &Tensor) -> Result<(f32, f32), TrainError> {
-    Ok((
-        (ent.detach() * mask)?.sum_all()?.to_scalar::<f32>()?,
-        mask.sum_all()?.to_scalar::<f32>()?,
-    ))
+/// One piece's statistics over its real tokens, left on the device: [Σ clipped low, Σ clipped high, real tokens,
+/// Σ KL, Σ entropy] (0 for KL or entropy not computed).
+fn piece_sums(
+    s: &loss::Surrogate,
+    mask: &Tensor,
+    kl: Option<&Tensor>,
+    entropy: Option<&Tensor>,
+) -> Result<Tensor, TrainError> {
+    let masked_sum = |t: &Tensor| (t * mask)?.sum_all()?.to_dtype(DType::F32);
+    let zero = || Tensor::zeros((), DType::F32, mask.device());
+    Ok(Tensor::stack(
+        &[
+            masked_sum(&s.clipped_low)?,
+            masked_sum(&s.clipped_high)?,
+            mask.sum_all()?.to_dtype(DType::F32)?,
+            kl.map_or_else(zero, masked_sum)?,
+            entropy.map_or_else(zero, |e| masked_sum(&e.detach()))?,
+        ],
+        0,
+    )?)
 }
 
 /// What one pass of an update hands to the merge.
 #[derive(Default)]
 struct PassOutcome {
-    /// The pass's loss value (its share of the batch's loss).
-    loss: f32,
-    /// The trained variables' gradients, when the loss is finite.
+    /// The pass's loss (its share of the batch's loss), on the device.
+    loss: Option<Tensor>,
+    /// The trained variables' gradients (dropped by the merge when the loss is not finite).
     grads: Option<GradStore>,
-    /// Statistics of each of the pass's pieces, in order.
+    /// What each of the pass's pieces computed, in order.
     pieces: Vec<PieceStats>,
     /// The first update's log-probs of each piece (the old log-probs of the later updates).
     first_logprobs: Vec<(usize, Tensor)>,
 }
 
+impl PassOutcome {
+    /// The loss and each piece's sums ([`piece_sums`]), read back in one transfer.
+    fn read(&self) -> Result<(f32, Vec<[f32; 5]>), TrainError> {
+        let loss = self.loss.as_ref().expect("a pass sets its loss");
+        let mut parts = vec![loss.to_dtype(DType::F32)?.reshape(1)?];
+        parts.extend(self.pieces.iter().map(|p| p.sums.clone()));
+        let values = Tensor::cat(&parts, 0)?.to_vec1::<f32>()?;
+        let sums = values[1..]
+            .chunks_exact(5)
+            .map(|c| c.try_into().expect("five sums"))
+            .collect();
+        Ok((values[0], sums))
+    }
+}
+
 /// One piece's contribution to an update's statistics.
 struct PieceStats {
     text: bool,
-    /// (Σ KL over real tokens, real tokens).
-    kl: (f32, f32),
-    /// (clipped low, clipped high, real tokens).
-    clip: (f32, f32, f32),
-    /// (Σ entropy, real tokens) in the first update.
-    entropy: Option<(f32, f32)>,
+    /// Whether its KL entered the loss (β > 0 with a reference).
+    kl: bool,
+    /// Whether its entropy was computed (the first update).
+    entropy: bool,
+    /// [`piece_sums`], on the device until the merge reads them.
+    sums: Tensor,
 }
 
 /// What scoring a piece needs of the trainer (shared by the pass threads).
@@ -771,17 +795,6 @@ impl Scorer<'_> {
         let mask = lp.ones_like()?;
         Ok((lp, mask, ent))
     }
-}
-
-fn accumulate_clip(
-    s: &loss::Surrogate,
-    mask: &Tensor,
-    acc: &mut (f32, f32, f32),
-) -> Result<(), TrainError> {
-    acc.0 += (&s.clipped_low * mask)?.sum_all()?.to_scalar::<f32>()?;
-    acc.1 += (&s.clipped_high * mask)?.sum_all()?.to_scalar::<f32>()?;
-    acc.2 += mask.sum_all()?.to_scalar::<f32>()?;
-    Ok(())
 }
 
 fn mean(v: &[f32]) -> f32 {

@@ -227,6 +227,10 @@ pub struct BenchGpuStepArgs {
     /// against candle's ops at their first call): on | off (auto: the model's default, off until measured).
     #[arg(long, default_value = "auto")]
     pub layer_kernels: Toggle,
+    /// The VQ's k×k convolutions as one hand-written im2col kernel and one batched matmul (checked against
+    /// candle's conv2d at its first call): on | off (auto: off until measured).
+    #[arg(long, default_value = "auto")]
+    pub conv_kernel: Toggle,
     /// Image and answer rollouts in fixed-shape steps captured as CUDA graphs: on | off | auto, which is on for
     /// the step when the graph check before it passes (a CUDA device, every width captured, the codes and the
     /// answer tokens bit-identical to the same steps run eagerly) and off otherwise.
@@ -252,6 +256,10 @@ pub struct BenchGpuStepArgs {
     /// way (reported as `layer_kernels_compare`; not fatal).
     #[arg(long)]
     pub compare_layer_kernels: bool,
+    /// After the step, time the VQ decode of as many images once more with the convolution kernel switched the
+    /// other way (reported as `conv_kernel_compare`; not fatal).
+    #[arg(long)]
+    pub compare_conv_kernel: bool,
     /// Phases of the step (rollout_image, rollout_text, decode_vq, train) to hand to a kernel profiler started
     /// with profiling off (`ncu --profile-from-start off`): each runs between cuProfilerStart and cuProfilerStop,
     /// opening with one `usqrt_f64` kernel that marks where its kernels begin.
@@ -674,7 +682,8 @@ struct TrainOutcome {
 
 /// One micro-batch pass's results.
 struct PassResult {
-    loss: f32,
+    /// The pass's loss, on the device until the merge reads it.
+    loss: Tensor,
     grads: GradStore,
     image: bool,
     scored: (Tensor, Tensor, Tensor),
@@ -760,7 +769,6 @@ fn train_phase(
             max_len: lp.dim(1)?,
         };
         let loss = micro_batch_loss(&part, per_modality, n, n_img + n_txt)?;
-        let value = loss.to_scalar::<f32>()?;
         mark(if image { "image_loss" } else { "text_loss" })?;
         let mut grads = GradStore::default();
         accumulate_grads(&mut grads, loss.backward()?, &vars)?;
@@ -769,8 +777,9 @@ fn train_phase(
         } else {
             "text_backward"
         })?;
+        // As the trainer does: nothing is read back in the pass; the merge reads the loss.
         Ok(PassResult {
-            loss: value,
+            loss: loss.detach(),
             grads,
             image,
             scored: (lp.detach(), old, mask),
@@ -784,7 +793,7 @@ fn train_phase(
         bind_device(&dev),
         run_pass,
         |_, pass| {
-            loss += pass.loss;
+            loss += pass.loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
             accumulate_grads(&mut grads, pass.grads, &vars)?;
             if pass.image {
                 scored_image.push(pass.scored);
@@ -882,6 +891,7 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
         attention_kernel: a.attention_kernel,
         norm_kernel: a.norm_kernel,
         layer_kernels: a.layer_kernels,
+        conv_kernel: a.conv_kernel,
     }
     .configure(&mut model);
     if let Some(on) = a.stack_projections.forced() {
@@ -967,6 +977,11 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
     let other = flipped(a.compare_graphs, GRAPHS);
     let attention_compare = flipped(a.compare_attention_kernel, ATTENTION_KERNEL);
     let layer_compare = flipped(a.compare_layer_kernels, LAYER_KERNELS);
+    let conv_compare = if a.compare_conv_kernel {
+        decode_with_conv_kernel_flipped(&model, a.pairs * a.group)
+    } else {
+        serde_json::Value::Null
+    };
     let sharing_compare = if a.compare_sharing {
         json!({
             "on": answers_with_sharing(&mut model, &inputs, &a, answer_tokens, &mut rng, true),
@@ -1035,6 +1050,10 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
             "rope_store": pairuni_model::layer_kernels::ROPE_STORE.report(),
         },
         "layer_kernels_compare": layer_compare,
+        // The VQ's convolution kernel: whether it was asked for, its state, and decode_vq the other way.
+        "conv_kernel": pairuni_model::conv_kernel::enabled(),
+        "conv_kernel_report": pairuni_model::conv_kernel::IM2COL.report(),
+        "conv_kernel_compare": conv_compare,
         "cuda_graphs": graphs_in_step,
         "prompt_sharing": model.prompt_sharing(),
         "prompt_sharing_compare": sharing_compare,
@@ -1133,6 +1152,27 @@ const LAYER_KERNELS: Switch = (
     Janus::layer_kernels,
     Janus::set_layer_kernels,
 );
+
+/// The VQ decode of `images` code grids timed with the convolution kernel switched the other way (restored
+/// after); a failure is reported, not fatal. The codes are a fixed pattern: the decode's time does not depend on
+/// them.
+fn decode_with_conv_kernel_flipped(model: &Janus, images: usize) -> serde_json::Value {
+    use pairuni_model::conv_kernel;
+    let chosen = conv_kernel::enabled();
+    let k = model.config().vq_config.num_embeddings as u32;
+    let n = model.image_tokens_per_image();
+    let codes: Vec<Vec<u32>> = (0..images)
+        .map(|i| (0..n).map(|j| ((i * n + j) as u32 * 7919) % k).collect())
+        .collect();
+    conv_kernel::set_enabled(!chosen);
+    let mut ph = Phases::on(model.device());
+    let decoded = ph.time("decode_vq", || Ok(model.decode_codes(&codes)?));
+    conv_kernel::set_enabled(chosen);
+    match decoded {
+        Ok(_) => json!({"conv_kernel": !chosen, "decode_vq": round1(ph.get("decode_vq"))}),
+        Err(e) => json!({"conv_kernel": !chosen, "error": format!("{e:#}")}),
+    }
+}
 
 /// The step's image and answer rollouts timed as the model is now set, with their graph reports; a failure is
 /// reported, not fatal.
@@ -1714,6 +1754,32 @@ fn decoded_rows(
     ])
 }
 
+/// The fixture's VQ decode with the convolution kernel on (off by default until measured; the CPU runs candle's
+/// conv2d either way), against the same reference as the plain row.
+fn conv_kernel_row(
+    m: &Janus,
+    f: &std::collections::HashMap<String, Tensor>,
+) -> anyhow::Result<(&'static str, &'static str, Tensor)> {
+    use pairuni_model::conv_kernel;
+    let codes = f
+        .get("vq.decode_codes")
+        .context("fixtures.safetensors has no tensor `vq.decode_codes`")?
+        .to_dtype(DType::U32)?
+        .to_device(m.device())?;
+    let vq = m
+        .image_tokenizer()
+        .context("fixture checkpoint has no VQ")?;
+    let was = conv_kernel::enabled();
+    conv_kernel::set_enabled(true);
+    let decoded = vq.decode_tensor(&codes);
+    conv_kernel::set_enabled(was);
+    Ok((
+        "vq.decode_pixels (conv kernel)",
+        "vq.decode_pixels",
+        decoded?,
+    ))
+}
+
 /// Every fixture output of `m`: (what it is, the fixture's reference tensor, the output).
 fn fixture_outputs(
     m: &Janus,
@@ -1763,6 +1829,7 @@ pub fn run_bench_gpu_parity(a: BenchGpuParityArgs) -> anyhow::Result<ExitCode> {
     let mut cpu_out = fixture_outputs(&cpu, &f)?;
     // The hand-written kernels' rows: on the CPU they run candle's ops, the rows they are compared with.
     cpu_out.extend(decoded_rows(&cpu, &f, true)?);
+    cpu_out.push(conv_kernel_row(&cpu, &f)?);
     let mut rows = Vec::new();
     let mut ok = true;
     for (dtype, tol) in [(DType::F32, a.tol_f32), (DType::BF16, a.tol_bf16)] {
@@ -1774,6 +1841,7 @@ pub fn run_bench_gpu_parity(a: BenchGpuParityArgs) -> anyhow::Result<ExitCode> {
         m.set_attention_kernel(true);
         m.set_layer_kernels(true);
         out.extend(decoded_rows(&m, &f, true)?);
+        out.push(conv_kernel_row(&m, &f)?);
         for ((name, key, t), (_, _, c)) in out.iter().zip(&cpu_out) {
             let vs_ref = rel_err(t, &f[*key])?;
             let vs_cpu = rel_err(t, c)?;
@@ -1800,6 +1868,7 @@ pub fn run_bench_gpu_parity(a: BenchGpuParityArgs) -> anyhow::Result<ExitCode> {
                     "add_rms_norm": pairuni_model::layer_kernels::ADD_NORM.report(),
                     "silu_mul": pairuni_model::layer_kernels::SILU_MUL.report(),
                     "rope_store": pairuni_model::layer_kernels::ROPE_STORE.report(),
+                    "conv": pairuni_model::conv_kernel::IM2COL.report(),
                 },
             })
         );
@@ -1878,9 +1947,11 @@ mod tests {
             compare_sharing: false,
             compare_attention_kernel: false,
             compare_layer_kernels: false,
+            compare_conv_kernel: false,
             profile_phases: Vec::new(),
             attention_kernel: Toggle::Auto,
             layer_kernels: Toggle::Auto,
+            conv_kernel: Toggle::Auto,
             fused_training: Toggle::Auto,
             json: true,
         }
