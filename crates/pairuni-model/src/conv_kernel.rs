@@ -233,7 +233,7 @@ pub fn conv2d(x: &Tensor, conv: &Conv2d) -> Result<Tensor> {
 /// has no instantiation for, sizes past its 32-bit indices).
 #[cfg(feature = "cuda")]
 fn launch_im2col(x: &Tensor, s: &Im2ColShape) -> Result<Option<Tensor>> {
-    use crate::nvrtc::Operand;
+    use crate::nvrtc::{wrap, Operand};
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::DType;
 
@@ -320,18 +320,6 @@ fn ptx() -> Result<&'static str> {
     static PTX: std::sync::OnceLock<std::result::Result<String, String>> =
         std::sync::OnceLock::new();
     crate::nvrtc::ptx(&PTX, SOURCE).map_err(candle_core::Error::Msg)
-}
-
-/// A fresh CUDA tensor of `shape` from the kernel's output buffer.
-#[cfg(feature = "cuda")]
-fn wrap<T: candle_core::cuda_backend::CudaDType>(
-    slice: candle_core::cuda_backend::cudarc::driver::CudaSlice<T>,
-    dev: &candle_core::cuda_backend::CudaDevice,
-    shape: impl Into<candle_core::Shape>,
-) -> Tensor {
-    use candle_core::{cuda_backend::CudaStorage, op::BackpropOp, Storage};
-    let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(slice, dev.clone()));
-    Tensor::from_storage(storage, shape.into(), BackpropOp::none(), false)
 }
 
 #[cfg(test)]

@@ -493,18 +493,6 @@ fn ptx() -> candle_core::Result<&'static str> {
     crate::nvrtc::ptx(&PTX, SOURCE).map_err(candle_core::Error::Msg)
 }
 
-/// A fresh CUDA tensor of `shape` in `dtype` from the kernel's output buffer.
-#[cfg(feature = "cuda")]
-fn wrap<T: candle_core::cuda_backend::CudaDType>(
-    slice: candle_core::cuda_backend::cudarc::driver::CudaSlice<T>,
-    dev: &candle_core::cuda_backend::CudaDevice,
-    shape: &candle_core::Shape,
-) -> Tensor {
-    use candle_core::{cuda_backend::CudaStorage, op::BackpropOp, Storage};
-    let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(slice, dev.clone()));
-    Tensor::from_storage(storage, shape.clone(), BackpropOp::none(), false)
-}
-
 #[cfg(feature = "cuda")]
 fn launch_add_rms_norm(
     h: &Tensor,
@@ -512,7 +500,7 @@ fn launch_add_rms_norm(
     w: &Tensor,
     eps: f64,
 ) -> candle_core::Result<Option<(Tensor, Tensor)>> {
-    use crate::nvrtc::Operand;
+    use crate::nvrtc::{wrap, Operand};
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 
     let candle_core::Device::Cuda(dev) = h.device() else {
@@ -562,7 +550,7 @@ fn launch_add_rms_norm(
             // SAFETY: the arguments match the kernel's signature; h and a hold `n` contiguous elements from their
             // offsets and w `cols`, and the outputs `n` each.
             unsafe { builder.launch(cfg) }.map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-            (wrap(sum, dev, h.shape()), wrap(out, dev, h.shape()))
+            (wrap(sum, dev, h.shape().clone()), wrap(out, dev, h.shape().clone()))
         }};
     }
     Ok(Some(match h.dtype() {
@@ -573,7 +561,7 @@ fn launch_add_rms_norm(
 
 #[cfg(feature = "cuda")]
 fn launch_silu_mul(g: &Tensor, u: &Tensor) -> candle_core::Result<Option<Tensor>> {
-    use crate::nvrtc::Operand;
+    use crate::nvrtc::{wrap, Operand};
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 
     let candle_core::Device::Cuda(dev) = g.device() else {
@@ -613,7 +601,7 @@ fn launch_silu_mul(g: &Tensor, u: &Tensor) -> candle_core::Result<Option<Tensor>
             // SAFETY: the arguments match the kernel's signature; g, u and the output hold `n` contiguous
             // elements from their offsets.
             unsafe { builder.launch(cfg) }.map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-            wrap(out, dev, g.shape())
+            wrap(out, dev, g.shape().clone())
         }};
     }
     Ok(Some(match g.dtype() {
@@ -630,7 +618,7 @@ fn launch_rope_store(
     (kb, vb): (&Tensor, &Tensor),
     col: &Tensor,
 ) -> candle_core::Result<Option<(Tensor, Tensor)>> {
-    use crate::nvrtc::Operand;
+    use crate::nvrtc::{wrap, Operand};
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 
     let candle_core::Device::Cuda(dev) = q.device() else {
@@ -720,8 +708,8 @@ fn launch_rope_store(
             // writes them.
             unsafe { builder.launch(cfg) }.map_err(|e| candle_core::Error::Msg(e.to_string()))?;
             (
-                wrap(q_out, dev, q.shape()),
-                wrap(k_out, dev, k.shape()),
+                wrap(q_out, dev, q.shape().clone()),
+                wrap(k_out, dev, k.shape().clone()),
             )
         }};
     }

@@ -352,6 +352,18 @@ impl<'a> Operand<'a> {
     }
 }
 
+/// A fresh CUDA tensor of `shape` holding a kernel's output buffer (outside autograd).
+#[cfg(feature = "cuda")]
+pub fn wrap<T: candle_core::cuda_backend::CudaDType>(
+    slice: candle_core::cuda_backend::cudarc::driver::CudaSlice<T>,
+    dev: &candle_core::cuda_backend::CudaDevice,
+    shape: impl Into<candle_core::Shape>,
+) -> Tensor {
+    use candle_core::{cuda_backend::CudaStorage, op::BackpropOp, Storage};
+    let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(slice, dev.clone()));
+    Tensor::from_storage(storage, shape.into(), BackpropOp::none(), false)
+}
+
 /// Whether `device`'s stream is being captured into a CUDA graph (never on other devices).
 #[cfg(feature = "cuda")]
 pub fn capturing(device: &candle_core::Device) -> candle_core::Result<bool> {
