@@ -417,7 +417,7 @@ impl GrpoTrainer {
             // One pass: its pieces scored, its loss and (when finite) its gradients. Statistics are kept per piece
             // and summed by the merge in piece order, as a single thread sums them.
             let run_pass = |k: usize| -> Result<PassOutcome, TrainError> {
-                let mut out = PassOutcome::default();
+                let (mut pieces_stats, mut first_logprobs) = (Vec::new(), Vec::new());
                 let mut scored = Vec::with_capacity(passes[k].len());
                 for &i in &passes[k] {
                     let piece = &pieces[i];
@@ -425,14 +425,14 @@ impl GrpoTrainer {
                     let old_lp = match &old_before[i] {
                         Some(o) => o.clone(),
                         None => {
-                            out.first_logprobs.push((i, lp.detach()));
+                            first_logprobs.push((i, lp.detach()));
                             lp.detach()
                         }
                     };
                     let adv = piece.advantages(b, &dev)?;
                     let (l, s, kl) = modality_loss(&lp, &old_lp, &adv, refs[i].as_ref(), cfg)?;
                     let entropy = first.then_some(&ent);
-                    out.pieces.push(PieceStats {
+                    pieces_stats.push(PieceStats {
                         text: piece.text,
                         kl: kl.is_some(),
                         entropy: entropy.is_some(),
@@ -462,11 +462,14 @@ impl GrpoTrainer {
                 // The backward is queued before anything is read back, and the pass reads nothing: the loss
                 // and statistics come back in one transfer on the merging thread, which drops the gradients
                 // of a non-finite loss.
-                let mut own = GradStore::default();
-                accumulate_grads(&mut own, loss.backward()?, &vars)?;
-                out.grads = Some(own);
-                out.loss = Some(loss.detach());
-                Ok(out)
+                let mut grads = GradStore::default();
+                accumulate_grads(&mut grads, loss.backward()?, &vars)?;
+                Ok(PassOutcome {
+                    loss: loss.detach(),
+                    grads,
+                    pieces: pieces_stats,
+                    first_logprobs,
+                })
             };
             run_in_order(
                 passes.len(),
@@ -495,9 +498,7 @@ impl GrpoTrainer {
                     for (i, lp) in out.first_logprobs {
                         old[i] = Some(lp);
                     }
-                    if let Some(g) = out.grads {
-                        accumulate_grads(&mut grads, g, &vars)?;
-                    }
+                    accumulate_grads(&mut grads, out.grads, &vars)?;
                     Ok(Merged::Continue)
                 },
             )?;
@@ -733,12 +734,11 @@ fn piece_sums(
 }
 
 /// What one pass of an update hands to the merge.
-#[derive(Default)]
 struct PassOutcome {
     /// The pass's loss (its share of the batch's loss), on the device.
-    loss: Option<Tensor>,
+    loss: Tensor,
     /// The trained variables' gradients (dropped by the merge when the loss is not finite).
-    grads: Option<GradStore>,
+    grads: GradStore,
     /// What each of the pass's pieces computed, in order.
     pieces: Vec<PieceStats>,
     /// The first update's log-probs of each piece (the old log-probs of the later updates).
@@ -748,13 +748,12 @@ struct PassOutcome {
 impl PassOutcome {
     /// The loss and each piece's sums ([`piece_sums`]), read back in one transfer.
     fn read(&self) -> Result<(f32, Vec<[f32; 5]>), TrainError> {
-        let loss = self.loss.as_ref().expect("a pass sets its loss");
-        let mut parts = vec![loss.to_dtype(DType::F32)?.reshape(1)?];
+        let mut parts = vec![self.loss.to_dtype(DType::F32)?.reshape(1)?];
         parts.extend(self.pieces.iter().map(|p| p.sums.clone()));
         let values = Tensor::cat(&parts, 0)?.to_vec1::<f32>()?;
         let sums = values[1..]
             .chunks_exact(5)
-            .map(|c| c.try_into().expect("five sums"))
+            .map(|c| [c[0], c[1], c[2], c[3], c[4]])
             .collect();
         Ok((values[0], sums))
     }
