@@ -375,23 +375,22 @@ impl SftTrainer {
             passes.len(),
             concurrent_passes(cfg.concurrent_passes, dev),
             bind_device(dev),
-            |i| -> Result<(f32, Option<GradStore>), TrainError> {
+            // A pass reads nothing back (as PairGRPO's): its backward is queued at once, and the merge reads the
+            // loss and drops the gradients of a non-finite one.
+            |i| -> Result<(Tensor, GradStore), TrainError> {
                 let p = &passes[i];
                 let sum = chunk_sum(p.text, p.rows.clone())?;
                 let nll = (sum / p.count.max(1) as f64)?.neg()?;
-                let value = nll.to_scalar::<f32>()?;
-                if !value.is_finite() {
-                    return Ok((value, None));
-                }
                 let mut own = GradStore::default();
-                accumulate_grads(&mut own, (nll * p.weight)?.backward()?, vars)?;
-                Ok((value, Some(own)))
+                accumulate_grads(&mut own, (&nll * p.weight)?.backward()?, vars)?;
+                Ok((nll.detach(), own))
             },
-            |i, (value, g)| {
-                let Some(g) = g else {
+            |i, (nll, g)| {
+                let value = nll.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
+                if !value.is_finite() {
                     nonfinite = Some(value);
                     return Ok(Merged::Stop);
-                };
+                }
                 let p = &passes[i];
                 kinds[p.kind].1 += value;
                 loss += value * p.weight as f32;
