@@ -1093,6 +1093,50 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
             "  grad norm        {:>10.4}  ({}/{} trained tensors got a gradient)",
             out.grad_norm, out.params_with_grad, out.params_trained
         );
+        println!(
+            "  gradients start from: {}",
+            result["grad_accumulation"].as_str().unwrap_or("?")
+        );
+        // Each hand-written kernel asked for: its state after the step (the JSON has the check's difference).
+        let kernels = [
+            (
+                "attention kernel",
+                model.attention_kernel(),
+                "attention_kernel_report",
+            ),
+            (
+                "layer kernels",
+                model.layer_kernels(),
+                "layer_kernels_status",
+            ),
+            (
+                "conv kernel",
+                pairuni_model::conv_kernel::enabled(),
+                "conv_kernel_report",
+            ),
+        ];
+        for (name, _, key) in kernels.into_iter().filter(|k| k.1) {
+            println!("  {name}: {}", result[key]);
+        }
+        for (key, label) in [
+            ("rollout_image_other", "rollouts, graphs the other way"),
+            (
+                "attention_kernel_compare",
+                "rollouts, attention kernel the other way",
+            ),
+            (
+                "layer_kernels_compare",
+                "rollouts, layer kernels the other way",
+            ),
+            (
+                "conv_kernel_compare",
+                "decode_vq, conv kernel the other way",
+            ),
+        ] {
+            if !result[key].is_null() {
+                println!("  {label}: {}", result[key]);
+            }
+        }
     }
     if !a.json && !probe.is_null() {
         println!("  image step probe {probe}");
