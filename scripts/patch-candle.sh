@@ -36,7 +36,8 @@ if [[ -f "$patched/.pairuni-patched" && "$(cat "$patched/.pairuni-patched")" == 
     echo "$patched"
     exit 0
 fi
-rm -rf "$patched"
+# A copy left by an interrupted run would make `cp -r` nest the new one inside it.
+rm -rf "$patched" "$patched.tmp"
 mkdir -p "$dest_dir"
 cp -r "$registry_src" "$patched.tmp"
 

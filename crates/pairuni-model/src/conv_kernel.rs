@@ -85,15 +85,15 @@ extern "C" __global__ void im2col_f32(const float* src, float* col, int images, 
 }
 "#;
 
-/// What the kernel is told about one chunk: input [images, channels, h, w], kernel kh × kw, padding, output
-/// ho × wo.
+/// What the kernel is told about one chunk: input [images, channels, h, w], kernel kh × kw, padding (the output
+/// size follows: [`Im2ColShape::output`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Im2ColShape {
     /// Images in the chunk.
     pub images: usize,
     /// Input channels.
     pub channels: usize,
-    /// Input height and width.
+    /// Input height.
     pub h: usize,
     /// Input width.
     pub w: usize,
