@@ -1115,8 +1115,10 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
                 "conv_kernel_report",
             ),
         ];
-        for (name, _, key) in kernels.into_iter().filter(|k| k.1) {
-            println!("  {name}: {}", result[key]);
+        for (name, on, key) in kernels {
+            if on {
+                println!("  {name}: {}", result[key]);
+            }
         }
         for (key, label) in [
             ("rollout_image_other", "rollouts, graphs the other way"),
@@ -1203,10 +1205,10 @@ const LAYER_KERNELS: Switch = (
 fn decode_with_conv_kernel_flipped(model: &Janus, images: usize) -> serde_json::Value {
     use pairuni_model::conv_kernel;
     let chosen = conv_kernel::enabled();
-    let k = model.config().vq_config.num_embeddings as u32;
+    let k = model.config().vq_config.num_embeddings.max(1);
     let n = model.image_tokens_per_image();
     let codes: Vec<Vec<u32>> = (0..images)
-        .map(|i| (0..n).map(|j| ((i * n + j) as u32 * 7919) % k).collect())
+        .map(|i| (0..n).map(|j| ((i * n + j) * 7919 % k) as u32).collect())
         .collect();
     conv_kernel::set_enabled(!chosen);
     let mut ph = Phases::on(model.device());
