@@ -274,12 +274,12 @@ fn launch_im2col(x: &Tensor, s: &Im2ColShape) -> Result<Option<Tensor>> {
         shared_mem_bytes: 0,
     };
     let ints = [s.images, s.channels, s.h, s.w, s.kh, s.kw, s.pad, ho, wo].map(|v| v as i32);
-    let (name, ptx) = match x.dtype() {
-        DType::BF16 | DType::F16 => ("im2col_u16", ptx()?),
-        DType::F32 => ("im2col_f32", ptx()?),
+    let name = match x.dtype() {
+        DType::BF16 | DType::F16 => "im2col_u16",
+        DType::F32 => "im2col_f32",
         _ => return Ok(None),
     };
-    let func = dev.get_or_load_custom_func(name, "pairuni_conv_kernel", ptx)?;
+    let func = dev.get_or_load_custom_func(name, MODULE.name(), MODULE.ptx()?)?;
     let shape = (s.images, s.rows_per_image(), pixels);
     let xo = Operand::of(&x);
     macro_rules! run {
@@ -314,13 +314,9 @@ fn launch_im2col(_: &Tensor, _: &Im2ColShape) -> Result<Option<Tensor>> {
     Ok(None)
 }
 
-/// The module's PTX, compiled once per process.
+/// The kernel's module.
 #[cfg(feature = "cuda")]
-fn ptx() -> Result<&'static str> {
-    static PTX: std::sync::OnceLock<std::result::Result<String, String>> =
-        std::sync::OnceLock::new();
-    crate::nvrtc::ptx(&PTX, SOURCE).map_err(candle_core::Error::Msg)
-}
+static MODULE: crate::nvrtc::Module = crate::nvrtc::Module::new("pairuni_conv_kernel", SOURCE);
 
 #[cfg(test)]
 mod tests {

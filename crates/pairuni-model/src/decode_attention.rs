@@ -351,10 +351,8 @@ fn reference_f32(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, rep: usize) 
 
 #[cfg(feature = "cuda")]
 fn launch(a: &LaunchArgs, q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    use crate::nvrtc::Operand;
+    use crate::nvrtc::{wrap, Operand};
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::CudaStorage;
-    use candle_core::{op::BackpropOp, Storage};
 
     let device_err = |e: &dyn std::fmt::Display| {
         crate::error::ModelError::Device(format!("decode attention: {e}"))
@@ -374,12 +372,9 @@ fn launch(a: &LaunchArgs, q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> 
         (_, 128) => "decode_attention_f32_4",
         _ => "decode_attention_f32_8",
     };
-    let func = {
-        static PTX: std::sync::OnceLock<std::result::Result<String, String>> =
-            std::sync::OnceLock::new();
-        let ptx = crate::nvrtc::ptx(&PTX, SOURCE).map_err(|e| device_err(&e))?;
-        dev.get_or_load_custom_func(name, "pairuni_decode_attention", ptx)?
-    };
+    static MODULE: crate::nvrtc::Module =
+        crate::nvrtc::Module::new("pairuni_decode_attention", SOURCE);
+    let func = dev.get_or_load_custom_func(name, MODULE.name(), MODULE.ptx()?)?;
 
     let n = a.rows * a.heads * a.dim;
     let shared = (a.dim + a.width + (THREADS / 32) * a.dim) * 4;
@@ -430,19 +425,13 @@ fn launch(a: &LaunchArgs, q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> 
             // SAFETY: the arguments match the kernel's signature; the strides and offsets stay inside the
             // operands' storage (LaunchArgs::of took them from their layouts).
             unsafe { builder.launch(cfg) }.map_err(|e| device_err(&e))?;
-            Storage::Cuda(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+            wrap(out, dev, (a.rows, a.heads, 1, a.dim))
         }};
     }
-    let storage = match q.dtype() {
+    Ok(match q.dtype() {
         DType::BF16 => run!(half::bf16),
         _ => run!(f32),
-    };
-    Ok(Tensor::from_storage(
-        storage,
-        (a.rows, a.heads, 1, a.dim),
-        BackpropOp::none(),
-        false,
-    ))
+    })
 }
 
 #[cfg(not(feature = "cuda"))]

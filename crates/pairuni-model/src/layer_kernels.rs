@@ -485,13 +485,9 @@ fn kernel_dtype(ts: &[&Tensor]) -> bool {
     matches!(dtype, DType::BF16 | DType::F32) && ts.iter().all(|t| t.dtype() == dtype)
 }
 
-/// The module's PTX, compiled once per process.
+/// The kernels' module.
 #[cfg(feature = "cuda")]
-fn ptx() -> candle_core::Result<&'static str> {
-    static PTX: std::sync::OnceLock<std::result::Result<String, String>> =
-        std::sync::OnceLock::new();
-    crate::nvrtc::ptx(&PTX, SOURCE).map_err(candle_core::Error::Msg)
-}
+static MODULE: crate::nvrtc::Module = crate::nvrtc::Module::new("pairuni_layer_kernels", SOURCE);
 
 #[cfg(feature = "cuda")]
 fn launch_add_rms_norm(
@@ -524,7 +520,7 @@ fn launch_add_rms_norm(
     } else {
         "add_rms_norm_f32"
     };
-    let func = dev.get_or_load_custom_func(name, "pairuni_layer_kernels", ptx()?)?;
+    let func = dev.get_or_load_custom_func(name, MODULE.name(), MODULE.ptx()?)?;
     let cfg = LaunchConfig {
         grid_dim: ((n / cols) as u32, 1, 1),
         block_dim: (norm_block(cols) as u32, 1, 1),
@@ -577,7 +573,7 @@ fn launch_silu_mul(g: &Tensor, u: &Tensor) -> candle_core::Result<Option<Tensor>
     } else {
         "silu_mul_f32"
     };
-    let func = dev.get_or_load_custom_func(name, "pairuni_layer_kernels", ptx()?)?;
+    let func = dev.get_or_load_custom_func(name, MODULE.name(), MODULE.ptx()?)?;
     const THREADS: usize = 256;
     let cfg = LaunchConfig {
         grid_dim: (n.div_ceil(THREADS).min(1 << 16) as u32, 1, 1),
@@ -633,7 +629,7 @@ fn launch_rope_store(
     } else {
         "rope_store_f32"
     };
-    let func = dev.get_or_load_custom_func(name, "pairuni_layer_kernels", ptx()?)?;
+    let func = dev.get_or_load_custom_func(name, MODULE.name(), MODULE.ptx()?)?;
     let n = a.rows * (a.heads + 2 * a.kv_heads) * (a.dim / 2);
     const THREADS: usize = 256;
     let cfg = LaunchConfig {

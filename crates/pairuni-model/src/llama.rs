@@ -619,40 +619,33 @@ impl Llama {
             layer_kernels: self.layer_kernels,
             rope_in_store: false,
         };
-        let (mut h, mut delta) = (x.clone(), None);
         let mut new_layers = Vec::with_capacity(self.layers.len());
-        for (li, layer) in self.layers.iter().enumerate() {
-            let past_kv = cache.layers.get(li);
-            let stacks = stacked.as_ref().map(|s| &s[li]);
-            let out = layer.forward(
-                &h,
-                delta.as_ref(),
-                &rope,
-                &mask,
-                kernels,
-                stacks,
-                |q, k, v| {
-                    let (stored, views) = match &plan {
-                        Some((placement, pre)) => {
-                            append_prealloc(past_kv, (k, v), past, *placement, pre.capacity)?
-                        }
-                        None => {
-                            let (k, v) = match past_kv {
-                                Some((pk, pv)) => {
-                                    (Tensor::cat(&[pk, k], 2)?, Tensor::cat(&[pv, v], 2)?)
-                                }
-                                None => (k.clone(), v.clone()),
-                            };
-                            ((k.clone(), v.clone()), (k, v))
-                        }
-                    };
-                    new_layers.push(stored);
-                    Ok((q.clone(), views.0, views.1))
-                },
-            )?;
-            (h, delta) = (out.0, Some(out.1));
-        }
-        let (_, h) = add_norm(&self.norm, &h, delta.as_ref(), kernels)?;
+        let h = self.run_layers(
+            x,
+            &rope,
+            &mask,
+            kernels,
+            stacked.as_deref(),
+            |li, q, k, v| {
+                let past_kv = cache.layers.get(li);
+                let (stored, views) = match &plan {
+                    Some((placement, pre)) => {
+                        append_prealloc(past_kv, (k, v), past, *placement, pre.capacity)?
+                    }
+                    None => {
+                        let (k, v) = match past_kv {
+                            Some((pk, pv)) => {
+                                (Tensor::cat(&[pk, k], 2)?, Tensor::cat(&[pv, v], 2)?)
+                            }
+                            None => (k.clone(), v.clone()),
+                        };
+                        ((k.clone(), v.clone()), (k, v))
+                    }
+                };
+                new_layers.push(stored);
+                Ok((q.clone(), views.0, views.1))
+            },
+        )?;
         Ok((
             h,
             KvCache {
@@ -664,6 +657,39 @@ impl Llama {
                 stacked,
             },
         ))
+    }
+
+    /// The decoder layers over `x`, then the final norm. `store(layer, q, k, v)` puts the layer's keys and values
+    /// in its cache and returns the queries with all the keys and values to attend over.
+    fn run_layers(
+        &self,
+        x: &Tensor,
+        rope: &RopeTables,
+        mask: &Tensor,
+        kernels: Kernels,
+        stacked: Option<&[StackedLayer]>,
+        mut store: impl FnMut(
+            usize,
+            &Tensor,
+            &Tensor,
+            &Tensor,
+        ) -> candle_core::Result<(Tensor, Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let (mut h, mut delta) = (x.clone(), None);
+        for (li, layer) in self.layers.iter().enumerate() {
+            let stacks = stacked.map(|s| &s[li]);
+            let out = layer.forward(
+                &h,
+                delta.as_ref(),
+                rope,
+                mask,
+                kernels,
+                stacks,
+                |q, k, v| store(li, q, k, v),
+            )?;
+            (h, delta) = (out.0, Some(out.1));
+        }
+        Ok(add_norm(&self.norm, &h, delta.as_ref(), kernels)?.1)
     }
 
     /// The stacked projections of a fused-kernel forward: the cache's own once it has them, else stacked now from

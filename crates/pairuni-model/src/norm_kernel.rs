@@ -92,10 +92,9 @@ pub(crate) fn backward(
     grad: &Tensor,
     eps: f64,
 ) -> candle_core::Result<Option<(Tensor, Tensor)>> {
-    use crate::nvrtc::Operand;
+    use crate::nvrtc::{wrap, Operand};
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::CudaStorage;
-    use candle_core::{op::BackpropOp, DType, Storage};
+    use candle_core::DType;
 
     let candle_core::Device::Cuda(dev) = x.device() else {
         return Ok(None);
@@ -116,12 +115,8 @@ pub(crate) fn backward(
     } else {
         "rms_backward_f32"
     };
-    let func = {
-        static PTX: std::sync::OnceLock<std::result::Result<String, String>> =
-            std::sync::OnceLock::new();
-        let ptx = crate::nvrtc::ptx(&PTX, SOURCE).map_err(candle_core::Error::Msg)?;
-        dev.get_or_load_custom_func(name, "pairuni_norm_kernel", ptx)?
-    };
+    static MODULE: crate::nvrtc::Module = crate::nvrtc::Module::new("pairuni_norm_kernel", SOURCE);
+    let func = dev.get_or_load_custom_func(name, MODULE.name(), MODULE.ptx()?)?;
     let threads = cols.div_ceil(32).clamp(1, 8) as u32 * 32;
     let cfg = LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
@@ -150,20 +145,14 @@ pub(crate) fn backward(
             // SAFETY: the arguments match the kernel's signature; x, w and grad are contiguous with `n`, `cols`
             // and `n` elements from their offsets, and the outputs hold `n` elements each.
             unsafe { builder.launch(cfg) }.map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-            Storage::Cuda(CudaStorage::wrap_cuda_slice(dx, dev.clone()))
+            wrap(dx, dev, x.shape().clone())
         }};
     }
     let dx = match dtype {
         DType::BF16 => run!(half::bf16),
         _ => run!(f32),
     };
-    let dx = Tensor::from_storage(dx, x.shape().clone(), BackpropOp::none(), false);
-    let gn = Tensor::from_storage(
-        Storage::Cuda(CudaStorage::wrap_cuda_slice(gn, dev.clone())),
-        (rows, cols),
-        BackpropOp::none(),
-        false,
-    );
+    let gn = wrap(gn, dev, (rows, cols));
     let dw = gn.sum(0)?.to_dtype(dtype)?.reshape(w.shape())?;
     Ok(Some((dx, dw)))
 }

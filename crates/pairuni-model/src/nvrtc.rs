@@ -48,22 +48,42 @@ pub fn source(body: &str) -> String {
     format!("{BF16_PRELUDE}{body}")
 }
 
-/// The PTX of the kernel module prelude + `body`, compiled once per process into `cache` (load a kernel from it
-/// with `CudaDevice::get_or_load_custom_func`).
+/// A kernel module: the prelude + its body, compiled by NVRTC once per process (on first use); its kernels load
+/// with `dev.get_or_load_custom_func(kernel, module.name(), module.ptx()?)`.
 #[cfg(feature = "cuda")]
-pub fn ptx(
-    cache: &'static std::sync::OnceLock<std::result::Result<String, String>>,
-    body: &str,
-) -> std::result::Result<&'static str, String> {
-    cache
-        .get_or_init(|| {
-            candle_core::cuda_backend::cudarc::nvrtc::compile_ptx(source(body))
-                .map(|p| p.to_src())
-                .map_err(|e| format!("NVRTC: {e}"))
-        })
-        .as_ref()
-        .map(String::as_str)
-        .map_err(Clone::clone)
+pub struct Module {
+    name: &'static str,
+    body: &'static str,
+    ptx: std::sync::OnceLock<std::result::Result<String, String>>,
+}
+
+#[cfg(feature = "cuda")]
+impl Module {
+    /// The module `name` of the kernels in `body` (after [`BF16_PRELUDE`]).
+    pub const fn new(name: &'static str, body: &'static str) -> Self {
+        Self {
+            name,
+            body,
+            ptx: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The name to load the module's kernels under (`CudaDevice::get_or_load_custom_func`).
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// The module's PTX; an NVRTC failure is an error (kept for later calls).
+    pub fn ptx(&self) -> candle_core::Result<&str> {
+        self.ptx
+            .get_or_init(|| {
+                candle_core::cuda_backend::cudarc::nvrtc::compile_ptx(source(self.body))
+                    .map(|p| p.to_src())
+                    .map_err(|e| format!("NVRTC ({}): {e}", self.name))
+            })
+            .as_deref()
+            .map_err(|e| candle_core::Error::Msg(e.clone()))
+    }
 }
 
 /// Whether a hand-written kernel may run in this process: it starts unchecked, its first call is checked against

@@ -145,12 +145,9 @@ pub(crate) fn launch(
     } else {
         "adamw_f32"
     };
-    let func = {
-        static PTX: std::sync::OnceLock<std::result::Result<String, String>> =
-            std::sync::OnceLock::new();
-        let ptx = pairuni_model::nvrtc::ptx(&PTX, SOURCE).map_err(candle_core::Error::Msg)?;
-        dev.get_or_load_custom_func(name, "pairuni_fused_adamw", ptx)?
-    };
+    static MODULE: pairuni_model::nvrtc::Module =
+        pairuni_model::nvrtc::Module::new("pairuni_fused_adamw", SOURCE);
+    let func = dev.get_or_load_custom_func(name, MODULE.name(), MODULE.ptx()?)?;
     const THREADS: u32 = 256;
     let blocks = n.div_ceil(THREADS as usize).min(1 << 20) as u32;
     let cfg = LaunchConfig {

@@ -208,41 +208,27 @@ impl Llama {
             _ => None,
         };
         let col_index = col.flatten_all()?;
-        let (mut h, mut delta) = (x.clone(), None);
-        for (li, (layer, (kb, vb))) in self.layers.iter().zip(&sd.layers).enumerate() {
-            let stacks = if fused {
-                sd.stacked.as_ref().map(|s| &s[li])
-            } else {
-                None
+        let stacked = if fused { sd.stacked.as_deref() } else { None };
+        let h = self.run_layers(x, &rope, &mask, kernels, stacked, |li, q, k, v| {
+            let Some((kb, vb)) = sd.layers.get(li) else {
+                candle_core::bail!("the static decode holds {} layer caches", sd.layers.len())
             };
-            let out = layer.forward(
-                &h,
-                delta.as_ref(),
-                &rope,
-                &mask,
-                kernels,
-                stacks,
-                |q, k, v| {
-                    let q = match tables {
-                        Some(tb) => crate::layer_kernels::rope_store(
-                            (q, k, v),
-                            tb,
-                            (kb, vb),
-                            &col_index,
-                            &write_at,
-                        )?,
-                        None => {
-                            kb.scatter_set(&write_at, k, 2)?;
-                            vb.scatter_set(&write_at, v, 2)?;
-                            q.clone()
-                        }
-                    };
-                    Ok((q, kb.narrow(2, 0, width)?, vb.narrow(2, 0, width)?))
-                },
-            )?;
-            (h, delta) = (out.0, Some(out.1));
-        }
-        let (_, h) = super::add_norm(&self.norm, &h, delta.as_ref(), kernels)?;
+            let q = match tables {
+                Some(tb) => crate::layer_kernels::rope_store(
+                    (q, k, v),
+                    tb,
+                    (kb, vb),
+                    &col_index,
+                    &write_at,
+                )?,
+                None => {
+                    kb.scatter_set(&write_at, k, 2)?;
+                    vb.scatter_set(&write_at, v, 2)?;
+                    q.clone()
+                }
+            };
+            Ok((q, kb.narrow(2, 0, width)?, vb.narrow(2, 0, width)?))
+        })?;
         Ok(h.squeeze(1)?)
     }
 }
