@@ -17,8 +17,8 @@
 //!
 //! The values are a copy and a matmul, the same dot products as candle's im2col path in another blocking: the
 //! first call in a process compares with candle's `conv2d` (tolerance [`CHECK_TOLERANCE`]) and turns the kernel
-//! off if they differ. Inference only (no backward): the VQ is frozen. [`emulate_im2col`] is the kernel's index
-//! arithmetic on the host.
+//! off if they differ. Inference only (no backward): the VQ is frozen. The tests run the kernel's source on the CPU
+//! ([`crate::kernel_emulator`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -119,33 +119,6 @@ impl Im2ColShape {
     }
 }
 
-/// The kernel's arithmetic on the host: the columns of `src` [images, channels, h, w] (contiguous), as the kernel
-/// writes them.
-pub fn emulate_im2col(src: &[f32], s: &Im2ColShape) -> Vec<f32> {
-    let Some((ho, wo)) = s.output() else {
-        return Vec::new();
-    };
-    let (taps, pixels) = (s.kh * s.kw, ho * wo);
-    let rows = s.images * s.rows_per_image();
-    let mut col = vec![0f32; rows * pixels];
-    for row in 0..rows {
-        let (img, k) = (row / s.rows_per_image(), row % s.rows_per_image());
-        let (c, tap) = (k / taps, k % taps);
-        let (dy, dx) = (
-            (tap / s.kw) as isize - s.pad as isize,
-            (tap % s.kw) as isize - s.pad as isize,
-        );
-        let plane = &src[(img * s.channels + c) * s.h * s.w..][..s.h * s.w];
-        for m in 0..pixels {
-            let (y, x) = ((m / wo) as isize + dy, (m % wo) as isize + dx);
-            if (0..s.h as isize).contains(&y) && (0..s.w as isize).contains(&x) {
-                col[row * pixels + m] = plane[y as usize * s.w + x as usize];
-            }
-        }
-    }
-    col
-}
-
 /// Images per chunk whose columns (`bytes_per_image` each) stay under `max_bytes`; at least one.
 pub fn images_per_chunk(bytes_per_image: usize, max_bytes: usize) -> usize {
     (max_bytes / bytes_per_image.max(1)).max(1)
@@ -229,93 +202,71 @@ pub fn conv2d(x: &Tensor, conv: &Conv2d) -> Result<Tensor> {
     )
 }
 
-/// The columns of `x` [n, C, H, W] through the kernel; `None` where it does not apply (not CUDA, a dtype it
-/// has no instantiation for, sizes past its 32-bit indices).
-#[cfg(feature = "cuda")]
-fn launch_im2col(x: &Tensor, s: &Im2ColShape) -> Result<Option<Tensor>> {
-    use crate::nvrtc::{wrap, Operand};
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+/// The kernel's launch for the columns of `x` [n, C, H, W] (contiguous): its output is [n, C·kh·kw, Ho·Wo].
+/// `None` where it does not apply (a dtype it has no instantiation for, sizes past its 32-bit indices).
+pub fn im2col_launch<'a>(x: &'a Tensor, s: &Im2ColShape) -> Option<crate::nvrtc::Launch<'a>> {
+    use crate::nvrtc::Arg;
     use candle_core::DType;
-
-    let candle_core::Device::Cuda(dev) = x.device() else {
-        return Ok(None);
-    };
-    let Some((ho, wo)) = s.output() else {
-        return Ok(None);
-    };
+    let (ho, wo) = s.output()?;
     let pixels = ho * wo;
     let fits = |v: usize| v <= i32::MAX as usize;
-    if ![
+    let sizes = [
         s.images,
         s.channels,
         s.h * s.w,
         s.kh * s.kw,
         s.rows_per_image(),
         pixels,
-    ]
-    .into_iter()
-    .all(fits)
+    ];
+    if !sizes.into_iter().all(fits)
+        || !x.is_contiguous()
+        || x.dims() != [s.images, s.channels, s.h, s.w]
     {
-        return Ok(None);
+        return None;
     }
-    let x = x.contiguous()?;
+    let kernel = match x.dtype() {
+        DType::BF16 | DType::F16 => "im2col_u16",
+        DType::F32 => "im2col_f32",
+        _ => return None,
+    };
     let rows = s.images * s.rows_per_image();
-    let n = rows * pixels;
     const THREADS: usize = 256;
-    let cfg = LaunchConfig {
+    let mut args = vec![
+        Arg::Input(x),
+        Arg::Output(x.dtype(), (s.images, s.rows_per_image(), pixels).into()),
+    ];
+    args.extend(
+        [s.images, s.channels, s.h, s.w, s.kh, s.kw, s.pad, ho, wo].map(|v| Arg::I32(v as i32)),
+    );
+    Some(crate::nvrtc::Launch {
+        kernel,
         // Enough blocks along a row for its pixels (a few per thread at 384²), rows across grid.y (≤ 65,535;
         // the kernel loops past it).
-        grid_dim: (
+        grid: (
             pixels.div_ceil(THREADS).clamp(1, 64) as u32,
             rows.clamp(1, 65_535) as u32,
             1,
         ),
-        block_dim: (THREADS as u32, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let ints = [s.images, s.channels, s.h, s.w, s.kh, s.kw, s.pad, ho, wo].map(|v| v as i32);
-    let name = match x.dtype() {
-        DType::BF16 | DType::F16 => "im2col_u16",
-        DType::F32 => "im2col_f32",
-        _ => return Ok(None),
-    };
-    let func = dev.get_or_load_custom_func(name, MODULE.name(), MODULE.ptx()?)?;
-    let shape = (s.images, s.rows_per_image(), pixels);
-    let xo = Operand::of(&x);
-    macro_rules! run {
-        ($t:ty) => {{
-            let Some(src) = xo.view::<$t>()? else {
-                return Ok(None);
-            };
-            // SAFETY: the kernel writes every element of the columns.
-            let col = unsafe { dev.alloc::<$t>(n)? };
-            let mut builder = func.builder();
-            builder.arg(&src);
-            builder.arg(&col);
-            for v in &ints {
-                builder.arg(v);
-            }
-            // SAFETY: the arguments match the kernel's signature (the 16-bit types are read as raw words of the
-            // same size); the input holds images × channels × h × w contiguous elements from its offset and the
-            // columns `n`.
-            unsafe { builder.launch(cfg) }.map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-            wrap(col, dev, shape)
-        }};
-    }
-    Ok(Some(match x.dtype() {
-        DType::BF16 => run!(half::bf16),
-        DType::F16 => run!(half::f16),
-        _ => run!(f32),
-    }))
+        block: (THREADS as u32, 1, 1),
+        shared_bytes: 0,
+        args,
+    })
 }
 
-#[cfg(not(feature = "cuda"))]
-fn launch_im2col(_: &Tensor, _: &Im2ColShape) -> Result<Option<Tensor>> {
-    Ok(None)
+/// The columns of `x` [n, C, H, W] through the kernel; `None` where it does not apply (not CUDA, or as
+/// [`im2col_launch`] says).
+fn launch_im2col(x: &Tensor, s: &Im2ColShape) -> Result<Option<Tensor>> {
+    if !x.device().is_cuda() {
+        return Ok(None);
+    }
+    let x = x.contiguous()?;
+    let Some(launch) = im2col_launch(&x, s) else {
+        return Ok(None);
+    };
+    Ok(MODULE.launch(&launch)?.and_then(|mut out| out.pop()))
 }
 
 /// The kernel's module.
-#[cfg(feature = "cuda")]
 static MODULE: crate::nvrtc::Module = crate::nvrtc::Module::new("pairuni_conv_kernel", SOURCE);
 
 #[cfg(test)]
@@ -350,16 +301,13 @@ mod tests {
         Conv2d::new(w, b, cfg)
     }
 
-    /// The host emulation's columns, as the CPU stand-in for the kernel.
+    /// The kernel's columns, run on the CPU by the emulator.
     fn emulated(x: &Tensor, s: &Im2ColShape) -> Result<Option<Tensor>> {
-        let (ho, wo) = s.output().expect("fits");
-        let v = x.flatten_all()?.to_vec1::<f32>()?;
-        let col = emulate_im2col(&v, s);
-        Ok(Some(Tensor::from_vec(
-            col,
-            (s.images, s.rows_per_image(), ho * wo),
-            x.device(),
-        )?))
+        let x = x.contiguous()?;
+        let launch = im2col_launch(&x, s).expect("the kernel takes it");
+        let out = crate::kernel_emulator::emulate(SOURCE, &launch)
+            .unwrap_or_else(|e| panic!("{s:?}: {e}"));
+        Ok(out.outputs.into_iter().next())
     }
 
     fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -422,10 +370,10 @@ mod tests {
     }
 
     #[test]
-    fn emulated_columns_follow_the_weight_order_and_pad_with_zeros() {
+    fn the_kernels_columns_follow_the_weight_order_and_pad_with_zeros() {
         // One image, two channels of 2×2, a 3×3 kernel with padding 1: row c·9 + dy·3 + dx holds the image
-        // shifted by (dy − 1, dx − 1), zero where that falls outside.
-        let src = [1., 2., 3., 4., 10., 20., 30., 40.];
+        // shifted by (dy − 1, dx − 1), zero where that falls outside; in f32 and as raw 16-bit words.
+        let src = [1f32, 2., 3., 4., 10., 20., 30., 40.];
         let s = Im2ColShape {
             images: 1,
             channels: 2,
@@ -435,14 +383,40 @@ mod tests {
             kw: 3,
             pad: 1,
         };
-        let col = emulate_im2col(&src, &s);
-        assert_eq!(col.len(), 18 * 4);
-        let row = |r: usize| &col[r * 4..r * 4 + 4];
-        assert_eq!(row(4), &[1., 2., 3., 4.]); // centre tap of channel 0
-        assert_eq!(row(0), &[0., 0., 0., 1.]); // up-left: only the last pixel sees (0, 0)
-        assert_eq!(row(8), &[4., 0., 0., 0.]); // down-right
-        assert_eq!(row(9 + 4), &[10., 20., 30., 40.]); // centre tap of channel 1
-        assert_eq!(row(9 + 5), &[20., 0., 40., 0.]); // right neighbour
+        for dtype in [DType::F32, DType::BF16] {
+            let x = Tensor::from_vec(src.to_vec(), (1, 2, 2, 2), &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let col = emulated(&x, &s).unwrap().unwrap();
+            assert_eq!(col.dims(), [1, 18, 4]);
+            let col = col
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let row = |r: usize| &col[r * 4..r * 4 + 4];
+            assert_eq!(row(4), &[1., 2., 3., 4.]); // centre tap of channel 0
+            assert_eq!(row(0), &[0., 0., 0., 1.]); // up-left: only the last pixel sees (0, 0)
+            assert_eq!(row(8), &[4., 0., 0., 0.]); // down-right
+            assert_eq!(row(9 + 4), &[10., 20., 30., 40.]); // centre tap of channel 1
+            assert_eq!(row(9 + 5), &[20., 0., 40., 0.]); // right neighbour
+        }
+    }
+
+    #[test]
+    fn rows_longer_than_a_block_are_covered() {
+        // A row of 23 × 23 pixels is longer than a block's 256 threads: the pixel loop's second turn, against
+        // candle's convolution. (A grid of more than 65,535 rows would take too long to emulate.)
+        let (b, cin, cout, h, w) = (1, 2, 3, 23, 23);
+        let x = Tensor::from_vec(random(b * cin * h * w, 9), (b, cin, h, w), &Device::Cpu).unwrap();
+        let conv = conv_layer(cin, cout, 3, 1, false);
+        let ours = conv_by_columns(&x, &conv, MAX_COLUMN_BYTES, emulated)
+            .unwrap()
+            .unwrap();
+        assert!(max_rel_diff(&ours, &conv.forward(&x).unwrap()) < 1e-5);
     }
 
     #[test]

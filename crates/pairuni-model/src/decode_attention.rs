@@ -10,9 +10,8 @@
 //! header, so the build stays what it was. It cannot run without a GPU, so two things keep a wrong kernel from
 //! doing harm: the first call in a process (never inside a graph capture) also computes the attention in f32
 //! with candle's ops on the same inputs and compares, and turns the kernel off for the process (falling back to
-//! candle's composition) if they differ beyond bf16 rounding; and
-//! [`emulate`] runs the kernel's algorithm on the host over the same launch arguments, which the tests compare
-//! with candle's composition on strided views of a cache.
+//! candle's composition) if they differ beyond bf16 rounding; and the tests run the kernel's own source on the CPU
+//! ([`crate::kernel_emulator`]) over the launch the GPU would be given, on strided views of a cache.
 
 use candle_core::{DType, Tensor};
 
@@ -23,7 +22,6 @@ pub const MAX_WIDTH: usize = 8192;
 
 /// Threads per block: eight warps (with four keys in flight per warp, enough loads to keep the cache reads near
 /// the memory's bandwidth with one block per row and head).
-#[cfg(feature = "cuda")]
 const THREADS: usize = 256;
 
 /// CUDA source of the kernel, after [`crate::nvrtc::BF16_PRELUDE`] (bf16 as raw 16-bit words: no header needed).
@@ -206,37 +204,6 @@ impl LaunchArgs {
     }
 }
 
-/// The kernel's algorithm on the host, over the same arguments and the operands' whole storage (f32): the
-/// output [B, H, D] contiguous. Tests compare it with candle's composition to check the launch arguments.
-pub fn emulate(a: &LaunchArgs, q: &[f32], k: &[f32], v: &[f32], mask: &[f32]) -> Vec<f32> {
-    let mut out = vec![0f32; a.rows * a.heads * a.dim];
-    for b in 0..a.rows {
-        for h in 0..a.heads {
-            let kvh = h / a.rep;
-            let qv: Vec<f32> = (0..a.dim)
-                .map(|d| q[a.q.2 + b * a.q.0 + h * a.q.1 + d])
-                .collect();
-            let scores: Vec<f32> = (0..a.width)
-                .map(|w| {
-                    let base = a.k.3 + b * a.k.0 + kvh * a.k.1 + w * a.k.2;
-                    let dot: f32 = (0..a.dim).map(|d| qv[d] * k[base + d]).sum();
-                    dot + mask[a.mask.1 + b * a.mask.0 + w]
-                })
-                .collect();
-            let mx = scores.iter().copied().fold(f32::MIN, f32::max);
-            let e: Vec<f32> = scores.iter().map(|s| (s - mx).exp()).collect();
-            let sum: f32 = e.iter().sum();
-            for d in 0..a.dim {
-                let o: f32 = (0..a.width)
-                    .map(|w| e[w] * v[a.v.3 + b * a.v.0 + kvh * a.v.1 + w * a.v.2 + d])
-                    .sum();
-                out[(b * a.heads + h) * a.dim + d] = o / sum;
-            }
-        }
-    }
-    out
-}
-
 /// What the kernel has done in this process.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct KernelReport {
@@ -349,20 +316,22 @@ fn reference_f32(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, rep: usize) 
         .to_dtype(q.dtype())?)
 }
 
-#[cfg(feature = "cuda")]
-fn launch(a: &LaunchArgs, q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    use crate::nvrtc::{wrap, Operand};
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+/// The kernel's module.
+static MODULE: crate::nvrtc::Module = crate::nvrtc::Module::new("pairuni_decode_attention", SOURCE);
 
-    let device_err = |e: &dyn std::fmt::Display| {
-        crate::error::ModelError::Device(format!("decode attention: {e}"))
-    };
-    let candle_core::Device::Cuda(dev) = q.device() else {
-        return Err(device_err(&"not a CUDA tensor"));
-    };
+/// The kernel's launch for `a` over these operands: one block per (row, head), the output [B, H, 1, D] contiguous
+/// in the queries' dtype.
+pub fn launch_of<'a>(
+    a: &LaunchArgs,
+    q: &'a Tensor,
+    k: &'a Tensor,
+    v: &'a Tensor,
+    mask: &'a Tensor,
+) -> crate::nvrtc::Launch<'a> {
+    use crate::nvrtc::Arg;
     // One instantiation per dtype and head dimension (32 · 1, 2, 4 or 8): the loops' bounds are compile-time.
     // A fixed name per instantiation: this runs at every eager decode step, so no string is built here.
-    let name = match (q.dtype(), a.dim) {
+    let kernel = match (q.dtype(), a.dim) {
         (DType::BF16, 32) => "decode_attention_bf16_1",
         (DType::BF16, 64) => "decode_attention_bf16_2",
         (DType::BF16, 128) => "decode_attention_bf16_4",
@@ -372,73 +341,46 @@ fn launch(a: &LaunchArgs, q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> 
         (_, 128) => "decode_attention_f32_4",
         _ => "decode_attention_f32_8",
     };
-    static MODULE: crate::nvrtc::Module =
-        crate::nvrtc::Module::new("pairuni_decode_attention", SOURCE);
-    let func = dev.get_or_load_custom_func(name, MODULE.name(), MODULE.ptx()?)?;
-
-    let n = a.rows * a.heads * a.dim;
-    let shared = (a.dim + a.width + (THREADS / 32) * a.dim) * 4;
-    let cfg = LaunchConfig {
-        grid_dim: ((a.rows * a.heads) as u32, 1, 1),
-        block_dim: (THREADS as u32, 1, 1),
-        shared_mem_bytes: shared as u32,
-    };
-    let ints = [a.heads as i32, a.rep as i32, a.width as i32, a.dim as i32];
-    let longs = [
-        a.q.0 as i64,
-        a.q.1 as i64,
-        a.k.0 as i64,
-        a.k.1 as i64,
-        a.k.2 as i64,
-        a.v.0 as i64,
-        a.v.1 as i64,
-        a.v.2 as i64,
-        a.mask.0 as i64,
-        (a.heads * a.dim) as i64,
-        a.dim as i64,
+    let mut args = vec![
+        Arg::Input(q),
+        Arg::Input(k),
+        Arg::Input(v),
+        Arg::Input(mask),
+        Arg::Output(q.dtype(), (a.rows, a.heads, 1, a.dim).into()),
     ];
-    let mask_operand = Operand::of(mask);
-    let Some(mask_slice) = mask_operand.view::<f32>()? else {
-        return Err(device_err(&"mask is not on the GPU"));
-    };
-
-    macro_rules! run {
-        ($t:ty) => {{
-            let (qo, ko, vo) = (Operand::of(q), Operand::of(k), Operand::of(v));
-            let (Some(qv), Some(kv), Some(vv)) = (qo.view::<$t>()?, ko.view::<$t>()?, vo.view::<$t>()?) else {
-                return Err(device_err(&"operands are not on the GPU"));
-            };
-            // SAFETY: every element is written by the kernel below.
-            let out = unsafe { dev.alloc::<$t>(n)? };
-            let mut builder = func.builder();
-            builder.arg(&qv);
-            builder.arg(&kv);
-            builder.arg(&vv);
-            builder.arg(&mask_slice);
-            builder.arg(&out);
-            for x in &ints {
-                builder.arg(x);
-            }
-            for x in &longs {
-                builder.arg(x);
-            }
-            // SAFETY: the arguments match the kernel's signature; the strides and offsets stay inside the
-            // operands' storage (LaunchArgs::of took them from their layouts).
-            unsafe { builder.launch(cfg) }.map_err(|e| device_err(&e))?;
-            wrap(out, dev, (a.rows, a.heads, 1, a.dim))
-        }};
+    args.extend([a.heads, a.rep, a.width, a.dim].map(|x| Arg::I32(x as i32)));
+    args.extend(
+        [
+            a.q.0,
+            a.q.1,
+            a.k.0,
+            a.k.1,
+            a.k.2,
+            a.v.0,
+            a.v.1,
+            a.v.2,
+            a.mask.0,
+            a.heads * a.dim,
+            a.dim,
+        ]
+        .map(|x| Arg::I64(x as i64)),
+    );
+    crate::nvrtc::Launch {
+        kernel,
+        grid: ((a.rows * a.heads) as u32, 1, 1),
+        block: (THREADS as u32, 1, 1),
+        shared_bytes: ((a.dim + a.width + (THREADS / 32) * a.dim) * 4) as u32,
+        args,
     }
-    Ok(match q.dtype() {
-        DType::BF16 => run!(half::bf16),
-        _ => run!(f32),
-    })
 }
 
-#[cfg(not(feature = "cuda"))]
-fn launch(_: &LaunchArgs, _: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor) -> Result<Tensor> {
-    Err(crate::error::ModelError::Device(
-        "decode attention kernel: built without CUDA".into(),
-    ))
+fn launch(a: &LaunchArgs, q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    match MODULE.launch(&launch_of(a, q, k, v, mask))? {
+        Some(mut out) => Ok(out.remove(0)),
+        None => Err(crate::error::ModelError::Device(
+            "decode attention: operands are not on a CUDA device".into(),
+        )),
+    }
 }
 
 #[cfg(test)]
@@ -466,25 +408,16 @@ mod tests {
             .unwrap()
     }
 
-    fn storage(t: &Tensor) -> Vec<f32> {
-        let (st, _) = t.storage_and_layout();
-        match &*st {
-            candle_core::Storage::Cpu(c) => c.as_slice::<f32>().unwrap().to_vec(),
-            _ => unreachable!("CPU tensors only"),
-        }
-    }
-
-    #[test]
-    fn the_launch_arguments_follow_strided_cache_views() {
-        // A preallocated cache [B, KVH, capacity, D] read up to `width`, grouped heads, a sliced mask buffer
-        // with masked keys, and a query view out of a wider buffer: every stride and offset is exercised.
-        let (b, kvh, rep, cap, width, dim) = (3, 2, 2, 12, 7, 64);
-        let kbuf = filled(&[b, kvh, cap, dim], 1);
-        let vbuf = filled(&[b, kvh, cap, dim], 2);
-        let k = kbuf.narrow(2, 0, width).unwrap();
-        let v = vbuf.narrow(2, 0, width).unwrap();
-        let qbuf = filled(&[b, kvh * rep, 3, dim], 3);
-        let q = qbuf.narrow(2, 1, 1).unwrap();
+    /// A preallocated cache [B, KVH, capacity, D] read up to `width`, grouped heads, a sliced mask buffer with
+    /// masked keys, and a query view out of a wider buffer, in `dtype`: every stride and offset is exercised.
+    fn strided_case(
+        (b, kvh, rep, cap, width, dim): (usize, usize, usize, usize, usize, usize),
+        dtype: DType,
+    ) -> [Tensor; 6] {
+        let cast = |t: Tensor| t.to_dtype(dtype).unwrap();
+        let kbuf = cast(filled(&[b, kvh, cap, dim], 1));
+        let vbuf = cast(filled(&[b, kvh, cap, dim], 2));
+        let qbuf = cast(filled(&[b, kvh * rep, 3, dim], 3).affine(4.0, 0.0).unwrap());
         let mut m = vec![0f32; b * cap];
         for (i, x) in m.iter_mut().enumerate() {
             if i % 5 == 3 {
@@ -492,83 +425,96 @@ mod tests {
             }
         }
         let mbuf = Tensor::from_vec(m, (b, 1, 1, cap), &Device::Cpu).unwrap();
-        let mask = mbuf.narrow(3, 0, width).unwrap();
-        let args = LaunchArgs::of(&q, &k, &v, &mask).expect("covered");
-        assert_eq!((args.rep, args.width, args.q.2), (rep, width, dim));
-        let got = emulate(
-            &args,
-            &storage(&q),
-            &storage(&k),
-            &storage(&v),
-            &storage(&mask),
-        );
-        let want = composed(&q, &k, &v, &mask, rep)
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let max_ref = want.iter().fold(0f32, |m, x| m.max(x.abs()));
-        assert!(max_ref > 0.05, "a reference of zeros proves nothing");
-        let err = got
-            .iter()
-            .zip(&want)
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        assert!(err <= 1e-5 * max_ref.max(1.0), "max |Δ| {err}");
-        // A masked key takes no weight: moving its value changes nothing.
-        let masked_row = 0;
-        let masked_key = 3; // mask index 3 of row 0
-        let moved = vbuf
-            .slice_assign(
-                &[
-                    masked_row..masked_row + 1,
-                    0..kvh,
-                    masked_key..masked_key + 1,
-                    0..dim,
-                ],
-                &Tensor::ones((1, kvh, 1, dim), DType::F32, &Device::Cpu).unwrap(),
-            )
-            .unwrap();
-        let got2 = emulate(
-            &args,
-            &storage(&q),
-            &storage(&k),
-            &storage(&moved),
-            &storage(&mask),
-        );
-        assert_eq!(got[..rep * kvh * dim], got2[..rep * kvh * dim]);
-    }
-
-    #[test]
-    fn the_check_reference_computes_what_the_kernel_computes() {
-        let (b, kvh, rep, cap, width, dim) = (2, 2, 2, 9, 6, 32);
-        let kbuf = filled(&[b, kvh, cap, dim], 4);
-        let vbuf = filled(&[b, kvh, cap, dim], 5);
         let (k, v) = (
             kbuf.narrow(2, 0, width).unwrap(),
             vbuf.narrow(2, 0, width).unwrap(),
         );
-        let q = filled(&[b, kvh * rep, 1, dim], 6);
-        let mut m = vec![0f32; b * width];
-        m[1] = -1e30;
-        let mask = Tensor::from_vec(m, (b, 1, 1, width), &Device::Cpu).unwrap();
+        let q = qbuf.narrow(2, 1, 1).unwrap();
+        let mask = mbuf.narrow(3, 0, width).unwrap();
+        [q, k, v, mask, vbuf, kbuf]
+    }
+
+    #[test]
+    fn the_kernel_source_computes_the_f32_reference_on_strided_cache_views() {
+        // Every head size the kernel is instantiated for, widths below, at and across its 4-key steps and its
+        // eight warps' 32 keys, both dtypes.
+        for (shape, dtype, tolerance) in [
+            ((3, 2, 2, 12, 7, 64), DType::F32, 1e-5),
+            ((2, 1, 4, 40, 33, 32), DType::F32, 1e-5),
+            ((2, 2, 1, 80, 70, 128), DType::F32, 1e-5),
+            ((1, 1, 2, 6, 1, 256), DType::F32, 1e-5),
+            ((3, 2, 2, 12, 7, 64), DType::BF16, 1e-2),
+            ((2, 2, 1, 80, 70, 128), DType::BF16, 1e-2),
+        ] {
+            let [q, k, v, mask, ..] = strided_case(shape, dtype);
+            let args = LaunchArgs::of(&q, &k, &v, &mask).expect("covered");
+            assert_eq!((args.rep, args.width), (shape.2, shape.4));
+            let launch = launch_of(&args, &q, &k, &v, &mask);
+            let got = crate::kernel_emulator::emulate(SOURCE, &launch)
+                .unwrap_or_else(|e| panic!("{shape:?} {dtype:?}: {e}"));
+            let want = reference_f32(&q, &k, &v, &mask, args.rep).unwrap();
+            let max_ref = want
+                .to_dtype(DType::F32)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(max_ref > 0.05, "a reference of zeros proves nothing");
+            let err = crate::layers::rel_diff(&got.outputs[0], &want).unwrap();
+            assert!(err <= tolerance, "{shape:?} {dtype:?}: {err}");
+            // candle's composition agrees too (f32 only: its bf16 rounds the scores and probabilities).
+            if dtype == DType::F32 {
+                let c = composed(&q, &k, &v, &mask, args.rep);
+                assert!(crate::layers::rel_diff(&got.outputs[0], &c).unwrap() <= tolerance);
+            }
+        }
+    }
+
+    #[test]
+    fn a_masked_key_takes_no_weight_and_a_wrong_head_fails_the_check() {
+        let shape = (3, 2, 2, 12, 7, 64);
+        let [q, k, v, mask, vbuf, _] = strided_case(shape, DType::F32);
         let args = LaunchArgs::of(&q, &k, &v, &mask).unwrap();
-        let want = emulate(
-            &args,
-            &storage(&q),
-            &storage(&kbuf),
-            &storage(&vbuf),
-            &storage(&mask),
-        );
-        let got = reference_f32(&q, &k, &v, &mask, rep).unwrap();
-        let want = Tensor::from_vec(want, got.dims(), &Device::Cpu).unwrap();
-        assert!(crate::layers::rel_diff(&got, &want).unwrap() < 1e-5);
-        // A kernel that read the wrong head would be caught by the check's tolerance.
+        let run = |v: &Tensor| {
+            let out = crate::kernel_emulator::emulate(SOURCE, &launch_of(&args, &q, &k, v, &mask))
+                .unwrap();
+            out.outputs[0]
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        let got = run(&v);
+        // Mask index 3 of row 0 is masked: moving that key's value changes nothing in row 0.
+        let moved = vbuf
+            .slice_assign(
+                &[0..1, 0..shape.1, 3..4, 0..shape.5],
+                &Tensor::ones((1, shape.1, 1, shape.5), DType::F32, &Device::Cpu).unwrap(),
+            )
+            .unwrap();
+        let got2 = run(&moved.narrow(2, 0, shape.4).unwrap());
+        let row = shape.1 * shape.2 * shape.5;
+        assert_eq!(got[..row], got2[..row]);
+        // Moving an unmasked key does change it.
+        let moved = vbuf
+            .slice_assign(
+                &[0..1, 0..shape.1, 2..3, 0..shape.5],
+                &Tensor::ones((1, shape.1, 1, shape.5), DType::F32, &Device::Cpu).unwrap(),
+            )
+            .unwrap();
+        let got3 = run(&moved.narrow(2, 0, shape.4).unwrap());
+        assert_ne!(got[..row], got3[..row]);
+        // A kernel that read the wrong head would be caught by the first-call check's tolerance.
+        let want = reference_f32(&q, &k, &v, &mask, args.rep).unwrap();
         let wrong = Tensor::cat(
             &[want.narrow(1, 1, 3).unwrap(), want.narrow(1, 0, 1).unwrap()],
             1,
         )
         .unwrap();
-        assert!(crate::layers::rel_diff(&wrong, &got).unwrap() > CHECK_TOLERANCE);
+        assert!(crate::layers::rel_diff(&wrong, &want).unwrap() > CHECK_TOLERANCE);
     }
 
     #[test]

@@ -18,9 +18,9 @@
 //! is rounded as candle's `silu` stores it before the product, and the rotation rounds each product and sum as
 //! candle's bf16 `rope` does (where the compiler fuses one of candle's products into a multiply-add, the two can
 //! differ by one rounding). So on a GPU their values are meant to be candle's own (the first call in a process
-//! compares, and a kernel that differs by more than bf16 rounding is turned off); [`emulate_add_rms_norm`],
-//! [`emulate_silu_mul`] and [`emulate_rope_store`] are that arithmetic on the host. Sampling forwards only
-//! (candle's fused kernels, no backward).
+//! compares, and a kernel that differs by more than bf16 rounding is turned off), and the tests run their source
+//! on the CPU ([`crate::kernel_emulator`]) against candle's ops. Sampling forwards only (candle's fused kernels, no
+//! backward).
 
 use candle_core::{DType, Tensor};
 
@@ -159,69 +159,6 @@ pub fn norm_block(cols: usize) -> usize {
     }
 }
 
-fn warp_sum(lanes: &mut [f32; 32]) {
-    // The shuffle butterfly: at each distance every lane adds its partner's value from before the round.
-    let mut o = 16;
-    while o > 0 {
-        let before = *lanes;
-        for (l, v) in lanes.iter_mut().enumerate() {
-            *v += before[l ^ o];
-        }
-        o >>= 1;
-    }
-}
-
-/// The add + RMSNorm kernel's arithmetic on the host (f32 rows of `cols`): (sum, normed), with each thread's sum
-/// of squares, the butterflies and the per-thread scale as the kernel computes them.
-pub fn emulate_add_rms_norm(
-    h: &[f32],
-    a: &[f32],
-    w: &[f32],
-    cols: usize,
-    eps: f32,
-) -> (Vec<f32>, Vec<f32>) {
-    let block = norm_block(cols);
-    let sum: Vec<f32> = h.iter().zip(a).map(|(x, y)| x + y).collect();
-    let mut out = vec![0f32; sum.len()];
-    for (row, s) in sum.chunks(cols).enumerate() {
-        let mut partial = vec![0f32; block];
-        for (tid, p) in partial.iter_mut().enumerate() {
-            for c in (tid..cols).step_by(block) {
-                *p = s[c].mul_add(s[c], *p);
-            }
-        }
-        let mut warps: Vec<[f32; 32]> = partial
-            .chunks(32)
-            .map(|c| c.try_into().expect("32 lanes"))
-            .collect();
-        warps.iter_mut().for_each(warp_sum);
-        let totals: Vec<[f32; 32]> = if block > 32 {
-            // Lane l of every warp reads warp l's lane-0 sum, then all sum again.
-            let firsts: [f32; 32] = std::array::from_fn(|l| warps[l][0]);
-            let mut second = firsts;
-            warp_sum(&mut second);
-            vec![second; block / 32]
-        } else {
-            warps
-        };
-        for tid in 0..block {
-            let scale = 1.0 / (totals[tid / 32][tid % 32] / cols as f32 + eps).sqrt();
-            for c in (tid..cols).step_by(block) {
-                out[row * cols + c] = scale * s[c] * w[c];
-            }
-        }
-    }
-    (sum, out)
-}
-
-/// The SiLU · gate kernel's arithmetic on the host (f32).
-pub fn emulate_silu_mul(g: &[f32], u: &[f32]) -> Vec<f32> {
-    g.iter()
-        .zip(u)
-        .map(|(&x, &y)| x / (1.0 + (-x).exp()) * y)
-        .collect()
-}
-
 /// (h + a, RMSNorm(h + a) · w) with candle's ops: the add, then candle-nn's fused RMSNorm.
 fn composed_add_rms_norm(
     h: &Tensor,
@@ -268,7 +205,8 @@ pub(crate) fn silu_mul(g: &Tensor, u: &Tensor, kernel: bool) -> candle_core::Res
     )
 }
 
-/// What the rotary + cache write kernel is told: sizes, and the operands' element strides and start offsets.
+/// What the rotary + cache write kernel is told: sizes and the operands' element strides (each operand is
+/// passed from its start offset).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RopeStoreArgs {
     /// Rows (batch).
@@ -281,10 +219,8 @@ pub struct RopeStoreArgs {
     pub dim: usize,
     /// Row strides of the queries, keys and values (their heads follow each other, `dim` apart).
     pub row_strides: [usize; 3],
-    /// Start offsets of the queries, keys, values, and the four tables (cos q, sin q, cos k, sin k).
-    pub offsets: [usize; 7],
-    /// Cache strides (row, head, position; both caches have them) and the caches' start offsets.
-    pub cache: (usize, usize, usize, usize, usize),
+    /// Cache strides (row, head, position; both caches have them).
+    pub cache: (usize, usize, usize),
     /// Positions the caches hold: a column at or past it is not written.
     pub cache_width: usize,
 }
@@ -339,7 +275,6 @@ impl RopeStoreArgs {
         {
             return None;
         }
-        let off = |x: &Tensor| x.layout().start_offset();
         let cs = kb.stride();
         Some(Self {
             rows,
@@ -347,71 +282,10 @@ impl RopeStoreArgs {
             kv_heads,
             dim,
             row_strides: [q.stride()[0], k.stride()[0], v.stride()[0]],
-            offsets: [
-                off(q),
-                off(k),
-                off(v),
-                off(&tables.cos_q),
-                off(&tables.sin_q),
-                off(&tables.cos_k),
-                off(&tables.sin_k),
-            ],
-            cache: (cs[0], cs[1], cs[2], off(kb), off(vb)),
+            cache: (cs[0], cs[1], cs[2]),
             cache_width: kb.dims()[2],
         })
     }
-}
-
-/// The rotary + cache write kernel's arithmetic on the host, over its launch arguments and the operands' whole
-/// storage (f32): the rotated queries [B, H, D] and keys [B, KVH, D], contiguous, with the keys and values written
-/// into `kb` and `vb` at column `col`.
-pub fn emulate_rope_store(
-    a: &RopeStoreArgs,
-    (q, k, v): (&[f32], &[f32], &[f32]),
-    tables: [&[f32]; 4],
-    (kb, vb): (&mut [f32], &mut [f32]),
-    col: usize,
-) -> (Vec<f32>, Vec<f32>) {
-    let half = a.dim / 2;
-    let mut q_out = vec![0f32; a.rows * a.heads * a.dim];
-    let mut k_out = vec![0f32; a.rows * a.kv_heads * a.dim];
-    // Table `t` of row b starts at its offset + b · D/2.
-    let rotate = |x: &[f32], base: usize, (cos, sin): (usize, usize), b: usize, i: usize| {
-        let (c, s) = (
-            tables[cos][a.offsets[3 + cos] + b * half + i],
-            tables[sin][a.offsets[3 + sin] + b * half + i],
-        );
-        let (x1, x2) = (x[base + i], x[base + i + half]);
-        (x1 * c - x2 * s, x1 * s + x2 * c)
-    };
-    let (cb, ch, cw, kb_off, vb_off) = a.cache;
-    let in_cache = col < a.cache_width;
-    for b in 0..a.rows {
-        for h in 0..a.heads {
-            let base = a.offsets[0] + b * a.row_strides[0] + h * a.dim;
-            for i in 0..half {
-                let (y1, y2) = rotate(q, base, (0, 1), b, i);
-                let at = (b * a.heads + h) * a.dim;
-                (q_out[at + i], q_out[at + i + half]) = (y1, y2);
-            }
-        }
-        for h in 0..a.kv_heads {
-            let kbase = a.offsets[1] + b * a.row_strides[1] + h * a.dim;
-            let vbase = a.offsets[2] + b * a.row_strides[2] + h * a.dim;
-            let cache_at = b * cb + h * ch + col * cw;
-            for i in 0..half {
-                let (y1, y2) = rotate(k, kbase, (2, 3), b, i);
-                let at = (b * a.kv_heads + h) * a.dim;
-                (k_out[at + i], k_out[at + i + half]) = (y1, y2);
-                if in_cache {
-                    (kb[kb_off + cache_at + i], kb[kb_off + cache_at + i + half]) = (y1, y2);
-                    vb[vb_off + cache_at + i] = v[vbase + i];
-                    vb[vb_off + cache_at + i + half] = v[vbase + i + half];
-                }
-            }
-        }
-    }
-    (q_out, k_out)
 }
 
 /// A static decode step's queries rotated, with its keys rotated and written, and its values written, into the
@@ -479,29 +353,32 @@ pub(crate) fn rope_store(
 }
 
 /// Whether the kernels take these operands: all in one float dtype they have an instantiation for.
-#[cfg(feature = "cuda")]
 fn kernel_dtype(ts: &[&Tensor]) -> bool {
     let dtype = ts[0].dtype();
     matches!(dtype, DType::BF16 | DType::F32) && ts.iter().all(|t| t.dtype() == dtype)
 }
 
 /// The kernels' module.
-#[cfg(feature = "cuda")]
 static MODULE: crate::nvrtc::Module = crate::nvrtc::Module::new("pairuni_layer_kernels", SOURCE);
 
-#[cfg(feature = "cuda")]
-fn launch_add_rms_norm(
-    h: &Tensor,
-    a: &Tensor,
-    w: &Tensor,
-    eps: f64,
-) -> candle_core::Result<Option<(Tensor, Tensor)>> {
-    use crate::nvrtc::{wrap, Operand};
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+/// A kernel's bf16 or f32 instantiation, by `dtype`.
+fn instantiation(dtype: DType, bf16: &'static str, f32: &'static str) -> &'static str {
+    if dtype == DType::BF16 {
+        bf16
+    } else {
+        f32
+    }
+}
 
-    let candle_core::Device::Cuda(dev) = h.device() else {
-        return Ok(None);
-    };
+/// The add + RMSNorm kernel's launch for contiguous `h` and `a` (rows of `w`'s length) and `w`, one dtype: one
+/// block per row; its outputs are the sum and the normed sum (as `h`). `None` where it does not apply.
+pub fn add_rms_norm_launch<'a>(
+    h: &'a Tensor,
+    a: &'a Tensor,
+    w: &'a Tensor,
+    eps: f64,
+) -> Option<crate::nvrtc::Launch<'a>> {
+    use crate::nvrtc::Arg;
     let cols = w.elem_count();
     let n = h.elem_count();
     if !kernel_dtype(&[h, a, w])
@@ -511,148 +388,94 @@ fn launch_add_rms_norm(
         || cols == 0
         || cols > i32::MAX as usize
         || n / cols > u32::MAX as usize
+        || ![h, a, w].iter().all(|t| t.is_contiguous())
     {
-        return Ok(None);
+        return None;
     }
-    let (h, a, w) = (h.contiguous()?, a.contiguous()?, w.contiguous()?);
-    let name = if h.dtype() == DType::BF16 {
-        "add_rms_norm_bf16"
-    } else {
-        "add_rms_norm_f32"
-    };
-    let func = dev.get_or_load_custom_func(name, MODULE.name(), MODULE.ptx()?)?;
-    let cfg = LaunchConfig {
-        grid_dim: ((n / cols) as u32, 1, 1),
-        block_dim: (norm_block(cols) as u32, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let (cols_i, eps_f) = (cols as i32, eps as f32);
-    macro_rules! run {
-        ($t:ty) => {{
-            let (ho, ao, wo) = (Operand::of(&h), Operand::of(&a), Operand::of(&w));
-            let (Some(hv), Some(av), Some(wv)) = (ho.view::<$t>()?, ao.view::<$t>()?, wo.view::<$t>()?) else {
-                return Ok(None);
-            };
-            // SAFETY: the kernel writes every element of both outputs.
-            let (sum, out) = unsafe { (dev.alloc::<$t>(n)?, dev.alloc::<$t>(n)?) };
-            let mut builder = func.builder();
-            builder.arg(&hv);
-            builder.arg(&av);
-            builder.arg(&wv);
-            builder.arg(&sum);
-            builder.arg(&out);
-            builder.arg(&cols_i);
-            builder.arg(&eps_f);
-            // SAFETY: the arguments match the kernel's signature; h and a hold `n` contiguous elements from their
-            // offsets and w `cols`, and the outputs `n` each.
-            unsafe { builder.launch(cfg) }.map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-            (wrap(sum, dev, h.shape().clone()), wrap(out, dev, h.shape().clone()))
-        }};
-    }
-    Ok(Some(match h.dtype() {
-        DType::BF16 => run!(half::bf16),
-        _ => run!(f32),
-    }))
+    let kernel = instantiation(h.dtype(), "add_rms_norm_bf16", "add_rms_norm_f32");
+    Some(crate::nvrtc::Launch::linear(
+        kernel,
+        (n / cols) as u32,
+        norm_block(cols) as u32,
+        vec![
+            Arg::Input(h),
+            Arg::Input(a),
+            Arg::Input(w),
+            Arg::Output(h.dtype(), h.shape().clone()),
+            Arg::Output(h.dtype(), h.shape().clone()),
+            Arg::I32(cols as i32),
+            Arg::F32(eps as f32),
+        ],
+    ))
 }
 
-#[cfg(feature = "cuda")]
-fn launch_silu_mul(g: &Tensor, u: &Tensor) -> candle_core::Result<Option<Tensor>> {
-    use crate::nvrtc::{wrap, Operand};
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-
-    let candle_core::Device::Cuda(dev) = g.device() else {
-        return Ok(None);
-    };
-    let n = g.elem_count();
-    if !kernel_dtype(&[g, u]) || u.shape() != g.shape() || n == 0 {
-        return Ok(None);
-    }
-    let (g, u) = (g.contiguous()?, u.contiguous()?);
-    let name = if g.dtype() == DType::BF16 {
-        "silu_mul_bf16"
-    } else {
-        "silu_mul_f32"
-    };
-    let func = dev.get_or_load_custom_func(name, MODULE.name(), MODULE.ptx()?)?;
-    const THREADS: usize = 256;
-    let cfg = LaunchConfig {
-        grid_dim: (n.div_ceil(THREADS).min(1 << 16) as u32, 1, 1),
-        block_dim: (THREADS as u32, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let len = n as i64;
-    macro_rules! run {
-        ($t:ty) => {{
-            let (go, uo) = (Operand::of(&g), Operand::of(&u));
-            let (Some(gv), Some(uv)) = (go.view::<$t>()?, uo.view::<$t>()?) else {
-                return Ok(None);
-            };
-            // SAFETY: the kernel writes every element.
-            let out = unsafe { dev.alloc::<$t>(n)? };
-            let mut builder = func.builder();
-            builder.arg(&gv);
-            builder.arg(&uv);
-            builder.arg(&out);
-            builder.arg(&len);
-            // SAFETY: the arguments match the kernel's signature; g, u and the output hold `n` contiguous
-            // elements from their offsets.
-            unsafe { builder.launch(cfg) }.map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-            wrap(out, dev, g.shape().clone())
-        }};
-    }
-    Ok(Some(match g.dtype() {
-        DType::BF16 => run!(half::bf16),
-        _ => run!(f32),
-    }))
-}
-
-#[cfg(feature = "cuda")]
-fn launch_rope_store(
-    a: &RopeStoreArgs,
-    (q, k, v): (&Tensor, &Tensor, &Tensor),
-    tables: &crate::layers::FusedRotaryTables,
-    (kb, vb): (&Tensor, &Tensor),
-    col: &Tensor,
+fn launch_add_rms_norm(
+    h: &Tensor,
+    a: &Tensor,
+    w: &Tensor,
+    eps: f64,
 ) -> candle_core::Result<Option<(Tensor, Tensor)>> {
-    use crate::nvrtc::{wrap, Operand};
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    let (h, a, w) = (h.contiguous()?, a.contiguous()?, w.contiguous()?);
+    let Some(launch) = add_rms_norm_launch(&h, &a, &w, eps) else {
+        return Ok(None);
+    };
+    Ok(MODULE
+        .launch(&launch)?
+        .and_then(|out| <[Tensor; 2]>::try_from(out).ok())
+        .map(|[sum, normed]| (sum, normed)))
+}
 
-    let candle_core::Device::Cuda(dev) = q.device() else {
-        return Ok(None);
-    };
-    if col.dtype() != DType::U32 || col.elem_count() != 1 {
-        return Ok(None);
+/// The SiLU · gate kernel's launch for contiguous `g` and `u` of one shape and dtype: its output is as `g`.
+pub fn silu_mul_launch<'a>(g: &'a Tensor, u: &'a Tensor) -> Option<crate::nvrtc::Launch<'a>> {
+    use crate::nvrtc::Arg;
+    let n = g.elem_count();
+    if !kernel_dtype(&[g, u])
+        || u.shape() != g.shape()
+        || n == 0
+        || !g.is_contiguous()
+        || !u.is_contiguous()
+    {
+        return None;
     }
-    let col = col.contiguous()?;
-    let name = if q.dtype() == DType::BF16 {
-        "rope_store_bf16"
-    } else {
-        "rope_store_f32"
+    const THREADS: usize = 256;
+    Some(crate::nvrtc::Launch::linear(
+        instantiation(g.dtype(), "silu_mul_bf16", "silu_mul_f32"),
+        n.div_ceil(THREADS).min(1 << 16) as u32,
+        THREADS as u32,
+        vec![
+            Arg::Input(g),
+            Arg::Input(u),
+            Arg::Output(g.dtype(), g.shape().clone()),
+            Arg::I64(n as i64),
+        ],
+    ))
+}
+
+fn launch_silu_mul(g: &Tensor, u: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    let (g, u) = (g.contiguous()?, u.contiguous()?);
+    let Some(launch) = silu_mul_launch(&g, &u) else {
+        return Ok(None);
     };
-    let func = dev.get_or_load_custom_func(name, MODULE.name(), MODULE.ptx()?)?;
+    Ok(MODULE.launch(&launch)?.and_then(|mut out| out.pop()))
+}
+
+/// The rotary + cache write kernel's launch for `a` (from [`RopeStoreArgs::of`] on these operands) and the
+/// column `col` ([1], u32, contiguous): one thread per (row, head slot, i < D/2); its outputs are the rotated
+/// queries and keys (shaped as `q` and `k`), and it writes the caches in place.
+pub(crate) fn rope_store_launch<'a>(
+    a: &RopeStoreArgs,
+    (q, k, v): (&'a Tensor, &'a Tensor, &'a Tensor),
+    tables: &'a crate::layers::FusedRotaryTables,
+    (kb, vb): (&'a Tensor, &'a Tensor),
+    col: &'a Tensor,
+) -> Option<crate::nvrtc::Launch<'a>> {
+    use crate::nvrtc::Arg;
+    if col.dtype() != DType::U32 || col.elem_count() != 1 || !col.is_contiguous() {
+        return None;
+    }
     let n = a.rows * (a.heads + 2 * a.kv_heads) * (a.dim / 2);
     const THREADS: usize = 256;
-    let cfg = LaunchConfig {
-        grid_dim: (n.div_ceil(THREADS).min(1 << 16) as u32, 1, 1),
-        block_dim: (THREADS as u32, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let cache_width = a.cache_width as i32;
-    let ints = [a.rows, a.heads, a.kv_heads, a.dim].map(|x| x as i32);
-    let longs = [
-        a.row_strides[0],
-        a.row_strides[1],
-        a.row_strides[2],
-        a.cache.0,
-        a.cache.1,
-        a.cache.2,
-    ]
-    .map(|x| x as i64);
-    let col_operand = Operand::of(&col);
-    let Some(col_view) = col_operand.view::<u32>()? else {
-        return Ok(None);
-    };
-    let inputs = [
+    let mut args: Vec<Arg<'a>> = [
         q,
         k,
         v,
@@ -660,223 +483,223 @@ fn launch_rope_store(
         &tables.sin_q,
         &tables.cos_k,
         &tables.sin_k,
-    ];
-    macro_rules! run {
-        ($t:ty) => {{
-            let operands = inputs.map(Operand::of);
-            let mut views = Vec::with_capacity(operands.len());
-            for o in &operands {
-                let Some(view) = o.view::<$t>()? else {
-                    return Ok(None);
-                };
-                views.push(view);
-            }
-            let (ko, vo) = (Operand::of(kb), Operand::of(vb));
-            let (Some(kb_view), Some(vb_view)) = (ko.view::<$t>()?, vo.view::<$t>()?) else {
-                return Ok(None);
-            };
-            // SAFETY: the kernel writes every element of both outputs.
-            let (q_out, k_out) = unsafe {
-                (
-                    dev.alloc::<$t>(a.rows * a.heads * a.dim)?,
-                    dev.alloc::<$t>(a.rows * a.kv_heads * a.dim)?,
-                )
-            };
-            let mut builder = func.builder();
-            for view in &views {
-                builder.arg(view);
-            }
-            builder.arg(&q_out);
-            builder.arg(&k_out);
-            builder.arg(&kb_view);
-            builder.arg(&vb_view);
-            builder.arg(&col_view);
-            builder.arg(&cache_width);
-            for x in &ints {
-                builder.arg(x);
-            }
-            for x in &longs {
-                builder.arg(x);
-            }
-            // SAFETY: the arguments match the kernel's signature; the strides and offsets come from the operands'
-            // layouts (RopeStoreArgs::of), and the column is below the caches' width (the static decode's
-            // counter stays within its reserved steps). The caches are written in place, as candle's scatter
-            // writes them.
-            unsafe { builder.launch(cfg) }.map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-            (
-                wrap(q_out, dev, q.shape().clone()),
-                wrap(k_out, dev, k.shape().clone()),
-            )
-        }};
-    }
-    Ok(Some(match q.dtype() {
-        DType::BF16 => run!(half::bf16),
-        _ => run!(f32),
-    }))
+    ]
+    .into_iter()
+    .map(Arg::Input)
+    .collect();
+    args.extend([
+        Arg::Output(q.dtype(), q.shape().clone()),
+        Arg::Output(k.dtype(), k.shape().clone()),
+        Arg::InPlace(kb),
+        Arg::InPlace(vb),
+        Arg::Input(col),
+        Arg::I32(a.cache_width as i32),
+    ]);
+    args.extend([a.rows, a.heads, a.kv_heads, a.dim].map(|x| Arg::I32(x as i32)));
+    args.extend(
+        [
+            a.row_strides[0],
+            a.row_strides[1],
+            a.row_strides[2],
+            a.cache.0,
+            a.cache.1,
+            a.cache.2,
+        ]
+        .map(|x| Arg::I64(x as i64)),
+    );
+    Some(crate::nvrtc::Launch::linear(
+        instantiation(q.dtype(), "rope_store_bf16", "rope_store_f32"),
+        n.div_ceil(THREADS).min(1 << 16) as u32,
+        THREADS as u32,
+        args,
+    ))
 }
 
-#[cfg(not(feature = "cuda"))]
 fn launch_rope_store(
-    _: &RopeStoreArgs,
-    _: (&Tensor, &Tensor, &Tensor),
-    _: &crate::layers::FusedRotaryTables,
-    _: (&Tensor, &Tensor),
-    _: &Tensor,
+    a: &RopeStoreArgs,
+    qkv: (&Tensor, &Tensor, &Tensor),
+    tables: &crate::layers::FusedRotaryTables,
+    caches: (&Tensor, &Tensor),
+    col: &Tensor,
 ) -> candle_core::Result<Option<(Tensor, Tensor)>> {
-    Ok(None)
-}
-
-#[cfg(not(feature = "cuda"))]
-fn launch_add_rms_norm(
-    _: &Tensor,
-    _: &Tensor,
-    _: &Tensor,
-    _: f64,
-) -> candle_core::Result<Option<(Tensor, Tensor)>> {
-    Ok(None)
-}
-
-#[cfg(not(feature = "cuda"))]
-fn launch_silu_mul(_: &Tensor, _: &Tensor) -> candle_core::Result<Option<Tensor>> {
-    Ok(None)
+    let col = col.contiguous()?;
+    let Some(launch) = rope_store_launch(a, qkv, tables, caches, &col) else {
+        return Ok(None);
+    };
+    Ok(MODULE
+        .launch(&launch)?
+        .and_then(|out| <[Tensor; 2]>::try_from(out).ok())
+        .map(|[q, k]| (q, k)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernel_emulator::emulate;
     use candle_core::Device;
 
     fn tensor(v: &[f32], shape: &[usize]) -> Tensor {
         Tensor::from_vec(v.to_vec(), shape, &Device::Cpu).unwrap()
     }
 
-    fn rel(got: &[f32], want: &[f32]) -> f32 {
-        let m = want.iter().fold(0f32, |a, v| a.max(v.abs()));
-        assert!(m > 1e-3, "a reference of zeros proves nothing");
-        got.iter()
-            .zip(want)
-            .fold(0f32, |a, (p, q)| a.max((p - q).abs()))
-            / m
+    fn flat(t: &Tensor) -> Vec<f32> {
+        t.to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
     }
 
-    fn flat(t: &Tensor) -> Vec<f32> {
-        t.flatten_all().unwrap().to_vec1().unwrap()
+    /// max|Δ| / max|want|, with a guard against a reference of zeros.
+    fn rel(got: &Tensor, want: &Tensor) -> f32 {
+        let m = flat(want).iter().fold(0f32, |a, v| a.max(v.abs()));
+        assert!(m > 1e-3, "a reference of zeros proves nothing");
+        crate::layers::rel_diff(got, want).unwrap()
+    }
+
+    fn values(n: usize, seed: usize, shape: &[usize], dtype: DType) -> Tensor {
+        tensor(&crate::layers::test_values(n, seed), shape)
+            .to_dtype(dtype)
+            .unwrap()
     }
 
     #[test]
-    fn the_add_norm_kernels_arithmetic_is_candles_add_and_rms_norm() {
+    fn the_add_norm_kernel_source_computes_candles_add_and_rms_norm() {
         // Rows shorter than a block of 1024 (one warp) and longer (32 warps, two values per thread).
-        for (rows, cols) in [(3, 40), (2, 2048)] {
-            let vals = crate::layers::test_values;
-            let (h, a, w) = (vals(rows * cols, 4), vals(rows * cols, 5), vals(cols, 6));
-            let (sum, out) = emulate_add_rms_norm(&h, &a, &w, cols, 1e-6);
-            let (cs, cn) = composed_add_rms_norm(
-                &tensor(&h, &[rows, 1, cols]),
-                &tensor(&a, &[rows, 1, cols]),
-                &tensor(&w, &[cols]),
-                1e-6,
-            )
-            .unwrap();
-            assert_eq!(sum, flat(&cs), "the sum is the add's, bit for bit");
-            assert!(rel(&out, &flat(&cn)) < 1e-6, "{}", rel(&out, &flat(&cn)));
-            // A kernel that normed the unsummed input would be far off.
-            let (_, wrong) = emulate_add_rms_norm(&h, &vec![0.0; h.len()], &w, cols, 1e-6);
-            assert!(rel(&wrong, &flat(&cn)) > 0.1);
+        for dtype in [DType::F32, DType::BF16] {
+            for (rows, cols) in [(3, 40), (2, 2048)] {
+                let h = values(rows * cols, 4, &[rows, 1, cols], dtype);
+                let a = values(rows * cols, 5, &[rows, 1, cols], dtype);
+                let w = values(cols, 6, &[cols], dtype);
+                let launch = add_rms_norm_launch(&h, &a, &w, 1e-6).expect("covered");
+                let out = emulate(SOURCE, &launch)
+                    .unwrap_or_else(|e| panic!("{rows}×{cols} {dtype:?}: {e}"));
+                let (cs, cn) = composed_add_rms_norm(&h, &a, &w, 1e-6).unwrap();
+                assert_eq!(
+                    flat(&out.outputs[0]),
+                    flat(&cs),
+                    "the sum is the add's, bit for bit"
+                );
+                let tolerance = if dtype == DType::F32 { 1e-6 } else { 8e-3 };
+                let err = rel(&out.outputs[1], &cn);
+                assert!(err < tolerance, "{rows}×{cols} {dtype:?}: {err}");
+                // A kernel that normed the unsummed input would be far off.
+                let zeros = a.zeros_like().unwrap();
+                let wrong =
+                    emulate(SOURCE, &add_rms_norm_launch(&h, &zeros, &w, 1e-6).unwrap()).unwrap();
+                assert!(rel(&wrong.outputs[1], &cn) > 0.1);
+            }
         }
     }
 
     #[test]
-    fn the_silu_kernels_arithmetic_is_candles_silu_times_up() {
-        let vals = crate::layers::test_values;
-        let (g, u) = (vals(300, 7), vals(300, 8));
-        let want = (tensor(&g, &[3, 100]).silu().unwrap() * tensor(&u, &[3, 100])).unwrap();
-        assert!(rel(&emulate_silu_mul(&g, &u), &flat(&want)) < 1e-6);
+    fn the_silu_kernel_source_computes_candles_silu_times_up() {
+        for (dtype, tolerance) in [(DType::F32, 1e-6), (DType::BF16, 8e-3)] {
+            let (g, u) = (
+                values(700, 7, &[7, 100], dtype),
+                values(700, 8, &[7, 100], dtype),
+            );
+            let out = emulate(SOURCE, &silu_mul_launch(&g, &u).unwrap()).unwrap();
+            let want = (g.silu().unwrap() * &u).unwrap();
+            let err = rel(&out.outputs[0], &want);
+            assert!(err < tolerance, "{dtype:?}: {err}");
+        }
     }
 
     #[test]
-    fn the_rope_store_kernels_indexing_and_arithmetic_are_candles_rope_and_scatter() {
+    fn the_rope_store_kernel_source_computes_candles_rope_and_scatter() {
         let dev = Device::Cpu;
-        let (b, heads, kvh, d, width, col) = (3, 4, 2, 8, 6, 4);
-        let vals = crate::layers::test_values;
-        let t = |v: Vec<f32>, shape: &[usize]| Tensor::from_vec(v, shape, &dev).unwrap();
-        // q from a stacked projection's output (an offset and a row stride of its own), k and v from another.
-        let stacked_q = t(vals(2 * b * heads * d, 1), &[2, b, heads * d]);
-        let q = stacked_q.get(1).unwrap().reshape((b, 1, heads, d)).unwrap();
-        let q = q.transpose(1, 2).unwrap();
-        let stacked_kv = t(vals(2 * b * kvh * d, 2), &[2, b, kvh * d]);
-        let split = |j: usize| {
-            let x = stacked_kv.get(j).unwrap().reshape((b, 1, kvh, d)).unwrap();
-            x.transpose(1, 2).unwrap()
-        };
-        let (k, v) = (split(0), split(1));
-        // Tables with offsets (rows 1.. of a longer table).
-        let table = |seed| {
-            t(vals((b + 1) * d / 2, seed), &[b + 1, 1, d / 2])
-                .narrow(0, 1, b)
-                .unwrap()
-        };
-        let tables = crate::layers::FusedRotaryTables {
-            cos_q: table(3),
-            sin_q: table(4),
-            cos_k: table(5),
-            sin_k: table(6),
-        };
-        let cache = |seed| t(vals(b * kvh * width * d, seed), &[b, kvh, width, d]);
-        let (kb, vb) = (cache(7), cache(8));
-        let args =
-            RopeStoreArgs::of((&q, &k, &v), &tables, (&kb, &vb)).expect("the kernel covers it");
-        assert_ne!(args.offsets[0], 0, "the queries start inside their buffer");
-        assert_ne!(args.offsets[3], 0, "so does a table");
-        let storage = |x: &Tensor| {
-            let (s, _) = x.storage_and_layout();
-            match &*s {
-                candle_core::Storage::Cpu(c) => c.as_slice::<f32>().unwrap().to_vec(),
-                _ => unreachable!("CPU tensors"),
-            }
-        };
-        // The kernel's arithmetic on copies of the caches, writing at column `at`.
-        let emulate_at = |at: usize| {
-            let (mut kb_host, mut vb_host) = (storage(&kb), storage(&vb));
-            let (q_out, k_out) = emulate_rope_store(
-                &args,
-                (&storage(&q), &storage(&k), &storage(&v)),
-                [
-                    &storage(&tables.cos_q),
-                    &storage(&tables.sin_q),
-                    &storage(&tables.cos_k),
-                    &storage(&tables.sin_k),
-                ],
-                (&mut kb_host, &mut vb_host),
-                at,
+        for (dtype, tolerance) in [(DType::F32, 1e-6), (DType::BF16, 8e-3)] {
+            let (b, heads, kvh, d, width, col) = (3, 4, 2, 8, 6, 4);
+            let t = |n: usize, seed: usize, shape: &[usize]| values(n, seed, shape, dtype);
+            // q from a stacked projection's output (an offset and a row stride of its own), k and v from another.
+            let stacked_q = t(2 * b * heads * d, 1, &[2, b, heads * d]);
+            let q = stacked_q.get(1).unwrap().reshape((b, 1, heads, d)).unwrap();
+            let q = q.transpose(1, 2).unwrap();
+            let stacked_kv = t(2 * b * kvh * d, 2, &[2, b, kvh * d]);
+            let split = |j: usize| {
+                let x = stacked_kv.get(j).unwrap().reshape((b, 1, kvh, d)).unwrap();
+                x.transpose(1, 2).unwrap()
+            };
+            let (k, v) = (split(0), split(1));
+            // Tables with offsets (rows 1.. of a longer table).
+            let table = |seed| {
+                t((b + 1) * d / 2, seed, &[b + 1, 1, d / 2])
+                    .narrow(0, 1, b)
+                    .unwrap()
+            };
+            let tables = crate::layers::FusedRotaryTables {
+                cos_q: table(3),
+                sin_q: table(4),
+                cos_k: table(5),
+                sin_k: table(6),
+            };
+            assert_ne!(
+                q.layout().start_offset(),
+                0,
+                "the queries start inside their buffer"
             );
-            (q_out, k_out, kb_host, vb_host)
-        };
-        let (q_out, k_out, kb_host, vb_host) = emulate_at(col);
-        let (_, _, kb_wrong, _) = emulate_at(col - 1);
-        let (q_past, _, kb_past, vb_past) = emulate_at(width);
-        assert_eq!(q_past, q_out, "the queries do not depend on the column");
-        assert_eq!(
-            (kb_past, vb_past),
-            (storage(&kb), storage(&vb)),
-            "nothing written past the cache"
-        );
-        // candle's ops: its rotary kernel and two scatters.
-        let write_at = t(vec![col as f32; b * kvh * d], &[b, kvh, 1, d])
-            .to_dtype(DType::U32)
-            .unwrap();
-        let col_index = Tensor::new(&[col as u32], &dev).unwrap();
-        let want_q = rope_store((&q, &k, &v), &tables, (&kb, &vb), &col_index, &write_at).unwrap();
-        let want_k = crate::layers::apply_rope_fused(&k, &tables.cos_k, &tables.sin_k).unwrap();
-        assert!(rel(&q_out, &flat(&want_q)) < 1e-6, "queries");
-        assert!(rel(&k_out, &flat(&want_k)) < 1e-6, "keys");
-        assert!(
-            rel(&kb_host, &flat(&kb)) < 1e-6,
-            "the key cache, written column and all"
-        );
-        assert_eq!(vb_host, flat(&vb), "the value cache: a copy");
-        assert!(ROPE_STORE.needs_check(), "no kernel ran on the CPU");
-        // A column off by one would leave the written keys elsewhere.
-        assert!(rel(&kb_wrong, &flat(&kb)) > 0.1);
+            assert_ne!(tables.cos_q.layout().start_offset(), 0, "so does a table");
+            // The caches start inside their buffers (candle's scatter takes contiguous caches only), so the
+            // writes must land at their offset.
+            let cache = |seed| {
+                t((b + 1) * kvh * width * d, seed, &[b + 1, kvh, width, d])
+                    .narrow(0, 1, b)
+                    .unwrap()
+            };
+            let (kb, vb) = (cache(7), cache(8));
+            let args =
+                RopeStoreArgs::of((&q, &k, &v), &tables, (&kb, &vb)).expect("the kernel covers it");
+            // The kernel writing at column `at`: (q, k, the caches' storage from their offsets).
+            let run_at = |at: u32| {
+                let col = Tensor::new(&[at], &dev).unwrap();
+                let launch =
+                    rope_store_launch(&args, (&q, &k, &v), &tables, (&kb, &vb), &col).unwrap();
+                let out = emulate(SOURCE, &launch).unwrap_or_else(|e| panic!("{dtype:?}: {e}"));
+                let [q_out, k_out] = <[Tensor; 2]>::try_from(out.outputs).unwrap();
+                let [kb_out, vb_out] = <[Tensor; 2]>::try_from(out.in_place).unwrap();
+                (q_out, k_out, kb_out, vb_out)
+            };
+            let bytes = |x: &Tensor| crate::kernel_emulator::storage_bytes(x).unwrap();
+            let (kb0, vb0) = (bytes(&kb), bytes(&vb));
+            let (q_out, k_out, kb_out, vb_out) = run_at(col as u32);
+            let (q_past, _, kb_past, vb_past) = run_at(width as u32);
+            assert_eq!(
+                flat(&q_past),
+                flat(&q_out),
+                "the queries do not depend on the column"
+            );
+            assert_eq!(
+                (bytes(&kb_past), bytes(&vb_past)),
+                (kb0, vb0),
+                "nothing written past the cache"
+            );
+            // candle's ops: its rotary kernel and two scatters, into the caches themselves.
+            let write_at = Tensor::full(col as u32, (b, kvh, 1, d), &dev).unwrap();
+            let col_index = Tensor::new(&[col as u32], &dev).unwrap();
+            let want_q =
+                rope_store((&q, &k, &v), &tables, (&kb, &vb), &col_index, &write_at).unwrap();
+            let want_k = crate::layers::apply_rope_fused(&k, &tables.cos_k, &tables.sin_k).unwrap();
+            assert!(rel(&q_out, &want_q) < tolerance, "queries");
+            assert!(rel(&k_out, &want_k) < tolerance, "keys");
+            let (kb_now, vb_now) = (from_storage(&kb), from_storage(&vb));
+            assert!(
+                rel(&kb_out, &kb_now) < tolerance,
+                "the key cache, written column and all"
+            );
+            assert_eq!(flat(&vb_out), flat(&vb_now), "the value cache: a copy");
+            // A column off by one leaves the written keys elsewhere.
+            let (_, _, kb_wrong, _) = run_at(col as u32 - 1);
+            assert!(rel(&kb_wrong, &kb_now) > 0.1);
+            assert!(ROPE_STORE.needs_check(), "no kernel ran on the CPU");
+        }
+    }
+
+    /// `x`'s storage from its start offset, 1-D.
+    fn from_storage(x: &Tensor) -> Tensor {
+        let bytes = crate::kernel_emulator::storage_bytes(x).unwrap();
+        crate::kernel_emulator::tensor_from_bytes(&bytes, x.dtype()).unwrap()
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod image_codec;
 pub mod image_tokenizer;
 pub mod janus;
 pub mod janus_config;
+pub mod kernel_emulator;
 pub mod layer_kernels;
 pub(crate) mod layers;
 pub mod llama;

@@ -8,7 +8,8 @@
 //!
 //! Like the other kernels it is compiled by NVRTC from a header-free source ([`crate::nvrtc`]); its first call in a
 //! process is checked against the composed backward on the same inputs, and a mismatch or a compilation failure
-//! turns it off for the process (the composed backward runs instead). [`emulate`] is its arithmetic on the host.
+//! turns it off for the process (the composed backward runs instead). The tests run its source on the CPU
+//! ([`crate::kernel_emulator`]).
 
 use candle_core::Tensor;
 
@@ -67,140 +68,148 @@ RMS_BACKWARD(rms_backward_bf16, bf16_t)
 RMS_BACKWARD(rms_backward_f32, float)
 "#;
 
-/// The kernel's arithmetic on the host for `rows` rows of `cols` values (f32): (dx, g ⊙ n).
-pub fn emulate(x: &[f32], w: &[f32], g: &[f32], cols: usize, eps: f32) -> (Vec<f32>, Vec<f32>) {
-    let (mut dx, mut gn) = (vec![0f32; x.len()], vec![0f32; x.len()]);
-    for (row, (xr, gr)) in x.chunks(cols).zip(g.chunks(cols)).enumerate() {
-        let ss: f32 = xr.iter().map(|v| v * v).sum();
-        let r = 1.0 / (ss / cols as f32 + eps).sqrt();
-        let dot: f32 = (0..cols).map(|c| gr[c] * w[c] * (xr[c] * r)).sum::<f32>() / cols as f32;
-        for c in 0..cols {
-            let n = xr[c] * r;
-            dx[row * cols + c] = (gr[c] * w[c] - n * dot) * r;
-            gn[row * cols + c] = gr[c] * n;
-        }
+/// The kernel's module.
+static MODULE: crate::nvrtc::Module = crate::nvrtc::Module::new("pairuni_norm_kernel", SOURCE);
+
+/// The kernel's launch for contiguous `x` (rows × cols), `w` (cols) and `grad` (as `x`) of one dtype, bf16 or
+/// f32: one block per row; its outputs are dx (as `x`) and g ⊙ n ([rows, cols], f32). `None` where it does not
+/// apply.
+pub fn launch_of<'a>(
+    x: &'a Tensor,
+    w: &'a Tensor,
+    grad: &'a Tensor,
+    eps: f64,
+) -> Option<crate::nvrtc::Launch<'a>> {
+    use crate::nvrtc::Arg;
+    use candle_core::DType;
+    let dtype = x.dtype();
+    let cols = w.elem_count();
+    let n = x.elem_count();
+    if !matches!(dtype, DType::BF16 | DType::F32)
+        || w.dtype() != dtype
+        || grad.dtype() != dtype
+        || cols == 0
+        || !n.is_multiple_of(cols)
+        || grad.elem_count() != n
+        || cols > i32::MAX as usize
+        || n / cols > i32::MAX as usize
+        || ![x, w, grad].iter().all(|t| t.is_contiguous())
+    {
+        return None;
     }
-    (dx, gn)
+    let rows = n / cols;
+    let kernel = if dtype == DType::BF16 {
+        "rms_backward_bf16"
+    } else {
+        "rms_backward_f32"
+    };
+    let threads = cols.div_ceil(32).clamp(1, 8) as u32 * 32;
+    Some(crate::nvrtc::Launch::linear(
+        kernel,
+        rows as u32,
+        threads,
+        vec![
+            Arg::Input(x),
+            Arg::Input(w),
+            Arg::Input(grad),
+            Arg::Output(dtype, x.shape().clone()),
+            Arg::Output(DType::F32, (rows, cols).into()),
+            Arg::I32(cols as i32),
+            Arg::F32(eps as f32),
+        ],
+    ))
 }
 
 /// dx and dw of y = RMSNorm(x; w) for the output gradient `grad`, through the kernel: `None` where it does not
 /// apply (not a CUDA tensor, another dtype than bf16/f32, or dtypes that differ).
-#[cfg(feature = "cuda")]
 pub(crate) fn backward(
     x: &Tensor,
     w: &Tensor,
     grad: &Tensor,
     eps: f64,
 ) -> candle_core::Result<Option<(Tensor, Tensor)>> {
-    use crate::nvrtc::{wrap, Operand};
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-    use candle_core::DType;
-
-    let candle_core::Device::Cuda(dev) = x.device() else {
-        return Ok(None);
-    };
-    let dtype = x.dtype();
-    if !matches!(dtype, DType::BF16 | DType::F32) || w.dtype() != dtype || grad.dtype() != dtype {
+    if !x.device().is_cuda() {
         return Ok(None);
     }
-    let cols = w.elem_count();
-    let n = x.elem_count();
-    if cols == 0 || !n.is_multiple_of(cols) || grad.elem_count() != n || cols > i32::MAX as usize {
-        return Ok(None);
-    }
-    let rows = n / cols;
     let (x, w, grad) = (x.contiguous()?, w.contiguous()?, grad.contiguous()?);
-    let name = if dtype == DType::BF16 {
-        "rms_backward_bf16"
-    } else {
-        "rms_backward_f32"
+    let Some(launch) = launch_of(&x, &w, &grad, eps) else {
+        return Ok(None);
     };
-    static MODULE: crate::nvrtc::Module = crate::nvrtc::Module::new("pairuni_norm_kernel", SOURCE);
-    let func = dev.get_or_load_custom_func(name, MODULE.name(), MODULE.ptx()?)?;
-    let threads = cols.div_ceil(32).clamp(1, 8) as u32 * 32;
-    let cfg = LaunchConfig {
-        grid_dim: (rows as u32, 1, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: 0,
+    let Some([dx, gn]) = MODULE
+        .launch(&launch)?
+        .and_then(|out| <[Tensor; 2]>::try_from(out).ok())
+    else {
+        return Ok(None);
     };
-    let (cols_i, eps_f) = (cols as i32, eps as f32);
-    // SAFETY: the kernel writes every element of both outputs.
-    let gn = unsafe { dev.alloc::<f32>(n)? };
-    macro_rules! run {
-        ($t:ty) => {{
-            let (xo, wo, go) = (Operand::of(&x), Operand::of(&w), Operand::of(&grad));
-            let (Some(xv), Some(wv), Some(gv)) = (xo.view::<$t>()?, wo.view::<$t>()?, go.view::<$t>()?) else {
-                return Ok(None);
-            };
-            // SAFETY: the kernel writes every element.
-            let dx = unsafe { dev.alloc::<$t>(n)? };
-            let mut builder = func.builder();
-            builder.arg(&xv);
-            builder.arg(&wv);
-            builder.arg(&gv);
-            builder.arg(&dx);
-            builder.arg(&gn);
-            builder.arg(&cols_i);
-            builder.arg(&eps_f);
-            // SAFETY: the arguments match the kernel's signature; x, w and grad are contiguous with `n`, `cols`
-            // and `n` elements from their offsets, and the outputs hold `n` elements each.
-            unsafe { builder.launch(cfg) }.map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-            wrap(dx, dev, x.shape().clone())
-        }};
-    }
-    let dx = match dtype {
-        DType::BF16 => run!(half::bf16),
-        _ => run!(f32),
-    };
-    let gn = wrap(gn, dev, (rows, cols));
-    let dw = gn.sum(0)?.to_dtype(dtype)?.reshape(w.shape())?;
+    let dw = gn.sum(0)?.to_dtype(x.dtype())?.reshape(w.shape())?;
     Ok(Some((dx, dw)))
-}
-
-/// A CPU build has no kernel.
-#[cfg(not(feature = "cuda"))]
-pub(crate) fn backward(
-    _: &Tensor,
-    _: &Tensor,
-    _: &Tensor,
-    _: f64,
-) -> candle_core::Result<Option<(Tensor, Tensor)>> {
-    Ok(None)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
 
     #[test]
-    fn the_kernels_arithmetic_is_the_composed_backward() {
-        let (rows, cols, eps) = (6, 40, 1e-6);
-        let vals = crate::layers::test_values;
-        let (x, w, g) = (vals(rows * cols, 1), vals(cols, 2), vals(rows * cols, 3));
-        let xv = Var::from_vec(x.clone(), (rows, cols), &Device::Cpu).unwrap();
-        let wv = Var::from_vec(w.clone(), cols, &Device::Cpu).unwrap();
-        let gt = Tensor::from_vec(g.clone(), (rows, cols), &Device::Cpu).unwrap();
-        let y =
-            crate::trained_kernels::rms_norm(xv.as_tensor(), wv.as_tensor(), eps, true).unwrap();
-        // On the CPU the op composes its backward: the reference.
-        let grads = (y * &gt).unwrap().sum_all().unwrap().backward().unwrap();
-        let (dx, gn) = emulate(&x, &w, &g, cols, eps as f32);
-        let dw: Vec<f32> = (0..cols)
-            .map(|c| (0..rows).map(|r| gn[r * cols + c]).sum())
-            .collect();
-        let close = |got: &[f32], want: &Tensor| {
-            let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let m = want.iter().fold(0f32, |a, v| a.max(v.abs()));
-            assert!(m > 1e-3, "a reference of zeros proves nothing");
-            let d = got
-                .iter()
-                .zip(&want)
-                .fold(0f32, |a, (p, q)| a.max((p - q).abs()));
-            assert!(d / m < 1e-5, "{}", d / m);
-        };
-        close(&dx, grads.get(xv.as_tensor()).unwrap());
-        close(&dw, grads.get(wv.as_tensor()).unwrap());
+    fn the_kernel_source_computes_the_composed_backward() {
+        // Rows shorter than a warp, between, and long enough for a block's eight warps to loop; both dtypes.
+        for (rows, cols, dtype, tolerance) in [
+            (6, 40, DType::F32, 1e-5),
+            (3, 7, DType::F32, 1e-5),
+            (4, 300, DType::F32, 1e-5),
+            (2, 2048, DType::F32, 1e-5),
+            (4, 300, DType::BF16, 1e-2),
+        ] {
+            let eps = 1e-6;
+            let vals = crate::layers::test_values;
+            let cast = |t: Tensor| t.to_dtype(dtype).unwrap();
+            let x =
+                cast(Tensor::from_vec(vals(rows * cols, 1), (rows, cols), &Device::Cpu).unwrap());
+            let w = cast(Tensor::from_vec(vals(cols, 2), cols, &Device::Cpu).unwrap());
+            let g =
+                cast(Tensor::from_vec(vals(rows * cols, 3), (rows, cols), &Device::Cpu).unwrap());
+            // On the CPU the op composes its backward, in f32 from the same (rounded) values: the reference.
+            let f32v = |t: &Tensor| Var::from_tensor(&t.to_dtype(DType::F32).unwrap()).unwrap();
+            let (xv, wv) = (f32v(&x), f32v(&w));
+            let y = crate::trained_kernels::rms_norm(xv.as_tensor(), wv.as_tensor(), eps, true)
+                .unwrap();
+            let gf = g.to_dtype(DType::F32).unwrap();
+            let grads = (y * &gf).unwrap().sum_all().unwrap().backward().unwrap();
+            let launch = launch_of(&x, &w, &g, eps).expect("covered");
+            let out = crate::kernel_emulator::emulate(SOURCE, &launch)
+                .unwrap_or_else(|e| panic!("{rows}×{cols} {dtype:?}: {e}"));
+            let (dx, gn) = (&out.outputs[0], &out.outputs[1]);
+            assert_eq!((dx.dtype(), dx.dims()), (dtype, x.dims()));
+            let dw = gn.sum(0).unwrap();
+            for (got, want) in [
+                (dx, grads.get(xv.as_tensor())),
+                (&dw, grads.get(wv.as_tensor())),
+            ] {
+                let want = want.unwrap();
+                let scale = want
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(scale > 1e-3, "a reference of zeros proves nothing");
+                let err = crate::layers::rel_diff(got, want).unwrap();
+                assert!(err < tolerance, "{rows}×{cols} {dtype:?}: {err}");
+            }
+        }
         assert!(TRUST.needs_check(), "no kernel ran on the CPU");
+    }
+
+    #[test]
+    fn cases_the_kernel_does_not_take_are_left_to_candle() {
+        let x = Tensor::ones((4, 8), DType::F32, &Device::Cpu).unwrap();
+        let w = Tensor::ones(8, DType::F32, &Device::Cpu).unwrap();
+        assert!(launch_of(&x, &w, &x, 1e-6).is_some());
+        assert!(launch_of(&x.t().unwrap(), &w, &x, 1e-6).is_none());
+        assert!(launch_of(&x, &w.to_dtype(DType::BF16).unwrap(), &x, 1e-6).is_none());
+        let w3 = Tensor::ones(3, DType::F32, &Device::Cpu).unwrap();
+        assert!(launch_of(&x, &w3, &x, 1e-6).is_none());
+        assert!(backward(&x, &w, &x, 1e-6).unwrap().is_none());
     }
 }

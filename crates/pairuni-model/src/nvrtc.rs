@@ -48,22 +48,23 @@ pub fn source(body: &str) -> String {
     format!("{BF16_PRELUDE}{body}")
 }
 
-/// A kernel module: the prelude + its body, compiled by NVRTC once per process (on first use); its kernels load
-/// with `dev.get_or_load_custom_func(kernel, module.name(), module.ptx()?)`.
-#[cfg(feature = "cuda")]
+/// A kernel module: the prelude + its body, compiled by NVRTC once per process (on first use, CUDA builds only).
+/// [`Module::launch`] runs a [`Launch`] of one of its kernels; the tests run the same launches through the CPU
+/// emulator ([`crate::kernel_emulator`]).
 pub struct Module {
     name: &'static str,
     body: &'static str,
+    #[cfg(feature = "cuda")]
     ptx: std::sync::OnceLock<std::result::Result<String, String>>,
 }
 
-#[cfg(feature = "cuda")]
 impl Module {
     /// The module `name` of the kernels in `body` (after [`BF16_PRELUDE`]).
     pub const fn new(name: &'static str, body: &'static str) -> Self {
         Self {
             name,
             body,
+            #[cfg(feature = "cuda")]
             ptx: std::sync::OnceLock::new(),
         }
     }
@@ -73,7 +74,13 @@ impl Module {
         self.name
     }
 
+    /// The kernels' source after the prelude.
+    pub fn body(&self) -> &'static str {
+        self.body
+    }
+
     /// The module's PTX; an NVRTC failure is an error (kept for later calls).
+    #[cfg(feature = "cuda")]
     pub fn ptx(&self) -> candle_core::Result<&str> {
         self.ptx
             .get_or_init(|| {
@@ -83,6 +90,195 @@ impl Module {
             })
             .as_deref()
             .map_err(|e| candle_core::Error::Msg(e.clone()))
+    }
+
+    /// Launches `launch` on the CUDA device of its tensors: each [`Arg::Output`], in order; `None` when a tensor
+    /// operand is not on a CUDA device.
+    #[cfg(feature = "cuda")]
+    pub fn launch(&self, launch: &Launch) -> candle_core::Result<Option<Vec<Tensor>>> {
+        use candle_core::cuda_backend::cudarc::driver::{
+            CudaSlice, CudaView, LaunchConfig, PushKernelArg,
+        };
+        let err = |what: &str| candle_core::Error::Msg(format!("{}: {what}", launch.kernel));
+        let Some(device) = launch.tensors().next().map(Tensor::device) else {
+            return Err(err("a launch without a tensor operand"));
+        };
+        let candle_core::Device::Cuda(dev) = device else {
+            return Ok(None);
+        };
+        let func = dev.get_or_load_custom_func(launch.kernel, self.name, self.ptx()?)?;
+        let operands: Vec<Option<Operand>> = launch
+            .args
+            .iter()
+            .map(|a| match a {
+                Arg::Input(t) | Arg::InPlace(t) => Some(Operand::of(t)),
+                _ => None,
+            })
+            .collect();
+        // One variant per buffer type the kernels take: cudarc's argument builder is typed per push.
+        enum Pushed<'v> {
+            Bf16(CudaView<'v, half::bf16>),
+            F16(CudaView<'v, half::f16>),
+            F32(CudaView<'v, f32>),
+            U32(CudaView<'v, u32>),
+            NewBf16(CudaSlice<half::bf16>),
+            NewF16(CudaSlice<half::f16>),
+            NewF32(CudaSlice<f32>),
+            NewU32(CudaSlice<u32>),
+            Int(i32),
+            Long(i64),
+            Uint(u32),
+            Float(f32),
+            Null(u64),
+        }
+        let mut pushed = Vec::with_capacity(launch.args.len());
+        for (arg, operand) in launch.args.iter().zip(&operands) {
+            macro_rules! view {
+                ($o:expr, $variant:ident, $t:ty) => {
+                    match $o.view::<$t>()? {
+                        Some(v) => Pushed::$variant(v),
+                        None => return Ok(None),
+                    }
+                };
+            }
+            pushed.push(match (arg, operand) {
+                (Arg::Input(t) | Arg::InPlace(t), Some(o)) => match t.dtype() {
+                    DType::BF16 => view!(o, Bf16, half::bf16),
+                    DType::F16 => view!(o, F16, half::f16),
+                    DType::F32 => view!(o, F32, f32),
+                    DType::U32 => view!(o, U32, u32),
+                    d => return Err(err(&format!("no kernel takes {d:?} buffers"))),
+                },
+                (Arg::Output(dtype, shape), _) => {
+                    let n = shape.elem_count();
+                    // SAFETY: a kernel writes every element of each output it is given (the emulator's tests
+                    // check that no element is left as it was allocated).
+                    unsafe {
+                        match dtype {
+                            DType::BF16 => Pushed::NewBf16(dev.alloc::<half::bf16>(n)?),
+                            DType::F16 => Pushed::NewF16(dev.alloc::<half::f16>(n)?),
+                            DType::F32 => Pushed::NewF32(dev.alloc::<f32>(n)?),
+                            DType::U32 => Pushed::NewU32(dev.alloc::<u32>(n)?),
+                            d => return Err(err(&format!("no kernel writes {d:?} buffers"))),
+                        }
+                    }
+                }
+                (Arg::Null(_), _) => Pushed::Null(0),
+                (Arg::I32(x), _) => Pushed::Int(*x),
+                (Arg::I64(x), _) => Pushed::Long(*x),
+                (Arg::U32(x), _) => Pushed::Uint(*x),
+                (Arg::F32(x), _) => Pushed::Float(*x),
+                (Arg::Input(_) | Arg::InPlace(_), None) => {
+                    unreachable!("operands follow the tensors")
+                }
+            });
+        }
+        let cfg = LaunchConfig {
+            grid_dim: launch.grid,
+            block_dim: launch.block,
+            shared_mem_bytes: launch.shared_bytes,
+        };
+        {
+            let mut builder = func.builder();
+            for p in &pushed {
+                match p {
+                    Pushed::Bf16(v) => builder.arg(v),
+                    Pushed::F16(v) => builder.arg(v),
+                    Pushed::F32(v) => builder.arg(v),
+                    Pushed::U32(v) => builder.arg(v),
+                    Pushed::NewBf16(s) => builder.arg(s),
+                    Pushed::NewF16(s) => builder.arg(s),
+                    Pushed::NewF32(s) => builder.arg(s),
+                    Pushed::NewU32(s) => builder.arg(s),
+                    Pushed::Int(x) => builder.arg(x),
+                    Pushed::Long(x) => builder.arg(x),
+                    Pushed::Uint(x) => builder.arg(x),
+                    Pushed::Float(x) => builder.arg(x),
+                    Pushed::Null(x) => builder.arg(x),
+                };
+            }
+            // SAFETY: the launch's arguments follow the kernel's signature (the emulator's tests compile each
+            // launch against it: a C++ function pointer of the argument types must take the kernel), and its
+            // builder keeps strides and offsets inside the operands' storage (the emulator runs under
+            // AddressSanitizer). In-place operands are written as the caller's `Var`s or caches would be.
+            unsafe { builder.launch(cfg) }.map_err(|e| err(&e.to_string()))?;
+        }
+        let mut outputs = Vec::new();
+        for (p, arg) in pushed.into_iter().zip(&launch.args) {
+            let Arg::Output(_, shape) = arg else { continue };
+            outputs.push(match p {
+                Pushed::NewBf16(s) => wrap(s, dev, shape.clone()),
+                Pushed::NewF16(s) => wrap(s, dev, shape.clone()),
+                Pushed::NewF32(s) => wrap(s, dev, shape.clone()),
+                Pushed::NewU32(s) => wrap(s, dev, shape.clone()),
+                _ => unreachable!("outputs are allocated above"),
+            });
+        }
+        Ok(Some(outputs))
+    }
+
+    /// Without CUDA nothing launches: the callers run candle's ops.
+    #[cfg(not(feature = "cuda"))]
+    pub fn launch(&self, _: &Launch) -> candle_core::Result<Option<Vec<Tensor>>> {
+        Ok(None)
+    }
+}
+
+/// One launch of a hand-written kernel as data: built once by the kernel's module for the GPU and for the tests'
+/// CPU emulator alike, so that what the tests run is what the GPU is given.
+#[derive(Debug, Clone)]
+pub struct Launch<'a> {
+    /// The kernel's (`extern "C"`) name.
+    pub kernel: &'static str,
+    /// Blocks in x, y, z.
+    pub grid: (u32, u32, u32),
+    /// Threads per block in x, y, z.
+    pub block: (u32, u32, u32),
+    /// Dynamic shared memory per block.
+    pub shared_bytes: u32,
+    /// The kernel's arguments in order.
+    pub args: Vec<Arg<'a>>,
+}
+
+/// One argument of a [`Launch`].
+#[derive(Debug, Clone)]
+pub enum Arg<'a> {
+    /// A tensor the kernel reads (`const T*` at its start offset).
+    Input(&'a Tensor),
+    /// A tensor the kernel writes in place (`T*` at its start offset).
+    InPlace(&'a Tensor),
+    /// A fresh buffer of this dtype and shape that the kernel fills whole, returned by the launch (`T*`).
+    Output(DType, candle_core::Shape),
+    /// A null pointer of this dtype (`T*`): an optional operand that is absent.
+    Null(DType),
+    /// `int`.
+    I32(i32),
+    /// `long` (64-bit).
+    I64(i64),
+    /// `unsigned int`.
+    U32(u32),
+    /// `float`.
+    F32(f32),
+}
+
+impl<'a> Launch<'a> {
+    /// A one-dimensional launch of `kernel` over `blocks` × `threads`, without dynamic shared memory.
+    pub fn linear(kernel: &'static str, blocks: u32, threads: u32, args: Vec<Arg<'a>>) -> Self {
+        Self {
+            kernel,
+            grid: (blocks, 1, 1),
+            block: (threads, 1, 1),
+            shared_bytes: 0,
+            args,
+        }
+    }
+
+    /// The tensor operands (inputs and in-place ones), in order.
+    pub fn tensors(&self) -> impl Iterator<Item = &'a Tensor> + '_ {
+        self.args.iter().filter_map(|a| match a {
+            Arg::Input(t) | Arg::InPlace(t) => Some(*t),
+            _ => None,
+        })
     }
 }
 

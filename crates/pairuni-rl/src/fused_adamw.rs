@@ -8,7 +8,7 @@
 //!
 //! It performs the composition's operations in the composition's order, each rounded to f32 (the `_rn`
 //! intrinsics keep the compiler from fusing a multiply and an add), so its results are the composition's bit for
-//! bit; [`emulate`] is that arithmetic on the host, which the tests hold to the composition. Like the decode
+//! bit, which the tests check by running its source on the CPU (`pairuni_model::kernel_emulator`). Like the decode
 //! attention kernel it is compiled by NVRTC from a header-free source, and its first call in a process is
 //! checked against the composition on the same inputs: on a mismatch or a compilation failure the composition's
 //! values are kept and the kernel is turned off for the process.
@@ -57,20 +57,6 @@ impl Scalars {
     }
 }
 
-/// The kernel's arithmetic on the host: updates the moments `m`, `v` and the f32 weight `theta` in place from the
-/// gradient `g` (already in f32). The tests compare it with the composition.
-pub fn emulate(g: &[f32], m: &mut [f32], v: &mut [f32], theta: &mut [f32], s: &Scalars) {
-    for i in 0..g.len() {
-        let gf = g[i] * s.clip;
-        let mn = m[i] * s.b1 + gf * s.one_minus_b1;
-        let vn = v[i] * s.b2 + (gf * gf) * s.one_minus_b2;
-        let update = (mn * s.inv_bc1) / ((vn * s.inv_bc2).sqrt() + s.eps);
-        theta[i] = theta[i] * s.decay - update * s.lr;
-        m[i] = mn;
-        v[i] = vn;
-    }
-}
-
 /// CUDA source, after `pairuni_model::nvrtc::BF16_PRELUDE` (bf16 as raw 16-bit words: no header needed).
 /// `master` may be null (f32 weights, or master weights off): the weight itself is then read as θ.
 pub const SOURCE: &str = r#"
@@ -109,25 +95,23 @@ ADAMW(adamw_f32, float, float)
 pub static TRUST: pairuni_model::nvrtc::Trust =
     pairuni_model::nvrtc::Trust::new("PAIRUNI_FUSED_ADAMW", "fused AdamW kernel");
 
-/// Updates one variable in place on a CUDA device: gradient `g` (the weight's dtype), moments `m`, `v` (f32),
-/// master weight (f32, optional) and the weight `w` (bf16 or f32), all contiguous with `w`'s element count.
-/// `Ok(false)` when these tensors are not a case the kernel takes (the caller composes the update instead).
-#[cfg(feature = "cuda")]
-pub(crate) fn launch(
-    g: &candle_core::Tensor,
-    m: &candle_core::Tensor,
-    v: &candle_core::Tensor,
-    master: Option<&candle_core::Tensor>,
-    w: &candle_core::Tensor,
-    s: &Scalars,
-) -> candle_core::Result<bool> {
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-    use candle_core::DType;
-    use pairuni_model::nvrtc::Operand;
+/// The kernel's module.
+static MODULE: pairuni_model::nvrtc::Module =
+    pairuni_model::nvrtc::Module::new("pairuni_fused_adamw", SOURCE);
 
-    let candle_core::Device::Cuda(dev) = w.device() else {
-        return Ok(false);
-    };
+/// The kernel's launch updating one variable in place: gradient `g` (the weight's dtype), moments `m`, `v` (f32),
+/// master weight (f32, optional) and the weight `w` (bf16 or f32), all contiguous with `w`'s element count.
+/// `None` when these tensors are not a case the kernel takes.
+pub fn launch_of<'a>(
+    g: &'a candle_core::Tensor,
+    m: &'a candle_core::Tensor,
+    v: &'a candle_core::Tensor,
+    master: Option<&'a candle_core::Tensor>,
+    w: &'a candle_core::Tensor,
+    s: &Scalars,
+) -> Option<pairuni_model::nvrtc::Launch<'a>> {
+    use candle_core::DType;
+    use pairuni_model::nvrtc::Arg;
     let n = w.elem_count();
     let f32s = [Some(m), Some(v), master];
     let shapes_fit = [g, m, v, w]
@@ -138,92 +122,61 @@ pub(crate) fn launch(
         && g.dtype() == w.dtype()
         && matches!(w.dtype(), DType::BF16 | DType::F32);
     if !shapes_fit || n == 0 {
-        return Ok(false);
+        return None;
     }
-    let name = if w.dtype() == DType::BF16 {
+    let kernel = if w.dtype() == DType::BF16 {
         "adamw_bf16"
     } else {
         "adamw_f32"
     };
-    static MODULE: pairuni_model::nvrtc::Module =
-        pairuni_model::nvrtc::Module::new("pairuni_fused_adamw", SOURCE);
-    let func = dev.get_or_load_custom_func(name, MODULE.name(), MODULE.ptx()?)?;
     const THREADS: u32 = 256;
     let blocks = n.div_ceil(THREADS as usize).min(1 << 20) as u32;
-    let cfg = LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let scalars = [
-        s.clip,
-        s.b1,
-        s.one_minus_b1,
-        s.b2,
-        s.one_minus_b2,
-        s.inv_bc1,
-        s.inv_bc2,
-        s.eps,
-        s.decay,
-        s.lr,
+    let mut args = vec![
+        Arg::Input(g),
+        Arg::InPlace(m),
+        Arg::InPlace(v),
+        // A null pointer tells the kernel there is no master weight.
+        master.map_or(Arg::Null(DType::F32), Arg::InPlace),
+        Arg::InPlace(w),
+        Arg::I64(n as i64),
     ];
-    let len = n as i64;
-    let (mo, vo) = (Operand::of(m), Operand::of(v));
-    let (Some(m_slice), Some(v_slice)) = (mo.view::<f32>()?, vo.view::<f32>()?) else {
-        return Ok(false);
-    };
-    let master_operand = master.map(Operand::of);
-    let master_slice = match &master_operand {
-        Some(o) => match o.view::<f32>()? {
-            Some(view) => Some(view),
-            None => return Ok(false),
-        },
-        None => None,
-    };
-    // A null pointer tells the kernel there is no master weight.
-    let null: u64 = 0;
-    macro_rules! run {
-        ($t:ty) => {{
-            let (go, wo) = (Operand::of(g), Operand::of(w));
-            let (Some(g_slice), Some(w_slice)) = (go.view::<$t>()?, wo.view::<$t>()?) else {
-                return Ok(false);
-            };
-            let mut builder = func.builder();
-            builder.arg(&g_slice);
-            builder.arg(&m_slice);
-            builder.arg(&v_slice);
-            match &master_slice {
-                Some(s) => builder.arg(s),
-                None => builder.arg(&null),
-            };
-            builder.arg(&w_slice);
-            builder.arg(&len);
-            for x in &scalars {
-                builder.arg(x);
-            }
-            // SAFETY: the arguments match the kernel's signature (a null u64 stands for a null pointer), and every
-            // buffer holds `n` contiguous elements from its offset (checked above). The kernel writes m, v, the
-            // master weight and the weight in place, as `Var::set` and the moments' replacement would; nothing
-            // else reads them during the step.
-            unsafe { builder.launch(cfg) }.map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        }};
-    }
-    match w.dtype() {
-        DType::BF16 => run!(half::bf16),
-        _ => run!(f32),
-    }
-    Ok(true)
+    args.extend(
+        [
+            s.clip,
+            s.b1,
+            s.one_minus_b1,
+            s.b2,
+            s.one_minus_b2,
+            s.inv_bc1,
+            s.inv_bc2,
+            s.eps,
+            s.decay,
+            s.lr,
+        ]
+        .map(Arg::F32),
+    );
+    Some(pairuni_model::nvrtc::Launch::linear(
+        kernel, blocks, THREADS, args,
+    ))
 }
 
-/// A CPU build never launches the kernel.
-#[cfg(not(feature = "cuda"))]
+/// Updates one variable in place on a CUDA device (operands as [`launch_of`] takes them). The kernel writes m, v,
+/// the master weight and the weight in place, as `Var::set` and the moments' replacement would; nothing else
+/// reads them during the step. `Ok(false)` when the kernel does not take these tensors (the caller composes the
+/// update instead), as on the CPU.
 pub(crate) fn launch(
-    _: &candle_core::Tensor,
-    _: &candle_core::Tensor,
-    _: &candle_core::Tensor,
-    _: Option<&candle_core::Tensor>,
-    _: &candle_core::Tensor,
-    _: &Scalars,
+    g: &candle_core::Tensor,
+    m: &candle_core::Tensor,
+    v: &candle_core::Tensor,
+    master: Option<&candle_core::Tensor>,
+    w: &candle_core::Tensor,
+    s: &Scalars,
 ) -> candle_core::Result<bool> {
-    Ok(false)
+    if !w.device().is_cuda() {
+        return Ok(false);
+    }
+    let Some(launch) = launch_of(g, m, v, master, w, s) else {
+        return Ok(false);
+    };
+    Ok(MODULE.launch(&launch)?.is_some())
 }
