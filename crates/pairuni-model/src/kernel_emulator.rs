@@ -169,39 +169,23 @@ pub fn storage_bytes(t: &Tensor) -> std::result::Result<Vec<u8>, String> {
 
 /// A 1-D CPU tensor of `dtype` from little-endian bytes.
 pub fn tensor_from_bytes(bytes: &[u8], dtype: DType) -> std::result::Result<Tensor, String> {
-    let dev = &Device::Cpu;
-    let t = match dtype {
-        DType::BF16 => {
-            let v: Vec<half::bf16> = bytes
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])))
-                .collect();
-            Tensor::from_vec(v.clone(), v.len(), dev)
-        }
-        DType::F16 => {
-            let v: Vec<half::f16> = bytes
-                .chunks_exact(2)
-                .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])))
-                .collect();
-            Tensor::from_vec(v.clone(), v.len(), dev)
-        }
-        DType::F32 => {
-            let v: Vec<f32> = bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
-            Tensor::from_vec(v.clone(), v.len(), dev)
-        }
-        DType::U32 => {
-            let v: Vec<u32> = bytes
-                .chunks_exact(4)
-                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
-            Tensor::from_vec(v.clone(), v.len(), dev)
-        }
+    /// The values of `N`-byte words.
+    fn words<const N: usize, T>(bytes: &[u8], value: impl Fn([u8; N]) -> T) -> Vec<T> {
+        bytes
+            .chunks_exact(N)
+            .map(|c| value(c.try_into().expect("chunks of N bytes")))
+            .collect()
+    }
+    let (dev, n) = (&Device::Cpu, bytes.len() / dtype.size_in_bytes());
+    let bits16 = u16::from_le_bytes;
+    match dtype {
+        DType::BF16 => Tensor::from_vec(words(bytes, |b| half::bf16::from_bits(bits16(b))), n, dev),
+        DType::F16 => Tensor::from_vec(words(bytes, |b| half::f16::from_bits(bits16(b))), n, dev),
+        DType::F32 => Tensor::from_vec(words(bytes, f32::from_le_bytes), n, dev),
+        DType::U32 => Tensor::from_vec(words(bytes, u32::from_le_bytes), n, dev),
         d => return Err(format!("no kernel writes {d:?} buffers")),
-    };
-    t.map_err(err)
+    }
+    .map_err(err)
 }
 
 fn err(e: candle_core::Error) -> String {
@@ -278,6 +262,17 @@ fn host_source(body: &str) -> String {
     out
 }
 
+/// How the emulator programs are compiled: IEEE f32 without contracted multiply-adds, under AddressSanitizer.
+const COMPILER_FLAGS: [&str; 7] = [
+    "-std=c++17",
+    "-O1",
+    "-g0",
+    "-ffp-contract=off",
+    "-fsanitize=address",
+    "-fno-omit-frame-pointer",
+    "-Wno-unknown-pragmas",
+];
+
 /// The emulator program for `launch`'s kernel and signature, compiled once and cached.
 fn compile(body: &str, launch: &Launch) -> std::result::Result<PathBuf, String> {
     let (types, reads) = signature(launch)?;
@@ -293,7 +288,8 @@ fn compile(body: &str, launch: &Launch) -> std::result::Result<PathBuf, String> 
     );
     let cache = std::env::temp_dir().join("pairuni-kernel-emulator");
     std::fs::create_dir_all(&cache).map_err(|e| format!("{}: {e}", cache.display()))?;
-    let key = fnv1a(program.as_bytes());
+    // The flags are part of the key: a program cached under other flags is not reused.
+    let key = fnv1a(format!("{}\n{program}", COMPILER_FLAGS.join(" ")).as_bytes());
     let exe = cache.join(format!("{}-{key:016x}", launch.kernel));
     if exe.exists() {
         return Ok(exe);
@@ -312,16 +308,8 @@ fn compile(body: &str, launch: &Launch) -> std::result::Result<PathBuf, String> 
     write(&src, program.as_bytes())?;
     let compiler = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
     let out = Command::new(&compiler)
-        .args([
-            "-std=c++17",
-            "-O1",
-            "-g0",
-            "-ffp-contract=off",
-            "-fsanitize=address",
-            "-fno-omit-frame-pointer",
-            "-Wno-unknown-pragmas",
-            "-o",
-        ])
+        .args(COMPILER_FLAGS)
+        .arg("-o")
         .arg(&tmp)
         .arg(&src)
         .output()
@@ -414,65 +402,36 @@ extern "C" __global__ void skips(float* out) {
         );
     }
 
+    /// One block of `threads` running `kernel` of [`TOY`] over `args`.
+    fn toy(kernel: &'static str, threads: u32, args: Vec<Arg>) -> Result<Emulated, String> {
+        emulate(TOY, &Launch::linear(kernel, 1, threads, args))
+    }
+
     #[test]
     fn launch_arguments_that_do_not_fit_the_signature_do_not_compile() {
         let x = input(64);
-        let launch = Launch::linear(
-            "block_sums",
-            1,
-            32,
-            vec![
-                Arg::Input(&x),
-                Arg::Output(DType::F32, 1.into()),
-                Arg::I64(64),
-            ],
-        );
-        let e = emulate(TOY, &launch).unwrap_err();
+        let out = Arg::Output(DType::F32, 1.into());
+        let e = toy("block_sums", 32, vec![Arg::Input(&x), out, Arg::I64(64)]).unwrap_err();
         assert!(e.contains("compiling block_sums"), "{e}");
     }
 
     #[test]
     fn races_divergent_barriers_overruns_and_unwritten_outputs_are_reported() {
-        let race = Launch::linear("racy", 1, 64, vec![Arg::Output(DType::F32, 64.into())]);
-        let e = emulate(TOY, &race).unwrap_err();
+        let out = |n: usize| Arg::Output(DType::F32, n.into());
+        let e = toy("racy", 64, vec![out(64)]).unwrap_err();
         assert!(e.contains("reverse order"), "{e}");
-
-        let diverge = Launch::linear("diverges", 1, 64, vec![Arg::Output(DType::F32, 64.into())]);
-        let e = emulate(TOY, &diverge).unwrap_err();
+        let e = toy("diverges", 64, vec![out(64)]).unwrap_err();
         assert!(e.contains("divergent __syncthreads"), "{e}");
-
         let x = input(64);
-        let overrun = Launch::linear(
-            "overruns",
-            1,
-            32,
-            vec![
-                Arg::Input(&x),
-                Arg::Output(DType::F32, 32.into()),
-                Arg::I32(40),
-            ],
-        );
-        let e = emulate(TOY, &overrun).unwrap_err();
+        let e = toy("overruns", 32, vec![Arg::Input(&x), out(32), Arg::I32(40)]).unwrap_err();
         assert!(e.contains("heap-buffer-overflow"), "{e}");
         // The same kernel inside its buffer runs.
-        let inside = Launch::linear(
-            "overruns",
-            1,
-            32,
-            vec![
-                Arg::Input(&x),
-                Arg::Output(DType::F32, 32.into()),
-                Arg::I32(32),
-            ],
-        );
-        let out = emulate(TOY, &inside).unwrap();
+        let inside = toy("overruns", 32, vec![Arg::Input(&x), out(32), Arg::I32(32)]).unwrap();
         assert_eq!(
-            out.outputs[0].to_vec1::<f32>().unwrap(),
+            inside.outputs[0].to_vec1::<f32>().unwrap(),
             x.to_vec1::<f32>().unwrap()[32..]
         );
-
-        let skip = Launch::linear("skips", 1, 32, vec![Arg::Output(DType::F32, 32.into())]);
-        let e = emulate(TOY, &skip).unwrap_err();
+        let e = toy("skips", 32, vec![out(32)]).unwrap_err();
         assert!(e.contains("element 0 was never written"), "{e}");
     }
 }

@@ -347,6 +347,21 @@ pub(crate) fn test_values(n: usize, seed: usize) -> Vec<f32> {
         .collect()
 }
 
+/// [`rel_diff`] of `got` from `want` in a test, which first asserts that `want` is not nearly all zeros (max|want|
+/// above `min_scale`): a comparison with zeros proves nothing.
+#[cfg(test)]
+pub(crate) fn checked_rel_diff(got: &Tensor, want: &Tensor, min_scale: f32) -> f32 {
+    let scale = want
+        .to_dtype(DType::F32)
+        .and_then(|w| w.abs()?.max_all()?.to_scalar::<f32>())
+        .unwrap();
+    assert!(
+        scale > min_scale,
+        "a reference of zeros proves nothing (max {scale})"
+    );
+    rel_diff(got, want).unwrap()
+}
+
 /// Rotary tables (cos, sin) of shape [max_pos, head_dim/2], f32.
 #[derive(Debug, Clone)]
 pub(crate) struct Rotary {
