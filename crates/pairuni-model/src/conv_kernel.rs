@@ -305,7 +305,7 @@ mod tests {
     fn emulated(x: &Tensor, s: &Im2ColShape) -> Result<Option<Tensor>> {
         let x = x.contiguous()?;
         let launch = im2col_launch(&x, s).expect("the kernel takes it");
-        let out = crate::kernel_emulator::emulate(SOURCE, &launch)
+        let out = crate::kernel_emulator::emulate(&MODULE, &launch)
             .unwrap_or_else(|e| panic!("{s:?}: {e}"));
         Ok(out.outputs.into_iter().next())
     }

@@ -179,9 +179,7 @@ impl LaunchArgs {
             || width > MAX_WIDTH
             || mask.dtype() != DType::F32
             || mask.dims() != [b, 1, 1, width]
-            || k.dtype() != q.dtype()
-            || v.dtype() != q.dtype()
-            || !matches!(q.dtype(), DType::BF16 | DType::F32)
+            || !crate::nvrtc::one_kernel_dtype(&[q, k, v])
         {
             return None;
         }
@@ -450,7 +448,7 @@ mod tests {
             let args = LaunchArgs::of(&q, &k, &v, &mask).expect("covered");
             assert_eq!((args.rep, args.width), (shape.2, shape.4));
             let launch = launch_of(&args, &q, &k, &v, &mask);
-            let got = crate::kernel_emulator::emulate(SOURCE, &launch)
+            let got = crate::kernel_emulator::emulate(&MODULE, &launch)
                 .unwrap_or_else(|e| panic!("{shape:?} {dtype:?}: {e}"));
             let want = reference_f32(&q, &k, &v, &mask, args.rep).unwrap();
             let err = crate::layers::checked_rel_diff(&got.outputs[0], &want, 0.05);
@@ -469,7 +467,7 @@ mod tests {
         let [q, k, v, mask, vbuf, _] = strided_case(shape, DType::F32);
         let args = LaunchArgs::of(&q, &k, &v, &mask).unwrap();
         let run = |v: &Tensor| {
-            let out = crate::kernel_emulator::emulate(SOURCE, &launch_of(&args, &q, &k, v, &mask))
+            let out = crate::kernel_emulator::emulate(&MODULE, &launch_of(&args, &q, &k, v, &mask))
                 .unwrap();
             out.outputs[0]
                 .flatten_all()

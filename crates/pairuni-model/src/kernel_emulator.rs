@@ -18,7 +18,7 @@
 //! Values are IEEE f32 throughout, without nvcc's fused multiply-adds, so they match the GPU within a rounding.
 //! Compiled programs are cached per source and signature in the system's temporary folder.
 
-use crate::nvrtc::{Arg, Launch};
+use crate::nvrtc::{Arg, Launch, Module};
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -35,11 +35,10 @@ pub struct Emulated {
     pub in_place: Vec<Tensor>,
 }
 
-/// Runs `launch` of a kernel in `body` (a module's source after [`crate::nvrtc::BF16_PRELUDE`]) on the CPU, over
-/// its tensors' CPU storage; an error says what went wrong (compiler output, a failed check, the emulator's
-/// message).
-pub fn emulate(body: &str, launch: &Launch) -> std::result::Result<Emulated, String> {
-    let program = compile(body, launch)?;
+/// Runs `launch` of a kernel of `module` on the CPU, from the module's source, over its tensors' CPU storage; an
+/// error says what went wrong (compiler output, a failed check, the emulator's message).
+pub fn emulate(module: &Module, launch: &Launch) -> std::result::Result<Emulated, String> {
+    let program = compile(module.body(), launch)?;
     let dir = tempfile::Builder::new()
         .prefix("pairuni-emulated-launch")
         .tempdir()
@@ -340,7 +339,7 @@ mod tests {
     use super::*;
     use crate::nvrtc::BF16_PRELUDE;
 
-    const TOY: &str = r#"
+    const TOY_SOURCE: &str = r#"
 extern "C" __global__ void block_sums(const float* x, float* out, int n) {
     extern __shared__ float part[];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -373,6 +372,8 @@ extern "C" __global__ void skips(float* out) {
 }
 "#;
 
+    static TOY: Module = Module::new("emulator_toy", TOY_SOURCE);
+
     fn input(n: usize) -> Tensor {
         let v: Vec<f32> = (0..n).map(|i| (i % 7) as f32 - 2.5).collect();
         Tensor::from_vec(v, n, &Device::Cpu).unwrap()
@@ -380,7 +381,7 @@ extern "C" __global__ void skips(float* out) {
 
     #[test]
     fn the_prelude_compiles_and_a_reduction_with_shuffles_and_shared_memory_adds_up() {
-        assert!(host_source(TOY).starts_with(BF16_PRELUDE.trim_end_matches(' ')));
+        assert!(host_source(TOY_SOURCE).starts_with(BF16_PRELUDE.trim_end_matches(' ')));
         let x = input(1000);
         let launch = Launch {
             kernel: "block_sums",
@@ -393,7 +394,7 @@ extern "C" __global__ void skips(float* out) {
                 Arg::I32(1000),
             ],
         };
-        let out = emulate(TOY, &launch).unwrap();
+        let out = emulate(&TOY, &launch).unwrap();
         let total: f32 = out.outputs[0].to_vec1::<f32>().unwrap().iter().sum();
         let expected: f32 = x.to_vec1::<f32>().unwrap().iter().sum();
         assert!(
@@ -402,9 +403,9 @@ extern "C" __global__ void skips(float* out) {
         );
     }
 
-    /// One block of `threads` running `kernel` of [`TOY`] over `args`.
+    /// One block of `threads` running `kernel` of the toy module over `args`.
     fn toy(kernel: &'static str, threads: u32, args: Vec<Arg>) -> Result<Emulated, String> {
-        emulate(TOY, &Launch::linear(kernel, 1, threads, args))
+        emulate(&TOY, &Launch::linear(kernel, 1, threads, args))
     }
 
     #[test]

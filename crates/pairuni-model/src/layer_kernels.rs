@@ -24,7 +24,7 @@
 
 use candle_core::{DType, Tensor};
 
-use crate::nvrtc::Trust;
+use crate::nvrtc::{instantiation, one_kernel_dtype, Trust};
 
 /// The residual add + RMSNorm kernel's state (`PAIRUNI_LAYER_KERNELS=off` turns all three layer kernels off).
 pub static ADD_NORM: Trust = Trust::new("PAIRUNI_LAYER_KERNELS", "residual add + RMSNorm kernel");
@@ -352,23 +352,8 @@ pub(crate) fn rope_store(
     Ok(q_c)
 }
 
-/// Whether the kernels take these operands: all in one float dtype they have an instantiation for.
-fn kernel_dtype(ts: &[&Tensor]) -> bool {
-    let dtype = ts[0].dtype();
-    matches!(dtype, DType::BF16 | DType::F32) && ts.iter().all(|t| t.dtype() == dtype)
-}
-
 /// The kernels' module.
 static MODULE: crate::nvrtc::Module = crate::nvrtc::Module::new("pairuni_layer_kernels", SOURCE);
-
-/// A kernel's bf16 or f32 instantiation, by `dtype`.
-fn instantiation(dtype: DType, bf16: &'static str, f32: &'static str) -> &'static str {
-    if dtype == DType::BF16 {
-        bf16
-    } else {
-        f32
-    }
-}
 
 /// The add + RMSNorm kernel's launch for contiguous `h` and `a` (rows of `w`'s length) and `w`, one dtype: one
 /// block per row; its outputs are the sum and the normed sum (as `h`). `None` where it does not apply.
@@ -381,7 +366,7 @@ pub fn add_rms_norm_launch<'a>(
     use crate::nvrtc::Arg;
     let cols = w.elem_count();
     let n = h.elem_count();
-    if !kernel_dtype(&[h, a, w])
+    if !one_kernel_dtype(&[h, a, w])
         || a.shape() != h.shape()
         || h.dims().last() != Some(&cols)
         || w.rank() != 1
@@ -429,7 +414,7 @@ fn launch_add_rms_norm(
 pub fn silu_mul_launch<'a>(g: &'a Tensor, u: &'a Tensor) -> Option<crate::nvrtc::Launch<'a>> {
     use crate::nvrtc::Arg;
     let n = g.elem_count();
-    if !kernel_dtype(&[g, u])
+    if !one_kernel_dtype(&[g, u])
         || u.shape() != g.shape()
         || n == 0
         || !g.is_contiguous()
@@ -571,7 +556,7 @@ mod tests {
                 let a = values(rows * cols, 5, &[rows, 1, cols], dtype);
                 let w = values(cols, 6, &[cols], dtype);
                 let launch = add_rms_norm_launch(&h, &a, &w, 1e-6).expect("covered");
-                let out = emulate(SOURCE, &launch)
+                let out = emulate(&MODULE, &launch)
                     .unwrap_or_else(|e| panic!("{rows}×{cols} {dtype:?}: {e}"));
                 let (cs, cn) = composed_add_rms_norm(&h, &a, &w, 1e-6).unwrap();
                 assert_eq!(
@@ -585,7 +570,7 @@ mod tests {
                 // A kernel that normed the unsummed input would be far off.
                 let zeros = a.zeros_like().unwrap();
                 let wrong =
-                    emulate(SOURCE, &add_rms_norm_launch(&h, &zeros, &w, 1e-6).unwrap()).unwrap();
+                    emulate(&MODULE, &add_rms_norm_launch(&h, &zeros, &w, 1e-6).unwrap()).unwrap();
                 assert!(rel(&wrong.outputs[1], &cn) > 0.1);
             }
         }
@@ -598,7 +583,7 @@ mod tests {
                 values(700, 7, &[7, 100], dtype),
                 values(700, 8, &[7, 100], dtype),
             );
-            let out = emulate(SOURCE, &silu_mul_launch(&g, &u).unwrap()).unwrap();
+            let out = emulate(&MODULE, &silu_mul_launch(&g, &u).unwrap()).unwrap();
             let want = (g.silu().unwrap() * &u).unwrap();
             let err = rel(&out.outputs[0], &want);
             assert!(err < tolerance, "{dtype:?}: {err}");
@@ -654,7 +639,7 @@ mod tests {
                 let col = Tensor::new(&[at], &dev).unwrap();
                 let launch =
                     rope_store_launch(&args, (&q, &k, &v), &tables, (&kb, &vb), &col).unwrap();
-                let out = emulate(SOURCE, &launch).unwrap_or_else(|e| panic!("{dtype:?}: {e}"));
+                let out = emulate(&MODULE, &launch).unwrap_or_else(|e| panic!("{dtype:?}: {e}"));
                 let [q_out, k_out] = <[Tensor; 2]>::try_from(out.outputs).unwrap();
                 let [kb_out, vb_out] = <[Tensor; 2]>::try_from(out.in_place).unwrap();
                 (q_out, k_out, kb_out, vb_out)

@@ -85,9 +85,7 @@ pub fn launch_of<'a>(
     let dtype = x.dtype();
     let cols = w.elem_count();
     let n = x.elem_count();
-    if !matches!(dtype, DType::BF16 | DType::F32)
-        || w.dtype() != dtype
-        || grad.dtype() != dtype
+    if !crate::nvrtc::one_kernel_dtype(&[x, w, grad])
         || cols == 0
         || !n.is_multiple_of(cols)
         || grad.elem_count() != n
@@ -98,11 +96,7 @@ pub fn launch_of<'a>(
         return None;
     }
     let rows = n / cols;
-    let kernel = if dtype == DType::BF16 {
-        "rms_backward_bf16"
-    } else {
-        "rms_backward_f32"
-    };
+    let kernel = crate::nvrtc::instantiation(dtype, "rms_backward_bf16", "rms_backward_f32");
     let threads = cols.div_ceil(32).clamp(1, 8) as u32 * 32;
     Some(crate::nvrtc::Launch::linear(
         kernel,
@@ -176,7 +170,7 @@ mod tests {
             let gf = g.to_dtype(DType::F32).unwrap();
             let grads = (y * &gf).unwrap().sum_all().unwrap().backward().unwrap();
             let launch = launch_of(&x, &w, &g, eps).expect("covered");
-            let out = crate::kernel_emulator::emulate(SOURCE, &launch)
+            let out = crate::kernel_emulator::emulate(&MODULE, &launch)
                 .unwrap_or_else(|e| panic!("{rows}×{cols} {dtype:?}: {e}"));
             let (dx, gn) = (&out.outputs[0], &out.outputs[1]);
             assert_eq!((dx.dtype(), dx.dims()), (dtype, x.dims()));

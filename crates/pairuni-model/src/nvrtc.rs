@@ -74,7 +74,7 @@ impl Module {
         self.name
     }
 
-    /// The kernels' source after the prelude.
+    /// The kernels' source after the prelude (what the CPU emulator compiles too).
     pub fn body(&self) -> &'static str {
         self.body
     }
@@ -169,7 +169,7 @@ impl Module {
                 (Arg::U32(x), _) => Pushed::Uint(*x),
                 (Arg::F32(x), _) => Pushed::Float(*x),
                 (Arg::Input(_) | Arg::InPlace(_), None) => {
-                    unreachable!("operands follow the tensors")
+                    return Err(err("a tensor argument without its operand"))
                 }
             });
         }
@@ -221,6 +221,21 @@ impl Module {
     #[cfg(not(feature = "cuda"))]
     pub fn launch(&self, _: &Launch) -> candle_core::Result<Option<Vec<Tensor>>> {
         Ok(None)
+    }
+}
+
+/// Whether `ts` all have one float dtype the kernels are instantiated for (bf16 or f32).
+pub fn one_kernel_dtype(ts: &[&Tensor]) -> bool {
+    let dtype = ts[0].dtype();
+    matches!(dtype, DType::BF16 | DType::F32) && ts.iter().all(|t| t.dtype() == dtype)
+}
+
+/// A kernel's bf16 or f32 instantiation, by `dtype`.
+pub fn instantiation(dtype: DType, bf16: &'static str, f32: &'static str) -> &'static str {
+    if dtype == DType::BF16 {
+        bf16
+    } else {
+        f32
     }
 }
 

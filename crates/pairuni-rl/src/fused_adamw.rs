@@ -96,7 +96,7 @@ pub static TRUST: pairuni_model::nvrtc::Trust =
     pairuni_model::nvrtc::Trust::new("PAIRUNI_FUSED_ADAMW", "fused AdamW kernel");
 
 /// The kernel's module.
-static MODULE: pairuni_model::nvrtc::Module =
+pub(crate) static MODULE: pairuni_model::nvrtc::Module =
     pairuni_model::nvrtc::Module::new("pairuni_fused_adamw", SOURCE);
 
 /// The kernel's launch updating one variable in place: gradient `g` (the weight's dtype), moments `m`, `v` (f32),
@@ -119,16 +119,11 @@ pub fn launch_of<'a>(
         .chain(master)
         .all(|t| t.is_contiguous() && t.elem_count() == n)
         && f32s.iter().flatten().all(|t| t.dtype() == DType::F32)
-        && g.dtype() == w.dtype()
-        && matches!(w.dtype(), DType::BF16 | DType::F32);
+        && pairuni_model::nvrtc::one_kernel_dtype(&[g, w]);
     if !shapes_fit || n == 0 {
         return None;
     }
-    let kernel = if w.dtype() == DType::BF16 {
-        "adamw_bf16"
-    } else {
-        "adamw_f32"
-    };
+    let kernel = pairuni_model::nvrtc::instantiation(w.dtype(), "adamw_bf16", "adamw_f32");
     const THREADS: u32 = 256;
     let blocks = n.div_ceil(THREADS as usize).min(1 << 20) as u32;
     let mut args = vec![

@@ -372,7 +372,7 @@ mod tests {
                 let scalars = Scalars::of(&c, step, c.lr, clip);
                 let launch = fused_adamw::launch_of(&gt, &m0, &v0, master0.as_ref(), &w0, &scalars)
                     .expect("the kernel takes it");
-                let out = pairuni_model::kernel_emulator::emulate(fused_adamw::SOURCE, &launch)
+                let out = pairuni_model::kernel_emulator::emulate(&fused_adamw::MODULE, &launch)
                     .unwrap_or_else(|e| panic!("{dtype:?}: {e}"));
                 let mut written = out.in_place.iter();
                 let mut next = || written.next().expect("an in-place operand");
