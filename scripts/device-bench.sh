@@ -81,11 +81,13 @@ if [[ -n "$bin" ]]; then
     # the rollouts without. --compare-micro-batches 16 runs the train phase once more with 16 rollouts per pass
     # (half the passes: on a host-bound device, about half the ops). The VQ's convolution kernel (im2col with the
     # weight's row order, then one batched matmul) is off by default until measured: the step turns it on and
-    # --compare-conv-kernel times the VQ decode without it (conv_kernel_compare).
+    # --compare-conv-kernel times the VQ decode without it (conv_kernel_compare). The draw kernel (CFG mix or
+    # bias, Gumbel noise from a counter, argmax and log-prob in one launch; no noise drawn between the graphs) is
+    # off by default until measured: the step turns it on and --compare-draw-kernel times the rollouts without it.
     timeout "$t" "$bin" --log info bench gpu-step --device "$dev" --shapes "$shapes" --compare-graphs \
         --compare-sharing --attention-kernel on --compare-attention-kernel --compare-concurrent-passes \
         --fused-adamw on --norm-kernel on --layer-kernels on --compare-layer-kernels --compare-micro-batches 16 \
-        --conv-kernel on --compare-conv-kernel --json \
+        --conv-kernel on --compare-conv-kernel --draw-kernel on --compare-draw-kernel --json \
         >"$OUT/candle_step.json" 2>"$OUT/candle_step.log"
     rc=$?
     echo "rc=$rc $(cat "$OUT/candle_step.json")"
@@ -98,16 +100,16 @@ if [[ -n "$bin" ]]; then
     # A failure that is not a timeout (cuDNN, a hand-written kernel, concurrent train passes, the training ops,
     # the stacked projections, a fused kernel, a device-side draw, prompt sharing or an op without a bf16 CUDA
     # kernel, say): retry with the binary without cuDNN, dropping the pieces newest first, each retry keeping the
-    # previous one's flags: the layer and convolution kernels, then the other hand-written kernels and concurrent passes, then the
+    # previous one's flags: the layer, convolution and draw kernels, then the other hand-written kernels and concurrent passes, then the
     # training ops (and the patched gradient accumulation, scripts/patch-candle.sh), then the stacked
     # projections, then the fused sampling kernels and prompt sharing (answers drawn on the host), then images
     # drawn on the host in f32; so that the call still brings back a candle number (the log keeps the first
     # error). Same files (at most 8 come back); the JSON's cudnn, dtype, concurrent_passes, fused_training,
     # stack_projections, fused_sampling, prompt_sharing and *_sampler say which ran.
     # (A retry names each of these switches once: the command line takes a switch once.)
-    all_on="--attention-kernel on --fused-adamw on --norm-kernel on --layer-kernels on --conv-kernel on"
-    off0="--attention-kernel on --fused-adamw on --norm-kernel on --layer-kernels off --conv-kernel off"
-    off1="--attention-kernel off --fused-adamw off --norm-kernel off --layer-kernels off --conv-kernel off --concurrent-passes 1"
+    all_on="--attention-kernel on --fused-adamw on --norm-kernel on --layer-kernels on --conv-kernel on --draw-kernel on"
+    off0="--attention-kernel on --fused-adamw on --norm-kernel on --layer-kernels off --conv-kernel off --draw-kernel off"
+    off1="--attention-kernel off --fused-adamw off --norm-kernel off --layer-kernels off --conv-kernel off --draw-kernel off --concurrent-passes 1"
     off2="$off1 --fused-training off"
     off3="$off2 --stack-projections off"
     off4="$off3 --fused-sampling off --prompt-sharing off --text-sampler host"
@@ -246,7 +248,8 @@ if ps:
           + "; ".join(f"{k}: " + (f"rollout_text {v['rollout_text']} ms, score_text {v['score_text']} ms"
                                    if "error" not in v else f"failed: {v['error']}") for k, v in ps.items()))
 for key, switch, label in (("attention_kernel_compare", "attention_kernel", "the attention kernel"),
-                           ("layer_kernels_compare", "layer_kernels", "the layer kernels")):
+                           ("layer_kernels_compare", "layer_kernels", "the layer kernels"),
+                           ("draw_kernel_compare", "draw_kernel", "the draw kernel")):
     # The same rollouts with one set of hand-written decode kernels the other way (graphs as in the step).
     c = (cd or {}).get(key)
     if c:
@@ -293,7 +296,7 @@ except OSError:
 for name, d in (("pytorch", pt), ("candle", cd)):
     if d:
         extra = {k: d.get(k) for k in ("dtype", "image_tokens", "answer_tokens", "grad_norm", "params_with_grad",
-                                       "init_ms", "peak_mem_gib", "cudnn", "image_sampler", "text_sampler", "fused_sampling", "stack_projections", "attention_kernel", "attention_kernel_report", "fused_training", "prompt_sharing", "concurrent_passes", "pool_keeps_memory", "grad_accumulation", "fused_adamw", "fused_adamw_report", "norm_kernel", "norm_kernel_report", "layer_kernels", "layer_kernels_status", "conv_kernel", "conv_kernel_report",
+                                       "init_ms", "peak_mem_gib", "cudnn", "image_sampler", "text_sampler", "fused_sampling", "stack_projections", "attention_kernel", "attention_kernel_report", "fused_training", "prompt_sharing", "concurrent_passes", "pool_keeps_memory", "grad_accumulation", "fused_adamw", "fused_adamw_report", "norm_kernel", "norm_kernel_report", "layer_kernels", "layer_kernels_status", "conv_kernel", "conv_kernel_report", "draw_kernel", "draw_kernel_report",
                                        "cuda_graphs", "graph_report", "answer_graph_report", "image_step_probe") if k in d}
         print(name, json.dumps(extra))
     else:

@@ -76,6 +76,9 @@ pub struct Placement {
     /// Whether the VQ's convolutions on a CUDA device run through the hand-written im2col kernel (process-wide;
     /// `auto`: off until measured).
     pub conv_kernel: Toggle,
+    /// Whether the device samplers' draws run as one CUDA kernel with noise of its own (`auto`: off until
+    /// measured).
+    pub draw_kernel: Toggle,
 }
 
 impl Placement {
@@ -92,6 +95,7 @@ impl Placement {
             norm_kernel: Toggle::Auto,
             layer_kernels: Toggle::Auto,
             conv_kernel: Toggle::Auto,
+            draw_kernel: Toggle::Auto,
         }
     }
 
@@ -120,6 +124,9 @@ impl Placement {
         }
         if let Some(on) = self.conv_kernel.forced() {
             crate::conv_kernel::set_enabled(on);
+        }
+        if let Some(on) = self.draw_kernel.forced() {
+            model.set_draw_kernel(on);
         }
     }
 
@@ -192,6 +199,12 @@ pub struct ModelConfig {
     /// of candle's `conv2d` (process-wide; checked against candle's at its first use and turned off if it
     /// disagrees): `on`, `off`, or `auto` (off until a GPU run has measured it, docs/GPU.md) (default `auto`).
     pub conv_kernel: Toggle,
+    /// The device samplers' draws (CFG mix or banned-token bias, temperature, Gumbel noise, argmax, the drawn
+    /// class's log-prob) as one CUDA kernel that makes its own noise from a counter, so that a captured decode
+    /// step draws nothing between its graphs (checked against candle's ops on the same noise at its first use and
+    /// turned off if it disagrees): `on`, `off`, or `auto` (off until a GPU run has measured it, docs/GPU.md)
+    /// (default `auto`).
+    pub draw_kernel: Toggle,
 }
 
 impl Default for ModelConfig {
@@ -208,6 +221,7 @@ impl Default for ModelConfig {
             norm_kernel: Toggle::Auto,
             layer_kernels: Toggle::Auto,
             conv_kernel: Toggle::Auto,
+            draw_kernel: Toggle::Auto,
         }
     }
 }
@@ -238,6 +252,7 @@ impl ModelConfig {
             norm_kernel: self.norm_kernel,
             layer_kernels: self.layer_kernels,
             conv_kernel: self.conv_kernel,
+            draw_kernel: self.draw_kernel,
         })
     }
 }
@@ -271,6 +286,10 @@ mod tests {
             !m.layer_kernels(),
             "auto leaves the kernels off until measured"
         );
+        assert!(
+            !m.draw_kernel(),
+            "auto leaves the kernel off until measured"
+        );
         assert_eq!(m.dtype(), DType::F32);
         c.fused_sampling = Toggle::On;
         c.cuda_graphs = Toggle::On;
@@ -280,6 +299,7 @@ mod tests {
         c.norm_kernel = Toggle::On;
         c.layer_kernels = Toggle::On;
         c.conv_kernel = Toggle::On;
+        c.draw_kernel = Toggle::On;
         let placed = c.resolve(None, Some("bf16")).unwrap();
         let m = placed.adopt(toy()).unwrap();
         // Process-wide: no other test sets it.
@@ -291,6 +311,7 @@ mod tests {
         assert!(m.attention_kernel());
         assert!(m.norm_kernel());
         assert!(m.layer_kernels());
+        assert!(m.draw_kernel());
         assert_eq!(m.dtype(), DType::BF16);
         let mut m = m;
         Placement {
@@ -302,6 +323,7 @@ mod tests {
             norm_kernel: Toggle::Off,
             layer_kernels: Toggle::Off,
             conv_kernel: Toggle::Off,
+            draw_kernel: Toggle::Off,
             ..placed
         }
         .configure(&mut m);
@@ -313,11 +335,13 @@ mod tests {
         assert!(!m.attention_kernel());
         assert!(!m.norm_kernel());
         assert!(!m.layer_kernels());
+        assert!(!m.draw_kernel());
         let parsed: ModelConfig = toml::from_str(
-            "fused_sampling = \"on\"\ncuda_graphs = \"off\"\nprompt_sharing = \"on\"\nfused_training = \"off\"\nconv_kernel = \"on\"",
+            "fused_sampling = \"on\"\ncuda_graphs = \"off\"\nprompt_sharing = \"on\"\nfused_training = \"off\"\nconv_kernel = \"on\"\ndraw_kernel = \"on\"",
         )
         .unwrap();
         assert_eq!(parsed.conv_kernel, Toggle::On);
+        assert_eq!(parsed.draw_kernel, Toggle::On);
         assert_eq!(parsed.fused_training, Toggle::Off);
         assert_eq!(parsed.fused_sampling, Toggle::On);
         assert_eq!(parsed.cuda_graphs, Toggle::Off);

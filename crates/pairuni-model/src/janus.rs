@@ -15,6 +15,7 @@ use candle_nn::VarMap;
 use pairuni_data::RgbImage;
 use rand_chacha::ChaCha8Rng;
 
+use crate::draw_kernel::DrawNoise;
 use crate::error::{ModelError, Result};
 use crate::graphs::{device_graphs, GraphReport};
 use crate::image_codec::ImageCodec;
@@ -23,9 +24,9 @@ use crate::janus_config::{ImageTokenizerKind, JanusConfig};
 use crate::layers::{log_softmax_last, Act, InitKind, Linear, ParamMode, Params};
 use crate::llama::{last_position, static_capacity, KvCache, Llama, StaticDecode};
 use crate::sampling::{
-    argmax, device_cfg_draw, device_cfg_draw_with, device_token_draw, device_token_draw_with,
-    draw_rows, log_prob_t, sample_index_at, sample_with_logprob_at, CfgLogprobPolicy, GumbelNoise,
-    ImageRollout, ImageSampling, ParamSelection, SamplerSite, TextRollout, TextSampling,
+    argmax, cfg_draw, device_cfg_draw, device_token_draw, draw_rows, log_prob_t, sample_index_at,
+    sample_with_logprob_at, token_draw, CfgLogprobPolicy, GumbelNoise, ImageRollout, ImageSampling,
+    ParamSelection, SamplerSite, TextRollout, TextSampling,
 };
 use crate::tokenizer::TextTokenizer;
 use crate::vision::{AlignerMlp, VisionModel};
@@ -37,7 +38,7 @@ type CodesAndLogprobs = (Vec<Vec<u32>>, Vec<Vec<f32>>);
 type StopWhen<'a> = dyn FnMut(&[u32]) -> bool + 'a;
 
 /// Logit added to tokens an answer may not contain: exp underflows to exactly 0 in f32 at any temperature ≥ 0.01.
-const BANNED_LOGIT: f32 = -1e9;
+pub(crate) const BANNED_LOGIT: f32 = -1e9;
 
 /// Prefix of the frozen VQ image tokenizer's weights (never trainable).
 pub const VQ_PREFIX: &str = "model.vqmodel.";
@@ -132,6 +133,8 @@ pub struct Janus {
     prompt_sharing: bool,
     /// Whether those steps are captured (off: run eagerly, to check the graphs against).
     capture_graphs: bool,
+    /// Whether the device samplers' draws run as one CUDA kernel ([`Janus::draw_kernel`]).
+    draw_kernel: bool,
     /// What the graphs of the last static image decode did.
     graph_report: Mutex<Option<GraphReport>>,
     /// What the graphs of the last static answer decode did.
@@ -319,6 +322,7 @@ impl Janus {
             static_decode: device.is_cuda(),
             prompt_sharing: !device.is_cpu(),
             capture_graphs: true,
+            draw_kernel: false,
             graph_report: Mutex::new(None),
             answer_graph_report: Mutex::new(None),
             frozen: FrozenEncoders::default(),
@@ -535,6 +539,17 @@ impl Janus {
     pub fn set_graph_capture(&mut self, on: bool) {
         self.capture_graphs = on;
     }
+    /// Whether the device samplers' draws (CFG mix or banned-token bias, temperature, Gumbel noise, argmax and the
+    /// drawn class's log-prob) run as one CUDA kernel with noise of its own ([`crate::draw_kernel`]), so that a
+    /// static decode draws no noise between its graphs. Off by default until a GPU run has measured it; it acts on
+    /// CUDA devices only.
+    pub fn draw_kernel(&self) -> bool {
+        self.draw_kernel
+    }
+    /// Turns the draw kernel on or off (see [`Janus::draw_kernel`]).
+    pub fn set_draw_kernel(&mut self, on: bool) {
+        self.draw_kernel = on;
+    }
     /// What the CUDA graphs of the last image sampling call did (`None` when it ran no static decode).
     pub fn last_graph_report(&self) -> Option<GraphReport> {
         read_report(&self.graph_report)
@@ -630,6 +645,7 @@ impl Janus {
         clone.set_static_decode(self.static_decode());
         clone.set_prompt_sharing(self.prompt_sharing());
         clone.set_graph_capture(self.capture_graphs);
+        clone.set_draw_kernel(self.draw_kernel);
         clone.frozen = self.frozen;
         Ok(clone)
     }
@@ -1025,7 +1041,8 @@ impl Janus {
         let mut device_draws = if on_device {
             use rand::RngCore;
             // One value of the caller's stream whatever the device, as the image sampler takes.
-            let noise = GumbelNoise::new(&self.device, rng.next_u64())?;
+            let noise =
+                GumbelNoise::new(&self.device, rng.next_u64())?.with_draw_kernel(self.draw_kernel);
             let width = bias.len();
             Some((
                 noise,
@@ -1162,12 +1179,14 @@ impl Janus {
             b,
             (!s.greedy).then_some((noise, bias.dim(1)?)),
             &self.answer_graph_report,
-            |last, gumbel| {
-                Ok(device_token_draw_with(
+            |last, gumbel, key| {
+                Ok(token_draw(
                     &self.lm_logits(last)?,
                     bias,
                     s,
-                    gumbel,
+                    self.draw_kernel,
+                    key,
+                    || Ok(gumbel.cloned()),
                 )?)
             },
             |tok| self.m.lm.embed(tok),
@@ -1387,7 +1406,8 @@ impl Janus {
     ) -> Result<CodesAndLogprobs> {
         use rand::RngCore;
         // One value of the caller's stream whatever the device, so that what the caller draws next is the same.
-        let mut noise = GumbelNoise::new(&self.device, rng.next_u64())?;
+        let mut noise =
+            GumbelNoise::new(&self.device, rng.next_u64())?.with_draw_kernel(self.draw_kernel);
         let mut codes = Vec::with_capacity(n);
         let mut lps = Vec::with_capacity(n);
         for k in 0..n {
@@ -1423,7 +1443,8 @@ impl Janus {
         rng: &mut ChaCha8Rng,
     ) -> Result<CodesAndLogprobs> {
         use rand::RngCore;
-        let mut noise = GumbelNoise::new(&self.device, rng.next_u64())?;
+        let mut noise =
+            GumbelNoise::new(&self.device, rng.next_u64())?.with_draw_kernel(self.draw_kernel);
         let codebook = self.m.gen_out.weight.dim(0)?;
         let sd = self.m.lm.static_decode(cache, n)?;
         self.static_decode_loop(
@@ -1432,14 +1453,16 @@ impl Janus {
             p,
             (s.temperature > 0.0).then_some((&mut noise, codebook)),
             &self.graph_report,
-            |last, gumbel| {
+            |last, gumbel, key| {
                 let logits = self.gen_head(last)?;
-                Ok(device_cfg_draw_with(
+                Ok(cfg_draw(
                     &logits.narrow(0, 0, p)?,
                     &logits.narrow(0, p, p)?,
                     s.cfg_weight,
                     s.temperature,
-                    gumbel,
+                    self.draw_kernel,
+                    key,
+                    || Ok(gumbel.cloned()),
                 )?)
             },
             // Both rows of a prompt, conditional and unconditional, are fed its code.
@@ -1453,12 +1476,14 @@ impl Janus {
     }
 
     /// The step loop both static decodes share. Each step draws ids [rows, 1] (u32) and their log-probs (f32)
-    /// from the last hidden states (which CFG doubles) (`draw`, given Gumbel noise [rows, classes] when `noise` says how to fill it),
-    /// writes them at the step's row of step-major buffers, and feeds the ids' embeddings (`embed`) through
+    /// from the last hidden states (which CFG doubles) (`draw`, given Gumbel noise [rows, classes] when `noise` says
+    /// how to fill it, and the draw kernel's noise key: the noise's seed and the device step counter), writes them
+    /// at the step's row of step-major buffers, and feeds the ids' embeddings (`embed`) through
     /// [`Llama::static_step`], whose hidden states the next step reads; the last ids are fed too, so that every
     /// step is the same graph. A step thus reads and writes only fixed device buffers, and on CUDA it is captured
     /// once per attention width and replayed. The noise is filled outside the step, since cuRAND's offset is
-    /// host state. `stop`, if given, gets each step's ids on the host and ends the decode by returning true
+    /// host state; not at all once the draw kernel makes its own ([`GumbelNoise::needed`]), and a draw is given the
+    /// buffer only on a step that filled it. `stop`, if given, gets each step's ids on the host and ends the decode by returning true
     /// (step-major buffers make that read a plain copy). Stores the graph report in `report`; returns per row
     /// the ids and log-probs of the steps taken.
     #[allow(clippy::too_many_arguments)] // each is one part of the step; bundling them would only rename them
@@ -1469,7 +1494,7 @@ impl Janus {
         rows: usize,
         mut noise: Option<(&mut GumbelNoise, usize)>,
         report: &Mutex<Option<GraphReport>>,
-        draw: impl Fn(&Tensor, Option<&Tensor>) -> Result<(Tensor, Tensor)>,
+        draw: impl Fn(&Tensor, Option<&Tensor>, DrawNoise) -> Result<(Tensor, Tensor)>,
         embed: impl Fn(&Tensor) -> Result<Tensor>,
         mut stop: Option<&mut StopWhen>,
     ) -> Result<CodesAndLogprobs> {
@@ -1482,17 +1507,28 @@ impl Janus {
             Some((_, classes)) => Some(Tensor::zeros((rows, *classes), DType::F32, dev)?),
             None => None,
         };
+        // Greedy decodes draw no noise: any seed keys the kernel's.
+        let seed = noise.as_ref().map_or(0, |(noise, _)| noise.seed());
         let ids = Tensor::zeros((n, rows), DType::U32, dev)?;
         let lps = Tensor::zeros((n, rows), DType::F32, dev)?;
         let mut graphs = device_graphs(dev, self.capture_graphs);
         let mut taken = 0;
         while taken < n {
-            if let (Some((noise, classes)), Some(g)) = (&mut noise, &gumbel) {
-                g.slice_set(&noise.sample((rows, *classes))?, 0, 0)?;
-            }
+            let filled = match (&mut noise, &gumbel) {
+                (Some((noise, classes)), Some(g)) if noise.needed() => {
+                    g.slice_set(&noise.sample((rows, *classes))?, 0, 0)?;
+                    true
+                }
+                _ => false,
+            };
             let width = sd.next_width();
             graphs.run(width, || {
-                let (id, lp) = draw(&last, gumbel.as_ref())?;
+                let key = DrawNoise::Counter {
+                    seed,
+                    step: 0,
+                    counter: Some(sd.counter()),
+                };
+                let (id, lp) = draw(&last, gumbel.as_ref().filter(|_| filled), key)?;
                 let at = sd.step_indices(&[1, rows])?;
                 ids.scatter_set(&at, &id.reshape((1, rows))?, 0)?;
                 lps.scatter_set(&at, &lp.reshape((1, rows))?, 0)?;

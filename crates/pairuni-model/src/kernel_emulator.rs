@@ -62,7 +62,7 @@ pub fn emulate(module: &Module, launch: &Launch) -> std::result::Result<Emulated
                 written.push((path.clone(), *dtype, Some(shape.clone())));
                 buffer_line(&path, len, true)
             }
-            Arg::Null(_) => "null".to_string(),
+            Arg::Null(_) | Arg::NullInput(_) => "null".to_string(),
             Arg::I32(x) => format!("i32 {x}"),
             Arg::I64(x) => format!("i64 {x}"),
             Arg::U32(x) => format!("u32 {x}"),
@@ -216,6 +216,7 @@ fn signature(launch: &Launch) -> std::result::Result<(Vec<String>, Vec<String>),
     for (i, arg) in launch.args.iter().enumerate() {
         let ty = match arg {
             Arg::Input(t) => format!("const {}*", c_type(t.dtype())?),
+            Arg::NullInput(d) => format!("const {}*", c_type(*d)?),
             Arg::InPlace(t) => format!("{}*", c_type(t.dtype())?),
             Arg::Output(d, _) | Arg::Null(d) => format!("{}*", c_type(*d)?),
             Arg::I32(_) => "int".into(),
@@ -224,7 +225,11 @@ fn signature(launch: &Launch) -> std::result::Result<(Vec<String>, Vec<String>),
             Arg::F32(_) => "float".into(),
         };
         reads.push(match arg {
-            Arg::Input(_) | Arg::InPlace(_) | Arg::Output(..) | Arg::Null(_) => {
+            Arg::Input(_)
+            | Arg::InPlace(_)
+            | Arg::Output(..)
+            | Arg::Null(_)
+            | Arg::NullInput(_) => {
                 format!("a.ptr<{}>({i})", ty.trim_end_matches('*'))
             }
             Arg::I32(_) => format!("a.i32({i})"),

@@ -12,6 +12,7 @@ pub mod config;
 pub mod conv_kernel;
 pub mod decode_attention;
 pub mod device;
+pub mod draw_kernel;
 pub mod error;
 pub mod graphs;
 pub mod image_codec;

@@ -163,7 +163,7 @@ impl Module {
                         }
                     }
                 }
-                (Arg::Null(_), _) => Pushed::Null(0),
+                (Arg::Null(_) | Arg::NullInput(_), _) => Pushed::Null(0),
                 (Arg::I32(x), _) => Pushed::Int(*x),
                 (Arg::I64(x), _) => Pushed::Long(*x),
                 (Arg::U32(x), _) => Pushed::Uint(*x),
@@ -266,6 +266,8 @@ pub enum Arg<'a> {
     Output(DType, candle_core::Shape),
     /// A null pointer of this dtype (`T*`): an optional operand that is absent.
     Null(DType),
+    /// A null pointer of this dtype (`const T*`): an optional input that is absent.
+    NullInput(DType),
     /// `int`.
     I32(i32),
     /// `long` (64-bit).

@@ -1,6 +1,7 @@
 //! Rollout records and the per-row sampling rule (temperature, top-p, greedy) shared by text and image decoding,
 //! plus the device-side CFG draw used by image rollouts on an accelerator.
 
+use crate::draw_kernel::{DrawNoise, DrawSpec};
 use candle_core::{DType, Device, Tensor, D};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -288,6 +289,12 @@ pub(crate) fn draw_rows<T: Send>(
 pub struct GumbelNoise {
     device: Device,
     host: Option<ChaCha8Rng>,
+    /// The seed, which also keys the draw kernel's own noise ([`crate::draw_kernel`]).
+    seed: u64,
+    /// Eager draws taken: the draw kernel's step.
+    draws: u32,
+    /// Whether draws go through the draw kernel where it runs.
+    kernel: bool,
 }
 
 impl GumbelNoise {
@@ -302,7 +309,38 @@ impl GumbelNoise {
         Ok(Self {
             device: device.clone(),
             host,
+            seed,
+            draws: 0,
+            kernel: false,
         })
+    }
+
+    /// The same noise, with draws through the draw kernel ([`crate::draw_kernel`]) where it runs when `on`.
+    pub fn with_draw_kernel(mut self, on: bool) -> Self {
+        self.kernel = on;
+        self
+    }
+
+    /// Whether a draw needs noise from here: not when the draw kernel makes its own (asked for, on a CUDA
+    /// device, trusted).
+    pub(crate) fn needed(&self) -> bool {
+        !crate::draw_kernel::ready(&self.device, self.kernel)
+    }
+
+    /// The seed, which keys the draw kernel's noise (with a static decode's device step counter).
+    pub(crate) fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// The next eager draw's kernel noise key.
+    fn next_key(&mut self) -> DrawNoise<'static> {
+        let step = self.draws;
+        self.draws = self.draws.wrapping_add(1);
+        DrawNoise::Counter {
+            seed: self.seed,
+            step,
+            counter: None,
+        }
     }
 
     /// Standard Gumbel noise −ln(−ln u) of `shape` (rows, classes), f32.
@@ -327,6 +365,9 @@ impl GumbelNoise {
 /// unconditional rows; the code is drawn from softmax((l_u + w (l_c − l_u)) / T) by Gumbel-max (argmax when
 /// T ≤ 0). Returns the codes [p, 1] (u32) and their conditional log-probs under softmax(l_c / T') [p, 1] (f32),
 /// T' = T, or 1 when T ≤ 0, as the host sampler records them. Nothing is read back.
+///
+/// With the noise's draw kernel asked for ([`GumbelNoise::with_draw_kernel`]) on a CUDA device, the whole draw is
+/// one kernel with noise of its own ([`crate::draw_kernel`]).
 pub fn device_cfg_draw(
     cond: &Tensor,
     uncond: &Tensor,
@@ -334,12 +375,47 @@ pub fn device_cfg_draw(
     temperature: f64,
     noise: &mut GumbelNoise,
 ) -> candle_core::Result<(Tensor, Tensor)> {
-    let gumbel = if temperature > 0.0 {
-        Some(noise.sample(cond.dims2()?)?)
-    } else {
-        None
+    let (kernel, key, shape) = (noise.kernel, noise.next_key(), cond.dims2()?);
+    cfg_draw(cond, uncond, cfg_weight, temperature, kernel, key, || {
+        (temperature > 0.0).then(|| noise.sample(shape)).transpose()
+    })
+}
+
+/// A CFG draw ([`device_cfg_draw_with`]) through the draw kernel when `kernel` is asked for and it runs, with the
+/// noise `key`; else through candle's ops on the noise `given` produces (asked for only then).
+pub(crate) fn cfg_draw(
+    cond: &Tensor,
+    uncond: &Tensor,
+    cfg_weight: f64,
+    temperature: f64,
+    kernel: bool,
+    key: DrawNoise,
+    given: impl FnOnce() -> candle_core::Result<Option<Tensor>>,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    if !(kernel && cond.device().is_cuda()) {
+        return device_cfg_draw_with(cond, uncond, cfg_weight, temperature, given()?.as_ref());
+    }
+    let (c, u) = (kernel_logits(cond)?, kernel_logits(uncond)?);
+    let spec = DrawSpec {
+        cond: &c,
+        uncond: Some(&u),
+        bias: None,
+        cfg_weight,
+        temperature,
+        logprob_temperature: if temperature > 0.0 { temperature } else { 1.0 },
     };
-    device_cfg_draw_with(cond, uncond, cfg_weight, temperature, gumbel.as_ref())
+    crate::draw_kernel::draw(&spec, kernel, key, given, |g| {
+        device_cfg_draw_with(cond, uncond, cfg_weight, temperature, g)
+    })
+}
+
+/// Logits as the draw kernel takes them: contiguous, bf16 or f32 (other dtypes in f32, as candle's draw reads
+/// them).
+fn kernel_logits(t: &Tensor) -> candle_core::Result<Tensor> {
+    match t.dtype() {
+        DType::BF16 | DType::F32 => t.contiguous(),
+        _ => t.to_dtype(DType::F32),
+    }
 }
 
 /// [`device_cfg_draw`] with its Gumbel noise [p, K] given (drawn beforehand, or read from a fixed buffer by a
@@ -375,12 +451,37 @@ pub fn device_token_draw(
     s: &TextSampling,
     noise: &mut GumbelNoise,
 ) -> candle_core::Result<(Tensor, Tensor)> {
-    let gumbel = if s.greedy {
-        None
-    } else {
-        Some(noise.sample(logits.dims2()?)?)
+    let (kernel, key, shape) = (noise.kernel, noise.next_key(), logits.dims2()?);
+    token_draw(logits, bias, s, kernel, key, || {
+        (!s.greedy).then(|| noise.sample(shape)).transpose()
+    })
+}
+
+/// An answer draw ([`device_token_draw_with`]) through the draw kernel when `kernel` is asked for and it runs,
+/// with the noise `key`; else through candle's ops on the noise `given` produces (asked for only then).
+pub(crate) fn token_draw(
+    logits: &Tensor,
+    bias: &Tensor,
+    s: &TextSampling,
+    kernel: bool,
+    key: DrawNoise,
+    given: impl FnOnce() -> candle_core::Result<Option<Tensor>>,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    if !(kernel && logits.device().is_cuda()) {
+        return device_token_draw_with(logits, bias, s, given()?.as_ref());
+    }
+    let l = kernel_logits(logits)?;
+    let spec = DrawSpec {
+        cond: &l,
+        uncond: None,
+        bias: Some(bias),
+        cfg_weight: 1.0,
+        temperature: if s.greedy { 0.0 } else { s.temperature },
+        logprob_temperature: s.logprob_temperature(),
     };
-    device_token_draw_with(logits, bias, s, gumbel.as_ref())
+    crate::draw_kernel::draw(&spec, kernel, key, given, |g| {
+        device_token_draw_with(logits, bias, s, g)
+    })
 }
 
 /// [`device_token_draw`] with its Gumbel noise [b, V] given (drawn beforehand, or read from a fixed buffer by a

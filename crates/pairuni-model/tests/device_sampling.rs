@@ -220,3 +220,43 @@ fn device_answer_draws_are_seeded_take_one_stream_value_and_refuse_top_p() {
         .to_string();
     assert!(err.contains("top-p"), "{err}");
 }
+
+/// The draw kernel acts on CUDA devices only: asked for on the CPU, the device samplers (eager and in static
+/// steps) draw what they drew without it, from the same noise.
+#[test]
+fn the_draw_kernel_switch_leaves_the_cpu_samplers_as_they_were() {
+    let mut m = toy(17);
+    let img = ImageSampling::default();
+    let text = TextSampling {
+        max_new_tokens: 5,
+        ..TextSampling::default()
+    };
+    let ids = |v: &[TextRollout]| {
+        v.iter()
+            .map(|r| (r.answer_ids.clone(), r.logprobs.clone()))
+            .collect::<Vec<_>>()
+    };
+    for static_steps in [false, true] {
+        m.set_static_decode(static_steps);
+        m.set_draw_kernel(false);
+        let (codes, answers_off) = (
+            sample(&m, &img, SamplerSite::Device, 31),
+            answers(&m, &text, SamplerSite::Device, 32),
+        );
+        m.set_draw_kernel(true);
+        let with_kernel = sample(&m, &img, SamplerSite::Device, 31);
+        for (a, b) in codes.iter().zip(&with_kernel) {
+            assert_eq!(a.codes, b.codes, "static steps: {static_steps}");
+            assert_eq!(a.logprobs, b.logprobs);
+        }
+        assert_eq!(
+            ids(&answers_off),
+            ids(&answers(&m, &text, SamplerSite::Device, 32))
+        );
+    }
+    assert_eq!(
+        pairuni_model::draw_kernel::TRUST.status(),
+        "unchecked",
+        "nothing launched"
+    );
+}

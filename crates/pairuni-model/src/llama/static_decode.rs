@@ -86,6 +86,11 @@ impl StaticDecode {
         Ok(self.step.reshape(ones)?.broadcast_as(shape)?.contiguous()?)
     }
 
+    /// The device step counter [1] (u32): the steps taken.
+    pub fn counter(&self) -> &Tensor {
+        &self.step
+    }
+
     /// Advances the device step counter: the last part of a step body.
     pub fn count_step(&self) -> Result<()> {
         let next = (&self.step + &self.one)?;

@@ -231,6 +231,11 @@ pub struct BenchGpuStepArgs {
     /// candle's conv2d at its first call): on | off (auto: off until measured).
     #[arg(long, default_value = "auto")]
     pub conv_kernel: Toggle,
+    /// The device samplers' draws (CFG mix or banned-token bias, Gumbel noise made from a counter, argmax, the
+    /// drawn class's log-prob) as one CUDA kernel (checked against candle's ops on the same noise at its first
+    /// call): on | off (auto: the model's default, off until measured).
+    #[arg(long, default_value = "auto")]
+    pub draw_kernel: Toggle,
     /// Image and answer rollouts in fixed-shape steps captured as CUDA graphs: on | off | auto, which is on for
     /// the step when the graph check before it passes (a CUDA device, every width captured, the codes and the
     /// answer tokens bit-identical to the same steps run eagerly) and off otherwise.
@@ -260,6 +265,10 @@ pub struct BenchGpuStepArgs {
     /// other way (reported as `conv_kernel_compare`; not fatal).
     #[arg(long)]
     pub compare_conv_kernel: bool,
+    /// After the step, time the image and answer rollouts once more with the draw kernel switched the other way
+    /// (reported as `draw_kernel_compare`; not fatal).
+    #[arg(long)]
+    pub compare_draw_kernel: bool,
     /// Phases of the step (rollout_image, rollout_text, decode_vq, train) to hand to a kernel profiler started
     /// with profiling off (`ncu --profile-from-start off`): each runs between cuProfilerStart and cuProfilerStop,
     /// opening with one `usqrt_f64` kernel that marks where its kernels begin.
@@ -892,6 +901,7 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
         norm_kernel: a.norm_kernel,
         layer_kernels: a.layer_kernels,
         conv_kernel: a.conv_kernel,
+        draw_kernel: a.draw_kernel,
     }
     .configure(&mut model);
     if let Some(on) = a.stack_projections.forced() {
@@ -977,6 +987,7 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
     let other = flipped(a.compare_graphs, GRAPHS);
     let attention_compare = flipped(a.compare_attention_kernel, ATTENTION_KERNEL);
     let layer_compare = flipped(a.compare_layer_kernels, LAYER_KERNELS);
+    let draw_compare = flipped(a.compare_draw_kernel, DRAW_KERNEL);
     let conv_compare = if a.compare_conv_kernel {
         decode_with_conv_kernel_flipped(&model, a.pairs * a.group)
     } else {
@@ -1050,6 +1061,9 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
             "rope_store": pairuni_model::layer_kernels::ROPE_STORE.report(),
         },
         "layer_kernels_compare": layer_compare,
+        "draw_kernel": model.draw_kernel(),
+        "draw_kernel_report": pairuni_model::draw_kernel::TRUST.report(),
+        "draw_kernel_compare": draw_compare,
         // The VQ's convolution kernel: whether it was asked for, its state, and decode_vq the other way.
         "conv_kernel": pairuni_model::conv_kernel::enabled(),
         "conv_kernel_report": pairuni_model::conv_kernel::IM2COL.report(),
@@ -1114,6 +1128,7 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
                 pairuni_model::conv_kernel::enabled(),
                 "conv_kernel_report",
             ),
+            ("draw kernel", model.draw_kernel(), "draw_kernel_report"),
         ];
         for (name, on, key) in kernels {
             if on {
@@ -1134,6 +1149,7 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
                 "conv_kernel_compare",
                 "decode_vq, conv kernel the other way",
             ),
+            ("draw_kernel_compare", "rollouts, draw kernel the other way"),
         ] {
             if !result[key].is_null() {
                 println!("  {label}: {}", result[key]);
@@ -1161,7 +1177,7 @@ type Switch = (&'static str, fn(&Janus) -> bool, fn(&mut Janus, bool));
 /// The step's rollouts again with one of the model's switches the other way (`get`/`set`; restored after),
 /// reported as `key`: the time of each (and the image rollout's per code) with its graph report, or the error it
 /// ended with (so that a failing capture, replay or kernel does not cost the device call the step's own
-/// measurement). The switches compared: `cuda_graphs`, `attention_kernel` and `layer_kernels`.
+/// measurement). The switches compared: `cuda_graphs`, `attention_kernel`, `layer_kernels` and `draw_kernel`.
 fn rollouts_with_switch_flipped(
     model: &mut Janus,
     inputs: &StepInputs,
@@ -1198,6 +1214,9 @@ const LAYER_KERNELS: Switch = (
     Janus::layer_kernels,
     Janus::set_layer_kernels,
 );
+
+/// The draw kernel's switch, for [`rollouts_with_switch_flipped`].
+const DRAW_KERNEL: Switch = ("draw_kernel", Janus::draw_kernel, Janus::set_draw_kernel);
 
 /// The VQ decode of `images` code grids timed with the convolution kernel switched the other way (restored
 /// after); a failure is reported, not fatal. The codes are a fixed pattern: the decode's time does not depend on
@@ -1994,10 +2013,12 @@ mod tests {
             compare_attention_kernel: false,
             compare_layer_kernels: false,
             compare_conv_kernel: false,
+            compare_draw_kernel: false,
             profile_phases: Vec::new(),
             attention_kernel: Toggle::Auto,
             layer_kernels: Toggle::Auto,
             conv_kernel: Toggle::Auto,
+            draw_kernel: Toggle::Auto,
             fused_training: Toggle::Auto,
             json: true,
         }
