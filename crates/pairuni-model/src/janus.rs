@@ -135,6 +135,8 @@ pub struct Janus {
     capture_graphs: bool,
     /// Whether the device samplers' draws run as one CUDA kernel ([`Janus::draw_kernel`]).
     draw_kernel: bool,
+    /// How answers sharing a prompt are scored ([`Janus::shared_scoring`]).
+    shared_scoring: SharedScoring,
     /// What the graphs of the last static image decode did.
     graph_report: Mutex<Option<GraphReport>>,
     /// What the graphs of the last static answer decode did.
@@ -218,6 +220,20 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
+/// How the teacher-forced pass of answers that share a prompt runs ([`Janus::prompt_sharing`]): both compute the
+/// unshared pass's values, and differ in how many ops and how much attention they take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SharedScoring {
+    /// Packed unless its attention scores would be more than twice the cached form's (the default).
+    #[default]
+    Auto,
+    /// One row per prompt: the prompt and then every answer, each answer seeing the prompt and itself. One pass
+    /// through the layers, so half the ops of the cached form.
+    Packed,
+    /// The prompt once, then the answers over copies of its cache: two passes through the layers.
+    Cached,
+}
+
 /// The rows of a batch that repeat an earlier row's image and prompt (the rollouts of one question), which can
 /// then share that prompt's forward ([`Janus::prompt_sharing`]). Images are told apart by tensor identity: the
 /// rollouts of one question carry clones of one pixel tensor ([`Janus::preprocess_images`]); equal pixels in
@@ -284,6 +300,32 @@ fn left_pad(rows: &[Vec<u32>], pad: u32) -> (Vec<Vec<u32>>, Vec<Vec<bool>>) {
     (ids, valid)
 }
 
+/// Each rollout's answer tokens but the last (the teacher-forced inputs), right-padded to `width`; (ids, validity).
+fn fed_answers(batch: &[TextRollout], width: usize, pad: u32) -> (Vec<Vec<u32>>, Vec<Vec<bool>>) {
+    batch
+        .iter()
+        .map(|r| {
+            let fed = &r.answer_ids[..r.answer_ids.len() - 1];
+            let mut row = fed.to_vec();
+            let mut v = vec![true; fed.len()];
+            row.resize(width, pad);
+            v.resize(width, false);
+            (row, v)
+        })
+        .unzip()
+}
+
+/// Whether [`SharedScoring::Auto`] packs `groups` rows, the widest `widest` tokens (a prompt and all its fed
+/// answer tokens): when the packed rows' attention scores are at most twice the cached form's (the prompts' own, then each answer's over
+/// its prompt and itself). Both count padding, as the tensors do. At Janus-Pro's benchmark shapes (a 608-token
+/// prompt, 8 answers of 64) packing takes 1.7 times the scores for half the passes through the layers; with many
+/// long answers its attention grows with the square of their sum, and the cached form is kept.
+fn packing_pays(groups: usize, widest: usize, rollouts: usize, pmax: usize, amax: usize) -> bool {
+    let packed = groups * widest * widest;
+    let cached = groups * pmax * pmax + rollouts * (amax - 1) * (pmax + amax - 1);
+    packed <= 2 * cached
+}
+
 fn ids_tensor(rows: &[Vec<u32>], device: &Device) -> Result<Tensor> {
     let b = rows.len();
     let t = rows.first().map_or(0, |r| r.len());
@@ -323,6 +365,7 @@ impl Janus {
             prompt_sharing: !device.is_cpu(),
             capture_graphs: true,
             draw_kernel: false,
+            shared_scoring: SharedScoring::Auto,
             graph_report: Mutex::new(None),
             answer_graph_report: Mutex::new(None),
             frozen: FrozenEncoders::default(),
@@ -534,6 +577,16 @@ impl Janus {
     pub fn set_prompt_sharing(&mut self, on: bool) {
         self.prompt_sharing = on;
     }
+    /// How the teacher-forced pass of answers sharing a prompt runs (with [`Janus::prompt_sharing`]): packed into
+    /// one row per prompt (one pass through the layers) or as the prompt's pass and the answers' pass over its
+    /// cache; `Auto` (the default) packs unless that would more than double the attention scores.
+    pub fn shared_scoring(&self) -> SharedScoring {
+        self.shared_scoring
+    }
+    /// Chooses how answers sharing a prompt are scored (see [`Janus::shared_scoring`]).
+    pub fn set_shared_scoring(&mut self, how: SharedScoring) {
+        self.shared_scoring = how;
+    }
     /// Whether static decode steps are captured as CUDA graphs where they can be (default); off, they run eagerly
     /// on every device, which computes the same thing and is what a graph is checked against.
     pub fn set_graph_capture(&mut self, on: bool) {
@@ -646,6 +699,7 @@ impl Janus {
         clone.set_prompt_sharing(self.prompt_sharing());
         clone.set_graph_capture(self.capture_graphs);
         clone.set_draw_kernel(self.draw_kernel);
+        clone.set_shared_scoring(self.shared_scoring);
         clone.frozen = self.frozen;
         Ok(clone)
     }
@@ -1657,44 +1711,123 @@ impl Janus {
     /// The hidden states [B, amax, H] from which each rollout's answer tokens are scored: the prompt's last
     /// position, then each answer token but the last (whose output is unused). One pass over rows of left
     /// padding, prompt, answer and right padding; or, when rollouts share a prompt ([`Janus::prompt_sharing`]),
-    /// one pass over each distinct prompt and one over every answer after its copy of that prompt's cache.
+    /// each distinct prompt's forward once, in the form [`Janus::shared_scoring`] chooses.
     fn answer_hidden(&self, batch: &[TextRollout], pmax: usize, amax: usize) -> Result<Tensor> {
         let pad = self.pad_token();
         let pixels: Vec<Tensor> = batch.iter().map(|r| r.image.clone()).collect();
         let prompts: Vec<Vec<u32>> = batch.iter().map(|r| r.prompt_ids.clone()).collect();
-        let answers = |width: usize| -> (Vec<Vec<u32>>, Vec<Vec<bool>>) {
-            batch
-                .iter()
-                .map(|r| {
-                    let fed = &r.answer_ids[..r.answer_ids.len() - 1];
-                    let mut row = fed.to_vec();
-                    let mut v = vec![true; fed.len()];
-                    row.resize(width, pad);
-                    v.resize(width, false);
-                    (row, v)
-                })
-                .unzip()
-        };
         let groups = PromptGroups::of(&pixels, &prompts);
-        if !(self.prompt_sharing && groups.shares()) {
-            let (mut rows, mut valid) = left_pad(&prompts, pad);
-            let (tails, tails_valid) = answers(amax - 1);
-            for (row, tail) in rows.iter_mut().zip(tails) {
-                row.extend(tail);
-            }
-            for (v, tail) in valid.iter_mut().zip(tails_valid) {
-                v.extend(tail);
-            }
-            let emb = self.embed_rows(&rows, Some(&Tensor::stack(&pixels, 0)?))?;
-            let (h, _) = self
-                .m
-                .lm
-                .forward(&emb, &valid, &self.m.lm.empty_cache(batch.len()))?;
-            return Ok(h.narrow(1, pmax - 1, amax)?);
+        if self.prompt_sharing && groups.shares() {
+            let (px, firsts) = groups.firsts(&pixels, &prompts);
+            let packed = match self.shared_scoring {
+                SharedScoring::Packed => true,
+                SharedScoring::Cached => false,
+                SharedScoring::Auto => {
+                    let mut widths: Vec<usize> = firsts.iter().map(Vec::len).collect();
+                    for (r, roll) in batch.iter().enumerate() {
+                        widths[groups.of_row[r]] += roll.answer_ids.len() - 1;
+                    }
+                    let widest = widths.into_iter().max().unwrap_or(0);
+                    packing_pays(firsts.len(), widest, batch.len(), pmax, amax)
+                }
+            };
+            return if packed {
+                self.answer_hidden_packed(batch, &groups, &px, &firsts, amax)
+            } else {
+                self.answer_hidden_cached(batch, &groups, &px, &firsts, pmax, amax)
+            };
         }
-        let (px, firsts) = groups.firsts(&pixels, &prompts);
-        let (rows, valid) = left_pad(&firsts, pad);
-        let emb = self.embed_rows(&rows, Some(&Tensor::stack(&px, 0)?))?;
+        let (mut rows, mut valid) = left_pad(&prompts, pad);
+        let (tails, tails_valid) = fed_answers(batch, amax - 1, pad);
+        for (row, tail) in rows.iter_mut().zip(tails) {
+            row.extend(tail);
+        }
+        for (v, tail) in valid.iter_mut().zip(tails_valid) {
+            v.extend(tail);
+        }
+        let emb = self.embed_rows(&rows, Some(&Tensor::stack(&pixels, 0)?))?;
+        let (h, _) = self
+            .m
+            .lm
+            .forward(&emb, &valid, &self.m.lm.empty_cache(batch.len()))?;
+        Ok(h.narrow(1, pmax - 1, amax)?)
+    }
+
+    /// [`Janus::answer_hidden`] for rollouts sharing prompts, packed: one row per group, its prompt (pixels `px`,
+    /// ids `firsts`) and then the fed answer tokens of each of its rollouts, each answer at the positions after the
+    /// prompt and seeing only the prompt and itself ([`Llama::forward_packed`]). One pass through the layers.
+    fn answer_hidden_packed(
+        &self,
+        batch: &[TextRollout],
+        groups: &PromptGroups,
+        px: &[Tensor],
+        firsts: &[Vec<u32>],
+        amax: usize,
+    ) -> Result<Tensor> {
+        // `segment`: 0 for the prompt, r + 1 for rollout r's answer, `NONE` for padding.
+        const NONE: u32 = u32::MAX;
+        let mut rows = firsts.to_vec();
+        let mut pos: Vec<Vec<u32>> = firsts
+            .iter()
+            .map(|p| (0..p.len() as u32).collect())
+            .collect();
+        let mut segment: Vec<Vec<u32>> = firsts.iter().map(|p| vec![0; p.len()]).collect();
+        let mut starts = Vec::with_capacity(batch.len());
+        for (r, roll) in batch.iter().enumerate() {
+            let g = groups.of_row[r];
+            let (p, fed) = (
+                firsts[g].len(),
+                &roll.answer_ids[..roll.answer_ids.len() - 1],
+            );
+            starts.push(rows[g].len());
+            rows[g].extend_from_slice(fed);
+            pos[g].extend((p..p + fed.len()).map(|i| i as u32));
+            segment[g].extend(std::iter::repeat_n(r as u32 + 1, fed.len()));
+        }
+        let width = rows.iter().map(Vec::len).max().unwrap_or(0);
+        let pad = self.pad_token();
+        for ((row, ps), seg) in rows.iter_mut().zip(&mut pos).zip(&mut segment) {
+            row.resize(width, pad);
+            ps.resize(width, 0);
+            seg.resize(width, NONE);
+        }
+        let emb = self.embed_rows(&rows, Some(&Tensor::stack(px, 0)?))?;
+        let h = self.m.lm.forward_packed(&emb, &pos, |row, i, j| {
+            let (si, sj) = (segment[row][i], segment[row][j]);
+            sj == 0 || (sj == si && sj != NONE)
+        })?;
+        // Rollout r's answer is scored from its prompt's last position, then from each of its fed tokens; its
+        // padding repeats the prompt's last position (masked by the caller).
+        let mut idx = Vec::with_capacity(batch.len() * amax);
+        for (r, roll) in batch.iter().enumerate() {
+            let g = groups.of_row[r];
+            let last = (g * width + firsts[g].len() - 1) as u32;
+            let fed = roll.answer_ids.len() - 1;
+            idx.push(last);
+            idx.extend((0..fed).map(|t| (g * width + starts[r] + t) as u32));
+            idx.extend(std::iter::repeat_n(last, amax - 1 - fed));
+        }
+        let hidden = h.dim(2)?;
+        let idx = Tensor::from_vec(idx, batch.len() * amax, &self.device)?;
+        Ok(h.reshape((rows.len() * width, hidden))?
+            .index_select(&idx, 0)?
+            .reshape((batch.len(), amax, hidden))?)
+    }
+
+    /// [`Janus::answer_hidden`] for rollouts sharing prompts, cached: one pass over each distinct prompt (pixels
+    /// `px`, ids `firsts`), then one over every answer after its copy of that prompt's cache.
+    fn answer_hidden_cached(
+        &self,
+        batch: &[TextRollout],
+        groups: &PromptGroups,
+        px: &[Tensor],
+        firsts: &[Vec<u32>],
+        pmax: usize,
+        amax: usize,
+    ) -> Result<Tensor> {
+        let pad = self.pad_token();
+        let (rows, valid) = left_pad(firsts, pad);
+        let emb = self.embed_rows(&rows, Some(&Tensor::stack(px, 0)?))?;
         let (h, cache) = self
             .m
             .lm
@@ -1707,7 +1840,7 @@ impl Janus {
         if amax == 1 {
             return Ok(last);
         }
-        let (rows, valid) = answers(amax - 1);
+        let (rows, valid) = fed_answers(batch, amax - 1, pad);
         let emb = self.m.lm.embed(&ids_tensor(&rows, &self.device)?)?;
         let (h, _) = self
             .m
@@ -1862,4 +1995,19 @@ fn write_report(slot: &Mutex<Option<GraphReport>>, report: Option<GraphReport>) 
 /// A graph report slot's content (`None` if it is empty or poisoned).
 fn read_report(slot: &Mutex<Option<GraphReport>>) -> Option<GraphReport> {
     slot.lock().map(|r| r.clone()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::packing_pays;
+
+    #[test]
+    fn packing_is_chosen_for_short_answers_and_not_for_many_long_ones() {
+        // The benchmark's group: a 608-token prompt and 8 answers of 64 (63 fed tokens each).
+        assert!(packing_pays(1, 608 + 8 * 63, 8, 608, 64));
+        // 16 answers of 256 after the same prompt: the packed row's scores would be 5.6 times the cached form's.
+        assert!(!packing_pays(1, 608 + 16 * 255, 16, 608, 256));
+        // One-token answers feed nothing: the packed row is the prompt itself.
+        assert!(packing_pays(2, 30, 6, 30, 1));
+    }
 }

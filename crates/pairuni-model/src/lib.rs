@@ -35,7 +35,7 @@ pub mod vq;
 pub use candle_core::{DType, Device, Tensor, Var};
 pub use error::{ModelError, Result};
 pub use image_codec::ImageCodec;
-pub use janus::Janus;
+pub use janus::{Janus, SharedScoring};
 pub use janus_config::{ImageTokenizerKind, JanusConfig, PromptTemplate};
 pub use layers::rel_diff;
 pub use llama::KvCache;

@@ -659,6 +659,55 @@ impl Llama {
         ))
     }
 
+    /// A differentiable forward, without a cache, of rows that each pack several sequences: `pos` [B][T] is each
+    /// token's rotary position and `visible(row, i, j)` says whether query `i` attends key `j` (asked for j ≤ i
+    /// only). A GRPO group's answers after their shared prompt run as one row this way (each answer token sees the
+    /// prompt and its own answer), so the prompt's forward and backward run once, in the same pass as the answers.
+    /// Returns the final-normed hidden states [B, T, H].
+    pub fn forward_packed(
+        &self,
+        x: &Tensor,
+        pos: &[Vec<u32>],
+        visible: impl Fn(usize, usize, usize) -> bool,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        if pos.len() != b || pos.iter().any(|r| r.len() != t) {
+            return Err(ModelError::input(format!(
+                "packed decoder input is [{b}, {t}] but its positions do not match"
+            )));
+        }
+        let dev = x.device();
+        let max_pos = pos.iter().flatten().copied().max().unwrap_or(0) as usize;
+        let pos_t = Tensor::from_vec(pos.concat(), (b, t), dev)?;
+        let rope = self.rope_tables(&pos_t, max_pos, x.dtype(), self.fused_training)?;
+        let mut mask = Vec::with_capacity(b * t * t);
+        for row in 0..b {
+            for i in 0..t {
+                mask.extend((0..t).map(|j| {
+                    if j <= i && visible(row, i, j) {
+                        0f32
+                    } else {
+                        MASKED
+                    }
+                }));
+            }
+        }
+        let mask = Tensor::from_vec(mask, (b, 1, t, t), dev)?;
+        // The kernels of `forward` through a growing cache: the differentiable ones.
+        let kernels = Kernels {
+            fused: false,
+            differentiable: self.fused_training,
+            copy_kv: true,
+            attention_kernel: self.attention_kernel,
+            norm_kernel: self.norm_kernel,
+            layer_kernels: self.layer_kernels,
+            rope_in_store: false,
+        };
+        self.run_layers(x, &rope, &mask, kernels, None, |_, q, k, v| {
+            Ok((q.clone(), k.clone(), v.clone()))
+        })
+    }
+
     /// The decoder layers over `x`, then the final norm. `store(layer, q, k, v)` puts the layer's keys and values
     /// in its cache and returns the queries with all the keys and values to attend over.
     fn run_layers(

@@ -5,7 +5,9 @@
 mod common;
 
 use common::{answers_at, assert_grads_close, rel_err, sample_at, toy, weight_grads};
-use pairuni_model::{CfgLogprobPolicy, ImageSampling, Janus, SamplerSite, TextSampling};
+use pairuni_model::{
+    CfgLogprobPolicy, ImageSampling, Janus, SamplerSite, SharedScoring, TextRollout, TextSampling,
+};
 
 fn with_fused_training(seed: u64, on: bool) -> Janus {
     let mut m = toy(seed);
@@ -26,23 +28,46 @@ fn answers_score_and_differentiate_as_the_compositions() {
         top_p: 1.0,
         greedy: false,
     };
-    let rollouts = answers_at(&toy(3), &s, SamplerSite::Host, 9);
-    let run = |on: bool, sharing: bool| {
+    // Each question twice with other answers, on the same image tensor: groups of two rollouts sharing a prompt.
+    let first = answers_at(&toy(3), &s, SamplerSite::Host, 9);
+    let mut rollouts = first.clone();
+    for (r, again) in first
+        .iter()
+        .zip(answers_at(&toy(3), &s, SamplerSite::Host, 10))
+    {
+        rollouts.push(TextRollout {
+            image: r.image.clone(),
+            ..again
+        });
+    }
+    assert!(rollouts[..3]
+        .iter()
+        .zip(&rollouts[3..])
+        .any(|(a, b)| a.answer_ids != b.answer_ids));
+    let run = |on: bool, sharing: Option<SharedScoring>| {
         let mut m = with_fused_training(3, on);
-        m.set_prompt_sharing(sharing);
+        m.set_prompt_sharing(sharing.is_some());
+        if let Some(how) = sharing {
+            m.set_shared_scoring(how);
+        }
         let (lp, mask, ent) = m.answer_logprobs_entropy(&rollouts, 1.0).unwrap();
         let loss = ((&lp * &mask).unwrap().sum_all().unwrap()
             + (&ent * &mask).unwrap().sum_all().unwrap())
         .unwrap();
         (lp, weight_grads(&m, &loss))
     };
-    let (lp_c, g_c) = run(false, false);
-    // With prompt sharing the answers attend over the shared prompt pass's keys and values (a second forward
-    // through the cache), and the gradient reaches that pass through them: what the GPU step runs.
-    for sharing in [false, true] {
+    let (lp_c, g_c) = run(false, None);
+    // With prompt sharing, packed (each answer attends over its prompt's keys in one row) or cached (a second
+    // forward over the prompt pass's keys and values), the gradient reaches the shared prompt through the answers:
+    // what the GPU step runs.
+    for sharing in [
+        None,
+        Some(SharedScoring::Packed),
+        Some(SharedScoring::Cached),
+    ] {
         let (lp_f, g_f) = run(true, sharing);
-        assert!(rel_err(&lp_f, &lp_c) < 1e-5, "sharing {sharing}");
-        assert_grads_close(&format!("answers, sharing {sharing}"), &g_f, &g_c, 1e-4);
+        assert!(rel_err(&lp_f, &lp_c) < 1e-5, "sharing {sharing:?}");
+        assert_grads_close(&format!("answers, sharing {sharing:?}"), &g_f, &g_c, 1e-4);
     }
 }
 

@@ -1,11 +1,12 @@
 //! Rollouts of one image and question (a GRPO group) share the prompt's forward: the sampler prefills each distinct
-//! prompt once, and the teacher-forced pass runs each distinct prompt once and only the answers per rollout. Both
-//! must compute what the unshared passes compute: the same draws, log-probs, entropies and gradients.
+//! prompt once, and the teacher-forced pass runs each distinct prompt once, packed with its answers into one row or
+//! before them as a cache. Each must compute what the unshared passes compute: the same draws, log-probs, entropies
+//! and gradients.
 
 mod common;
 
 use common::{assert_grads_close, questions, rel_err, scenes, toy, weight_grads};
-use pairuni_model::{Janus, SamplerSite, Tensor, TextRollout, TextSampling};
+use pairuni_model::{Janus, SamplerSite, SharedScoring, Tensor, TextRollout, TextSampling};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
@@ -139,17 +140,25 @@ fn shared_prompts_score_and_differentiate_as_the_unshared_pass() {
             Some(max_new)
         );
         let (lp_a, ent_a, g_a) = scored(&plain, &rollouts);
-        let shared = with_sharing(3, true);
-        let (lp_b, ent_b, g_b) = scored(&shared, &rollouts);
-        assert!(rel_err(&lp_b, &lp_a) < 1e-5, "{}", rel_err(&lp_b, &lp_a));
-        assert!(rel_err(&ent_b, &ent_a) < 1e-5);
-        // The recorded sampling log-probs agree too.
-        let lp = lp_b.to_vec2::<f32>().unwrap();
-        for (row, r) in lp.iter().zip(&rollouts) {
-            for (x, y) in row.iter().zip(&r.logprobs) {
-                assert!((x - y).abs() < 2e-4);
+        for how in [
+            SharedScoring::Packed,
+            SharedScoring::Cached,
+            SharedScoring::Auto,
+        ] {
+            let mut shared = with_sharing(3, true);
+            shared.set_shared_scoring(how);
+            let (lp_b, ent_b, g_b) = scored(&shared, &rollouts);
+            let err = rel_err(&lp_b, &lp_a);
+            assert!(err < 1e-5, "{how:?}, max_new {max_new}: {err}");
+            assert!(rel_err(&ent_b, &ent_a) < 1e-5);
+            // The recorded sampling log-probs agree too.
+            let lp = lp_b.to_vec2::<f32>().unwrap();
+            for (row, r) in lp.iter().zip(&rollouts) {
+                for (x, y) in row.iter().zip(&r.logprobs) {
+                    assert!((x - y).abs() < 2e-4);
+                }
             }
+            assert_grads_close(&format!("{how:?}, max_new {max_new}"), &g_b, &g_a, 1e-4);
         }
-        assert_grads_close(&format!("max_new {max_new}"), &g_b, &g_a, 1e-4);
     }
 }

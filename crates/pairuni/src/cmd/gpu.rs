@@ -21,7 +21,7 @@ use pairuni_model::llama::WIDTH_STEP;
 use pairuni_model::vq::JanusVq;
 use pairuni_model::{
     CfgLogprobPolicy, DType, Device, ImageRollout, ImageSampling, Janus, JanusConfig, KvCache,
-    ParamSelection, SamplerSite, Tensor, TextRollout, TextSampling,
+    ParamSelection, SamplerSite, SharedScoring, Tensor, TextRollout, TextSampling,
 };
 use pairuni_rl::config::{LossAggregation, OptimConfig, RewardScaling};
 use pairuni_rl::loss::{
@@ -994,9 +994,15 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
         serde_json::Value::Null
     };
     let sharing_compare = if a.compare_sharing {
+        use SharedScoring::{Auto, Cached};
+        let mut with = |on, how| {
+            answers_with_sharing(&mut model, &inputs, &a, answer_tokens, &mut rng, on, how)
+        };
         json!({
-            "on": answers_with_sharing(&mut model, &inputs, &a, answer_tokens, &mut rng, true),
-            "off": answers_with_sharing(&mut model, &inputs, &a, answer_tokens, &mut rng, false),
+            // Scored packed at the benchmark's shapes (`Janus::shared_scoring`'s auto), then in the cached form.
+            "on": with(true, Auto),
+            "on_cached": with(true, Cached),
+            "off": with(false, Auto),
         })
     } else {
         serde_json::Value::Null
@@ -1280,8 +1286,8 @@ fn time_rollouts(
 }
 
 /// The step's answer rollout and its answers' teacher-forced pass (micro-batches of `--micro-batch`, forward and
-/// backward of the summed log-probs, no optimiser step) timed with prompt sharing `on` (then restored), or the
-/// error it ended with.
+/// backward of the summed log-probs, no optimiser step) timed with prompt sharing `on` and shared scoring `how`
+/// (both restored after), or the error it ended with.
 fn answers_with_sharing(
     model: &mut Janus,
     inputs: &StepInputs,
@@ -1289,9 +1295,11 @@ fn answers_with_sharing(
     answer_tokens: usize,
     rng: &mut ChaCha8Rng,
     on: bool,
+    how: SharedScoring,
 ) -> serde_json::Value {
-    let chosen = model.prompt_sharing();
+    let (chosen, chosen_how) = (model.prompt_sharing(), model.shared_scoring());
     model.set_prompt_sharing(on);
+    model.set_shared_scoring(how);
     let mut ph = Phases::on(model.device());
     let timed = (|| -> anyhow::Result<()> {
         let mut answers = ph.time("rollout_text", || {
@@ -1308,6 +1316,7 @@ fn answers_with_sharing(
         })
     })();
     model.set_prompt_sharing(chosen);
+    model.set_shared_scoring(chosen_how);
     match timed {
         Ok(()) => json!({
             "rollout_text": round1(ph.get("rollout_text")),
@@ -2300,13 +2309,17 @@ mod tests {
         let a = tiny_args();
         let (mut model, inputs, mut rng) = tiny_model(&a, 2);
         assert!(!model.prompt_sharing());
-        for on in [true, false] {
-            let t = answers_with_sharing(&mut model, &inputs, &a, 3, &mut rng, on);
+        for (on, how) in [
+            (true, SharedScoring::Auto),
+            (true, SharedScoring::Cached),
+            (false, SharedScoring::Auto),
+        ] {
+            let t = answers_with_sharing(&mut model, &inputs, &a, 3, &mut rng, on, how);
             assert!(t["rollout_text"].as_f64().unwrap() > 0.0, "{t}");
             assert!(t["score_text"].as_f64().unwrap() > 0.0, "{t}");
             assert!(
-                !model.prompt_sharing(),
-                "the model's own setting is restored"
+                !model.prompt_sharing() && model.shared_scoring() == SharedScoring::Auto,
+                "the model's own settings are restored"
             );
         }
     }
