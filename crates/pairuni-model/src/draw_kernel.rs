@@ -271,10 +271,10 @@ pub fn launch(spec: &DrawSpec, noise: &DrawNoise) -> candle_core::Result<Option<
         .map(|[codes, lps]| (codes, lps)))
 }
 
-/// Whether a draw for `spec` with `kernel` asked for goes through the kernel without a check: then it needs no
-/// given noise (a static decode stops filling its noise buffer).
-pub fn ready(spec_device: &candle_core::Device, kernel: bool) -> bool {
-    kernel && spec_device.is_cuda() && TRUST.usable() && !TRUST.needs_check()
+/// Whether draws on `device`, with the kernel asked for (`kernel`), go through it without a check: then they need
+/// no given noise (a static decode stops filling its noise buffer).
+pub fn ready(device: &candle_core::Device, kernel: bool) -> bool {
+    kernel && device.is_cuda() && TRUST.usable() && !TRUST.needs_check()
 }
 
 /// One device draw: through the kernel when `kernel` is asked for, it runs on this device and it is trusted,
@@ -646,25 +646,33 @@ mod tests {
         };
         let composed = |g: Option<&Tensor>| device_cfg_draw_with(&cond, &uncond, 5.0, 1.0, g);
         let candle = codes(&composed(Some(&noise)).unwrap().0);
-        let no_noise = || -> candle_core::Result<Option<Tensor>> { panic!("noise asked for") };
 
-        let trust = Trust::new("PAIRUNI_TEST_UNSET", "test draw kernel");
-        let first = checked_draw(
-            &trust,
-            &spec,
-            key(0),
-            || Ok(false),
-            emulated,
-            || Ok(Some(noise.clone())),
-            composed,
-        )
-        .unwrap();
+        type Launcher<'a> =
+            &'a dyn Fn(&DrawSpec, &DrawNoise) -> candle_core::Result<Option<(Tensor, Tensor)>>;
+        // A call under `trust` at `step`, with cuRAND's stand-in noise given.
+        let call = |trust: &Trust, step, capturing: bool, launch: Launcher| {
+            let draw = checked_draw(
+                trust,
+                &spec,
+                key(step),
+                || Ok(capturing),
+                launch,
+                || Ok(Some(noise.clone())),
+                composed,
+            );
+            codes(&draw.unwrap().0)
+        };
+        let fresh = || Trust::new("PAIRUNI_TEST_UNSET", "test draw kernel");
+
+        let trust = fresh();
+        let first = call(&trust, 0, false, &emulated);
         assert_eq!(trust.status(), "trusted");
         assert_eq!(
-            codes(&first.0),
+            first,
             run(&spec, &key(0)).0,
             "the check returns the counter's draw"
         );
+        let no_noise = || -> candle_core::Result<Option<Tensor>> { panic!("noise asked for") };
         let second = checked_draw(
             &trust,
             &spec,
@@ -673,11 +681,11 @@ mod tests {
             emulated,
             no_noise,
             composed,
-        )
-        .unwrap();
-        assert_eq!(codes(&second.0), run(&spec, &key(1)).0);
+        );
+        assert_eq!(codes(&second.unwrap().0), run(&spec, &key(1)).0);
 
-        // A kernel that mixes with another weight draws other codes: off, and candle's draw comes back.
+        // A kernel that mixes with another weight draws other codes: off, and candle's draw comes back, as it does
+        // on every later call.
         let wrong = |s: &DrawSpec, n: &DrawNoise| {
             emulated(
                 &DrawSpec {
@@ -687,68 +695,26 @@ mod tests {
                 n,
             )
         };
-        let trust = Trust::new("PAIRUNI_TEST_UNSET", "test draw kernel");
-        let out = checked_draw(
-            &trust,
-            &spec,
-            key(0),
-            || Ok(false),
-            wrong,
-            || Ok(Some(noise.clone())),
-            composed,
-        )
-        .unwrap();
+        let trust = fresh();
+        assert_eq!(call(&trust, 0, false, &wrong), candle);
         assert_eq!(trust.status(), "off");
-        assert!(
-            trust.failure().unwrap().contains("drew class"),
-            "{:?}",
-            trust.failure()
-        );
-        assert_eq!(codes(&out.0), candle);
-        // Off, every later call is candle's on given noise.
-        let later = checked_draw(
-            &trust,
-            &spec,
-            key(1),
-            || Ok(false),
-            emulated,
-            || Ok(Some(noise.clone())),
-            composed,
-        )
-        .unwrap();
-        assert_eq!(codes(&later.0), candle);
+        let failure = trust.failure().unwrap();
+        assert!(failure.contains("drew class"), "{failure}");
+        assert_eq!(call(&trust, 1, false, &emulated), candle);
 
         // A launch that fails: off, candle's draw.
         let failing =
             |_: &DrawSpec, _: &DrawNoise| -> candle_core::Result<Option<(Tensor, Tensor)>> {
                 candle_core::bail!("no device")
             };
-        let trust = Trust::new("PAIRUNI_TEST_UNSET", "test draw kernel");
-        let out = checked_draw(
-            &trust,
-            &spec,
-            key(0),
-            || Ok(false),
-            failing,
-            || Ok(Some(noise.clone())),
-            composed,
-        )
-        .unwrap();
-        assert_eq!((trust.status(), codes(&out.0)), ("off", candle.clone()));
+        let trust = fresh();
+        assert_eq!(call(&trust, 0, false, &failing), candle);
+        assert_eq!(trust.status(), "off");
 
         // The first call inside a capture runs candle's ops and leaves the check for later.
-        let trust = Trust::new("PAIRUNI_TEST_UNSET", "test draw kernel");
-        let out = checked_draw(
-            &trust,
-            &spec,
-            key(0),
-            || Ok(true),
-            emulated,
-            || Ok(Some(noise.clone())),
-            composed,
-        )
-        .unwrap();
-        assert_eq!((trust.status(), codes(&out.0)), ("unchecked", candle));
+        let trust = fresh();
+        assert_eq!(call(&trust, 0, true, &emulated), candle);
+        assert_eq!(trust.status(), "unchecked");
     }
 
     #[test]

@@ -316,10 +316,11 @@ fn fed_answers(batch: &[TextRollout], width: usize, pad: u32) -> (Vec<Vec<u32>>,
 }
 
 /// Whether [`SharedScoring::Auto`] packs `groups` rows, the widest `widest` tokens (a prompt and all its fed
-/// answer tokens): when the packed rows' attention scores are at most twice the cached form's (the prompts' own, then each answer's over
-/// its prompt and itself). Both count padding, as the tensors do. At Janus-Pro's benchmark shapes (a 608-token
-/// prompt, 8 answers of 64) packing takes 1.7 times the scores for half the passes through the layers; with many
-/// long answers its attention grows with the square of their sum, and the cached form is kept.
+/// answer tokens): when the packed rows' attention scores are at most twice the cached form's (the prompts' own,
+/// then each answer's over its prompt and itself). Both count padding, as the tensors do. At Janus-Pro's
+/// benchmark shapes (a 608-token prompt, 8 answers of 64) packing takes 1.7 times the scores for half the passes
+/// through the layers; with many long answers its attention grows with the square of their sum, and the cached
+/// form is kept.
 fn packing_pays(groups: usize, widest: usize, rollouts: usize, pmax: usize, amax: usize) -> bool {
     let packed = groups * widest * widest;
     let cached = groups * pmax * pmax + rollouts * (amax - 1) * (pmax + amax - 1);
@@ -1537,9 +1538,9 @@ impl Janus {
     /// step is the same graph. A step thus reads and writes only fixed device buffers, and on CUDA it is captured
     /// once per attention width and replayed. The noise is filled outside the step, since cuRAND's offset is
     /// host state; not at all once the draw kernel makes its own ([`GumbelNoise::needed`]), and a draw is given the
-    /// buffer only on a step that filled it. `stop`, if given, gets each step's ids on the host and ends the decode by returning true
-    /// (step-major buffers make that read a plain copy). Stores the graph report in `report`; returns per row
-    /// the ids and log-probs of the steps taken.
+    /// buffer only on a step that filled it. `stop`, if given, gets each step's ids on the host and ends the decode
+    /// by returning true (step-major buffers make that read a plain copy). Stores the graph report in `report`;
+    /// returns per row the ids and log-probs of the steps taken.
     #[allow(clippy::too_many_arguments)] // each is one part of the step; bundling them would only rename them
     fn static_decode_loop(
         &self,
