@@ -84,10 +84,12 @@ if [[ -n "$bin" ]]; then
     # --compare-conv-kernel times the VQ decode without it (conv_kernel_compare). The draw kernel (CFG mix or
     # bias, Gumbel noise from a counter, argmax and log-prob in one launch; no noise drawn between the graphs) is
     # off by default until measured: the step turns it on and --compare-draw-kernel times the rollouts without it.
+    # So are the backward kernels (SiLU · gate and the attention's softmax in the train phase): the step turns them
+    # on (`backward_kernels_status`; the train split shows their effect).
     timeout "$t" "$bin" --log info bench gpu-step --device "$dev" --shapes "$shapes" --compare-graphs \
         --compare-sharing --attention-kernel on --compare-attention-kernel --compare-concurrent-passes \
         --fused-adamw on --norm-kernel on --layer-kernels on --compare-layer-kernels --compare-micro-batches 16 \
-        --conv-kernel on --compare-conv-kernel --draw-kernel on --compare-draw-kernel --json \
+        --conv-kernel on --compare-conv-kernel --draw-kernel on --compare-draw-kernel --backward-kernels on --json \
         >"$OUT/candle_step.json" 2>"$OUT/candle_step.log"
     rc=$?
     echo "rc=$rc $(cat "$OUT/candle_step.json")"
@@ -100,16 +102,16 @@ if [[ -n "$bin" ]]; then
     # A failure that is not a timeout (cuDNN, a hand-written kernel, concurrent train passes, the training ops,
     # the stacked projections, a fused kernel, a device-side draw, prompt sharing or an op without a bf16 CUDA
     # kernel, say): retry with the binary without cuDNN, dropping the pieces newest first, each retry keeping the
-    # previous one's flags: the layer, convolution and draw kernels, then the other hand-written kernels and concurrent passes, then the
+    # previous one's flags: the layer, convolution, draw and backward kernels, then the other hand-written kernels and concurrent passes, then the
     # training ops (and the patched gradient accumulation, scripts/patch-candle.sh), then the stacked
     # projections, then the fused sampling kernels and prompt sharing (answers drawn on the host), then images
     # drawn on the host in f32; so that the call still brings back a candle number (the log keeps the first
     # error). Same files (at most 8 come back); the JSON's cudnn, dtype, concurrent_passes, fused_training,
     # stack_projections, fused_sampling, prompt_sharing and *_sampler say which ran.
     # (A retry names each of these switches once: the command line takes a switch once.)
-    all_on="--attention-kernel on --fused-adamw on --norm-kernel on --layer-kernels on --conv-kernel on --draw-kernel on"
-    off0="--attention-kernel on --fused-adamw on --norm-kernel on --layer-kernels off --conv-kernel off --draw-kernel off"
-    off1="--attention-kernel off --fused-adamw off --norm-kernel off --layer-kernels off --conv-kernel off --draw-kernel off --concurrent-passes 1"
+    all_on="--attention-kernel on --fused-adamw on --norm-kernel on --layer-kernels on --conv-kernel on --draw-kernel on --backward-kernels on"
+    off0="--attention-kernel on --fused-adamw on --norm-kernel on --layer-kernels off --conv-kernel off --draw-kernel off --backward-kernels off"
+    off1="--attention-kernel off --fused-adamw off --norm-kernel off --layer-kernels off --conv-kernel off --draw-kernel off --backward-kernels off --concurrent-passes 1"
     off2="$off1 --fused-training off"
     off3="$off2 --stack-projections off"
     off4="$off3 --fused-sampling off --prompt-sharing off --text-sampler host"
@@ -296,7 +298,7 @@ except OSError:
 for name, d in (("pytorch", pt), ("candle", cd)):
     if d:
         extra = {k: d.get(k) for k in ("dtype", "image_tokens", "answer_tokens", "grad_norm", "params_with_grad",
-                                       "init_ms", "peak_mem_gib", "cudnn", "image_sampler", "text_sampler", "fused_sampling", "stack_projections", "attention_kernel", "attention_kernel_report", "fused_training", "prompt_sharing", "concurrent_passes", "pool_keeps_memory", "grad_accumulation", "fused_adamw", "fused_adamw_report", "norm_kernel", "norm_kernel_report", "layer_kernels", "layer_kernels_status", "conv_kernel", "conv_kernel_report", "draw_kernel", "draw_kernel_report",
+                                       "init_ms", "peak_mem_gib", "cudnn", "image_sampler", "text_sampler", "fused_sampling", "stack_projections", "attention_kernel", "attention_kernel_report", "fused_training", "prompt_sharing", "concurrent_passes", "pool_keeps_memory", "grad_accumulation", "fused_adamw", "fused_adamw_report", "norm_kernel", "norm_kernel_report", "layer_kernels", "layer_kernels_status", "conv_kernel", "conv_kernel_report", "draw_kernel", "draw_kernel_report", "backward_kernels", "backward_kernels_status",
                                        "cuda_graphs", "graph_report", "answer_graph_report", "image_step_probe") if k in d}
         print(name, json.dumps(extra))
     else:

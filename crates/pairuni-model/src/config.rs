@@ -79,6 +79,9 @@ pub struct Placement {
     /// Whether the device samplers' draws run as one CUDA kernel with noise of its own (`auto`: off until
     /// measured).
     pub draw_kernel: Toggle,
+    /// Whether the training kernels' SiLU · gate and softmax backwards run as one CUDA kernel each (`auto`: off
+    /// until measured).
+    pub backward_kernels: Toggle,
 }
 
 impl Placement {
@@ -96,6 +99,7 @@ impl Placement {
             layer_kernels: Toggle::Auto,
             conv_kernel: Toggle::Auto,
             draw_kernel: Toggle::Auto,
+            backward_kernels: Toggle::Auto,
         }
     }
 
@@ -127,6 +131,9 @@ impl Placement {
         }
         if let Some(on) = self.draw_kernel.forced() {
             model.set_draw_kernel(on);
+        }
+        if let Some(on) = self.backward_kernels.forced() {
+            model.set_backward_kernels(on);
         }
     }
 
@@ -205,6 +212,10 @@ pub struct ModelConfig {
     /// turned off if it disagrees): `on`, `off`, or `auto` (off until a GPU run has measured it, docs/GPU.md)
     /// (default `auto`).
     pub draw_kernel: Toggle,
+    /// The SiLU · gate and attention softmax backwards of training forwards (with `fused_training`) as one CUDA
+    /// kernel each, checked against the composed backwards at their first use and turned off if they disagree:
+    /// `on`, `off`, or `auto` (off until a GPU run has measured them, docs/GPU.md) (default `auto`).
+    pub backward_kernels: Toggle,
 }
 
 impl Default for ModelConfig {
@@ -222,6 +233,7 @@ impl Default for ModelConfig {
             layer_kernels: Toggle::Auto,
             conv_kernel: Toggle::Auto,
             draw_kernel: Toggle::Auto,
+            backward_kernels: Toggle::Auto,
         }
     }
 }
@@ -253,6 +265,7 @@ impl ModelConfig {
             layer_kernels: self.layer_kernels,
             conv_kernel: self.conv_kernel,
             draw_kernel: self.draw_kernel,
+            backward_kernels: self.backward_kernels,
         })
     }
 }
@@ -290,6 +303,10 @@ mod tests {
             !m.draw_kernel(),
             "auto leaves the kernel off until measured"
         );
+        assert!(
+            !m.backward_kernels(),
+            "auto leaves the kernels off until measured"
+        );
         assert_eq!(m.dtype(), DType::F32);
         c.fused_sampling = Toggle::On;
         c.cuda_graphs = Toggle::On;
@@ -300,6 +317,7 @@ mod tests {
         c.layer_kernels = Toggle::On;
         c.conv_kernel = Toggle::On;
         c.draw_kernel = Toggle::On;
+        c.backward_kernels = Toggle::On;
         let placed = c.resolve(None, Some("bf16")).unwrap();
         let m = placed.adopt(toy()).unwrap();
         // Process-wide: no other test sets it.
@@ -312,6 +330,7 @@ mod tests {
         assert!(m.norm_kernel());
         assert!(m.layer_kernels());
         assert!(m.draw_kernel());
+        assert!(m.backward_kernels());
         assert_eq!(m.dtype(), DType::BF16);
         let mut m = m;
         Placement {
@@ -324,6 +343,7 @@ mod tests {
             layer_kernels: Toggle::Off,
             conv_kernel: Toggle::Off,
             draw_kernel: Toggle::Off,
+            backward_kernels: Toggle::Off,
             ..placed
         }
         .configure(&mut m);
@@ -336,6 +356,7 @@ mod tests {
         assert!(!m.norm_kernel());
         assert!(!m.layer_kernels());
         assert!(!m.draw_kernel());
+        assert!(!m.backward_kernels());
         let parsed: ModelConfig = toml::from_str(
             "fused_sampling = \"on\"\ncuda_graphs = \"off\"\nprompt_sharing = \"on\"\nfused_training = \"off\"\nconv_kernel = \"on\"\ndraw_kernel = \"on\"",
         )

@@ -553,6 +553,18 @@ impl Janus {
     pub fn set_norm_kernel(&mut self, on: bool) {
         self.m.lm.set_norm_kernel(on);
     }
+
+    /// Whether training forwards' SiLU · gate and attention softmax backwards run as one CUDA kernel each
+    /// ([`crate::backward_kernels`]).
+    pub fn backward_kernels(&self) -> bool {
+        self.m.lm.backward_kernels()
+    }
+
+    /// Turns the SiLU · gate and softmax backward kernels on or off (they act on CUDA devices only; off by default
+    /// until measured).
+    pub fn set_backward_kernels(&mut self, on: bool) {
+        self.m.lm.set_backward_kernels(on);
+    }
     /// Whether the device-side samplers ([`SamplerSite::Device`], the default on CUDA: the CFG image decode, and
     /// the answer decode without top-p) take fixed-shape steps (`llama::StaticDecode`), captured once per
     /// attention width as CUDA graphs and replayed on CUDA devices, run as they are elsewhere (the tests force it

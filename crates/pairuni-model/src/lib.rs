@@ -8,6 +8,7 @@
 //! checkpoints, a k-means patch codebook ([`patch_codebook`]) for the toy world; [`image_codec`] picks one per
 //! checkpoint. [`config::ModelConfig`] is the `[model]` section of pairuni's TOML files.
 
+pub mod backward_kernels;
 pub mod config;
 pub mod conv_kernel;
 pub mod decode_attention;

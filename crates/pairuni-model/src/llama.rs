@@ -388,6 +388,9 @@ pub struct Llama {
     /// Whether the differentiable forwards' RMSNorm backward runs as one CUDA kernel ([`crate::norm_kernel`];
     /// CUDA devices only). Off by default until a GPU run has measured it.
     norm_kernel: bool,
+    /// Whether the differentiable forwards' SiLU · gate and attention softmax backwards run as one CUDA kernel
+    /// each ([`crate::backward_kernels`]; CUDA devices only). Off by default until a GPU run has measured them.
+    backward_kernels: bool,
     /// Whether differentiable forwards (teacher forcing, training) run the fused RMSNorm, rotary and softmax
     /// kernels, and the projections, head splits and attention cores as single autograd nodes, with hand-written
     /// backwards ([`crate::trained_kernels`]) instead of compositions of basic ops. On by default on
@@ -442,6 +445,7 @@ impl Llama {
             attention_kernel: false,
             layer_kernels: false,
             norm_kernel: false,
+            backward_kernels: false,
             fused_training: !p.device.is_cpu(),
         })
     }
@@ -494,6 +498,16 @@ impl Llama {
     /// Turns the RMSNorm backward kernel on or off (it acts on CUDA devices only).
     pub fn set_norm_kernel(&mut self, on: bool) {
         self.norm_kernel = on;
+    }
+
+    /// Whether the differentiable forwards' SiLU · gate and softmax backwards run as one CUDA kernel each.
+    pub fn backward_kernels(&self) -> bool {
+        self.backward_kernels
+    }
+
+    /// Turns the SiLU · gate and softmax backward kernels on or off (they act on CUDA devices only).
+    pub fn set_backward_kernels(&mut self, on: bool) {
+        self.backward_kernels = on;
     }
 
     /// Whether fused-kernel forwards run the stacked projections.
@@ -616,6 +630,7 @@ impl Llama {
             copy_kv: plan.is_none() || prealloc_copies_kv(dev),
             attention_kernel: self.attention_kernel,
             norm_kernel: self.norm_kernel,
+            backward_kernels: self.backward_kernels,
             layer_kernels: self.layer_kernels,
             rope_in_store: false,
         };
@@ -700,6 +715,7 @@ impl Llama {
             copy_kv: true,
             attention_kernel: self.attention_kernel,
             norm_kernel: self.norm_kernel,
+            backward_kernels: self.backward_kernels,
             layer_kernels: self.layer_kernels,
             rope_in_store: false,
         };
@@ -823,6 +839,9 @@ struct Kernels {
     attention_kernel: bool,
     /// With `differentiable`, the RMSNorm backward on a GPU runs as one kernel ([`crate::norm_kernel`]).
     norm_kernel: bool,
+    /// With `differentiable`, the SiLU · gate and softmax backwards on a GPU run as one kernel each
+    /// ([`crate::backward_kernels`]).
+    backward_kernels: bool,
     /// With `fused`, the layer kernels ([`crate::layer_kernels`]) run on a GPU.
     layer_kernels: bool,
     /// The layers hand their queries and keys to `store` unrotated (a static decode step rotates them as it
@@ -880,7 +899,12 @@ impl Layer {
                 m.up.forward_with(&normed, trained)?,
             ),
         };
-        let act = crate::layer_kernels::silu_mul(&gate, &up, kernels.layer_kernels())?;
+        let act = if trained {
+            // One autograd node, its value through the sampling forwards' kernel when that is on.
+            trained_kernels::silu_mul(&gate, &up, kernels.layer_kernels, kernels.backward_kernels)?
+        } else {
+            crate::layer_kernels::silu_mul(&gate, &up, kernels.layer_kernels())?
+        };
         Ok((h, m.down.forward_with(&act, trained)?))
     }
 
@@ -1026,7 +1050,7 @@ impl Attention {
         } = kernels;
         if differentiable {
             // Training: the attention core and the output projection are one autograd node each.
-            let out = trained_kernels::attention(q, k, v, mask)?;
+            let out = trained_kernels::attention(q, k, v, mask, kernels.backward_kernels)?;
             return Ok(self.o.forward_trained(&out)?);
         }
         let (b, _, t, _) = q.dims4()?;

@@ -251,6 +251,8 @@ struct AttentionOp {
     probs: Tensor,
     probs_rounded: Tensor,
     rep: usize,
+    /// Whether the softmax backward may run as one CUDA kernel ([`crate::backward_kernels`]).
+    kernel: bool,
 }
 
 impl CustomOp3 for AttentionOp {
@@ -277,12 +279,8 @@ impl CustomOp3 for AttentionOp {
         let dv = tracked(v, || {
             fold_kv(&self.probs_rounded.t()?.matmul(&g)?, self.rep)
         })?;
-        let dp = g.matmul(&ve.t()?)?.to_dtype(DType::F32)?;
-        let dot = (&dp * &self.probs)?.sum_keepdim(D::Minus1)?;
-        let ds = dp
-            .broadcast_sub(&dot)?
-            .mul(&self.probs)?
-            .to_dtype(q.dtype())?;
+        let dp = g.matmul(&ve.t()?)?;
+        let ds = crate::backward_kernels::softmax_backward(&dp, &self.probs, self.kernel)?;
         let dq = tracked(q, || ds.matmul(&ke.contiguous()?))?;
         let dk = tracked(k, || fold_kv(&ds.t()?.matmul(q)?, self.rep))?;
         Ok((dq, dk, dv))
@@ -291,12 +289,14 @@ impl CustomOp3 for AttentionOp {
 
 /// Attention of queries `q` [B, heads, T, D] (the 1/√D scale already in them) over keys and values `k`, `v`
 /// [B, kv_heads, T_all, D] under the additive f32 `mask` [B, 1, T, T_all], softmax in f32 through candle's
-/// kernel: [B, T, heads·D], differentiable in `q`, `k` and `v`.
+/// kernel: [B, T, heads·D], differentiable in `q`, `k` and `v`; with `kernel`, the softmax backward runs as one
+/// CUDA kernel on a CUDA device ([`crate::backward_kernels`]).
 pub(crate) fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     mask: &Tensor,
+    kernel: bool,
 ) -> candle_core::Result<Tensor> {
     let (b, heads, t, d) = q.dims4()?;
     let kv_heads = k.dim(1)?;
@@ -326,6 +326,56 @@ pub(crate) fn attention(
             probs,
             probs_rounded,
             rep,
+            kernel,
+        },
+    )
+}
+
+/// y = silu(g) ⊙ u as one node: dg = dy ⊙ u ⊙ σ(g) (1 + g (1 − σ(g))), du = dy ⊙ silu(g)
+/// ([`crate::backward_kernels`]).
+struct SiluMulOp {
+    out: Stored,
+    /// Whether the backward may run as one CUDA kernel.
+    kernel: bool,
+}
+
+impl CustomOp2 for SiluMulOp {
+    fn name(&self) -> &'static str {
+        "silu-mul-with-backward"
+    }
+
+    result_is_stored!(g, u);
+
+    fn bwd(
+        &self,
+        g: &Tensor,
+        u: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dg, du) = crate::backward_kernels::silu_mul_backward(g, u, grad, self.kernel)?;
+        Ok((
+            Some(dg).filter(|_| g.track_op()),
+            Some(du).filter(|_| u.track_op()),
+        ))
+    }
+}
+
+/// silu(`g`) ⊙ `u` (one shape), differentiable in both: its value through the sampling forwards' SiLU · gate
+/// kernel where `value_kernel` asks for it ([`crate::layer_kernels::silu_mul`], candle's arithmetic), its backward
+/// through one CUDA kernel where `backward_kernel` does.
+pub(crate) fn silu_mul(
+    g: &Tensor,
+    u: &Tensor,
+    value_kernel: bool,
+    backward_kernel: bool,
+) -> candle_core::Result<Tensor> {
+    let y = crate::layer_kernels::silu_mul(&g.detach(), &u.detach(), value_kernel)?;
+    g.apply_op2(
+        u,
+        SiluMulOp {
+            out: Stored::new(y),
+            kernel: backward_kernel,
         },
     )
 }
@@ -605,7 +655,7 @@ mod tests {
             let mask = Tensor::from_vec(m, (b, 1, t, past + t), &Device::Cpu).unwrap();
             matches_composition(
                 &[&q, &k, &v],
-                |a| attention(a[0], a[1], a[2], &mask).unwrap(),
+                |a| attention(a[0], a[1], a[2], &mask, false).unwrap(),
                 |a| composed_attention(a[0], a[1], a[2], &mask),
                 1e-6,
             );
@@ -642,6 +692,7 @@ mod tests {
                 probs_rounded: probs.clone(),
                 probs,
                 rep: 1,
+                kernel: false,
             };
             a[0].apply_op3(a[1], a[2], op).unwrap()
         };
@@ -650,6 +701,17 @@ mod tests {
             mutated,
             |a| composed_attention(a[0], a[1], a[2], &causal),
             1e-6,
+        );
+    }
+
+    #[test]
+    fn silu_mul_values_are_the_compositions_bit_for_bit_and_its_gradients_match() {
+        let (g, u) = (var(&[2, 3, 16], 8), var(&[2, 3, 16], 9));
+        matches_composition(
+            &[&g, &u],
+            |a| silu_mul(a[0], a[1], false, false).unwrap(),
+            |a| (a[0].silu().unwrap() * a[1]).unwrap(),
+            0.0,
         );
     }
 

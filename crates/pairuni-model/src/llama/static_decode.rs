@@ -204,6 +204,7 @@ impl Llama {
             copy_kv: super::prealloc_copies_kv(x.device()),
             attention_kernel: self.attention_kernel,
             norm_kernel: false,
+            backward_kernels: false,
             layer_kernels: self.layer_kernels,
             // With the layer kernels, one kernel rotates the queries and keys and writes the cache.
             rope_in_store: fused && self.layer_kernels,

@@ -236,6 +236,10 @@ pub struct BenchGpuStepArgs {
     /// call): on | off (auto: the model's default, off until measured).
     #[arg(long, default_value = "auto")]
     pub draw_kernel: Toggle,
+    /// The training kernels' SiLU · gate and attention softmax backwards as one CUDA kernel each (checked against
+    /// the composed backwards at their first call): on | off (auto: the model's default, off until measured).
+    #[arg(long, default_value = "auto")]
+    pub backward_kernels: Toggle,
     /// Image and answer rollouts in fixed-shape steps captured as CUDA graphs: on | off | auto, which is on for
     /// the step when the graph check before it passes (a CUDA device, every width captured, the codes and the
     /// answer tokens bit-identical to the same steps run eagerly) and off otherwise.
@@ -902,6 +906,7 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
         layer_kernels: a.layer_kernels,
         conv_kernel: a.conv_kernel,
         draw_kernel: a.draw_kernel,
+        backward_kernels: a.backward_kernels,
     }
     .configure(&mut model);
     if let Some(on) = a.stack_projections.forced() {
@@ -1070,6 +1075,11 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
         "draw_kernel": model.draw_kernel(),
         "draw_kernel_report": pairuni_model::draw_kernel::TRUST.report(),
         "draw_kernel_compare": draw_compare,
+        "backward_kernels": model.backward_kernels(),
+        "backward_kernels_status": {
+            "silu_mul": pairuni_model::backward_kernels::SILU_MUL.report(),
+            "softmax": pairuni_model::backward_kernels::SOFTMAX.report(),
+        },
         // The VQ's convolution kernel: whether it was asked for, its state, and decode_vq the other way.
         "conv_kernel": pairuni_model::conv_kernel::enabled(),
         "conv_kernel_report": pairuni_model::conv_kernel::IM2COL.report(),
@@ -1135,6 +1145,11 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
                 "conv_kernel_report",
             ),
             ("draw kernel", model.draw_kernel(), "draw_kernel_report"),
+            (
+                "backward kernels",
+                model.backward_kernels(),
+                "backward_kernels_status",
+            ),
         ];
         for (name, on, key) in kernels {
             if on {
@@ -2028,6 +2043,7 @@ mod tests {
             layer_kernels: Toggle::Auto,
             conv_kernel: Toggle::Auto,
             draw_kernel: Toggle::Auto,
+            backward_kernels: Toggle::Auto,
             fused_training: Toggle::Auto,
             json: true,
         }
