@@ -416,6 +416,18 @@ mod tests {
         t.flatten_all().unwrap().to_vec1().unwrap()
     }
 
+    /// A CFG draw of `cond` against `uncond` at weight `w` and temperature `t` (log-probs at `t`, or 1 when greedy).
+    fn cfg_spec<'a>(cond: &'a Tensor, uncond: &'a Tensor, w: f64, t: f64) -> DrawSpec<'a> {
+        DrawSpec {
+            cond,
+            uncond: Some(uncond),
+            bias: None,
+            cfg_weight: w,
+            temperature: t,
+            logprob_temperature: if t > 0.0 { t } else { 1.0 },
+        }
+    }
+
     #[test]
     fn cfg_draws_on_given_noise_are_candles_draws() {
         // 1000 classes: not a whole number of the block's 1024 threads, and more than 32 warps' first pass.
@@ -425,14 +437,7 @@ mod tests {
             let uncond = values(rows * classes, 2, &[rows, classes], 4.0, dtype);
             let noise = gumbel(rows, classes, 3);
             for (w, t) in [(5.0, 1.0), (2.0, 0.7), (5.0, 0.0)] {
-                let spec = DrawSpec {
-                    cond: &cond,
-                    uncond: Some(&uncond),
-                    bias: None,
-                    cfg_weight: w,
-                    temperature: t,
-                    logprob_temperature: if t > 0.0 { t } else { 1.0 },
-                };
+                let spec = cfg_spec(&cond, &uncond, w, t);
                 let (ours, lp) = run(&spec, &DrawNoise::Given(&noise));
                 let given = (t > 0.0).then_some(&noise);
                 let (want, want_lp) = device_cfg_draw_with(&cond, &uncond, w, t, given).unwrap();
@@ -441,14 +446,7 @@ mod tests {
                 assert!(err < 1e-5, "{dtype:?} w {w} t {t}: log-probs {err}");
             }
             // A kernel that drew from the conditional logits alone would draw other codes.
-            let spec = DrawSpec {
-                cond: &cond,
-                uncond: Some(&uncond),
-                bias: None,
-                cfg_weight: 5.0,
-                temperature: 1.0,
-                logprob_temperature: 1.0,
-            };
+            let spec = cfg_spec(&cond, &uncond, 5.0, 1.0);
             let (ours, _) = run(&spec, &DrawNoise::Given(&noise));
             let (unmixed, _) = device_cfg_draw_with(&cond, &cond, 5.0, 1.0, Some(&noise)).unwrap();
             assert_ne!(ours, codes(&unmixed));
@@ -512,14 +510,7 @@ mod tests {
         let tile =
             |r: &[f32]| Tensor::from_vec(r.repeat(rows), (rows, classes), &Device::Cpu).unwrap();
         let (cond, uncond) = (tile(&row_c), tile(&row_u));
-        let spec = DrawSpec {
-            cond: &cond,
-            uncond: Some(&uncond),
-            bias: None,
-            cfg_weight: w,
-            temperature: t,
-            logprob_temperature: t,
-        };
+        let spec = cfg_spec(&cond, &uncond, w, t);
         let keyed = |step, counter| DrawNoise::Counter {
             seed: 42,
             step,
@@ -631,14 +622,7 @@ mod tests {
         let cond = values(rows * classes, 11, &[rows, classes], 4.0, DType::F32);
         let uncond = values(rows * classes, 12, &[rows, classes], 4.0, DType::F32);
         let noise = gumbel(rows, classes, 13);
-        let spec = DrawSpec {
-            cond: &cond,
-            uncond: Some(&uncond),
-            bias: None,
-            cfg_weight: 5.0,
-            temperature: 1.0,
-            logprob_temperature: 1.0,
-        };
+        let spec = cfg_spec(&cond, &uncond, 5.0, 1.0);
         let key = |step| DrawNoise::Counter {
             seed: 9,
             step,
