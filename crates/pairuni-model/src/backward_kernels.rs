@@ -90,11 +90,9 @@ pub fn silu_mul_launch<'a>(g: &'a Tensor, u: &'a Tensor, dy: &'a Tensor) -> Opti
     {
         return None;
     }
-    const THREADS: usize = 256;
-    Some(Launch::linear(
+    Some(Launch::grid_stride(
         instantiation(g.dtype(), "silu_mul_backward_bf16", "silu_mul_backward_f32"),
-        n.div_ceil(THREADS).min(1 << 16) as u32,
-        THREADS as u32,
+        n,
         vec![
             Arg::Input(g),
             Arg::Input(u),
@@ -122,11 +120,10 @@ pub fn softmax_launch<'a>(dp: &'a Tensor, p: &'a Tensor) -> Option<Launch<'a>> {
     {
         return None;
     }
-    let threads = cols.div_ceil(32).clamp(1, 8) as u32 * 32;
-    Some(Launch::linear(
+    Some(Launch::per_row(
         instantiation(dp.dtype(), "softmax_backward_bf16", "softmax_backward_f32"),
-        (n / cols) as u32,
-        threads,
+        n / cols,
+        cols,
         vec![
             Arg::Input(dp),
             Arg::Input(p),

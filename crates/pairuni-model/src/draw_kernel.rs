@@ -288,7 +288,7 @@ pub fn draw(
     kernel: bool,
     keyed: DrawNoise,
     given: impl FnOnce() -> candle_core::Result<Option<Tensor>>,
-    composed: impl FnOnce(Option<&Tensor>) -> candle_core::Result<(Tensor, Tensor)>,
+    composed: impl Fn(Option<&Tensor>) -> candle_core::Result<(Tensor, Tensor)>,
 ) -> candle_core::Result<(Tensor, Tensor)> {
     let dev = spec.cond.device();
     if !kernel || !dev.is_cuda() {
@@ -313,33 +313,29 @@ fn checked_draw(
     capturing: impl FnOnce() -> candle_core::Result<bool>,
     launch: impl Fn(&DrawSpec, &DrawNoise) -> candle_core::Result<Option<(Tensor, Tensor)>>,
     given: impl FnOnce() -> candle_core::Result<Option<Tensor>>,
-    composed: impl FnOnce(Option<&Tensor>) -> candle_core::Result<(Tensor, Tensor)>,
+    composed: impl Fn(Option<&Tensor>) -> candle_core::Result<(Tensor, Tensor)>,
 ) -> candle_core::Result<(Tensor, Tensor)> {
-    if !trust.usable() {
-        return composed(given()?.as_ref());
+    // The noise is asked for at most once, by whichever path needs it.
+    let mut given = Some(given);
+    let mut noise = || given.take().map_or(Ok(None), |f| f());
+    if !trust.usable() || (trust.needs_check() && capturing()?) {
+        return composed(noise()?.as_ref());
     }
+    // Candle's draw on the check's noise, which a kernel that fails to launch afterwards falls back to.
+    let mut checked = None;
     if trust.needs_check() {
-        if capturing()? {
-            return composed(given()?.as_ref());
-        }
-        let given = given()?;
-        let ours = match &given {
-            Some(g) => launch(spec, &DrawNoise::Given(g)),
-            None if spec.temperature <= 0.0 => launch(spec, &keyed),
-            None => candle_core::bail!(
-                "a draw at temperature {} needs Gumbel noise",
-                spec.temperature
-            ),
-        };
-        let ours = match ours {
-            Ok(Some(out)) => out,
-            Ok(None) => return composed(given.as_ref()),
+        let given = noise()?;
+        let theirs = composed(given.as_ref())?;
+        // A greedy draw takes no noise.
+        let noise_of_check = given.as_ref().map_or(keyed, DrawNoise::Given);
+        let ours = match launch(spec, &noise_of_check) {
+            Ok(Some(ours)) => ours,
+            Ok(None) => return Ok(theirs),
             Err(e) => {
                 trust.record(Err(format!("launch: {e}")));
-                return composed(given.as_ref());
+                return Ok(theirs);
             }
         };
-        let theirs = composed(given.as_ref())?;
         let (a, b) = (
             ours.0.flatten_all()?.to_vec1::<u32>()?,
             theirs.0.flatten_all()?.to_vec1::<u32>()?,
@@ -356,22 +352,19 @@ fn checked_draw(
         if !trust.check(&ours.1, &theirs.1, CHECK_TOLERANCE)? {
             return Ok(theirs);
         }
-        return match launch(spec, &keyed) {
-            Ok(Some(out)) => Ok(out),
-            Ok(None) => Ok(theirs),
-            Err(e) => {
-                trust.record(Err(format!("launch: {e}")));
-                Ok(theirs)
-            }
-        };
+        checked = Some(theirs);
     }
-    match launch(spec, &keyed) {
-        Ok(Some(out)) => Ok(out),
-        Ok(None) => composed(given()?.as_ref()),
-        Err(e) => {
-            trust.record(Err(format!("launch: {e}")));
-            composed(given()?.as_ref())
-        }
+    let failed = match launch(spec, &keyed) {
+        Ok(Some(out)) => return Ok(out),
+        Ok(None) => None,
+        Err(e) => Some(format!("launch: {e}")),
+    };
+    if let Some(reason) = failed {
+        trust.record(Err(reason));
+    }
+    match checked {
+        Some(theirs) => Ok(theirs),
+        None => composed(noise()?.as_ref()),
     }
 }
 

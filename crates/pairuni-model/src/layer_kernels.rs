@@ -422,11 +422,9 @@ pub fn silu_mul_launch<'a>(g: &'a Tensor, u: &'a Tensor) -> Option<crate::nvrtc:
     {
         return None;
     }
-    const THREADS: usize = 256;
-    Some(crate::nvrtc::Launch::linear(
+    Some(crate::nvrtc::Launch::grid_stride(
         instantiation(g.dtype(), "silu_mul_bf16", "silu_mul_f32"),
-        n.div_ceil(THREADS).min(1 << 16) as u32,
-        THREADS as u32,
+        n,
         vec![
             Arg::Input(g),
             Arg::Input(u),
@@ -459,7 +457,6 @@ pub(crate) fn rope_store_launch<'a>(
         return None;
     }
     let n = a.rows * (a.heads + 2 * a.kv_heads) * (a.dim / 2);
-    const THREADS: usize = 256;
     let mut args: Vec<Arg<'a>> = [
         q,
         k,
@@ -492,10 +489,9 @@ pub(crate) fn rope_store_launch<'a>(
         ]
         .map(|x| Arg::I64(x as i64)),
     );
-    Some(crate::nvrtc::Launch::linear(
+    Some(crate::nvrtc::Launch::grid_stride(
         instantiation(q.dtype(), "rope_store_bf16", "rope_store_f32"),
-        n.div_ceil(THREADS).min(1 << 16) as u32,
-        THREADS as u32,
+        n,
         args,
     ))
 }

@@ -624,16 +624,11 @@ impl Llama {
         // bit for bit what it was: the CPU gemm's summation order depends on the operands' layout) and for a
         // growing cache (the differentiable path keeps its layout). On an accelerator, attention reads the
         // preallocated buffers through strided views, with no copy of the cache per step.
-        let kernels = Kernels {
+        let kernels = self.kernels(
             fused,
             differentiable,
-            copy_kv: plan.is_none() || prealloc_copies_kv(dev),
-            attention_kernel: self.attention_kernel,
-            norm_kernel: self.norm_kernel,
-            backward_kernels: self.backward_kernels,
-            layer_kernels: self.layer_kernels,
-            rope_in_store: false,
-        };
+            plan.is_none() || prealloc_copies_kv(dev),
+        );
         let mut new_layers = Vec::with_capacity(self.layers.len());
         let h = self.run_layers(
             x,
@@ -709,19 +704,25 @@ impl Llama {
         }
         let mask = Tensor::from_vec(mask, (b, 1, t, t), dev)?;
         // The kernels of `forward` through a growing cache: the differentiable ones.
-        let kernels = Kernels {
-            fused: false,
-            differentiable: self.fused_training,
-            copy_kv: true,
+        let kernels = self.kernels(false, self.fused_training, true);
+        self.run_layers(x, &rope, &mask, kernels, None, |_, q, k, v| {
+            Ok((q.clone(), k.clone(), v.clone()))
+        })
+    }
+
+    /// A forward's kernels: `fused` (sampling) or `differentiable` (training) ones or neither, keys and values
+    /// copied when `copy_kv`, and this model's hand-written kernel switches; queries and keys rotated by the layers.
+    fn kernels(&self, fused: bool, differentiable: bool, copy_kv: bool) -> Kernels {
+        Kernels {
+            fused,
+            differentiable,
+            copy_kv,
             attention_kernel: self.attention_kernel,
             norm_kernel: self.norm_kernel,
             backward_kernels: self.backward_kernels,
             layer_kernels: self.layer_kernels,
             rope_in_store: false,
-        };
-        self.run_layers(x, &rope, &mask, kernels, None, |_, q, k, v| {
-            Ok((q.clone(), k.clone(), v.clone()))
-        })
+        }
     }
 
     /// The decoder layers over `x`, then the final norm. `store(layer, q, k, v)` puts the layer's keys and values

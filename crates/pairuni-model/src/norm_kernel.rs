@@ -97,11 +97,10 @@ pub fn launch_of<'a>(
     }
     let rows = n / cols;
     let kernel = crate::nvrtc::instantiation(dtype, "rms_backward_bf16", "rms_backward_f32");
-    let threads = cols.div_ceil(32).clamp(1, 8) as u32 * 32;
-    Some(crate::nvrtc::Launch::linear(
+    Some(crate::nvrtc::Launch::per_row(
         kernel,
-        rows as u32,
-        threads,
+        rows,
+        cols,
         vec![
             Arg::Input(x),
             Arg::Input(w),

@@ -290,6 +290,25 @@ impl<'a> Launch<'a> {
         }
     }
 
+    /// A grid-stride launch of `kernel` over `n` elements: 256 threads a block, at most 65,536 blocks (the kernel
+    /// loops over the rest).
+    pub fn grid_stride(kernel: &'static str, n: usize, args: Vec<Arg<'a>>) -> Self {
+        const THREADS: usize = 256;
+        Self::linear(
+            kernel,
+            n.div_ceil(THREADS).min(1 << 16) as u32,
+            THREADS as u32,
+            args,
+        )
+    }
+
+    /// A launch of `kernel` with one block per row of `cols` values: as many warps as the row fills, up to 8 (the
+    /// kernel strides along longer rows).
+    pub fn per_row(kernel: &'static str, rows: usize, cols: usize, args: Vec<Arg<'a>>) -> Self {
+        let threads = cols.div_ceil(32).clamp(1, 8) as u32 * 32;
+        Self::linear(kernel, rows as u32, threads, args)
+    }
+
     /// The tensor operands (inputs and in-place ones), in order.
     pub fn tensors(&self) -> impl Iterator<Item = &'a Tensor> + '_ {
         self.args.iter().filter_map(|a| match a {

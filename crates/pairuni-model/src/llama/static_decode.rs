@@ -199,15 +199,9 @@ impl Llama {
         let (kvh, d) = (self.cfg.kv_heads(), self.cfg.head_dim());
         let write_at = col.broadcast_as((b, kvh, 1, d))?.contiguous()?;
         let kernels = Kernels {
-            fused,
-            differentiable: false,
-            copy_kv: super::prealloc_copies_kv(x.device()),
-            attention_kernel: self.attention_kernel,
-            norm_kernel: false,
-            backward_kernels: false,
-            layer_kernels: self.layer_kernels,
             // With the layer kernels, one kernel rotates the queries and keys and writes the cache.
             rope_in_store: fused && self.layer_kernels,
+            ..self.kernels(fused, false, super::prealloc_copies_kv(x.device()))
         };
         let tables = match (&rope, kernels.rope_in_store) {
             (super::RopeTables::Fused(tb), true) => Some(tb),
