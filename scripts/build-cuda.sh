@@ -32,9 +32,12 @@ if [[ ! -x "$venv/bin/pip" ]]; then
     python3 -m venv "$venv"
 fi
 cu13="$(ls -d "$venv"/lib/python3.*/site-packages/nvidia/cu13 2>/dev/null | head -1 || true)"
-if [[ -z "$cu13" || ! -x "$cu13/bin/nvcc" ]]; then
+# NVRTC too: it compiles the binary's hand-written kernels at run time, and each build compiles them here once
+# (no GPU is needed for that).
+if [[ -z "$cu13" || ! -x "$cu13/bin/nvcc" || ! -e "$cu13/lib/libnvrtc.so.13" ]]; then
     "$venv/bin/pip" install -q nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 \
-        nvidia-cuda-runtime==13.0.96 nvidia-nvvm==13.0.88 nvidia-cuda-cccl==13.0.85
+        nvidia-cuda-runtime==13.0.96 nvidia-nvvm==13.0.88 nvidia-cuda-cccl==13.0.85 \
+        nvidia-cuda-nvrtc==13.0.88
     cu13="$(ls -d "$venv"/lib/python3.*/site-packages/nvidia/cu13 | head -1)"
 fi
 export CUDA_HOME="$cu13" CUDA_PATH="$cu13" CUDA_ROOT="$cu13"
@@ -88,6 +91,10 @@ build_variant() { # features, carried file name
     cp "$bin" "$out_dir/$name.tmp"
     strip "$out_dir/$name.tmp"
     mv "$out_dir/$name.tmp" "$out_dir/$name"
+    # The kernels NVRTC compiles at their first use, compiled now through the binary's own loader (cudarc finds
+    # libnvrtc.so.13 as it will on the GPU machine): a kernel that does not compile fails the build before the
+    # carry folder gets the binary.
+    LD_LIBRARY_PATH="$cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" "$out_dir/$name" bench gpu-kernels
     # The device call carries at most 64 MiB in all: ship the binary xz-compressed (the PTX inside packs well).
     mkdir -p "$carry_dir"
     xz -T2 -9 -c "$out_dir/$name" >"$carry_dir/$name.xz.tmp"

@@ -4,6 +4,7 @@
 #     bash scripts/device-bench.sh            carry: .dev/gpu-carry   (pairuni.xz from scripts/build-cuda.sh)
 #
 # Runs, each under its own time limit so the whole stays under BUDGET_S (default 470 s):
+#   env.txt      the card, the libraries, and pairuni bench gpu-kernels (NVRTC compiles the hand-written kernels)
 #   (a) parity   pairuni bench gpu-parity: the committed Janus fixtures on cuda in f32 and bf16 vs reference
 #   (b) pytorch  scripts/torch_step_bench.py: one PairGRPO step, transformers eager, same card
 #   (c) candle   pairuni bench gpu-step: the same step through pairuni's library (with CUDA graphs if its
@@ -36,6 +37,9 @@ source "$(dirname "${BASH_SOURCE[0]}")/device-env.sh"
     [[ -n "$bin" ]] && "$bin" --version 2>&1
     echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
     ldconfig -p 2>/dev/null | grep -E 'libcublas|libnvrtc|libcurand|libcuda\.' | head -8
+    # NVRTC compiles the hand-written kernels at their first use; a failure here names the module and the
+    # compiler's message before any part of the call depends on them (their checks then fall back to candle).
+    [[ -n "$bin" ]] && timeout 60 "$bin" bench gpu-kernels 2>&1
 } >"$OUT/env.txt"
 cat "$OUT/env.txt"
 
@@ -258,7 +262,8 @@ for key, switch, label in (("attention_kernel_compare", "attention_kernel", "the
         side = "on" if c.get(switch) else "off"
         print(f"rollouts with {label} {side}: " + (f"failed: {c['error']}" if "error" in c else
               f"rollout_image {c.get('rollout_image')} ms ({c.get('ms_per_image_step')} ms per image step), "
-              f"rollout_text {c.get('rollout_text')} ms"))
+              f"rollout_text {c.get('rollout_text')} ms, image graphs captured "
+              f"{(c.get('graph_report') or {}).get('captured', '-')}"))
 cc = (cd or {}).get("conv_kernel_compare")
 if cc:
     # The VQ decode of as many images with the convolution kernel the other way (im2col + matmul of candle, or

@@ -76,7 +76,8 @@ BACKWARD_KERNELS(f32, float)
 "#;
 
 /// The kernels' module.
-static MODULE: crate::nvrtc::Module = crate::nvrtc::Module::new("pairuni_backward_kernels", SOURCE);
+pub(crate) static MODULE: crate::nvrtc::Module =
+    crate::nvrtc::Module::new("pairuni_backward_kernels", SOURCE);
 
 /// The SiLU · gate backward's launch for contiguous `g`, `u` and `dy` of one shape and dtype (bf16 or f32): its
 /// outputs are dg and du (as `g`). `None` where it does not apply.

@@ -267,7 +267,8 @@ fn launch_im2col(x: &Tensor, s: &Im2ColShape) -> Result<Option<Tensor>> {
 }
 
 /// The kernel's module.
-static MODULE: crate::nvrtc::Module = crate::nvrtc::Module::new("pairuni_conv_kernel", SOURCE);
+pub(crate) static MODULE: crate::nvrtc::Module =
+    crate::nvrtc::Module::new("pairuni_conv_kernel", SOURCE);
 
 #[cfg(test)]
 mod tests {

@@ -36,7 +36,7 @@ pub const SOURCE: &str = r#"
 #define KEYS 4
 template <typename T, int PL>
 __device__ void decode_attention(
-    const T* q, const T* k, const T* v, const float* mask, T* out,
+    const T* q, const T* k, const T* v, const float* mask, const unsigned* live, T* out,
     int heads, int rep, int width, int dim,
     long q_b, long q_h, long k_b, long k_h, long k_w, long v_b, long v_h, long v_w, long m_b,
     long o_b, long o_h)
@@ -46,6 +46,9 @@ __device__ void decode_attention(
     float* qs = smem;
     float* scores = smem + dim;
     float* partial = scores + width;
+    // A static decode step gives the keys written so far on the device (`live`): the launch, and so a captured
+    // graph, is the same at every step, and only the live keys are read. Shared memory is sized by `width`.
+    if (live) width = min(width, max(1, (int)live[0]));
     const int b = blockIdx.x / heads, h = blockIdx.x % heads, kvh = h / rep;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
 
@@ -122,11 +125,11 @@ __device__ void decode_attention(
 
 #define DECODE_ATTENTION(NAME, T, PL) \
 extern "C" __global__ void NAME( \
-    const T* q, const T* k, const T* v, const float* mask, T* out, \
+    const T* q, const T* k, const T* v, const float* mask, const unsigned* live, T* out, \
     int heads, int rep, int width, int dim, \
     long q_b, long q_h, long k_b, long k_h, long k_w, long v_b, long v_h, long v_w, long m_b, \
     long o_b, long o_h) { \
-    decode_attention<T, PL>(q, k, v, mask, out, heads, rep, width, dim, \
+    decode_attention<T, PL>(q, k, v, mask, live, out, heads, rep, width, dim, \
                             q_b, q_h, k_b, k_h, k_w, v_b, v_h, v_w, m_b, o_b, o_h); \
 }
 DECODE_ATTENTION(decode_attention_bf16_1, bf16_t, 1)
@@ -235,12 +238,15 @@ fn state() -> &'static std::sync::Mutex<State> {
 
 /// Attention of the one-token queries `q` through the kernel when it covers the call and has not been turned
 /// off: Some([B, H, 1, D]); `None` sends the caller to candle's composition, which `composed` computes (the
-/// first call runs it too, to check the kernel).
+/// first call runs it too, to check the kernel). `live` ([1] u32 on the device), if given, is how many of the
+/// keys have been written: the kernel reads only those, and the mask must already cover the rest (a static
+/// decode's unwritten columns), so that the composition computes the same.
 pub(crate) fn attend(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     mask: &Tensor,
+    live: Option<&Tensor>,
     composed: impl FnOnce() -> candle_core::Result<Tensor>,
 ) -> Result<Option<Tensor>> {
     if !q.device().is_cuda() || switched_off() {
@@ -249,6 +255,9 @@ pub(crate) fn attend(
     let Some(args) = LaunchArgs::of(q, k, v, mask) else {
         return Ok(None);
     };
+    // Reading every key is still right (the mask covers the unwritten ones), so a count of another form is
+    // dropped rather than refused.
+    let live = live.filter(|t| t.dtype() == DType::U32 && t.elem_count() == 1);
     let mut st = state()
         .lock()
         .map_err(|_| crate::error::ModelError::Device("decode attention state poisoned".into()))?;
@@ -261,7 +270,7 @@ pub(crate) fn attend(
             return Ok(None);
         }
         st.checked = true;
-        let ours = match launch(&args, q, k, v, mask) {
+        let ours = match launch(&args, q, k, v, mask, live) {
             Ok(t) => t,
             Err(e) => {
                 tracing::warn!(error = %e, "decode attention kernel unavailable; using candle's ops");
@@ -289,7 +298,18 @@ pub(crate) fn attend(
     }
     st.report.calls += 1;
     drop(st);
-    Ok(Some(launch(&args, q, k, v, mask)?))
+    Ok(Some(launch(&args, q, k, v, mask, live)?))
+}
+
+/// Whether a CUDA call of head size `dim`, `width` keys and `dtype` would run the kernel (unless its first-call
+/// check, if not yet made, turns it off): a static decode then attends over its whole capacity and lets the
+/// kernel read the live keys, so that one captured graph serves every step.
+pub(crate) fn would_serve(dim: usize, width: usize, dtype: DType) -> bool {
+    matches!(dim, 32 | 64 | 128 | 256)
+        && (1..=MAX_WIDTH).contains(&width)
+        && matches!(dtype, DType::BF16 | DType::F32)
+        && !switched_off()
+        && state().lock().is_ok_and(|s| s.report.failure.is_none())
 }
 
 /// `PAIRUNI_ATTENTION_KERNEL=off` turns the kernel off for a process whatever the model says: the device
@@ -315,16 +335,18 @@ fn reference_f32(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, rep: usize) 
 }
 
 /// The kernel's module.
-static MODULE: crate::nvrtc::Module = crate::nvrtc::Module::new("pairuni_decode_attention", SOURCE);
+pub(crate) static MODULE: crate::nvrtc::Module =
+    crate::nvrtc::Module::new("pairuni_decode_attention", SOURCE);
 
 /// The kernel's launch for `a` over these operands: one block per (row, head), the output [B, H, 1, D] contiguous
-/// in the queries' dtype.
+/// in the queries' dtype; with `live`, only that many keys are read.
 pub fn launch_of<'a>(
     a: &LaunchArgs,
     q: &'a Tensor,
     k: &'a Tensor,
     v: &'a Tensor,
     mask: &'a Tensor,
+    live: Option<&'a Tensor>,
 ) -> crate::nvrtc::Launch<'a> {
     use crate::nvrtc::Arg;
     // One instantiation per dtype and head dimension (32 · 1, 2, 4 or 8): the loops' bounds are compile-time.
@@ -344,6 +366,7 @@ pub fn launch_of<'a>(
         Arg::Input(k),
         Arg::Input(v),
         Arg::Input(mask),
+        live.map_or(Arg::NullInput(DType::U32), Arg::Input),
         Arg::Output(q.dtype(), (a.rows, a.heads, 1, a.dim).into()),
     ];
     args.extend([a.heads, a.rep, a.width, a.dim].map(|x| Arg::I32(x as i32)));
@@ -372,8 +395,15 @@ pub fn launch_of<'a>(
     }
 }
 
-fn launch(a: &LaunchArgs, q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    match MODULE.launch(&launch_of(a, q, k, v, mask))? {
+fn launch(
+    a: &LaunchArgs,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    live: Option<&Tensor>,
+) -> Result<Tensor> {
+    match MODULE.launch(&launch_of(a, q, k, v, mask, live))? {
         Some(mut out) => Ok(out.remove(0)),
         None => Err(crate::error::ModelError::Device(
             "decode attention: operands are not on a CUDA device".into(),
@@ -447,7 +477,7 @@ mod tests {
             let [q, k, v, mask, ..] = strided_case(shape, dtype);
             let args = LaunchArgs::of(&q, &k, &v, &mask).expect("covered");
             assert_eq!((args.rep, args.width), (shape.2, shape.4));
-            let launch = launch_of(&args, &q, &k, &v, &mask);
+            let launch = launch_of(&args, &q, &k, &v, &mask, None);
             let got = crate::kernel_emulator::emulate(&MODULE, &launch)
                 .unwrap_or_else(|e| panic!("{shape:?} {dtype:?}: {e}"));
             let want = reference_f32(&q, &k, &v, &mask, args.rep).unwrap();
@@ -467,8 +497,9 @@ mod tests {
         let [q, k, v, mask, vbuf, _] = strided_case(shape, DType::F32);
         let args = LaunchArgs::of(&q, &k, &v, &mask).unwrap();
         let run = |v: &Tensor| {
-            let out = crate::kernel_emulator::emulate(&MODULE, &launch_of(&args, &q, &k, v, &mask))
-                .unwrap();
+            let out =
+                crate::kernel_emulator::emulate(&MODULE, &launch_of(&args, &q, &k, v, &mask, None))
+                    .unwrap();
             out.outputs[0]
                 .flatten_all()
                 .unwrap()
@@ -506,6 +537,39 @@ mod tests {
     }
 
     #[test]
+    fn a_live_count_limits_the_keys_read_to_those_written() {
+        // A static decode's launch: the whole capacity as the width, the keys written so far on the device. The
+        // columns past the count are left unmasked here, so reading any of them would show.
+        for (shape, dtype, tolerance) in [
+            ((2, 2, 2, 80, 80, 64), DType::F32, 1e-5),
+            ((2, 2, 1, 80, 80, 128), DType::BF16, 1e-2),
+        ] {
+            let [q, k, v, mask, ..] = strided_case(shape, dtype);
+            let args = LaunchArgs::of(&q, &k, &v, &mask).unwrap();
+            for live in [1usize, 3, 33, 79, 80] {
+                let count = Tensor::new(&[live as u32], &Device::Cpu).unwrap();
+                let launch = launch_of(&args, &q, &k, &v, &mask, Some(&count));
+                let got = crate::kernel_emulator::emulate(&MODULE, &launch).unwrap();
+                let first = |t: &Tensor, dim| t.narrow(dim, 0, live).unwrap();
+                let want =
+                    reference_f32(&q, &first(&k, 2), &first(&v, 2), &first(&mask, 3), args.rep)
+                        .unwrap();
+                let err = crate::layers::checked_rel_diff(&got.outputs[0], &want, 0.05);
+                assert!(err <= tolerance, "{shape:?} {dtype:?} live {live}: {err}");
+                // Where most keys go unread, reading them would change the output far beyond the tolerance.
+                if 2 * live < shape.4 {
+                    let all = reference_f32(&q, &k, &v, &mask, args.rep).unwrap();
+                    let seen = crate::layers::rel_diff(&got.outputs[0], &all).unwrap();
+                    assert!(
+                        seen > 10.0 * tolerance,
+                        "live {live}: the unread keys matter"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
     fn calls_outside_the_kernel_are_left_to_candle() {
         let q = filled(&[2, 2, 1, 64], 0);
         let k = filled(&[2, 2, 5, 64], 1);
@@ -522,7 +586,7 @@ mod tests {
         let kt = filled(&[2, 2, 64, 5], 1).transpose(2, 3).unwrap();
         assert!(LaunchArgs::of(&q, &kt, &kt, &mask).is_none());
         // On the CPU the caller's composition runs and the kernel is never tried.
-        let out = attend(&q, &k, &k, &mask, || {
+        let out = attend(&q, &k, &k, &mask, None, || {
             unreachable!("not asked for on the CPU")
         })
         .unwrap();

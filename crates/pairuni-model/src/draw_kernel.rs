@@ -147,7 +147,7 @@ GUMBEL_DRAW(f32, float)
 "#;
 
 /// The kernel's module.
-static MODULE: crate::nvrtc::Module = crate::nvrtc::Module::new("pairuni_draw", SOURCE);
+pub(crate) static MODULE: crate::nvrtc::Module = crate::nvrtc::Module::new("pairuni_draw", SOURCE);
 
 /// What one draw is taken from: `cond` [rows, classes] (bf16 or f32, contiguous), with CFG the unconditional
 /// logits `uncond` of the same shape, else optionally a `bias` [1, classes] (f32) added first.

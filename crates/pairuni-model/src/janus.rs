@@ -979,7 +979,7 @@ impl Janus {
         let mut sd = self.m.lm.static_decode(cache, steps.len())?;
         let mut out = Vec::with_capacity(steps.len());
         for x in steps {
-            let width = sd.next_width();
+            let width = self.m.lm.static_width(&sd);
             out.push(self.m.lm.static_step(x, &sd, width)?.unsqueeze(1)?);
             sd.count_step()?;
             sd.advance();
@@ -1548,9 +1548,10 @@ impl Janus {
     /// at the step's row of step-major buffers, and feeds the ids' embeddings (`embed`) through
     /// [`Llama::static_step`], whose hidden states the next step reads; the last ids are fed too, so that every
     /// step is the same graph. A step thus reads and writes only fixed device buffers, and on CUDA it is captured
-    /// once per attention width and replayed. The noise is filled outside the step, since cuRAND's offset is
-    /// host state; not at all once the draw kernel makes its own ([`GumbelNoise::needed`]), and a draw is given the
-    /// buffer only on a step that filled it. `stop`, if given, gets each step's ids on the host and ends the decode
+    /// once per attention width ([`Llama::static_width`]: one for the whole decode when the attention kernel
+    /// takes it) and replayed. The noise is filled outside the step, since cuRAND's offset is host state; not at
+    /// all once the draw kernel makes its own ([`GumbelNoise::needed`]), and a draw is given the buffer only on a
+    /// step that filled it. `stop`, if given, gets each step's ids on the host and ends the decode
     /// by returning true (step-major buffers make that read a plain copy). Stores the graph report in `report`;
     /// returns per row the ids and log-probs of the steps taken.
     #[allow(clippy::too_many_arguments)] // each is one part of the step; bundling them would only rename them
@@ -1588,7 +1589,7 @@ impl Janus {
                 }
                 _ => false,
             };
-            let width = sd.next_width();
+            let width = self.m.lm.static_width(&sd);
             graphs.run(width, || {
                 let key = DrawNoise::Counter {
                     seed,

@@ -353,7 +353,8 @@ pub(crate) fn rope_store(
 }
 
 /// The kernels' module.
-static MODULE: crate::nvrtc::Module = crate::nvrtc::Module::new("pairuni_layer_kernels", SOURCE);
+pub(crate) static MODULE: crate::nvrtc::Module =
+    crate::nvrtc::Module::new("pairuni_layer_kernels", SOURCE);
 
 /// The add + RMSNorm kernel's launch for contiguous `h` and `a` (rows of `w`'s length) and `w`, one dtype: one
 /// block per row; its outputs are the sum and the normed sum (as `h`). `None` where it does not apply.

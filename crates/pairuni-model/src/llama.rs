@@ -712,7 +712,7 @@ impl Llama {
 
     /// A forward's kernels: `fused` (sampling) or `differentiable` (training) ones or neither, keys and values
     /// copied when `copy_kv`, and this model's hand-written kernel switches; queries and keys rotated by the layers.
-    fn kernels(&self, fused: bool, differentiable: bool, copy_kv: bool) -> Kernels {
+    fn kernels(&self, fused: bool, differentiable: bool, copy_kv: bool) -> Kernels<'static> {
         Kernels {
             fused,
             differentiable,
@@ -722,6 +722,7 @@ impl Llama {
             backward_kernels: self.backward_kernels,
             layer_kernels: self.layer_kernels,
             rope_in_store: false,
+            live_keys: None,
         }
     }
 
@@ -732,7 +733,7 @@ impl Llama {
         x: &Tensor,
         rope: &RopeTables,
         mask: &Tensor,
-        kernels: Kernels,
+        kernels: Kernels<'_>,
         stacked: Option<&[StackedLayer]>,
         mut store: impl FnMut(
             usize,
@@ -799,7 +800,7 @@ impl Llama {
 }
 
 /// `norm` of `x` with the forward's kernels: fused (no backward), fused with a backward, or composed.
-fn rms_norm(norm: &RmsNorm, x: &Tensor, kernels: Kernels) -> candle_core::Result<Tensor> {
+fn rms_norm(norm: &RmsNorm, x: &Tensor, kernels: Kernels<'_>) -> candle_core::Result<Tensor> {
     if kernels.differentiable && !kernels.fused {
         trained_kernels::rms_norm(x, &norm.weight, norm.eps, kernels.norm_kernel)
     } else {
@@ -813,7 +814,7 @@ fn add_norm(
     norm: &RmsNorm,
     h: &Tensor,
     delta: Option<&Tensor>,
-    kernels: Kernels,
+    kernels: Kernels<'_>,
 ) -> candle_core::Result<(Tensor, Tensor)> {
     let Some(delta) = delta else {
         return Ok((h.clone(), rms_norm(norm, h, kernels)?));
@@ -828,7 +829,7 @@ fn add_norm(
 
 /// Which kernels one forward's layers run.
 #[derive(Debug, Clone, Copy)]
-struct Kernels {
+struct Kernels<'a> {
     /// candle's fused RMSNorm, rotary and softmax kernels (no backward) instead of compositions of basic ops.
     fused: bool,
     /// Without `fused`: the same kernels, the projections and the attention core as ops with a backward
@@ -848,9 +849,12 @@ struct Kernels {
     /// The layers hand their queries and keys to `store` unrotated (a static decode step rotates them as it
     /// writes the cache, [`crate::layer_kernels::rope_store`]).
     rope_in_store: bool,
+    /// With `attention_kernel`: the keys written so far ([1] u32 on the device; a static decode's), which the
+    /// kernel reads instead of every key of its width, so that a step's launches do not depend on the step.
+    live_keys: Option<&'a Tensor>,
 }
 
-impl Kernels {
+impl Kernels<'_> {
     /// Whether this forward takes [`crate::layer_kernels`] (sampling forwards with candle's fused kernels).
     fn layer_kernels(self) -> bool {
         self.fused && self.layer_kernels
@@ -873,7 +877,7 @@ impl Layer {
         delta: Option<&Tensor>,
         rope: &RopeTables,
         mask: &Tensor,
-        kernels: Kernels,
+        kernels: Kernels<'_>,
         stacked: Option<&StackedLayer>,
         store: impl FnOnce(&Tensor, &Tensor, &Tensor) -> candle_core::Result<(Tensor, Tensor, Tensor)>,
     ) -> Result<(Tensor, Tensor)> {
@@ -1040,7 +1044,7 @@ impl Attention {
         k: &Tensor,
         v: &Tensor,
         mask: &Tensor,
-        kernels: Kernels,
+        kernels: Kernels<'_>,
     ) -> Result<Tensor> {
         let Kernels {
             fused,
@@ -1077,7 +1081,7 @@ impl Attention {
         };
         // A fused-kernel decode step (one query, the scale in it) on a GPU takes the one-launch kernel.
         let kernel_out = if fused && attention_kernel && t == 1 {
-            crate::decode_attention::attend(q, k, v, mask, composed)?
+            crate::decode_attention::attend(q, k, v, mask, kernels.live_keys, composed)?
         } else {
             None
         };

@@ -69,7 +69,8 @@ RMS_BACKWARD(rms_backward_f32, float)
 "#;
 
 /// The kernel's module.
-static MODULE: crate::nvrtc::Module = crate::nvrtc::Module::new("pairuni_norm_kernel", SOURCE);
+pub(crate) static MODULE: crate::nvrtc::Module =
+    crate::nvrtc::Module::new("pairuni_norm_kernel", SOURCE);
 
 /// The kernel's launch for contiguous `x` (rows × cols), `w` (cols) and `grad` (as `x`) of one dtype, bf16 or
 /// f32: one block per row; its outputs are dx (as `x`) and g ⊙ n ([rows, cols], f32). `None` where it does not

@@ -92,6 +92,23 @@ impl Module {
             .map_err(|e| candle_core::Error::Msg(e.clone()))
     }
 
+    /// Compiles the module with NVRTC as its first launch would (no GPU needed: NVRTC is a compiler library) and
+    /// returns the PTX's size in bytes, or why it failed: a build without CUDA, NVRTC not found, or the compiler's
+    /// own message.
+    pub fn compile(&self) -> std::result::Result<usize, String> {
+        #[cfg(feature = "cuda")]
+        {
+            self.ptx().map(str::len).map_err(|e| e.to_string())
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            Err(
+                "this binary was built without CUDA (scripts/build-cuda.sh builds one with it)"
+                    .into(),
+            )
+        }
+    }
+
     /// Launches `launch` on the CUDA device of its tensors: each [`Arg::Output`], in order; `None` when a tensor
     /// operand is not on a CUDA device.
     #[cfg(feature = "cuda")]
@@ -222,6 +239,19 @@ impl Module {
     pub fn launch(&self, _: &Launch) -> candle_core::Result<Option<Vec<Tensor>>> {
         Ok(None)
     }
+}
+
+/// This crate's kernel modules (the trainer's fused AdamW is `pairuni_rl::fused_adamw`'s), for checks that compile
+/// them all (`pairuni bench kernels`).
+pub fn modules() -> [&'static Module; 6] {
+    [
+        &crate::decode_attention::MODULE,
+        &crate::layer_kernels::MODULE,
+        &crate::draw_kernel::MODULE,
+        &crate::norm_kernel::MODULE,
+        &crate::backward_kernels::MODULE,
+        &crate::conv_kernel::MODULE,
+    ]
 }
 
 /// Whether `ts` all have one float dtype the kernels are instantiated for (bf16 or f32).

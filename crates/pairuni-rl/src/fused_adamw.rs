@@ -99,6 +99,11 @@ pub static TRUST: pairuni_model::nvrtc::Trust =
 pub(crate) static MODULE: pairuni_model::nvrtc::Module =
     pairuni_model::nvrtc::Module::new("pairuni_fused_adamw", SOURCE);
 
+/// The kernel's module, for checks that compile every kernel (`pairuni bench kernels`).
+pub fn module() -> &'static pairuni_model::nvrtc::Module {
+    &MODULE
+}
+
 /// The kernel's launch updating one variable in place: gradient `g` (the weight's dtype), moments `m`, `v` (f32),
 /// master weight (f32, optional) and the weight `w` (bf16 or f32), all contiguous with `w`'s element count.
 /// `None` when these tensors are not a case the kernel takes.

@@ -65,6 +65,8 @@ enum Bench {
     GpuStep(cmd::gpu::BenchGpuStepArgs),
     /// The committed Janus fixture checkpoint on a device in f32 and bf16 vs its reference outputs.
     GpuParity(cmd::gpu::BenchGpuParityArgs),
+    /// Compile the hand-written CUDA kernels with NVRTC as their first launches would (CUDA builds; no GPU needed).
+    GpuKernels(cmd::gpu::BenchGpuKernelsArgs),
     /// Exact (blocked GEMM) and approximate (PCA → IVF or HNSW → exact re-rank) retrieval time and recall@1.
     Retrieval(cmd::pairs::BenchRetrievalArgs),
     /// Text and CFG image decode tokens/s over batch sizes (toy; Janus-Pro-1B shapes with --big).
@@ -112,6 +114,7 @@ fn main() -> std::process::ExitCode {
             Bench::Step(a) => cmd::train::run_bench_step(a),
             Bench::GpuStep(a) => cmd::gpu::run_bench_gpu_step(a),
             Bench::GpuParity(a) => cmd::gpu::run_bench_gpu_parity(a),
+            Bench::GpuKernels(a) => cmd::gpu::run_bench_gpu_kernels(a),
             Bench::Retrieval(a) => cmd::pairs::run_bench_retrieval(a),
             Bench::World(a) => cmd::world::run_bench_world(a),
             Bench::Decode(a) => cmd::model::run_bench_decode(a),

@@ -6,7 +6,10 @@
 //! a view one key longer. Here everything that changes lives on the device: a step counter, from which each
 //! step computes its positions and the column it writes (scatter with device indices); keys are attended over a
 //! width rounded up to [`WIDTH_STEP`], the columns not yet written masked out. So steps of one width launch the
-//! same kernels with the same arguments, and a rollout of n codes needs about n / `WIDTH_STEP` graphs.
+//! same kernels with the same arguments, and a rollout of n codes needs about n / `WIDTH_STEP` graphs. When the
+//! one-query attention kernel serves the steps ([`crate::decode_attention`]), it reads the number of keys written
+//! from the device instead, every step attends over the whole capacity, and one graph serves the rollout
+//! ([`Llama::static_width`]).
 
 use std::sync::atomic::Ordering;
 
@@ -100,6 +103,21 @@ impl StaticDecode {
 }
 
 impl Llama {
+    /// The attention width of `sd`'s next step, which keys its graph: the whole capacity when the attention
+    /// kernel takes the steps (it reads the live keys from the device, so every step is one graph), else
+    /// [`StaticDecode::next_width`] (candle's ops read every column of the width).
+    pub fn static_width(&self, sd: &StaticDecode) -> usize {
+        let kernel_serves = self.fused_sampling
+            && self.attention_kernel
+            && sd.bias.device().is_cuda()
+            && crate::decode_attention::would_serve(
+                self.cfg.head_dim(),
+                sd.capacity,
+                sd.layers.first().map_or(DType::F32, |(k, _)| k.dtype()),
+            );
+        static_width_for(sd, kernel_serves)
+    }
+
     /// Turns a prefilled preallocated cache into a static decode of `steps` one-token steps. The cache's buffers
     /// are taken over when they are large enough and nobody has written past its prefix; otherwise its prefix
     /// is copied into new ones.
@@ -208,6 +226,12 @@ impl Llama {
             _ => None,
         };
         let col_index = col.flatten_all()?;
+        // Keys written once this step's are: all the attention kernel reads of the width.
+        let live = (&col_index + &sd.one)?;
+        let kernels = Kernels {
+            live_keys: Some(&live),
+            ..kernels
+        };
         let stacked = if fused { sd.stacked.as_deref() } else { None };
         let h = self.run_layers(x, &rope, &mask, kernels, stacked, |li, q, k, v| {
             let Some((kb, vb)) = sd.layers.get(li) else {
@@ -230,6 +254,15 @@ impl Llama {
             Ok((q, kb.narrow(2, 0, width)?, vb.narrow(2, 0, width)?))
         })?;
         Ok(h.squeeze(1)?)
+    }
+}
+
+/// [`Llama::static_width`] given whether the attention kernel takes the steps.
+fn static_width_for(sd: &StaticDecode, kernel_serves: bool) -> usize {
+    if kernel_serves {
+        sd.capacity
+    } else {
+        sd.next_width()
     }
 }
 
@@ -340,6 +373,34 @@ mod tests {
             .static_step(&x.narrow(1, 0, 1).unwrap(), &sd, 128)
             .unwrap_err();
         assert!(err.to_string().contains("61 of 60"), "{err}");
+    }
+
+    #[test]
+    fn steps_over_the_whole_capacity_equal_steps_over_their_width() {
+        // The attention kernel's single graph attends over the whole capacity; should the kernel then turn
+        // itself off, candle's ops read every column of it, the unwritten ones masked: the same hidden states.
+        for (kv, fused) in [(None, false), (Some(2), true)] {
+            let mut m = decoder(kv);
+            m.set_fused_sampling(fused);
+            let x = embeddings(&m, 70);
+            let want = decode(&m, &x, 5, 128, true);
+            let mut sd = m.static_decode(prefilled(&m, &x, 5, 128), 65).unwrap();
+            let mut got = Vec::new();
+            for i in 5..70 {
+                // On the CPU the kernel never serves, so the model keeps to the rounded widths.
+                assert_eq!(m.static_width(&sd), sd.next_width());
+                let width = static_width_for(&sd, true);
+                assert_eq!(width, 128);
+                let h = m
+                    .static_step(&x.narrow(1, i, 1).unwrap(), &sd, width)
+                    .unwrap();
+                sd.count_step().unwrap();
+                sd.advance();
+                got.extend(h.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            }
+            let err = max_rel_diff(&got, &want);
+            assert!(err < 1e-5, "kv {kv:?} fused {fused}: rel err {err}");
+        }
     }
 
     #[test]

@@ -1731,6 +1731,78 @@ fn device_name(dev: &Device) -> String {
     }
 }
 
+/// Arguments of `pairuni bench gpu-kernels`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchGpuKernelsArgs {
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One kernel module's NVRTC compilation: its PTX size and compile time, or why it failed.
+#[derive(Debug, serde::Serialize)]
+struct KernelCompile {
+    module: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ptx_bytes: Option<usize>,
+    compile_ms: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+/// Compiles each hand-written kernel module as its first launch would.
+fn compile_kernels() -> Vec<KernelCompile> {
+    pairuni_model::nvrtc::modules()
+        .into_iter()
+        .chain([pairuni_rl::fused_adamw::module()])
+        .map(|m| {
+            let t0 = Instant::now();
+            let compiled = m.compile();
+            let compile_ms = round1(t0.elapsed().as_secs_f64() * 1e3);
+            let (ptx_bytes, error) = match compiled {
+                Ok(n) => (Some(n), None),
+                Err(e) => (None, Some(e)),
+            };
+            KernelCompile {
+                module: m.name(),
+                ptx_bytes,
+                compile_ms,
+                error,
+            }
+        })
+        .collect()
+}
+
+/// Compiles every hand-written CUDA kernel module with NVRTC, as their first launches would, and prints each
+/// module's PTX size or error; fails when any did not compile. Needs a CUDA build and NVRTC, not a GPU, so a
+/// session without one can check that the kernels a device call relies on will build there.
+pub fn run_bench_gpu_kernels(a: BenchGpuKernelsArgs) -> anyhow::Result<ExitCode> {
+    let modules = compile_kernels();
+    let failed = modules.iter().filter(|m| m.error.is_some()).count();
+    if a.json {
+        println!(
+            "{}",
+            json!({ "modules": modules, "pass": failed == 0 && !modules.is_empty() })
+        );
+    } else {
+        println!("{:<28}{:>12}{:>12}", "kernel module", "ptx bytes", "ms");
+        for m in &modules {
+            match (&m.ptx_bytes, &m.error) {
+                (Some(n), _) => println!("{:<28}{n:>12}{:>12.1}", m.module, m.compile_ms),
+                (_, Some(e)) => println!("{:<28}failed: {e}", m.module),
+                _ => {}
+            }
+        }
+    }
+    if failed > 0 {
+        bail!(
+            "{failed} of {} kernel modules did not compile",
+            modules.len()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Arguments of `pairuni bench gpu-parity`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchGpuParityArgs {
@@ -2338,6 +2410,26 @@ mod tests {
                 "the model's own settings are restored"
             );
         }
+    }
+
+    #[test]
+    fn every_kernel_module_is_compiled_and_a_cpu_build_says_it_cannot() {
+        let modules = compile_kernels();
+        let names: std::collections::BTreeSet<_> = modules.iter().map(|m| m.module).collect();
+        // Each module once, the trainer's AdamW among them.
+        assert_eq!(names.len(), 7);
+        assert_eq!(modules.len(), 7);
+        assert!(names.contains("pairuni_fused_adamw") && names.contains("pairuni_draw"));
+        if cfg!(feature = "cuda") {
+            return;
+        }
+        for m in &modules {
+            let e = m.error.as_deref().unwrap_or_default();
+            assert!(e.contains("built without CUDA"), "{}: {e}", m.module);
+            assert!(m.ptx_bytes.is_none());
+        }
+        let err = run_bench_gpu_kernels(BenchGpuKernelsArgs { json: true }).unwrap_err();
+        assert!(err.to_string().contains("7 of 7"), "{err}");
     }
 
     #[test]
