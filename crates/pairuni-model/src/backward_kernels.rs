@@ -157,7 +157,7 @@ pub(crate) fn silu_mul_backward(
     kernel: bool,
 ) -> candle_core::Result<(Tensor, Tensor)> {
     let composed = || silu_mul_composed(g, u, dy);
-    if !kernel || !g.device().is_cuda() {
+    if !kernel || !crate::nvrtc::runs_kernels(g.device()) {
         return composed();
     }
     SILU_MUL.run(
@@ -197,7 +197,7 @@ pub(crate) fn softmax_backward(
     kernel: bool,
 ) -> candle_core::Result<Tensor> {
     let composed = || softmax_composed(dp, p, dp.dtype());
-    if !kernel || !dp.device().is_cuda() {
+    if !kernel || !crate::nvrtc::runs_kernels(dp.device()) {
         return composed();
     }
     SOFTMAX.run(

@@ -191,7 +191,7 @@ pub fn conv_by_columns(
 pub fn conv2d(x: &Tensor, conv: &Conv2d) -> Result<Tensor> {
     let composed = || conv.forward(x);
     let (_, _, kh, kw) = conv.weight().dims4()?;
-    if !enabled() || !x.device().is_cuda() || kh * kw == 1 {
+    if !enabled() || !crate::nvrtc::runs_kernels(x.device()) || kh * kw == 1 {
         return composed();
     }
     IM2COL.run(
@@ -256,7 +256,7 @@ pub fn im2col_launch<'a>(x: &'a Tensor, s: &Im2ColShape) -> Option<crate::nvrtc:
 /// The columns of `x` [n, C, H, W] through the kernel; `None` where it does not apply (not CUDA, or as
 /// [`im2col_launch`] says).
 fn launch_im2col(x: &Tensor, s: &Im2ColShape) -> Result<Option<Tensor>> {
-    if !x.device().is_cuda() {
+    if !crate::nvrtc::runs_kernels(x.device()) {
         return Ok(None);
     }
     let x = x.contiguous()?;

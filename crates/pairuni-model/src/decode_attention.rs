@@ -255,7 +255,7 @@ pub(crate) fn attend(
     live: Option<&Tensor>,
     composed: impl FnOnce() -> candle_core::Result<Tensor>,
 ) -> Result<Option<Tensor>> {
-    if !q.device().is_cuda() || switched_off() {
+    if !crate::nvrtc::runs_kernels(q.device()) || switched_off() {
         return Ok(None);
     }
     let Some(args) = LaunchArgs::of(q, k, v, mask) else {

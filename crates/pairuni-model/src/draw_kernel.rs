@@ -274,7 +274,7 @@ pub fn launch(spec: &DrawSpec, noise: &DrawNoise) -> candle_core::Result<Option<
 /// Whether draws on `device`, with the kernel asked for (`kernel`), go through it without a check: then they need
 /// no given noise (a static decode stops filling its noise buffer).
 pub fn ready(device: &candle_core::Device, kernel: bool) -> bool {
-    kernel && device.is_cuda() && TRUST.usable() && !TRUST.needs_check()
+    kernel && crate::nvrtc::runs_kernels(device) && TRUST.usable() && !TRUST.needs_check()
 }
 
 /// One device draw: through the kernel when `kernel` is asked for, it runs on this device and it is trusted,
@@ -291,7 +291,7 @@ pub fn draw(
     composed: impl Fn(Option<&Tensor>) -> candle_core::Result<(Tensor, Tensor)>,
 ) -> candle_core::Result<(Tensor, Tensor)> {
     let dev = spec.cond.device();
-    if !kernel || !dev.is_cuda() {
+    if !kernel || !crate::nvrtc::runs_kernels(dev) {
         return composed(given()?.as_ref());
     }
     checked_draw(

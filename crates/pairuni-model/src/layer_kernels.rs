@@ -180,7 +180,7 @@ pub(crate) fn add_rms_norm(
     eps: f64,
 ) -> candle_core::Result<(Tensor, Tensor)> {
     let composed = || composed_add_rms_norm(h, a, w, eps);
-    if !h.device().is_cuda() {
+    if !crate::nvrtc::runs_kernels(h.device()) {
         return composed();
     }
     ADD_NORM.run(
@@ -194,7 +194,7 @@ pub(crate) fn add_rms_norm(
 /// `silu(g) ⊙ u`, through the kernel on a CUDA device when `kernel` is set and it is trusted.
 pub(crate) fn silu_mul(g: &Tensor, u: &Tensor, kernel: bool) -> candle_core::Result<Tensor> {
     let composed = || g.silu()? * u;
-    if !kernel || !g.device().is_cuda() {
+    if !kernel || !crate::nvrtc::runs_kernels(g.device()) {
         return composed();
     }
     SILU_MUL.run(
@@ -318,7 +318,7 @@ pub(crate) fn rope_store(
         Ok((q, k))
     };
     let dev = q.device();
-    if !dev.is_cuda()
+    if !crate::nvrtc::runs_kernels(dev)
         || !ROPE_STORE.usable()
         || (ROPE_STORE.needs_check() && crate::nvrtc::capturing(dev)?)
     {

@@ -43,6 +43,53 @@ __device__ __forceinline__ float warp_max(float x) {
 }
 "#;
 
+thread_local! {
+    /// Whether this thread's launches on CPU tensors run through the emulator ([`emulate_on_cpu`]).
+    static EMULATING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Makes this thread run the hand-written kernels for CPU tensors through [`crate::kernel_emulator`], as if the
+/// CPU were a CUDA device (`true`), or stop (`false`); returns the previous setting. For tests of the kernels'
+/// integration: the model's own call sites, their first-call checks and fallbacks then run the kernels' sources
+/// end to end, as a GPU would, only far slower (a C++ compiler and a subprocess per launch). Hidden: not for
+/// production use. Kernel state that is per process (the first-call checks) is shared with other threads, so a
+/// test that emulates belongs in a test binary of its own.
+#[doc(hidden)]
+pub fn emulate_on_cpu(on: bool) -> bool {
+    EMULATING.with(|e| e.replace(on))
+}
+
+/// Whether the hand-written kernels run for tensors on `device`: a CUDA device, or the CPU on a thread that
+/// emulates them ([`emulate_on_cpu`]).
+pub fn runs_kernels(device: &candle_core::Device) -> bool {
+    device.is_cuda() || (device.is_cpu() && EMULATING.with(|e| e.get()))
+}
+
+/// `launch` through the emulator when this thread emulates and its tensors are on the CPU: its outputs, its
+/// in-place operands written back; `None` otherwise.
+fn emulated(module: &Module, launch: &Launch) -> candle_core::Result<Option<Vec<Tensor>>> {
+    if !EMULATING.with(|e| e.get()) || !launch.tensors().all(|t| t.device().is_cpu()) {
+        return Ok(None);
+    }
+    let fail = |e: String| candle_core::Error::Msg(format!("emulated {}: {e}", launch.kernel));
+    // One thread order: the kernels' own tests run both, for races; here the launches are many.
+    let out = crate::kernel_emulator::emulate_once(module, launch).map_err(fail)?;
+    let in_place = launch.args.iter().filter_map(|a| match a {
+        Arg::InPlace(t) => Some(*t),
+        _ => None,
+    });
+    for (t, written) in in_place.zip(&out.in_place) {
+        if !t.is_contiguous() {
+            return Err(fail(
+                "in-place operands are written back only when contiguous".into(),
+            ));
+        }
+        let value = written.narrow(0, 0, t.elem_count())?.reshape(t.shape())?;
+        t.slice_set(&value, 0, 0)?;
+    }
+    Ok(Some(out.outputs))
+}
+
 /// The full source of a kernel module: the prelude, then `body`.
 pub fn source(body: &str) -> String {
     format!("{BF16_PRELUDE}{body}")
@@ -113,6 +160,9 @@ impl Module {
     /// operand is not on a CUDA device.
     #[cfg(feature = "cuda")]
     pub fn launch(&self, launch: &Launch) -> candle_core::Result<Option<Vec<Tensor>>> {
+        if let Some(out) = emulated(self, launch)? {
+            return Ok(Some(out));
+        }
         use candle_core::cuda_backend::cudarc::driver::{
             CudaSlice, CudaView, LaunchConfig, PushKernelArg,
         };
@@ -234,10 +284,10 @@ impl Module {
         Ok(Some(outputs))
     }
 
-    /// Without CUDA nothing launches: the callers run candle's ops.
+    /// Without CUDA nothing launches (unless a test emulates): the callers run candle's ops.
     #[cfg(not(feature = "cuda"))]
-    pub fn launch(&self, _: &Launch) -> candle_core::Result<Option<Vec<Tensor>>> {
-        Ok(None)
+    pub fn launch(&self, launch: &Launch) -> candle_core::Result<Option<Vec<Tensor>>> {
+        emulated(self, launch)
     }
 }
 

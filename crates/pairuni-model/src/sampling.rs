@@ -392,7 +392,7 @@ pub(crate) fn cfg_draw(
     key: DrawNoise,
     given: impl FnOnce() -> candle_core::Result<Option<Tensor>>,
 ) -> candle_core::Result<(Tensor, Tensor)> {
-    if !(kernel && cond.device().is_cuda()) {
+    if !(kernel && crate::nvrtc::runs_kernels(cond.device())) {
         return device_cfg_draw_with(cond, uncond, cfg_weight, temperature, given()?.as_ref());
     }
     let (c, u) = (kernel_logits(cond)?, kernel_logits(uncond)?);
@@ -467,7 +467,7 @@ pub(crate) fn token_draw(
     key: DrawNoise,
     given: impl FnOnce() -> candle_core::Result<Option<Tensor>>,
 ) -> candle_core::Result<(Tensor, Tensor)> {
-    if !(kernel && logits.device().is_cuda()) {
+    if !(kernel && crate::nvrtc::runs_kernels(logits.device())) {
         return device_token_draw_with(logits, bias, s, given()?.as_ref());
     }
     let l = kernel_logits(logits)?;

@@ -172,7 +172,7 @@ pub(crate) fn launch(
     w: &candle_core::Tensor,
     s: &Scalars,
 ) -> candle_core::Result<bool> {
-    if !w.device().is_cuda() {
+    if !pairuni_model::nvrtc::runs_kernels(w.device()) {
         return Ok(false);
     }
     let Some(launch) = launch_of(g, m, v, master, w, s) else {

@@ -115,7 +115,10 @@ impl AdamW {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
-            if fused && var.device().is_cuda() && self.fused_update(i, &var, g, &scalars)? {
+            if fused
+                && pairuni_model::nvrtc::runs_kernels(var.device())
+                && self.fused_update(i, &var, g, &scalars)?
+            {
                 continue;
             }
             let (m, v, theta) = self.composed_update(i, &var, g, &scalars)?;

@@ -109,7 +109,7 @@ impl Llama {
     pub fn static_width(&self, sd: &StaticDecode) -> usize {
         let kernel_serves = self.fused_sampling
             && self.attention_kernel
-            && sd.bias.device().is_cuda()
+            && crate::nvrtc::runs_kernels(sd.bias.device())
             && crate::decode_attention::would_serve(
                 self.cfg.head_dim(),
                 sd.capacity,
