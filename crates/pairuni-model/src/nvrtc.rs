@@ -59,16 +59,29 @@ pub fn emulate_on_cpu(on: bool) -> bool {
     EMULATING.with(|e| e.replace(on))
 }
 
-/// Whether the hand-written kernels run for tensors on `device`: a CUDA device, or the CPU on a thread that
-/// emulates them ([`emulate_on_cpu`]).
+/// `PAIRUNI_EMULATE_KERNELS=1`: every thread emulates ([`emulate_on_cpu`]), so that a whole command (the device
+/// script's `bench gpu-step` at tiny shapes, say) runs its hand-written kernels on the CPU. A developer's check
+/// before a device call: slow, and it needs a C++ compiler with AddressSanitizer.
+fn emulating_everywhere() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("PAIRUNI_EMULATE_KERNELS").is_ok_and(|v| v == "1"))
+}
+
+/// Whether this thread emulates the kernels on CPU tensors.
+fn emulating() -> bool {
+    EMULATING.with(|e| e.get()) || emulating_everywhere()
+}
+
+/// Whether the hand-written kernels run for tensors on `device`: a CUDA device, or the CPU where the kernels are
+/// emulated ([`emulate_on_cpu`], `PAIRUNI_EMULATE_KERNELS=1`).
 pub fn runs_kernels(device: &candle_core::Device) -> bool {
-    device.is_cuda() || (device.is_cpu() && EMULATING.with(|e| e.get()))
+    device.is_cuda() || (device.is_cpu() && emulating())
 }
 
 /// `launch` through the emulator when this thread emulates and its tensors are on the CPU: its outputs, its
 /// in-place operands written back; `None` otherwise.
 fn emulated(module: &Module, launch: &Launch) -> candle_core::Result<Option<Vec<Tensor>>> {
-    if !EMULATING.with(|e| e.get()) || !launch.tensors().all(|t| t.device().is_cpu()) {
+    if !emulating() || !launch.tensors().all(|t| t.device().is_cpu()) {
         return Ok(None);
     }
     let fail = |e: String| candle_core::Error::Msg(format!("emulated {}: {e}", launch.kernel));

@@ -101,10 +101,12 @@ impl Shapes {
                 "image_token_id": 100581,
                 "tie_word_embeddings": false
             }),
+            // Heads of 32, the smallest the one-query attention kernel takes, so that a CPU run with the kernels
+            // emulated (`PAIRUNI_EMULATE_KERNELS=1`) goes through it too.
             Self::Tiny => json!({
                 "text_config": {
                     "vocab_size": 1024, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                    "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 2048,
+                    "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 2048,
                     "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
                     "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 999
                 },
