@@ -2,9 +2,10 @@
 //!
 //! A Janus-Pro decode step launches about 600 kernels, each costing the host several µs in candle and the
 //! driver; replaying them as one captured graph costs one launch. A step body is captured once per key (its
-//! attention width, a single one when the attention kernel reads the live keys from the device): the first step of a width runs eagerly with candle's host-to-device cache on, which
-//! uploads each kernel's shape parameters once and keeps them on the device; the second is captured, and every
-//! later step of that width replays the graph. Capture records without running, so the captured step is
+//! attention width, a single one when the attention kernel reads the live keys from the device): the first step
+//! of a width runs eagerly with candle's host-to-device cache on, which uploads each kernel's shape parameters
+//! once and keeps them on the device; the second is captured, and every later step of that width replays the
+//! graph. Capture records without running, so the captured step is
 //! launched right after. Should a capture fail, the runner says why once and runs the remaining steps eagerly,
 //! which computes the same thing.
 //!

@@ -1551,9 +1551,9 @@ impl Janus {
     /// once per attention width ([`Llama::static_width`]: one for the whole decode when the attention kernel
     /// takes it) and replayed. The noise is filled outside the step, since cuRAND's offset is host state; not at
     /// all once the draw kernel makes its own ([`GumbelNoise::needed`]), and a draw is given the buffer only on a
-    /// step that filled it. `stop`, if given, gets each step's ids on the host and ends the decode
-    /// by returning true (step-major buffers make that read a plain copy). Stores the graph report in `report`;
-    /// returns per row the ids and log-probs of the steps taken.
+    /// step that filled it. `stop`, if given, gets each step's ids on the host and ends the decode by returning
+    /// true (step-major buffers make that read a plain copy). Stores the graph report in `report`; returns per row
+    /// the ids and log-probs of the steps taken.
     #[allow(clippy::too_many_arguments)] // each is one part of the step; bundling them would only rename them
     fn static_decode_loop(
         &self,

@@ -297,7 +297,7 @@ impl Module {
         Ok(Some(outputs))
     }
 
-    /// Without CUDA nothing launches (unless a test emulates): the callers run candle's ops.
+    /// Without CUDA nothing launches (unless the kernels are emulated): the callers run candle's ops.
     #[cfg(not(feature = "cuda"))]
     pub fn launch(&self, launch: &Launch) -> candle_core::Result<Option<Vec<Tensor>>> {
         emulated(self, launch)
@@ -305,7 +305,7 @@ impl Module {
 }
 
 /// This crate's kernel modules (the trainer's fused AdamW is `pairuni_rl::fused_adamw`'s), for checks that compile
-/// them all (`pairuni bench kernels`).
+/// them all (`pairuni bench gpu-kernels`).
 pub fn modules() -> [&'static Module; 6] {
     [
         &crate::decode_attention::MODULE,

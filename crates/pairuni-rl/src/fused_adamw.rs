@@ -99,7 +99,7 @@ pub static TRUST: pairuni_model::nvrtc::Trust =
 pub(crate) static MODULE: pairuni_model::nvrtc::Module =
     pairuni_model::nvrtc::Module::new("pairuni_fused_adamw", SOURCE);
 
-/// The kernel's module, for checks that compile every kernel (`pairuni bench kernels`).
+/// The kernel's module, for checks that compile every kernel (`pairuni bench gpu-kernels`).
 pub fn module() -> &'static pairuni_model::nvrtc::Module {
     &MODULE
 }

@@ -226,10 +226,15 @@ impl Llama {
             _ => None,
         };
         let col_index = col.flatten_all()?;
-        // Keys written once this step's are: all the attention kernel reads of the width.
-        let live = (&col_index + &sd.one)?;
+        // Keys written once this step's are: all the attention kernel reads of the width (computed only when
+        // the kernel may take the step: elsewhere it would be one more launch per step for nothing).
+        let live = if fused && self.attention_kernel {
+            Some((&col_index + &sd.one)?)
+        } else {
+            None
+        };
         let kernels = Kernels {
-            live_keys: Some(&live),
+            live_keys: live.as_ref(),
             ..kernels
         };
         let stacked = if fused { sd.stacked.as_deref() } else { None };
