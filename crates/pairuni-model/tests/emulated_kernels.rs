@@ -8,7 +8,9 @@
 
 mod common;
 
-use common::{answers_at, assert_grads_close, gen_prompts, rel_err, sample_at, weight_grads};
+use common::{
+    answers_at, assert_grads_close, gen_prompts, guided_logprobs_and_grads, rel_err, sample_at,
+};
 use pairuni_model::nvrtc::{emulate_on_cpu, Trust};
 use pairuni_model::{
     backward_kernels, decode_attention, draw_kernel, layer_kernels, norm_kernel, CfgLogprobPolicy,
@@ -157,15 +159,7 @@ fn training_kernels_score_and_differentiate_as_candles_ops() {
         m.set_fused_training(true);
         m.set_norm_kernel(kernels);
         m.set_backward_kernels(kernels);
-        let lp = m
-            .image_logprobs_at(
-                &rollouts,
-                CfgLogprobPolicy::GuidedMix { cfg_weight: 3.0 },
-                1.0,
-            )
-            .unwrap();
-        let loss = lp.sum_all().unwrap();
-        (lp, weight_grads(&m, &loss))
+        guided_logprobs_and_grads(&m, &rollouts)
     };
     let (lp_c, g_c) = run(false);
     let (lp_k, g_k) = emulated(|| run(true));

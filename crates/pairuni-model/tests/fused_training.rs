@@ -4,10 +4,11 @@
 
 mod common;
 
-use common::{answers_at, assert_grads_close, rel_err, sample_at, toy, weight_grads};
-use pairuni_model::{
-    CfgLogprobPolicy, ImageSampling, Janus, SamplerSite, SharedScoring, TextRollout, TextSampling,
+use common::{
+    answers_at, assert_grads_close, guided_logprobs_and_grads, rel_err, sample_at, toy,
+    weight_grads,
 };
+use pairuni_model::{ImageSampling, Janus, SamplerSite, SharedScoring, TextRollout, TextSampling};
 
 fn with_fused_training(seed: u64, on: bool) -> Janus {
     let mut m = toy(seed);
@@ -79,18 +80,7 @@ fn image_codes_score_and_differentiate_as_the_compositions() {
         top_p: 1.0,
     };
     let rollouts = sample_at(&toy(4), &s, SamplerSite::Host, 11);
-    let run = |on: bool| {
-        let m = with_fused_training(4, on);
-        let lp = m
-            .image_logprobs_at(
-                &rollouts,
-                CfgLogprobPolicy::GuidedMix { cfg_weight: 3.0 },
-                1.0,
-            )
-            .unwrap();
-        let loss = lp.sum_all().unwrap();
-        (lp, weight_grads(&m, &loss))
-    };
+    let run = |on: bool| guided_logprobs_and_grads(&with_fused_training(4, on), &rollouts);
     let (lp_f, g_f) = run(true);
     let (lp_c, g_c) = run(false);
     assert!(rel_err(&lp_f, &lp_c) < 1e-5);

@@ -91,6 +91,25 @@ pub fn weight_grads(
     out
 }
 
+/// The CFG-guided log-probs (weight 3) of image `rollouts` under `m`, teacher-forced, and the gradients of their
+/// sum w.r.t. every weight that gets one.
+#[allow(dead_code)] // not every test file scores images
+pub fn guided_logprobs_and_grads(
+    m: &Janus,
+    rollouts: &[ImageRollout],
+) -> (pairuni_model::Tensor, Vec<(String, pairuni_model::Tensor)>) {
+    let lp = m
+        .image_logprobs_at(
+            rollouts,
+            pairuni_model::CfgLogprobPolicy::GuidedMix { cfg_weight: 3.0 },
+            1.0,
+        )
+        .unwrap();
+    let loss = lp.sum_all().unwrap();
+    let grads = weight_grads(m, &loss);
+    (lp, grads)
+}
+
 /// Asserts that two sets of weight gradients name the same weights (more than ten) and agree within `tol`,
 /// relative to each tensor's largest gradient, or to a thousandth of the largest of all where a tensor's own is
 /// smaller: some gradients are zero but for rounding (a key bias shifts every score of a query alike, which
