@@ -271,20 +271,16 @@ pub(crate) fn attend(
         return Ok(None);
     }
     let checked = if live.is_some() {
-        st.checked_live
+        &mut st.checked_live
     } else {
-        st.checked
+        &mut st.checked
     };
-    if !checked {
+    if !*checked {
         // The check reads back to the host, which a graph capture cannot hold: wait for an eager call.
         if crate::nvrtc::capturing(q.device())? {
             return Ok(None);
         }
-        if live.is_some() {
-            st.checked_live = true;
-        } else {
-            st.checked = true;
-        }
+        *checked = true;
         let ours = match launch(&args, q, k, v, mask, live) {
             Ok(t) => t,
             Err(e) => {

@@ -566,9 +566,9 @@ impl Janus {
         self.m.lm.set_backward_kernels(on);
     }
     /// Whether the device-side samplers ([`SamplerSite::Device`], the default on CUDA: the CFG image decode, and
-    /// the answer decode without top-p) take fixed-shape steps (`llama::StaticDecode`), captured once per
-    /// attention width as CUDA graphs and replayed on CUDA devices, run as they are elsewhere (the tests force it
-    /// on the CPU). On by default on CUDA devices, off elsewhere.
+    /// the answer decode without top-p) take fixed-shape steps (`llama::StaticDecode`), captured as CUDA graphs
+    /// ([`Llama::static_width`]: one per attention width, or one per decode with the attention kernel) and
+    /// replayed on CUDA devices, run as they are elsewhere (the tests force it on the CPU). On by default on CUDA devices, off elsewhere.
     pub fn static_decode(&self) -> bool {
         self.static_decode
     }

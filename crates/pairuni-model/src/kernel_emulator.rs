@@ -116,8 +116,8 @@ fn run(module: &Module, launch: &Launch, orders: &[&str]) -> std::result::Result
         }
         results.push(buffers);
     }
-    let (forward, reverse) = (&results[0], results.get(1).unwrap_or(&results[0]));
-    for (i, (a, b)) in forward.iter().zip(reverse).enumerate() {
+    let reverse = results.get(1).map_or(&[][..], Vec::as_slice);
+    for (i, (a, b)) in results[0].iter().zip(reverse).enumerate() {
         if a != b {
             let at = a.iter().zip(b).position(|(x, y)| x != y).unwrap_or(0);
             return Err(format!(

@@ -279,28 +279,43 @@ mod tests {
     /// Hidden states of decoding `x` [2, T, H] one token at a time after a `prefill`-token prompt, through a
     /// preallocated cache of `capacity` (`forward`) or a static decode made from it.
     fn decode(m: &Llama, x: &Tensor, prefill: usize, capacity: usize, fixed: bool) -> Vec<f32> {
+        if fixed {
+            return decode_at(m, x, prefill, capacity, StaticDecode::next_width);
+        }
         let t = x.dim(1).unwrap();
         let mut cache = prefilled(m, x, prefill, capacity);
         let mut out = Vec::new();
-        if fixed {
-            let mut sd = m.static_decode(cache, t - prefill).unwrap();
-            for i in prefill..t {
-                let width = sd.next_width();
-                let h = m
-                    .static_step(&x.narrow(1, i, 1).unwrap(), &sd, width)
-                    .unwrap();
-                sd.count_step().unwrap();
-                sd.advance();
-                out.extend(h.flatten_all().unwrap().to_vec1::<f32>().unwrap());
-            }
-        } else {
-            for i in prefill..t {
-                let (h, c) = m
-                    .forward(&x.narrow(1, i, 1).unwrap(), &vec![vec![true]; 2], &cache)
-                    .unwrap();
-                cache = c;
-                out.extend(h.flatten_all().unwrap().to_vec1::<f32>().unwrap());
-            }
+        for i in prefill..t {
+            let (h, c) = m
+                .forward(&x.narrow(1, i, 1).unwrap(), &vec![vec![true]; 2], &cache)
+                .unwrap();
+            cache = c;
+            out.extend(h.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        }
+        out
+    }
+
+    /// [`decode`] through a static decode whose steps attend over `width(sd)` key columns.
+    fn decode_at(
+        m: &Llama,
+        x: &Tensor,
+        prefill: usize,
+        capacity: usize,
+        width: impl Fn(&StaticDecode) -> usize,
+    ) -> Vec<f32> {
+        let t = x.dim(1).unwrap();
+        let mut sd = m
+            .static_decode(prefilled(m, x, prefill, capacity), t - prefill)
+            .unwrap();
+        let mut out = Vec::new();
+        for i in prefill..t {
+            let width = width(&sd);
+            let h = m
+                .static_step(&x.narrow(1, i, 1).unwrap(), &sd, width)
+                .unwrap();
+            sd.count_step().unwrap();
+            sd.advance();
+            out.extend(h.flatten_all().unwrap().to_vec1::<f32>().unwrap());
         }
         out
     }
@@ -389,20 +404,13 @@ mod tests {
             m.set_fused_sampling(fused);
             let x = embeddings(&m, 70);
             let want = decode(&m, &x, 5, 128, true);
-            let mut sd = m.static_decode(prefilled(&m, &x, 5, 128), 65).unwrap();
-            let mut got = Vec::new();
-            for i in 5..70 {
+            let got = decode_at(&m, &x, 5, 128, |sd| {
                 // On the CPU the kernel never serves, so the model keeps to the rounded widths.
-                assert_eq!(m.static_width(&sd), sd.next_width());
-                let width = static_width_for(&sd, true);
+                assert_eq!(m.static_width(sd), sd.next_width());
+                let width = static_width_for(sd, true);
                 assert_eq!(width, 128);
-                let h = m
-                    .static_step(&x.narrow(1, i, 1).unwrap(), &sd, width)
-                    .unwrap();
-                sd.count_step().unwrap();
-                sd.advance();
-                got.extend(h.flatten_all().unwrap().to_vec1::<f32>().unwrap());
-            }
+                width
+            });
             let err = max_rel_diff(&got, &want);
             assert!(err < 1e-5, "kv {kv:?} fused {fused}: rel err {err}");
         }
