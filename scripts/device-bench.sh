@@ -89,11 +89,13 @@ if [[ -n "$bin" ]]; then
     # bias, Gumbel noise from a counter, argmax and log-prob in one launch; no noise drawn between the graphs) is
     # off by default until measured: the step turns it on and --compare-draw-kernel times the rollouts without it.
     # So are the backward kernels (SiLU · gate and the attention's softmax in the train phase): the step turns them
-    # on (`backward_kernels_status`; the train split shows their effect).
+    # on (`backward_kernels_status`; the train split shows their effect). --compare-top-p 0.9 times the rollouts
+    # once more with a top-p nucleus, which the draw kernel finds by bisection (top_p_compare: its cost).
     timeout "$t" "$bin" --log info bench gpu-step --device "$dev" --shapes "$shapes" --compare-graphs \
         --compare-sharing --attention-kernel on --compare-attention-kernel --compare-concurrent-passes \
         --fused-adamw on --norm-kernel on --layer-kernels on --compare-layer-kernels --compare-micro-batches 16 \
-        --conv-kernel on --compare-conv-kernel --draw-kernel on --compare-draw-kernel --backward-kernels on --json \
+        --conv-kernel on --compare-conv-kernel --draw-kernel on --compare-draw-kernel --compare-top-p 0.9 \
+        --backward-kernels on --json \
         >"$OUT/candle_step.json" 2>"$OUT/candle_step.log"
     rc=$?
     echo "rc=$rc $(cat "$OUT/candle_step.json")"
@@ -264,6 +266,13 @@ for key, switch, label in (("attention_kernel_compare", "attention_kernel", "the
               f"rollout_image {c.get('rollout_image')} ms ({c.get('ms_per_image_step')} ms per image step), "
               f"rollout_text {c.get('rollout_text')} ms, image graphs captured "
               f"{(c.get('graph_report') or {}).get('captured', '-')}"))
+tp = (cd or {}).get("top_p_compare")
+if tp:
+    # The same rollouts keeping to a top-p nucleus (the draw kernel's bisection, or host draws without it).
+    print(f"rollouts at top-p {tp.get('top_p')}: " + (f"failed: {tp['error']}" if "error" in tp else
+          f"rollout_image {tp.get('rollout_image')} ms ({tp.get('ms_per_image_step')} ms per image step), "
+          f"rollout_text {tp.get('rollout_text')} ms, image graphs captured "
+          f"{(tp.get('graph_report') or {}).get('captured', '-')}; draw kernel {(cd or {}).get('draw_kernel_report')}"))
 cc = (cd or {}).get("conv_kernel_compare")
 if cc:
     # The VQ decode of as many images with the convolution kernel the other way (im2col + matmul of candle, or

@@ -1,5 +1,6 @@
 //! A decode step's Gumbel-max draw as one CUDA kernel: the CFG mix (or the banned-token bias), the tempered
-//! scores, the noise, the argmax and the drawn class's log-prob (`[model] draw_kernel`).
+//! scores, the top-p nucleus when asked for, the noise, the argmax and the drawn class's log-prob (`[model]
+//! draw_kernel`).
 //!
 //! With candle's ops a device draw is about 15 small kernels (casts, the mix, the scale, the noise added, the
 //! argmax, a five-op log-softmax and a gather), and its noise is drawn by cuRAND and turned into Gumbel noise by
@@ -17,6 +18,11 @@
 //! candle's, in candle's order and each rounded (no fused multiply-add), so that equal codes are what a correct
 //! kernel gives. The tests run the source on the CPU ([`crate::kernel_emulator`]): against candle's ops on given
 //! noise, and the counter's noise against the tempered softmax by frequency.
+//!
+//! With top-p < 1 a sampled draw keeps to the nucleus the host sampler defines, found in the block by bisection
+//! over the scores' order-preserving keys (`nucleus` in the source; docs/GPU.md item 22). Candle has no op for a
+//! nucleus, so there the composed draw, and the check's reference, is the host's rule on the same scores and
+//! noise ([`crate::sampling::device_cfg_draw_with`]).
 
 use candle_core::{DType, Tensor};
 
@@ -68,13 +74,115 @@ __device__ __forceinline__ void take_larger(float& v, int& i, float ov, int oi) 
     }
 }
 
+// The draw's tempered logit x, as candle's `affine(1 / T)` gives it.
+template <typename T>
+__device__ __forceinline__ float draw_x(const T* cond, const T* uncond, const float* bias, long at, int i, float w,
+                                        float inv_t) {
+    return __fmul_rn(draw_mixed(cond, uncond, bias, at, i, w), inv_t);
+}
+
+// A key that orders floats as their values (−0 as +0); NaN is kept out by the callers.
+__device__ __forceinline__ unsigned int order_key(float x) {
+    const unsigned int u = __float_as_uint(__fadd_rn(x, 0.f));
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// The float of an order key.
+__device__ __forceinline__ float key_value(unsigned int k) {
+    return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
+
+// The block's total of every thread's `v`, the same bits in every thread (warp partials added in warp order).
+// `scratch`: 32 floats of shared memory used by nothing else between two calls.
+__device__ __forceinline__ float block_total(float v, float* scratch) {
+    v = warp_sum(v);
+    __syncthreads();  // every thread has read the previous call's partials
+    if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
+    __syncthreads();
+    float total = 0.f;
+    for (int w = 0; w < (int)(blockDim.x >> 5); ++w) total += scratch[w];
+    return total;
+}
+
+// The block's largest `v`, in every thread (as `block_total`).
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+    v = warp_max(v);
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
+    __syncthreads();
+    float top = v;
+    for (int w = 0; w < (int)(blockDim.x >> 5); ++w) top = fmaxf(top, scratch[w]);
+    return top;
+}
+
+// The top-p nucleus of one row's softmax(x): the classes of the shortest prefix, in the order of descending x and
+// ascending index among equals, whose mass reaches top_p of the whole (as the host sampler takes it). Returned as
+// the threshold key `tau` and the last index `cut` kept among the classes whose key is `tau`: a class is in the
+// nucleus when its key is above `tau`, or equal and its index at most `cut`. Every thread returns the same.
+//
+// The threshold is found by bisection over the keys: M(k), the mass of the classes whose key is at least k, falls
+// as k rises, and `tau` is the largest k with M(k) >= top_p * M(0), so that it is a class's key. Each step sums
+// the row once (32 steps at most); every sum is taken in the same order, so M(0) is exactly the normaliser and the
+// mass above `tau` is exactly M(tau + 1). If fewer than all the classes at `tau` are needed, the cut is found by a
+// bisection over the index.
+template <typename T>
+__device__ void nucleus(const T* cond, const T* uncond, const float* bias, long base, int classes, float w,
+                        float inv_t, float top_p, unsigned int& tau, int& cut) {
+    __shared__ float s_part[32];
+    const int tid = threadIdx.x;
+    const float neg_inf = __uint_as_float(0xff800000u);
+    float x_max = neg_inf;
+    for (int i = tid; i < classes; i += blockDim.x) {
+        x_max = fmaxf(x_max, draw_x(cond, uncond, bias, base + i, i, w, inv_t));  // fmaxf drops NaN
+    }
+    x_max = block_max(x_max, s_part);
+    // The mass of the classes whose key is at least `k`; with `count_at`, instead the number of classes whose key
+    // is `k` and whose index is at most `last`.
+    auto mass = [&](unsigned int k, bool count_at, int last) {
+        float m = 0.f;
+        for (int i = tid; i < classes; i += blockDim.x) {
+            const float x = draw_x(cond, uncond, bias, base + i, i, w, inv_t);
+            if (x != x) continue;
+            const unsigned int key = order_key(x);
+            if (count_at) {
+                m += (key == k && i <= last) ? 1.f : 0.f;
+            } else {
+                m += key >= k ? expf(__fsub_rn(x, x_max)) : 0.f;
+            }
+        }
+        return block_total(m, s_part);
+    };
+    const float target = __fmul_rn(top_p, mass(0u, false, 0));
+    unsigned int lo = 0u, hi = order_key(x_max) + 1u;  // M(lo) >= target > M(hi)
+    while (hi - lo > 1u) {
+        const unsigned int mid = lo + ((hi - lo) >> 1);
+        if (mass(mid, false, 0) >= target) lo = mid; else hi = mid;
+    }
+    tau = lo;
+    cut = classes - 1;
+    const float at_tau = mass(tau, true, classes - 1);
+    // How many classes at `tau`, in index order, take the mass above it to the target.
+    const float above = mass(tau + 1u, false, 0);
+    const float each = expf(__fsub_rn(key_value(tau), x_max));
+    const float needed = fminf(fmaxf(ceilf(__fdiv_rn(__fsub_rn(target, above), each)), 1.f), at_tau);
+    if (needed < at_tau) {
+        int lo_i = -1, hi_i = classes - 1;  // fewer than `needed` up to lo_i, enough up to hi_i
+        while (hi_i - lo_i > 1) {
+            const int mid = lo_i + ((hi_i - lo_i) >> 1);
+            if (mass(tau, true, mid) >= needed) hi_i = mid; else lo_i = mid;
+        }
+        cut = hi_i;
+    }
+}
+
 // One block per row (gridDim.x rows of `classes` logits, contiguous), any whole number of warps. Greedy when
-// inv_t <= 0. `noise` (rows x classes, f32) replaces the counter's noise when given; the step is
-// `step + *counter` (counter optional).
+// inv_t <= 0; restricted to the top-p nucleus (`nucleus`) when sampling with top_p < 1. `noise` (rows x classes,
+// f32) replaces the counter's noise when given; the step is `step + *counter` (counter optional).
 template <typename T>
 __device__ void gumbel_draw(const T* cond, const T* uncond, const float* bias, const float* noise,
                             const unsigned int* counter, unsigned int step, long seed, int classes,
-                            float cfg_weight, float inv_t, float lp_inv_t, unsigned int* codes, float* lps) {
+                            float cfg_weight, float inv_t, float lp_inv_t, float top_p, unsigned int* codes,
+                            float* lps) {
     // Per warp: its best score and index, its largest log-prob logit, its part of the normaliser (an array each:
     // no array is reused, so two barriers suffice).
     __shared__ float s_best[32], s_top[32], s_sum[32];
@@ -84,20 +192,30 @@ __device__ void gumbel_draw(const T* cond, const T* uncond, const float* bias, c
     const unsigned long long draw = (unsigned long long)step + (counter ? counter[0] : 0u);
     const unsigned long long first = (draw * gridDim.x + row) * (unsigned long long)classes;
     const float neg_inf = __uint_as_float(0xff800000u);
+    const bool restricted = inv_t > 0.f && top_p < 1.f;
+    unsigned int tau = 0u;
+    int cut = classes - 1;
+    if (restricted) nucleus(cond, uncond, bias, base, classes, cfg_weight, inv_t, top_p, tau, cut);
 
-    // The largest score and the largest log-prob logit.
+    // The largest score (in the nucleus) and the largest log-prob logit.
     float best = neg_inf, top = neg_inf;
     int best_i = classes;  // none yet
     for (int i = tid; i < classes; i += blockDim.x) {
+        top = fmaxf(top, __fmul_rn(draw_lp_logit(cond, uncond, bias, base + i, i, cfg_weight), lp_inv_t));
         const float mixed = draw_mixed(cond, uncond, bias, base + i, i, cfg_weight);
-        float s = mixed;
+        const float x = inv_t > 0.f ? __fmul_rn(mixed, inv_t) : mixed;
+        if (restricted) {
+            if (x != x) continue;
+            const unsigned int key = order_key(x);
+            if (key < tau || (key == tau && i > cut)) continue;
+        }
+        float s = x;
         if (inv_t > 0.f) {
             const float g = noise ? noise[base + i]
                                   : -logf(-logf(draw_uniform((unsigned long long)seed, first + i)));
-            s = __fadd_rn(__fmul_rn(mixed, inv_t), g);
+            s = __fadd_rn(x, g);
         }
         take_larger(best, best_i, s, i);
-        top = fmaxf(top, __fmul_rn(draw_lp_logit(cond, uncond, bias, base + i, i, cfg_weight), lp_inv_t));
     }
     for (int o = 16; o > 0; o >>= 1) {
         const float ov = __shfl_xor_sync(0xffffffffu, best, o);
@@ -138,9 +256,9 @@ __device__ void gumbel_draw(const T* cond, const T* uncond, const float* bias, c
 #define GUMBEL_DRAW(SUFFIX, T)                                                                                  \
 extern "C" __global__ void gumbel_draw_##SUFFIX(const T* cond, const T* uncond, const float* bias,            \
         const float* noise, const unsigned int* counter, unsigned int step, long seed, int classes,            \
-        float cfg_weight, float inv_t, float lp_inv_t, unsigned int* codes, float* lps) {                     \
+        float cfg_weight, float inv_t, float lp_inv_t, float top_p, unsigned int* codes, float* lps) {        \
     gumbel_draw<T>(cond, uncond, bias, noise, counter, step, seed, classes, cfg_weight, inv_t, lp_inv_t,      \
-                   codes, lps);                                                                               \
+                   top_p, codes, lps);                                                                        \
 }
 GUMBEL_DRAW(bf16, bf16_t)
 GUMBEL_DRAW(f32, float)
@@ -166,6 +284,8 @@ pub struct DrawSpec<'a> {
     /// The temperature of the recorded log-prob: of softmax(c / T_lp) with CFG, of softmax((c + bias) / T_lp)
     /// without.
     pub logprob_temperature: f64,
+    /// The nucleus mass a sampled draw is restricted to (1 = off; the log-prob is not truncated).
+    pub top_p: f64,
 }
 
 /// Where a kernel draw's Gumbel noise comes from.
@@ -204,7 +324,10 @@ pub fn launch_of<'a>(spec: &DrawSpec<'a>, noise: &DrawNoise<'a>) -> Option<Launc
             .is_none_or(|u| same_as_cond(u) && u.is_contiguous())
         && !(spec.uncond.is_some() && spec.bias.is_some())
         && spec.bias.is_none_or(f32_row)
-        && spec.logprob_temperature > 0.0;
+        && spec.logprob_temperature > 0.0
+        && spec.top_p > 0.0
+        // The nucleus counts classes in f32, exact below 2^24.
+        && (spec.top_p >= 1.0 || classes < 1 << 24);
     if !applies {
         return None;
     }
@@ -253,6 +376,7 @@ pub fn launch_of<'a>(spec: &DrawSpec<'a>, noise: &DrawNoise<'a>) -> Option<Launc
             Arg::F32(spec.cfg_weight as f32),
             Arg::F32(inv_t),
             Arg::F32((1.0 / spec.logprob_temperature) as f32),
+            Arg::F32(spec.top_p.min(1.0) as f32),
             Arg::Output(DType::U32, (rows, 1).into()),
             Arg::Output(DType::F32, (rows, 1).into()),
         ],
@@ -372,7 +496,9 @@ fn checked_draw(
 mod tests {
     use super::*;
     use crate::kernel_emulator::emulate;
-    use crate::sampling::{device_cfg_draw_with, device_token_draw_with, TextSampling};
+    use crate::sampling::{
+        device_cfg_draw_with, device_token_draw_with, ImageSampling, TextSampling,
+    };
     use candle_core::Device;
 
     fn values(n: usize, seed: usize, shape: &[usize], scale: f64, dtype: DType) -> Tensor {
@@ -405,8 +531,26 @@ mod tests {
         (codes, out.outputs[1].clone())
     }
 
+    /// [`run`] in one thread order, without the race check's second run: for launches of many barriers whose
+    /// kind another test runs in both orders.
+    fn run_once(spec: &DrawSpec, noise: &DrawNoise) -> (Vec<u32>, Tensor) {
+        let out = crate::kernel_emulator::emulate_once(&MODULE, &launch_of(spec, noise).unwrap())
+            .unwrap();
+        let codes = out.outputs[0].flatten_all().unwrap().to_vec1().unwrap();
+        (codes, out.outputs[1].clone())
+    }
+
     fn codes(t: &Tensor) -> Vec<u32> {
         t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    /// CFG sampling at weight `w` and temperature `t`, without top-p.
+    fn guided(w: f64, t: f64) -> ImageSampling {
+        ImageSampling {
+            cfg_weight: w,
+            temperature: t,
+            top_p: 1.0,
+        }
     }
 
     /// A CFG draw of `cond` against `uncond` at weight `w` and temperature `t` (log-probs at `t`, or 1 when greedy).
@@ -418,6 +562,7 @@ mod tests {
             cfg_weight: w,
             temperature: t,
             logprob_temperature: if t > 0.0 { t } else { 1.0 },
+            top_p: 1.0,
         }
     }
 
@@ -433,7 +578,8 @@ mod tests {
                 let spec = cfg_spec(&cond, &uncond, w, t);
                 let (ours, lp) = run(&spec, &DrawNoise::Given(&noise));
                 let given = (t > 0.0).then_some(&noise);
-                let (want, want_lp) = device_cfg_draw_with(&cond, &uncond, w, t, given).unwrap();
+                let (want, want_lp) =
+                    device_cfg_draw_with(&cond, &uncond, &guided(w, t), given).unwrap();
                 assert_eq!(ours, codes(&want), "{dtype:?} w {w} t {t}");
                 let err = crate::layers::rel_diff(&lp, &want_lp).unwrap();
                 assert!(err < 1e-5, "{dtype:?} w {w} t {t}: log-probs {err}");
@@ -441,7 +587,8 @@ mod tests {
             // A kernel that drew from the conditional logits alone would draw other codes.
             let spec = cfg_spec(&cond, &uncond, 5.0, 1.0);
             let (ours, _) = run(&spec, &DrawNoise::Given(&noise));
-            let (unmixed, _) = device_cfg_draw_with(&cond, &cond, 5.0, 1.0, Some(&noise)).unwrap();
+            let (unmixed, _) =
+                device_cfg_draw_with(&cond, &cond, &guided(5.0, 1.0), Some(&noise)).unwrap();
             assert_ne!(ours, codes(&unmixed));
         }
     }
@@ -471,6 +618,7 @@ mod tests {
                 cfg_weight: 1.0,
                 temperature: if greedy { 0.0 } else { t },
                 logprob_temperature: t_lp,
+                top_p: 1.0,
             };
             assert_eq!(s.logprob_temperature(), t_lp);
             let (ours, lp) = run(&spec, &DrawNoise::Given(&noise));
@@ -580,6 +728,7 @@ mod tests {
             cfg_weight: 1.0,
             temperature: 0.0,
             logprob_temperature: 1.0,
+            top_p: 1.0,
         };
         let (drawn, lp) = run(
             &spec,
@@ -592,6 +741,171 @@ mod tests {
         assert_eq!(drawn, vec![1, 0]);
         let lp = lp.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert!((lp[1] - (0.25f32).ln()).abs() < 1e-6);
+    }
+
+    /// Whether class `c` of `x` (tempered scores) is in the top-p nucleus: the classes more probable than it have
+    /// less than `top_p` of the mass (the host sampler's rule, in f64, ties aside).
+    fn in_nucleus(x: &[f32], c: usize, top_p: f64) -> bool {
+        let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let e = |v: f32| (v as f64 - max).exp();
+        let total: f64 = x.iter().map(|&v| e(v)).sum();
+        let before: f64 = x.iter().filter(|&&v| v > x[c]).map(|&v| e(v)).sum();
+        before < top_p * total
+    }
+
+    #[test]
+    fn nucleus_draws_on_given_noise_are_the_host_nucleus_draws() {
+        let (rows, classes) = (2, 300);
+        // Independent streams: the test values' seeds are shifts of one sequence, which would tie the noise to
+        // the logits.
+        let random = |seed: u64, lo: f32, hi: f32| {
+            use rand::{Rng, SeedableRng};
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+            let v: Vec<f32> = (0..rows * classes)
+                .map(|_| rng.random_range(lo..hi))
+                .collect();
+            Tensor::from_vec(v, (rows, classes), &Device::Cpu).unwrap()
+        };
+        let noise = random(23, 1e-6, 1.0)
+            .log()
+            .unwrap()
+            .neg()
+            .unwrap()
+            .log()
+            .unwrap()
+            .neg()
+            .unwrap();
+        for dtype in [DType::F32, DType::BF16] {
+            // Flat enough that a nucleus of 0.9 leaves out many classes and one of 0.3 keeps several.
+            let cond = random(21, -0.5, 0.5).to_dtype(dtype).unwrap();
+            let uncond = random(22, -0.5, 0.5).to_dtype(dtype).unwrap();
+            for (w, t, top_p) in [(5.0, 1.0, 0.9), (2.0, 0.7, 0.3), (5.0, 1.0, 0.02)] {
+                let s = ImageSampling {
+                    cfg_weight: w,
+                    temperature: t,
+                    top_p,
+                };
+                let spec = DrawSpec {
+                    top_p,
+                    ..cfg_spec(&cond, &uncond, w, t)
+                };
+                let (ours, lp) = run_once(&spec, &DrawNoise::Given(&noise));
+                let (want, want_lp) =
+                    device_cfg_draw_with(&cond, &uncond, &s, Some(&noise)).unwrap();
+                assert_eq!(ours, codes(&want), "{dtype:?} w {w} t {t} top-p {top_p}");
+                let err = crate::layers::rel_diff(&lp, &want_lp).unwrap();
+                assert!(err < 1e-5, "{dtype:?} top-p {top_p}: log-probs {err}");
+                // Each code is in its row's nucleus, and without a small nucleus some row draws outside it.
+                let (c, u) = (
+                    cond.to_dtype(DType::F32).unwrap(),
+                    uncond.to_dtype(DType::F32).unwrap(),
+                );
+                let mixed = (&u + ((&c - &u).unwrap() * w).unwrap())
+                    .unwrap()
+                    .affine(1.0 / t, 0.0)
+                    .unwrap()
+                    .to_vec2::<f32>()
+                    .unwrap();
+                for (r, &c) in ours.iter().enumerate() {
+                    assert!(in_nucleus(&mixed[r], c as usize, top_p), "row {r}");
+                }
+                if top_p > 0.5 {
+                    continue;
+                }
+                let (free, _) =
+                    run_once(&cfg_spec(&cond, &uncond, w, t), &DrawNoise::Given(&noise));
+                assert!(
+                    free.iter()
+                        .enumerate()
+                        .any(|(r, &c)| !in_nucleus(&mixed[r], c as usize, top_p)),
+                    "top-p {top_p} restricts nothing here"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_nucleus_that_ends_among_equal_logits_keeps_the_lowest_indices() {
+        // Class 0 holds 10 times the mass of each of the other 1099 equal classes: of 110.9 in all, top-p 0.3
+        // needs class 0 and 323 of the others (1 + 32.3 ≥ 33.27), which are classes 1 to 323. 1100 classes: more
+        // than the block's threads, so that the bisections' sums and counts take several classes per thread.
+        let classes = 1100;
+        let mut row = vec![0f32; classes];
+        row[0] = 10f32.ln();
+        let cond = Tensor::from_vec(row.clone(), (1, classes), &Device::Cpu).unwrap();
+        let zero = Tensor::zeros((1, classes), DType::F32, &Device::Cpu).unwrap();
+        let s = TextSampling {
+            top_p: 0.3,
+            ..TextSampling::default()
+        };
+        let spec = DrawSpec {
+            cond: &cond,
+            uncond: None,
+            bias: Some(&zero),
+            cfg_weight: 1.0,
+            temperature: 1.0,
+            logprob_temperature: 1.0,
+            top_p: 0.3,
+        };
+        // Noise that favours one class far above the rest: drawn when it is in the nucleus.
+        for (favoured, drawn) in [(323, 323), (324, 0), (1099, 0), (5, 5)] {
+            let mut g = vec![0f32; classes];
+            g[favoured] = 50.0;
+            let g = Tensor::from_vec(g, (1, classes), &Device::Cpu).unwrap();
+            // Both thread orders once: the race check of the nucleus's barriers.
+            let emulated = if favoured == 323 { run } else { run_once };
+            let (ours, _) = emulated(&spec, &DrawNoise::Given(&g));
+            let (want, _) = device_token_draw_with(&cond, &zero, &s, Some(&g)).unwrap();
+            assert_eq!(ours, vec![drawn], "favoured {favoured}");
+            assert_eq!(codes(&want), vec![drawn], "host, favoured {favoured}");
+        }
+    }
+
+    #[test]
+    fn counter_noise_nucleus_draws_follow_the_renormalised_softmax() {
+        let (rows, classes, t, top_p) = (500, 6, 1.0, 0.75);
+        let row = [0.5f32, -0.2, 0.1, 0.9, -1.0, 0.3];
+        let logits = Tensor::from_vec(row.repeat(rows), (rows, classes), &Device::Cpu).unwrap();
+        let zero = Tensor::zeros((1, classes), DType::F32, &Device::Cpu).unwrap();
+        let spec = DrawSpec {
+            cond: &logits,
+            uncond: None,
+            bias: Some(&zero),
+            cfg_weight: 1.0,
+            temperature: t,
+            logprob_temperature: t,
+            top_p,
+        };
+        // One thread order: the race check is the given-noise tests' (and 500 rows of barriers take a while).
+        let l = launch_of(
+            &spec,
+            &DrawNoise::Counter {
+                seed: 5,
+                step: 3,
+                counter: None,
+            },
+        )
+        .unwrap();
+        let out = crate::kernel_emulator::emulate_once(&MODULE, &l).unwrap();
+        let drawn: Vec<u32> = codes(&out.outputs[0]);
+        // Probabilities in descending order: 0.32, 0.21, 0.17, 0.14, ... The first three hold 0.70 < 0.75 of the
+        // mass, so the nucleus is the first four: classes 3, 0, 5, 2.
+        let z: f64 = row.iter().map(|&l| (l as f64).exp()).sum();
+        let nucleus = [3usize, 0, 5, 2];
+        let kept: f64 = nucleus.iter().map(|&i| (row[i] as f64).exp() / z).sum();
+        for (i, &l) in row.iter().enumerate() {
+            let f = drawn.iter().filter(|&&c| c as usize == i).count() as f64 / rows as f64;
+            if !nucleus.contains(&i) {
+                assert_eq!(f, 0.0, "class {i} is outside the nucleus");
+                continue;
+            }
+            let p = (l as f64).exp() / z / kept;
+            let sd = (p * (1.0 - p) / rows as f64).sqrt();
+            assert!(
+                (f - p).abs() < 4.0 * sd,
+                "class {i}: {f} drawn, {p} expected"
+            );
+        }
     }
 
     /// The emulator as the kernel's launch.
@@ -621,7 +935,8 @@ mod tests {
             step,
             counter: None,
         };
-        let composed = |g: Option<&Tensor>| device_cfg_draw_with(&cond, &uncond, 5.0, 1.0, g);
+        let composed =
+            |g: Option<&Tensor>| device_cfg_draw_with(&cond, &uncond, &guided(5.0, 1.0), g);
         let candle = codes(&composed(Some(&noise)).unwrap().0);
 
         type Launcher<'a> =
@@ -704,6 +1019,7 @@ mod tests {
             cfg_weight: 1.0,
             temperature: 1.0,
             logprob_temperature: 1.0,
+            top_p: 1.0,
         };
         let keyed = DrawNoise::Counter {
             seed: 0,

@@ -70,6 +70,12 @@ impl<C: Capture> StepGraphs<C> {
         self.report.clone()
     }
 
+    /// Runs one step eagerly, whatever the backend (a step that reads back to the host).
+    pub fn run_eagerly(&mut self, body: impl Fn() -> Result<()>) -> Result<()> {
+        self.report.eager += 1;
+        body()
+    }
+
     /// Runs one step: `body` must queue the same kernels with the same arguments every time it runs for `key`,
     /// create no tensor from host data and read nothing back.
     pub fn run(&mut self, key: usize, body: impl Fn() -> Result<()>) -> Result<()> {

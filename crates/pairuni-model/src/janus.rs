@@ -566,7 +566,7 @@ impl Janus {
         self.m.lm.set_backward_kernels(on);
     }
     /// Whether the device-side samplers ([`SamplerSite::Device`], the default on CUDA: the CFG image decode, and
-    /// the answer decode without top-p) take fixed-shape steps (`llama::StaticDecode`), captured as CUDA graphs
+    /// the answer decode) take fixed-shape steps (`llama::StaticDecode`), captured as CUDA graphs
     /// ([`Llama::static_width`]: one per attention width, or one per decode with the attention kernel) and
     /// replayed on CUDA devices, run as they are elsewhere (the tests force it on the CPU). On by default on CUDA devices, off elsewhere.
     pub fn static_decode(&self) -> bool {
@@ -1030,7 +1030,8 @@ impl Janus {
     }
 
     /// `sample_answers` on preprocessed pixels [3, S, S] and prompt ids (custom templates). Draws where
-    /// [`SamplerSite::Auto`] says: on the host on the CPU, on the device otherwise (unless top-p is on).
+    /// [`SamplerSite::Auto`] says: on the host on the CPU, on the device otherwise (with top-p, only with the draw
+    /// kernel).
     pub fn sample_answers_ids(
         &self,
         pixels: &[Tensor],
@@ -1067,16 +1068,7 @@ impl Janus {
             ));
         }
         let nucleus = !s.greedy && s.top_p < 1.0;
-        let on_device = match site {
-            SamplerSite::Auto => !self.device.is_cpu() && !nucleus,
-            SamplerSite::Host => false,
-            SamplerSite::Device if nucleus => {
-                return Err(ModelError::input(
-                    "device-side answer sampling has no top-p; use the host sampler",
-                ))
-            }
-            SamplerSite::Device => true,
-        };
+        let on_device = self.draws_on_device(site, nucleus);
         // The report describes this call's decode, or says that it ran none.
         write_report(&self.answer_graph_report, None);
         // A static decode reserves at least one step; an empty answer needs none.
@@ -1244,7 +1236,11 @@ impl Janus {
             sd,
             last,
             b,
-            (!s.greedy).then_some((noise, bias.dim(1)?)),
+            (!s.greedy).then_some(StepNoise {
+                noise,
+                classes: bias.dim(1)?,
+                nucleus: s.top_p < 1.0,
+            }),
             &self.answer_graph_report,
             |last, gumbel, key| {
                 Ok(token_draw(
@@ -1352,18 +1348,7 @@ impl Janus {
                 "generation prompts need at least bos and begin-of-image",
             ));
         }
-        let on_device = match site {
-            SamplerSite::Auto => !self.device.is_cpu() && s.top_p >= 1.0,
-            SamplerSite::Host => false,
-            SamplerSite::Device => {
-                if s.top_p < 1.0 {
-                    return Err(ModelError::input(
-                        "device-side image sampling has no top-p; use the host sampler",
-                    ));
-                }
-                true
-            }
-        };
+        let on_device = self.draws_on_device(site, s.temperature > 0.0 && s.top_p < 1.0);
         let pad = self.pad_token();
         let (rows, valid) = left_pad(prompts, pad);
         let mut all_rows = rows.clone();
@@ -1404,6 +1389,17 @@ impl Janus {
                 logprobs: l,
             })
             .collect())
+    }
+
+    /// Whether a decode at `site` draws on the device. [`SamplerSite::Auto`] does on an accelerator, with a top-p
+    /// `nucleus` only when the draw kernel is asked for: without it each draw's nucleus is taken on the host from
+    /// the device's logits, which costs what the host sampler costs and breaks a static decode's graphs.
+    fn draws_on_device(&self, site: SamplerSite, nucleus: bool) -> bool {
+        match site {
+            SamplerSite::Auto => !self.device.is_cpu() && (!nucleus || self.draw_kernel),
+            SamplerSite::Host => false,
+            SamplerSite::Device => true,
+        }
     }
 
     /// Feeds each prompt's new code to its conditional and unconditional rows; returns the next generation
@@ -1482,8 +1478,7 @@ impl Janus {
             let (code, lp) = device_cfg_draw(
                 &logits.narrow(0, 0, p)?,
                 &logits.narrow(0, p, p)?,
-                s.cfg_weight,
-                s.temperature,
+                s,
                 &mut noise,
             )?;
             if k + 1 < n {
@@ -1518,15 +1513,18 @@ impl Janus {
             sd,
             last,
             p,
-            (s.temperature > 0.0).then_some((&mut noise, codebook)),
+            (s.temperature > 0.0).then_some(StepNoise {
+                noise: &mut noise,
+                classes: codebook,
+                nucleus: s.top_p < 1.0,
+            }),
             &self.graph_report,
             |last, gumbel, key| {
                 let logits = self.gen_head(last)?;
                 Ok(cfg_draw(
                     &logits.narrow(0, 0, p)?,
                     &logits.narrow(0, p, p)?,
-                    s.cfg_weight,
-                    s.temperature,
+                    s,
                     self.draw_kernel,
                     key,
                     || Ok(gumbel.cloned()),
@@ -1551,7 +1549,8 @@ impl Janus {
     /// once per attention width ([`Llama::static_width`]: one for the whole decode when the attention kernel
     /// takes it) and replayed. The noise is filled outside the step, since cuRAND's offset is host state; not at
     /// all once the draw kernel makes its own ([`GumbelNoise::needed`]), and a draw is given the buffer only on a
-    /// step that filled it. `stop`, if given, gets each step's ids on the host and ends the decode by returning
+    /// step that filled it; a step whose nucleus is drawn on the host (top-p without the draw kernel) runs eagerly.
+    /// `stop`, if given, gets each step's ids on the host and ends the decode by returning
     /// true (step-major buffers make that read a plain copy). Stores the graph report in `report`; returns per row
     /// the ids and log-probs of the steps taken.
     #[allow(clippy::too_many_arguments)] // each is one part of the step; bundling them would only rename them
@@ -1560,7 +1559,7 @@ impl Janus {
         mut sd: StaticDecode,
         last: Tensor,
         rows: usize,
-        mut noise: Option<(&mut GumbelNoise, usize)>,
+        mut noise: Option<StepNoise>,
         report: &Mutex<Option<GraphReport>>,
         draw: impl Fn(&Tensor, Option<&Tensor>, DrawNoise) -> Result<(Tensor, Tensor)>,
         embed: impl Fn(&Tensor) -> Result<Tensor>,
@@ -1572,25 +1571,29 @@ impl Janus {
         // may share the storage).
         let last = last.contiguous()?.copy()?;
         let gumbel = match &noise {
-            Some((_, classes)) => Some(Tensor::zeros((rows, *classes), DType::F32, dev)?),
+            Some(n) => Some(Tensor::zeros((rows, n.classes), DType::F32, dev)?),
             None => None,
         };
         // Greedy decodes draw no noise: any seed keys the kernel's.
-        let seed = noise.as_ref().map_or(0, |(noise, _)| noise.seed());
+        let seed = noise.as_ref().map_or(0, |n| n.noise.seed());
         let ids = Tensor::zeros((n, rows), DType::U32, dev)?;
         let lps = Tensor::zeros((n, rows), DType::F32, dev)?;
         let mut graphs = device_graphs(dev, self.capture_graphs);
         let mut taken = 0;
         while taken < n {
             let filled = match (&mut noise, &gumbel) {
-                (Some((noise, classes)), Some(g)) if noise.needed() => {
-                    g.slice_set(&noise.sample((rows, *classes))?, 0, 0)?;
+                (Some(n), Some(g)) if n.noise.needed() => {
+                    g.slice_set(&n.noise.sample((rows, n.classes))?, 0, 0)?;
                     true
                 }
                 _ => false,
             };
+            // A nucleus the draw kernel does not take is drawn on the host, which a graph cannot hold.
+            let on_host = noise
+                .as_ref()
+                .is_some_and(|n| n.nucleus && !crate::draw_kernel::ready(dev, self.draw_kernel));
             let width = self.m.lm.static_width(&sd);
-            graphs.run(width, || {
+            let step = || {
                 let key = DrawNoise::Counter {
                     seed,
                     step: 0,
@@ -1603,7 +1606,12 @@ impl Janus {
                 let h = self.m.lm.static_step(&embed(&id)?, &sd, width)?;
                 last.slice_set(&h, 0, 0)?;
                 sd.count_step()
-            })?;
+            };
+            if on_host {
+                graphs.run_eagerly(step)?;
+            } else {
+                graphs.run(width, step)?;
+            }
             sd.advance();
             taken += 1;
             if let Some(stop) = stop.as_mut() {
@@ -2000,6 +2008,16 @@ impl Janus {
 }
 
 /// Replaces a graph report slot's content (a poisoned slot is left as it is: reports are diagnostics).
+/// The noise of a sampled static decode's draws ([`Janus::static_decode_loop`]).
+struct StepNoise<'a> {
+    /// The noise, which also keys the draw kernel's.
+    noise: &'a mut GumbelNoise,
+    /// Classes per row: the noise buffer's width.
+    classes: usize,
+    /// Whether the draws keep to a top-p nucleus.
+    nucleus: bool,
+}
+
 fn write_report(slot: &Mutex<Option<GraphReport>>, report: Option<GraphReport>) {
     if let Ok(mut r) = slot.lock() {
         *r = report;

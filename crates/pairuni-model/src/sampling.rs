@@ -79,7 +79,8 @@ pub enum CfgLogprobPolicy {
 /// Where a sampler turns logits into tokens: CFG image codes, or answer tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub enum SamplerSite {
-    /// [`SamplerSite::Host`] on the CPU, [`SamplerSite::Device`] on an accelerator when top-p is off.
+    /// [`SamplerSite::Host`] on the CPU; [`SamplerSite::Device`] on an accelerator, with top-p only when the
+    /// draw kernel is asked for (without it a nucleus is taken on the host anyway).
     #[default]
     Auto,
     /// Logits go to the host every step; the draw uses the caller's ChaCha stream directly (bit-reproducible,
@@ -88,7 +89,8 @@ pub enum SamplerSite {
     /// Gumbel-max draw and log-prob on the device (after the CFG mix, for images). Image codes and log-probs are
     /// read back once at the end; answer tokens each step, as the few bytes the host needs to tell finished rows
     /// (instead of the whole vocabulary's logits). The noise comes from one seed drawn from the caller's stream:
-    /// same distribution as the host sampler, different draws. No top-p.
+    /// same distribution as the host sampler, different draws. Top-p through the draw kernel's nucleus, or
+    /// without it through a host nucleus on the device's scores each step ([`device_cfg_draw_with`]).
     Device,
 }
 
@@ -362,22 +364,24 @@ impl GumbelNoise {
 }
 
 /// One CFG draw for `p` prompts on the logits' device. `cond`, `uncond`: [p, K] f32 logits of the conditional and
-/// unconditional rows; the code is drawn from softmax((l_u + w (l_c − l_u)) / T) by Gumbel-max (argmax when
-/// T ≤ 0). Returns the codes [p, 1] (u32) and their conditional log-probs under softmax(l_c / T') [p, 1] (f32),
-/// T' = T, or 1 when T ≤ 0, as the host sampler records them. Nothing is read back.
+/// unconditional rows; the code is drawn from softmax((l_u + w (l_c − l_u)) / T), restricted to its top-p nucleus,
+/// by Gumbel-max (argmax when T ≤ 0). Returns the codes [p, 1] (u32) and their conditional log-probs under
+/// softmax(l_c / T') [p, 1] (f32), T' = T, or 1 when T ≤ 0, as the host sampler records them. Nothing is read back
+/// unless top-p is on and the draw kernel does not take the draw ([`device_cfg_draw_with`]).
 ///
 /// With the noise's draw kernel asked for ([`GumbelNoise::with_draw_kernel`]) on a CUDA device, the whole draw is
 /// one kernel with noise of its own ([`crate::draw_kernel`]).
 pub fn device_cfg_draw(
     cond: &Tensor,
     uncond: &Tensor,
-    cfg_weight: f64,
-    temperature: f64,
+    s: &ImageSampling,
     noise: &mut GumbelNoise,
 ) -> candle_core::Result<(Tensor, Tensor)> {
     let (kernel, key, shape) = (noise.kernel, noise.next_key(), cond.dims2()?);
-    cfg_draw(cond, uncond, cfg_weight, temperature, kernel, key, || {
-        (temperature > 0.0).then(|| noise.sample(shape)).transpose()
+    cfg_draw(cond, uncond, s, kernel, key, || {
+        (s.temperature > 0.0)
+            .then(|| noise.sample(shape))
+            .transpose()
     })
 }
 
@@ -386,26 +390,30 @@ pub fn device_cfg_draw(
 pub(crate) fn cfg_draw(
     cond: &Tensor,
     uncond: &Tensor,
-    cfg_weight: f64,
-    temperature: f64,
+    s: &ImageSampling,
     kernel: bool,
     key: DrawNoise,
     given: impl FnOnce() -> candle_core::Result<Option<Tensor>>,
 ) -> candle_core::Result<(Tensor, Tensor)> {
     if !(kernel && crate::nvrtc::runs_kernels(cond.device())) {
-        return device_cfg_draw_with(cond, uncond, cfg_weight, temperature, given()?.as_ref());
+        return device_cfg_draw_with(cond, uncond, s, given()?.as_ref());
     }
     let (c, u) = (kernel_logits(cond)?, kernel_logits(uncond)?);
     let spec = DrawSpec {
         cond: &c,
         uncond: Some(&u),
         bias: None,
-        cfg_weight,
-        temperature,
-        logprob_temperature: if temperature > 0.0 { temperature } else { 1.0 },
+        cfg_weight: s.cfg_weight,
+        temperature: s.temperature,
+        logprob_temperature: if s.temperature > 0.0 {
+            s.temperature
+        } else {
+            1.0
+        },
+        top_p: s.top_p,
     };
     crate::draw_kernel::draw(&spec, kernel, key, given, |g| {
-        device_cfg_draw_with(cond, uncond, cfg_weight, temperature, g)
+        device_cfg_draw_with(cond, uncond, s, g)
     })
 }
 
@@ -419,25 +427,29 @@ fn kernel_logits(t: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 /// [`device_cfg_draw`] with its Gumbel noise [p, K] given (drawn beforehand, or read from a fixed buffer by a
-/// captured decode step); `None` only when `temperature` ≤ 0.
+/// captured decode step); `None` only when the temperature is ≤ 0. With top-p the nucleus and the argmax in it
+/// are taken on the host ([`nucleus_gumbel_argmax`]): candle has no op for either.
 pub fn device_cfg_draw_with(
     cond: &Tensor,
     uncond: &Tensor,
-    cfg_weight: f64,
-    temperature: f64,
+    s: &ImageSampling,
     gumbel: Option<&Tensor>,
 ) -> candle_core::Result<(Tensor, Tensor)> {
     let (cond, uncond) = (cond.to_dtype(DType::F32)?, uncond.to_dtype(DType::F32)?);
-    let mixed = (&uncond + ((&cond - &uncond)? * cfg_weight)?)?;
+    let mixed = (&uncond + ((&cond - &uncond)? * s.cfg_weight)?)?;
     let draw = match gumbel {
-        Some(g) if temperature > 0.0 => Some((temperature, g)),
-        None if temperature > 0.0 => {
-            candle_core::bail!("a draw at temperature {temperature} needs Gumbel noise")
+        Some(g) if s.temperature > 0.0 => Some((s.temperature, g)),
+        None if s.temperature > 0.0 => {
+            candle_core::bail!("a draw at temperature {} needs Gumbel noise", s.temperature)
         }
         _ => None,
     };
-    let code = gumbel_argmax(&mixed, draw)?;
-    let lp_t = if temperature > 0.0 { temperature } else { 1.0 };
+    let code = gumbel_argmax(&mixed, draw, s.top_p)?;
+    let lp_t = if s.temperature > 0.0 {
+        s.temperature
+    } else {
+        1.0
+    };
     let lp = log_prob_at(&cond, lp_t, &code)?;
     Ok((code.detach(), lp.detach()))
 }
@@ -478,6 +490,7 @@ pub(crate) fn token_draw(
         cfg_weight: 1.0,
         temperature: if s.greedy { 0.0 } else { s.temperature },
         logprob_temperature: s.logprob_temperature(),
+        top_p: s.top_p,
     };
     crate::draw_kernel::draw(&spec, kernel, key, given, |g| {
         device_token_draw_with(logits, bias, s, g)
@@ -485,7 +498,8 @@ pub(crate) fn token_draw(
 }
 
 /// [`device_token_draw`] with its Gumbel noise [b, V] given (drawn beforehand, or read from a fixed buffer by a
-/// captured decode step); `None` only when greedy.
+/// captured decode step); `None` only when greedy. With top-p the draw is taken on the host, as in
+/// [`device_cfg_draw_with`].
 pub fn device_token_draw_with(
     logits: &Tensor,
     bias: &Tensor,
@@ -498,18 +512,58 @@ pub fn device_token_draw_with(
         None if !s.greedy => candle_core::bail!("a sampled answer draw needs Gumbel noise"),
         _ => None,
     };
-    let tok = gumbel_argmax(&biased, draw)?;
+    let tok = gumbel_argmax(&biased, draw, s.top_p)?;
     let lp = log_prob_at(&biased, s.logprob_temperature(), &tok)?;
     Ok((tok, lp))
 }
 
 /// The argmax over the last dim [b, 1] (u32) of `scores`, or with `draw` = (T, Gumbel noise) of scores / T + noise:
-/// a draw from softmax(scores / T).
-fn gumbel_argmax(scores: &Tensor, draw: Option<(f64, &Tensor)>) -> candle_core::Result<Tensor> {
+/// a draw from softmax(scores / T), within its nucleus when `top_p` < 1.
+fn gumbel_argmax(
+    scores: &Tensor,
+    draw: Option<(f64, &Tensor)>,
+    top_p: f64,
+) -> candle_core::Result<Tensor> {
     match draw {
+        Some((t, g)) if top_p < 1.0 => {
+            let x = scores.affine(1.0 / t, 0.0)?.to_vec2::<f32>()?;
+            let g = g.to_vec2::<f32>()?;
+            let codes: Vec<u32> = x
+                .iter()
+                .zip(&g)
+                .map(|(x, g)| nucleus_gumbel_argmax(x, g, top_p) as u32)
+                .collect();
+            Tensor::from_vec(codes, (x.len(), 1), scores.device())
+        }
         Some((t, g)) => (scores.affine(1.0 / t, 0.0)? + g)?.argmax_keepdim(D::Minus1),
         None => scores.argmax_keepdim(D::Minus1),
     }
+}
+
+/// A Gumbel-max draw from softmax(`x`) restricted to its top-p nucleus: the index of the largest `x + g` (the
+/// lower index on a tie) among the classes of the shortest prefix, in the order of descending `x` and ascending
+/// index among equals, whose probability reaches `top_p`. The draw kernel's rule ([`crate::draw_kernel`]), with its
+/// f32 scores and the masses in f64; NaN entries are never drawn (a row of them draws 0).
+pub(crate) fn nucleus_gumbel_argmax(x: &[f32], g: &[f32], top_p: f64) -> usize {
+    let x_max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mass = |v: f32| ((v - x_max) as f64).exp();
+    let mut order: Vec<usize> = (0..x.len()).filter(|&i| !x[i].is_nan()).collect();
+    let total: f64 = order.iter().map(|&i| mass(x[i])).sum();
+    // Equal entries (−0 and +0 too) stay in index order: the sort is stable.
+    order.sort_by(|&a, &b| x[b].partial_cmp(&x[a]).unwrap_or(std::cmp::Ordering::Equal));
+    let (target, mut kept_mass) = (top_p * total, 0.0);
+    let mut best: Option<(f32, usize)> = None;
+    for &i in &order {
+        let score = x[i] + g[i];
+        if best.is_none_or(|(s, b)| score > s || (score == s && i < b)) {
+            best = Some((score, i));
+        }
+        kept_mass += mass(x[i]);
+        if kept_mass >= target {
+            break;
+        }
+    }
+    best.map_or(0, |(_, i)| i)
 }
 
 /// log-softmax(logits / t) [b, V] at the indices `idx` [b, 1].
@@ -702,6 +756,58 @@ mod tests {
             .count();
         assert!((2200..2800).contains(&hits), "{hits}");
     }
+    /// The set of classes the host sampler's inverse-CDF draw can return with `top_p`: those it returns at some
+    /// uniform, read off its sorted walk ([`eager_sample`]'s order and stop).
+    fn host_nucleus(x: &[f32], top_p: f64) -> Vec<usize> {
+        let probs: Vec<f64> = log_softmax_t(x, 1.0)
+            .iter()
+            .map(|&l| (l as f64).exp())
+            .collect();
+        let mut order: Vec<usize> = (0..x.len()).collect();
+        order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
+        let mut mass = 0.0;
+        let mut kept = Vec::new();
+        for i in order {
+            kept.push(i);
+            mass += probs[i];
+            if mass >= top_p {
+                break;
+            }
+        }
+        kept.sort_unstable();
+        kept
+    }
+
+    #[test]
+    fn the_gumbel_nucleus_is_the_host_samplers_nucleus() {
+        let mut gen = ChaCha8Rng::seed_from_u64(8);
+        for (width, top_p) in [(50, 0.9), (200, 0.5), (7, 0.2), (1000, 0.95)] {
+            for _ in 0..5 {
+                let x: Vec<f32> = (0..width)
+                    .map(|_| gen.random::<f32>() * 4.0 - 2.0)
+                    .collect();
+                // Noise that singles out one class: drawn exactly when it is in the nucleus.
+                let reached: Vec<usize> = (0..width)
+                    .filter(|&j| {
+                        let mut g = vec![0f32; width];
+                        g[j] = 100.0;
+                        nucleus_gumbel_argmax(&x, &g, top_p) == j
+                    })
+                    .collect();
+                assert_eq!(
+                    reached,
+                    host_nucleus(&x, top_p),
+                    "width {width} top-p {top_p}"
+                );
+                assert!(reached.len() < width, "top-p {top_p} keeps everything");
+            }
+        }
+        // With flat noise the draw is the nucleus's largest entry; NaN entries are never drawn.
+        let x = [0.5f32, f32::NAN, 2.0, 1.0];
+        assert_eq!(nucleus_gumbel_argmax(&x, &[0.0; 4], 0.9), 2);
+        assert_eq!(nucleus_gumbel_argmax(&x, &[0.0, 100.0, 0.0, 0.0], 0.9), 2);
+        assert_eq!(nucleus_gumbel_argmax(&[f32::NAN; 3], &[0.0; 3], 0.5), 0);
+    }
 }
 
 #[cfg(test)]
@@ -751,7 +857,17 @@ mod device_draw_tests {
         let (w, t) = (2.0, 0.8);
         let n = 20000;
         let mut noise = GumbelNoise::new(&Device::Cpu, 11).unwrap();
-        let (code, lp) = device_cfg_draw(&rows(&lc, n), &rows(&lu, n), w, t, &mut noise).unwrap();
+        let (code, lp) = device_cfg_draw(
+            &rows(&lc, n),
+            &rows(&lu, n),
+            &ImageSampling {
+                cfg_weight: w,
+                temperature: t,
+                top_p: 1.0,
+            },
+            &mut noise,
+        )
+        .unwrap();
         let codes = code.flatten_all().unwrap().to_vec1::<u32>().unwrap();
         let mixed: Vec<f32> = lc
             .iter()
@@ -780,8 +896,17 @@ mod device_draw_tests {
         let lc = [0.1f32, 0.3, 0.2];
         let lu = [0.0f32, 0.5, 0.0];
         let mut noise = GumbelNoise::new(&Device::Cpu, 1).unwrap();
-        let (code, lp) =
-            device_cfg_draw(&rows(&lc, 2), &rows(&lu, 2), 5.0, 0.0, &mut noise).unwrap();
+        let (code, lp) = device_cfg_draw(
+            &rows(&lc, 2),
+            &rows(&lu, 2),
+            &ImageSampling {
+                cfg_weight: 5.0,
+                temperature: 0.0,
+                top_p: 1.0,
+            },
+            &mut noise,
+        )
+        .unwrap();
         // Mixed: [0.5, 0.0, 1.0] → code 2; log-prob at T' = 1.
         assert_eq!(
             code.flatten_all().unwrap().to_vec1::<u32>().unwrap(),

@@ -1,7 +1,7 @@
 //! The device-side samplers, forced on the CPU. The CFG image sampler is seeded, takes exactly one value of the
 //! caller's stream, gives the host sampler's argmax at temperature 0 (and near it), and records the conditional
 //! log-prob of the code it drew. The answer sampler likewise: greedy it gives the host's tokens, sampled it
-//! records the teacher-forced log-probs, stops rows at eos, and refuses top-p. The host paths themselves are
+//! records the teacher-forced log-probs and stops rows at eos. Both keep to a top-p nucleus. The host paths themselves are
 //! covered by janus_toy.rs.
 
 mod common;
@@ -109,8 +109,8 @@ fn device_sampling_is_seeded_and_takes_one_value_of_the_stream() {
 }
 
 #[test]
-fn auto_samples_on_the_host_on_the_cpu_and_device_refuses_top_p() {
-    let m = toy(6);
+fn auto_samples_on_the_host_on_the_cpu_and_device_draws_keep_to_the_nucleus() {
+    let mut m = toy(6);
     let s = ImageSampling {
         top_p: 0.9,
         ..ImageSampling::default()
@@ -121,17 +121,53 @@ fn auto_samples_on_the_host_on_the_cpu_and_device_refuses_top_p() {
     let host = sample(&m, &s, SamplerSite::Host, 2);
     assert_eq!(auto[0].codes, host[0].codes);
     assert_eq!(auto[1].logprobs, host[1].logprobs);
-    let err = m
-        .sample_image_codes_at(
-            &prompts(&m),
-            &s,
-            4,
-            SamplerSite::Device,
-            &mut ChaCha8Rng::seed_from_u64(2),
-        )
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("top-p"), "{err}");
+    // A nucleus this small holds only the most probable code, so a draw at T = 1 is the greedy draw, whose
+    // log-probs are recorded at T = 1 too; without the nucleus the draws differ.
+    let greedy = sample(
+        &m,
+        &ImageSampling {
+            temperature: 0.0,
+            ..s.clone()
+        },
+        SamplerSite::Host,
+        1,
+    );
+    let narrow = ImageSampling {
+        top_p: 1e-6,
+        ..s.clone()
+    };
+    let full = ImageSampling {
+        top_p: 1.0,
+        ..s.clone()
+    };
+    for static_steps in [false, true] {
+        m.set_static_decode(static_steps);
+        let dev = sample(&m, &narrow, SamplerSite::Device, 3);
+        for (g, d) in greedy.iter().zip(&dev) {
+            assert_eq!(g.codes, d.codes, "static steps: {static_steps}");
+            for (a, b) in g.logprobs.iter().zip(&d.logprobs) {
+                assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+            }
+        }
+        let codes = |v: &[pairuni_model::ImageRollout]| {
+            v.iter().map(|r| r.codes.clone()).collect::<Vec<_>>()
+        };
+        assert_ne!(
+            codes(&greedy),
+            codes(&sample(&m, &full, SamplerSite::Device, 3))
+        );
+        // Seeded, one value of the caller's stream.
+        assert_eq!(
+            codes(&sample(&m, &s, SamplerSite::Device, 4)),
+            codes(&sample(&m, &s, SamplerSite::Device, 4))
+        );
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        m.sample_image_codes_at(&prompts(&m), &s, 4, SamplerSite::Device, &mut rng)
+            .unwrap();
+        let mut expect = ChaCha8Rng::seed_from_u64(11);
+        expect.next_u64();
+        assert_eq!(rng.next_u64(), expect.next_u64());
+    }
 }
 
 #[test]
@@ -183,7 +219,7 @@ fn device_answer_draws_are_greedy_exact_and_record_teacher_forced_logprobs() {
 }
 
 #[test]
-fn device_answer_draws_are_seeded_take_one_stream_value_and_refuse_top_p() {
+fn device_answer_draws_are_seeded_and_take_one_stream_value() {
     let m = toy(13);
     let s = TextSampling {
         max_new_tokens: 5,
@@ -210,15 +246,41 @@ fn device_answer_draws_are_seeded_take_one_stream_value_and_refuse_top_p() {
     let mut expect = ChaCha8Rng::seed_from_u64(4);
     expect.next_u64();
     assert_eq!(rng.next_u64(), expect.next_u64());
-    let nucleus = TextSampling {
-        top_p: 0.9,
-        ..s.clone()
+}
+
+#[test]
+fn device_answer_draws_keep_to_the_nucleus() {
+    let mut m = toy(14);
+    let greedy = TextSampling {
+        max_new_tokens: 6,
+        greedy: true,
+        ..TextSampling::default()
     };
-    let err = m
-        .sample_answers_ids_at(&px, &q, &nucleus, SamplerSite::Device, &mut rng)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("top-p"), "{err}");
+    // Only the most probable token is in so small a nucleus: the greedy answers and their T = 1 log-probs.
+    let narrow = TextSampling {
+        greedy: false,
+        temperature: 1.0,
+        top_p: 1e-6,
+        ..greedy.clone()
+    };
+    let host = answers(&m, &greedy, SamplerSite::Host, 1);
+    for static_steps in [false, true] {
+        m.set_static_decode(static_steps);
+        let dev = answers(&m, &narrow, SamplerSite::Device, 2);
+        for (h, d) in host.iter().zip(&dev) {
+            assert_eq!(h.answer_ids, d.answer_ids, "static steps: {static_steps}");
+            for (a, b) in h.logprobs.iter().zip(&d.logprobs) {
+                assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+            }
+        }
+        let wide = TextSampling {
+            top_p: 1.0,
+            temperature: 1.5,
+            ..narrow.clone()
+        };
+        let ids = |v: &[TextRollout]| v.iter().map(|r| r.answer_ids.clone()).collect::<Vec<_>>();
+        assert_ne!(ids(&host), ids(&answers(&m, &wide, SamplerSite::Device, 2)));
+    }
 }
 
 /// The draw kernel acts on CUDA devices only: asked for on the CPU, the device samplers (eager and in static

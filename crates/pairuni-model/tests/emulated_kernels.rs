@@ -126,24 +126,57 @@ fn the_draw_kernel_draws_codes_whose_logprobs_are_the_teacher_forced_ones() {
     };
     let mut m = decoding(7, true, true);
     m.set_draw_kernel(true);
+    // The first call, which checks the kernel, keeps to a nucleus: the kernel's nucleus on the check's noise must
+    // draw what the host's nucleus draws on it.
+    let nucleus = ImageSampling {
+        top_p: 0.9,
+        ..s.clone()
+    };
+    let kept = emulated(|| images(&m, &nucleus, 9));
+    assert_trusted("draw", &draw_kernel::TRUST);
+    // A nucleus of only the most probable code: the kernel's counter-noise draws are the greedy codes.
+    let narrow = ImageSampling {
+        top_p: 1e-6,
+        ..s.clone()
+    };
+    let greedy = ImageSampling {
+        temperature: 0.0,
+        ..s.clone()
+    };
+    let want = {
+        use rand::SeedableRng;
+        m.sample_image_codes_at(
+            &gen_prompts(&m),
+            &greedy,
+            CODES,
+            SamplerSite::Host,
+            &mut rand_chacha::ChaCha8Rng::seed_from_u64(1),
+        )
+        .unwrap()
+    };
+    let got = emulated(|| images(&m, &narrow, 10));
+    for (a, b) in want.iter().zip(&got) {
+        assert_eq!(a.codes, b.codes);
+    }
     let rollouts = emulated(|| images(&m, &s, 8));
-    // Its first call drew candle's codes on candle's noise.
     assert_trusted("draw", &draw_kernel::TRUST);
     let codebook = m.config().vq_config.num_embeddings as u32;
     assert!(rollouts
         .iter()
         .all(|r| r.codes.iter().all(|&c| c < codebook)));
     // Its own noise after that: its codes are not candle's, but their log-probs are what scoring gives them.
-    let scored = m
-        .image_logprobs(&rollouts, CfgLogprobPolicy::Conditional)
+    for rollouts in [&rollouts, &kept] {
+        let scored = m
+            .image_logprobs(rollouts, CfgLogprobPolicy::Conditional)
+            .unwrap();
+        let sampled = pairuni_model::Tensor::from_vec(
+            rollouts.iter().flat_map(|r| r.logprobs.clone()).collect(),
+            scored.shape(),
+            &Device::Cpu,
+        )
         .unwrap();
-    let sampled = pairuni_model::Tensor::from_vec(
-        rollouts.iter().flat_map(|r| r.logprobs.clone()).collect(),
-        scored.shape(),
-        &Device::Cpu,
-    )
-    .unwrap();
-    assert!(rel_err(&sampled, &scored) < 1e-4);
+        assert!(rel_err(&sampled, &scored) < 1e-4);
+    }
 }
 
 #[test]

@@ -22,6 +22,8 @@ fn fused_sampling_kernels_create_fewer_tensors_per_decode_step() {
             "--no-warmup",
             "--probe-steps",
             "2",
+            "--compare-top-p",
+            "0.5",
             "--json",
         ])
         .output()
@@ -43,4 +45,28 @@ fn fused_sampling_kernels_create_fewer_tensors_per_decode_step() {
     // and 51 with the fused ones (views included), and the head, draw and embedding are shared.
     assert!(fused > 20, "{kernels}");
     assert!(composed >= fused + 2 * 40, "{kernels}");
+    // The rollouts again at top-p 0.5, timed.
+    let again = &v["top_p_compare"];
+    assert_eq!(again["top_p"], 0.5, "{again}");
+    assert!(
+        again["rollout_image"].as_f64().is_some_and(|ms| ms > 0.0),
+        "{again}"
+    );
+    assert!(
+        again["rollout_text"].as_f64().is_some_and(|ms| ms > 0.0),
+        "{again}"
+    );
+}
+
+#[test]
+fn a_top_p_outside_the_unit_interval_is_refused() {
+    let out = Command::new(env!("CARGO_BIN_EXE_pairuni"))
+        .args([
+            "bench", "gpu-step", "--device", "cpu", "--shapes", "tiny", "--top-p", "0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--top-p must be in (0, 1]"), "{err}");
 }

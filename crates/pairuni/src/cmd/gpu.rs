@@ -164,6 +164,14 @@ pub struct BenchGpuStepArgs {
     /// Sampling temperature (also used for the teacher-forced log-probs).
     #[arg(long, default_value_t = 1.0)]
     pub temperature: f64,
+    /// Top-p nucleus of both rollouts' draws, in (0, 1] (1 = off; on a device only the draw kernel keeps to it
+    /// without reading the logits back).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    /// After the step, time the image and answer rollouts once more with this top-p (reported as
+    /// `top_p_compare`; not fatal): what the nucleus costs.
+    #[arg(long)]
+    pub compare_top_p: Option<f64>,
     /// Rollouts per forward/backward in the train step (gradients are accumulated).
     #[arg(long, default_value_t = 8)]
     pub micro_batch: usize,
@@ -286,21 +294,21 @@ pub struct BenchGpuStepArgs {
 }
 
 impl BenchGpuStepArgs {
-    /// The image rollouts' sampling settings (top-p off: the device samplers have none).
+    /// The image rollouts' sampling settings.
     fn image_sampling(&self) -> ImageSampling {
         ImageSampling {
             cfg_weight: self.cfg_weight,
             temperature: self.temperature,
-            top_p: 1.0,
+            top_p: self.top_p,
         }
     }
 
-    /// The answer rollouts' sampling settings for `max_new_tokens` (top-p off, as for the images).
+    /// The answer rollouts' sampling settings for `max_new_tokens`.
     fn text_sampling(&self, max_new_tokens: usize) -> TextSampling {
         TextSampling {
             max_new_tokens,
             temperature: self.temperature,
-            top_p: 1.0,
+            top_p: self.top_p,
             greedy: false,
         }
     }
@@ -877,6 +885,14 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
     if a.prompt_len < 2 || a.answer_tokens == 0 {
         bail!("--prompt-len must be ≥ 2 and --answer-tokens ≥ 1");
     }
+    for (flag, p) in [
+        ("--top-p", Some(a.top_p)),
+        ("--compare-top-p", a.compare_top_p),
+    ] {
+        if p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
+            bail!("{flag} must be in (0, 1], got {}", p.unwrap_or_default());
+        }
+    }
     let spec: DeviceSpec = a.device.parse()?;
     let dev = spec.open()?;
     let dtype = match &a.dtype {
@@ -995,6 +1011,15 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
     let attention_compare = flipped(a.compare_attention_kernel, ATTENTION_KERNEL);
     let layer_compare = flipped(a.compare_layer_kernels, LAYER_KERNELS);
     let draw_compare = flipped(a.compare_draw_kernel, DRAW_KERNEL);
+    let top_p_compare = match a.compare_top_p {
+        Some(top_p) => {
+            let at = BenchGpuStepArgs { top_p, ..a.clone() };
+            let mut out = time_rollouts(&mut model, &inputs, &at, answer_tokens, &mut rng);
+            out["top_p"] = json!(top_p);
+            out
+        }
+        None => serde_json::Value::Null,
+    };
     let conv_compare = if a.compare_conv_kernel {
         decode_with_conv_kernel_flipped(&model, a.pairs * a.group)
     } else {
@@ -1077,6 +1102,8 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
         "draw_kernel": model.draw_kernel(),
         "draw_kernel_report": pairuni_model::draw_kernel::TRUST.report(),
         "draw_kernel_compare": draw_compare,
+        "top_p": a.top_p,
+        "top_p_compare": top_p_compare,
         "backward_kernels": model.backward_kernels(),
         "backward_kernels_status": {
             "silu_mul": pairuni_model::backward_kernels::SILU_MUL.report(),
@@ -1173,6 +1200,7 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
                 "decode_vq, conv kernel the other way",
             ),
             ("draw_kernel_compare", "rollouts, draw kernel the other way"),
+            ("top_p_compare", "rollouts, another top-p"),
         ] {
             if !result[key].is_null() {
                 println!("  {label}: {}", result[key]);
@@ -1573,8 +1601,10 @@ fn tensors_per_decode_step(
         Ok(pairuni_model::sampling::device_cfg_draw(
             &logits.narrow(0, 0, b)?,
             &logits.narrow(0, b, b)?,
-            cfg_weight,
-            1.0,
+            &ImageSampling {
+                cfg_weight,
+                ..ImageSampling::default()
+            },
             &mut noise,
         )?
         .0)
@@ -1668,8 +1698,10 @@ fn device_sampled_steps(
         let (code, lp) = pairuni_model::sampling::device_cfg_draw(
             &logits.narrow(0, 0, b)?,
             &logits.narrow(0, b, b)?,
-            cfg_weight,
-            1.0,
+            &ImageSampling {
+                cfg_weight,
+                ..ImageSampling::default()
+            },
             &mut noise,
         )?;
         lps.push(lp);
@@ -2089,6 +2121,8 @@ mod tests {
             question_len: 6,
             cfg_weight: 5.0,
             temperature: 1.0,
+            top_p: 1.0,
+            compare_top_p: None,
             micro_batch: 1,
             concurrent_passes: 0,
             compare_concurrent_passes: false,
