@@ -545,25 +545,43 @@ fn gumbel_argmax(
 /// index among equals, whose probability reaches `top_p`. The draw kernel's rule ([`crate::draw_kernel`]), with its
 /// f32 scores and the masses in f64; NaN entries are never drawn (a row of them draws 0).
 pub(crate) fn nucleus_gumbel_argmax(x: &[f32], g: &[f32], top_p: f64) -> usize {
+    nucleus_gumbel_argmaxes(x, g, top_p, top_p)
+        .first()
+        .copied()
+        .unwrap_or(0)
+}
+
+/// The draws of [`nucleus_gumbel_argmax`] for every nucleus mass from `low` to `high` (fractions of the whole),
+/// each once, in the order the nuclei grow: what a correct draw kernel may give when its f32 masses place the
+/// boundary a rounding away from these f64 ones.
+pub(crate) fn nucleus_gumbel_argmaxes(x: &[f32], g: &[f32], low: f64, high: f64) -> Vec<usize> {
     let x_max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mass = |v: f32| ((v - x_max) as f64).exp();
     let mut order: Vec<usize> = (0..x.len()).filter(|&i| !x[i].is_nan()).collect();
     let total: f64 = order.iter().map(|&i| mass(x[i])).sum();
     // Equal entries (−0 and +0 too) stay in index order: the sort is stable.
     order.sort_by(|&a, &b| x[b].partial_cmp(&x[a]).unwrap_or(std::cmp::Ordering::Equal));
-    let (target, mut kept_mass) = (top_p * total, 0.0);
+    let mut kept_mass = 0.0;
     let mut best: Option<(f32, usize)> = None;
+    let mut draws = Vec::new();
     for &i in &order {
         let score = x[i] + g[i];
         if best.is_none_or(|(s, b)| score > s || (score == s && i < b)) {
             best = Some((score, i));
         }
         kept_mass += mass(x[i]);
-        if kept_mass >= target {
-            break;
+        // This prefix is the nucleus of every mass in (the previous prefix's, this one's].
+        if kept_mass >= low * total {
+            let drawn = best.map_or(0, |(_, i)| i);
+            if draws.last() != Some(&drawn) {
+                draws.push(drawn);
+            }
+            if kept_mass >= high * total {
+                break;
+            }
         }
     }
-    best.map_or(0, |(_, i)| i)
+    draws
 }
 
 /// log-softmax(logits / t) [b, V] at the indices `idx` [b, 1].
