@@ -2007,7 +2007,6 @@ impl Janus {
     }
 }
 
-/// Replaces a graph report slot's content (a poisoned slot is left as it is: reports are diagnostics).
 /// The noise of a sampled static decode's draws ([`Janus::static_decode_loop`]).
 struct StepNoise<'a> {
     /// The noise, which also keys the draw kernel's.
@@ -2018,6 +2017,7 @@ struct StepNoise<'a> {
     nucleus: bool,
 }
 
+/// Replaces a graph report slot's content (a poisoned slot is left as it is: reports are diagnostics).
 fn write_report(slot: &Mutex<Option<GraphReport>>, report: Option<GraphReport>) {
     if let Ok(mut r) = slot.lock() {
         *r = report;

@@ -229,9 +229,16 @@ fn sample_with_normaliser(
         return argmax(logits);
     }
     let probs: Vec<f64> = logits.iter().map(|&l| prob(l)).collect();
-    let mut order: Vec<usize> = (0..probs.len()).collect();
-    // Stable sort keeps the draw reproducible when probabilities tie.
-    order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
+    // Descending probability, ties in index order: the draw stays reproducible when probabilities tie.
+    let order = heaviest_prefix(
+        &probs,
+        |a, b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)),
+        top_p,
+    );
+    if order.is_empty() {
+        // Only NaN probabilities.
+        return argmax(logits);
+    }
     let mut kept = 0;
     let mut mass = 0.0;
     for &i in &order {
@@ -250,6 +257,42 @@ fn sample_with_normaliser(
         }
     }
     order[kept - 1]
+}
+
+/// The entries of `0..n` whose weight is a number, in the order `cmp` (a total order, by descending weight), as
+/// far as their running sum of weights first reaches `target`, or all of them. A nucleus is usually a small part
+/// of a large vocabulary, so only the entries at or above a threshold are sorted, the threshold halving until
+/// they hold the target: every entry below it comes after every entry above it in `cmp`'s order, so the sorted
+/// candidates are the whole sort's first entries, in its order.
+fn heaviest_prefix(
+    weights: &[f64],
+    cmp: impl Fn(usize, usize) -> std::cmp::Ordering,
+    target: f64,
+) -> Vec<usize> {
+    let top = weights.iter().copied().fold(0.0, f64::max);
+    let mut halvings = 1;
+    loop {
+        // 2^-1075 rounds to 0: every weight that is a number is a candidate.
+        let threshold = top * 0.5f64.powi(halvings.min(1075));
+        let mut candidates: Vec<usize> = (0..weights.len())
+            .filter(|&i| weights[i] >= threshold)
+            .collect();
+        let last = threshold == 0.0;
+        // Summed in index order the weights can differ from their sorted sum by a few roundings.
+        let unordered: f64 = candidates.iter().map(|&i| weights[i]).sum();
+        if last || unordered >= target * (1.0 - 1e-9) {
+            candidates.sort_unstable_by(|&a, &b| cmp(a, b));
+            let mut sum = 0.0;
+            let reached = candidates.iter().any(|&i| {
+                sum += weights[i];
+                sum >= target
+            });
+            if reached || last {
+                return candidates;
+            }
+        }
+        halvings += (halvings / 4).max(1);
+    }
 }
 
 /// Rows × entries below which drawing rows on several threads costs more than it saves.
@@ -557,10 +600,19 @@ pub(crate) fn nucleus_gumbel_argmax(x: &[f32], g: &[f32], top_p: f64) -> usize {
 pub(crate) fn nucleus_gumbel_argmaxes(x: &[f32], g: &[f32], low: f64, high: f64) -> Vec<usize> {
     let x_max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mass = |v: f32| ((v - x_max) as f64).exp();
-    let mut order: Vec<usize> = (0..x.len()).filter(|&i| !x[i].is_nan()).collect();
-    let total: f64 = order.iter().map(|&i| mass(x[i])).sum();
-    // Equal entries (−0 and +0 too) stay in index order: the sort is stable.
-    order.sort_by(|&a, &b| x[b].partial_cmp(&x[a]).unwrap_or(std::cmp::Ordering::Equal));
+    // A NaN score has a NaN mass, which `heaviest_prefix` leaves out.
+    let masses: Vec<f64> = x.iter().map(|&v| mass(v)).collect();
+    let total: f64 = masses.iter().filter(|m| !m.is_nan()).sum();
+    // Descending x, equal entries (−0 and +0 too) in index order; the masses descend with x.
+    let order = heaviest_prefix(
+        &masses,
+        |a, b| {
+            x[b].partial_cmp(&x[a])
+                .unwrap_or(std::cmp::Ordering::Equal)
+                .then(a.cmp(&b))
+        },
+        high * total,
+    );
     let mut kept_mass = 0.0;
     let mut best: Option<(f32, usize)> = None;
     let mut draws = Vec::new();
@@ -569,7 +621,7 @@ pub(crate) fn nucleus_gumbel_argmaxes(x: &[f32], g: &[f32], low: f64, high: f64)
         if best.is_none_or(|(s, b)| score > s || (score == s && i < b)) {
             best = Some((score, i));
         }
-        kept_mass += mass(x[i]);
+        kept_mass += masses[i];
         // This prefix is the nucleus of every mass in (the previous prefix's, this one's].
         if kept_mass >= low * total {
             let drawn = best.map_or(0, |(_, i)| i);
@@ -660,7 +712,8 @@ mod tests {
     #[test]
     fn lazy_draws_pick_what_the_whole_vector_sampler_picked() {
         let mut rng = ChaCha8Rng::seed_from_u64(4);
-        for width in [2usize, 7, 512, 5000] {
+        // 5,000 and 20,000 entries: the nucleus is found from a selected prefix, grown once or more.
+        for width in [2usize, 7, 512, 5000, 20_000] {
             let logits: Vec<f32> = (0..width)
                 .map(|_| rng.random::<f32>() * 12.0 - 6.0)
                 .collect();
@@ -749,6 +802,20 @@ mod tests {
             "16 × 102,400 host draw + log-prob per step: whole-vector, one thread {eager:.2} ms; lazy, {} rayon threads {lazy:.2} ms",
             rayon::current_num_threads()
         );
+        // Top-p 0.9, one row on one thread: the whole-vector sampler (a sort of the row) against the selected
+        // prefix, on rows whose nucleus is a small part (logits spread over 40) or a large one (over 10).
+        for spread in [40.0f32, 10.0] {
+            let row: Vec<f32> = (0..width).map(|_| gen.random::<f32>() * spread).collect();
+            let sorted = time(&mut || {
+                std::hint::black_box(eager_sample(&row, 1.0, 0.9, 0.5));
+            });
+            let selected = time(&mut || {
+                std::hint::black_box(sample_index_at(&row, 1.0, 0.9, 0.5));
+            });
+            eprintln!(
+                "top-p 0.9 over 102,400 logits spread over {spread}: whole sort {sorted:.2} ms, selected prefix {selected:.2} ms"
+            );
+        }
     }
 
     #[test]
