@@ -22,6 +22,19 @@ fn log_softmax_at(logits: &[f32], t: f64, i: usize) -> f64 {
     (logits[i] as f64 - max) / t - lse
 }
 
+/// The host's argmax rollouts with `s`'s other settings (log-probs at T = 1).
+fn host_greedy(
+    m: &pairuni_model::Janus,
+    s: &ImageSampling,
+    seed: u64,
+) -> Vec<pairuni_model::ImageRollout> {
+    let greedy = ImageSampling {
+        temperature: 0.0,
+        ..s.clone()
+    };
+    sample(m, &greedy, SamplerSite::Host, seed)
+}
+
 #[test]
 fn zero_and_near_zero_temperature_give_the_host_argmax() {
     let m = toy(3);
@@ -78,15 +91,7 @@ fn device_logprobs_are_the_conditional_log_softmax_at_the_drawn_codes() {
     }
     assert!(worst < 1e-5, "max |Δ log-prob| {worst}");
     // Sampling at T = 0.9 is not argmax: some code differs from the greedy rollout.
-    let greedy = sample(
-        &m,
-        &ImageSampling {
-            temperature: 0.0,
-            ..s.clone()
-        },
-        SamplerSite::Host,
-        7,
-    );
+    let greedy = host_greedy(&m, &s, 7);
     assert_ne!(rolls[0].codes, greedy[0].codes);
 }
 
@@ -123,15 +128,7 @@ fn auto_samples_on_the_host_on_the_cpu_and_device_draws_keep_to_the_nucleus() {
     assert_eq!(auto[1].logprobs, host[1].logprobs);
     // A nucleus this small holds only the most probable code, so a draw at T = 1 is the greedy draw, whose
     // log-probs are recorded at T = 1 too; without the nucleus the draws differ.
-    let greedy = sample(
-        &m,
-        &ImageSampling {
-            temperature: 0.0,
-            ..s.clone()
-        },
-        SamplerSite::Host,
-        1,
-    );
+    let greedy = host_greedy(&m, &s, 1);
     let narrow = ImageSampling {
         top_p: 1e-6,
         ..s.clone()
