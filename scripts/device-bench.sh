@@ -317,5 +317,22 @@ for name, d in (("pytorch", pt), ("candle", cd)):
         print(name, json.dumps(extra))
     else:
         print(name, "did not finish: see its log")
+# Issue 9's three conditions, read off the numbers above (the PyTorch step is the warm, timed one; the cold
+# warm-up step is shown beside it).
+print(f"issue 9 targets, on {(cd or pt or {}).get('device', '?')}:")
+print("  parity within bf16 tolerance:", "no result" if par is None else ("met" if par.get("pass") else "NOT met"))
+pt_total, cd_total = (pt or {}).get("total"), (cd or {}).get("total")
+if isinstance(pt_total, (int, float)) and isinstance(cd_total, (int, float)) and cd_total > 0:
+    ratio = pt_total / cd_total
+    cold = ((pt or {}).get("warmup_step") or {}).get("total")
+    vs_cold = f" ({cold / cd_total:.2f}x against the cold step)" if isinstance(cold, (int, float)) else ""
+    print(f"  whole step >= 3x PyTorch eager: {ratio:.2f}x, {'met' if ratio >= 3 else 'NOT met'}{vs_cold}")
+else:
+    print("  whole step >= 3x PyTorch eager: no result (a side did not finish)")
+step_ms = (cd or {}).get("ms_per_image_step")
+if isinstance(step_ms, (int, float)):
+    print(f"  image decode step <= 3 ms: {step_ms:.3f} ms, {'met' if step_ms <= 3 else 'NOT met'}")
+else:
+    print("  image decode step <= 3 ms: no result")
 EOF
 echo "elapsed $(( $(date +%s) - start )) s"
