@@ -448,34 +448,23 @@ fn within_nucleus_slack(
     let (Some(noise), true) = (noise, spec.top_p < 1.0 && spec.temperature > 0.0) else {
         return Ok(Err(rows[0]));
     };
-    let f32_rows = |t: &Tensor| t.to_dtype(DType::F32)?.to_vec2::<f32>();
-    let cond = f32_rows(spec.cond)?;
-    let uncond = spec.uncond.map(f32_rows).transpose()?;
-    let bias = spec
-        .bias
-        .map(|b| b.flatten_all()?.to_vec1::<f32>())
-        .transpose()?;
+    // The composed draw's scores and log-prob logits, each tempered.
+    let mixed = crate::sampling::draw_logits(spec.cond, spec.uncond, spec.bias, spec.cfg_weight)?;
+    let x = mixed
+        .affine(1.0 / spec.temperature, 0.0)?
+        .to_vec2::<f32>()?;
+    let lp_logits = match spec.uncond {
+        Some(_) => spec.cond.to_dtype(DType::F32)?,
+        None => mixed,
+    };
+    let y = lp_logits
+        .affine(1.0 / spec.logprob_temperature, 0.0)?
+        .to_vec2::<f32>()?;
     let noise = noise.to_vec2::<f32>()?;
-    let (w, inv_t, lp_inv_t) = (
-        spec.cfg_weight as f32,
-        (1.0 / spec.temperature) as f32,
-        (1.0 / spec.logprob_temperature) as f32,
-    );
     let mut lps = Vec::with_capacity(rows.len());
     for &r in rows {
-        // The kernel's f32 arithmetic: the mix (or the bias), then the temperature.
-        let mixed: Vec<f32> = match (&uncond, &bias) {
-            (Some(u), _) => cond[r]
-                .iter()
-                .zip(&u[r])
-                .map(|(&c, &u)| u + (c - u) * w)
-                .collect(),
-            (None, Some(b)) => cond[r].iter().zip(b).map(|(&c, &b)| c + b).collect(),
-            (None, None) => cond[r].clone(),
-        };
-        let x: Vec<f32> = mixed.iter().map(|&m| m * inv_t).collect();
         let near = crate::sampling::nucleus_gumbel_argmaxes(
-            &x,
+            &x[r],
             &noise[r],
             (spec.top_p - NUCLEUS_SLACK).max(0.0),
             spec.top_p + NUCLEUS_SLACK,
@@ -484,9 +473,7 @@ fn within_nucleus_slack(
         if !near.contains(&code) {
             return Ok(Err(r));
         }
-        let lp_logits = if uncond.is_some() { &cond[r] } else { &mixed };
-        let y: Vec<f32> = lp_logits.iter().map(|&l| l * lp_inv_t).collect();
-        lps.push(crate::sampling::log_prob_t(&y, 1.0, code));
+        lps.push(crate::sampling::log_prob_t(&y[r], 1.0, code));
     }
     Ok(Ok(lps))
 }

@@ -478,8 +478,8 @@ pub fn device_cfg_draw_with(
     s: &ImageSampling,
     gumbel: Option<&Tensor>,
 ) -> candle_core::Result<(Tensor, Tensor)> {
-    let (cond, uncond) = (cond.to_dtype(DType::F32)?, uncond.to_dtype(DType::F32)?);
-    let mixed = (&uncond + ((&cond - &uncond)? * s.cfg_weight)?)?;
+    let cond = cond.to_dtype(DType::F32)?;
+    let mixed = draw_logits(&cond, Some(uncond), None, s.cfg_weight)?;
     let draw = match gumbel {
         Some(g) if s.temperature > 0.0 => Some((s.temperature, g)),
         None if s.temperature > 0.0 => {
@@ -549,7 +549,7 @@ pub fn device_token_draw_with(
     s: &TextSampling,
     gumbel: Option<&Tensor>,
 ) -> candle_core::Result<(Tensor, Tensor)> {
-    let biased = logits.to_dtype(DType::F32)?.broadcast_add(bias)?;
+    let biased = draw_logits(logits, None, Some(bias), 1.0)?;
     let draw = match gumbel {
         Some(g) if !s.greedy => Some((s.temperature, g)),
         None if !s.greedy => candle_core::bail!("a sampled answer draw needs Gumbel noise"),
@@ -558,6 +558,25 @@ pub fn device_token_draw_with(
     let tok = gumbel_argmax(&biased, draw, s.top_p)?;
     let lp = log_prob_at(&biased, s.logprob_temperature(), &tok)?;
     Ok((tok, lp))
+}
+
+/// The f32 logits [rows, classes] a device draw is taken from: with CFG the mix u + (c − u)·w of `cond` and
+/// `uncond`, else `cond` plus the [1, classes] `bias` when given (the draw kernel's arithmetic, op for op).
+pub(crate) fn draw_logits(
+    cond: &Tensor,
+    uncond: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    cfg_weight: f64,
+) -> candle_core::Result<Tensor> {
+    let cond = cond.to_dtype(DType::F32)?;
+    match (uncond, bias) {
+        (Some(u), _) => {
+            let u = u.to_dtype(DType::F32)?;
+            &u + ((&cond - &u)? * cfg_weight)?
+        }
+        (None, Some(b)) => cond.broadcast_add(b),
+        (None, None) => Ok(cond),
+    }
 }
 
 /// The argmax over the last dim [b, 1] (u32) of `scores`, or with `draw` = (T, Gumbel noise) of scores / T + noise:

@@ -22,6 +22,30 @@ fn log_softmax_at(logits: &[f32], t: f64, i: usize) -> f64 {
     (logits[i] as f64 - max) / t - lse
 }
 
+/// A rollout's drawn tokens and their recorded log-probs.
+type Draws<'a> = (&'a [u32], &'a [f32]);
+
+fn image_draws(v: &[pairuni_model::ImageRollout]) -> Vec<Draws<'_>> {
+    v.iter().map(|r| (&r.codes[..], &r.logprobs[..])).collect()
+}
+
+fn answer_draws(v: &[TextRollout]) -> Vec<Draws<'_>> {
+    v.iter()
+        .map(|r| (&r.answer_ids[..], &r.logprobs[..]))
+        .collect()
+}
+
+/// Asserts that each of `got` drew its `want`'s tokens, with log-probs within 1e-5 (`what` names the case).
+fn assert_same_draws(want: &[Draws], got: &[Draws], what: &str) {
+    assert_eq!(want.len(), got.len(), "{what}");
+    for ((want_ids, want_lps), (ids, lps)) in want.iter().zip(got) {
+        assert_eq!(want_ids, ids, "{what}");
+        for (a, b) in want_lps.iter().zip(lps.iter()) {
+            assert!((a - b).abs() < 1e-5, "{what}: {a} vs {b}");
+        }
+    }
+}
+
 /// The host's argmax rollouts with `s`'s other settings (log-probs at T = 1).
 fn host_greedy(
     m: &pairuni_model::Janus,
@@ -50,12 +74,9 @@ fn zero_and_near_zero_temperature_give_the_host_argmax() {
         ..greedy.clone()
     };
     let dev_cold = sample(&m, &cold, SamplerSite::Device, 3);
-    for ((h, d), c) in host.iter().zip(&dev).zip(&dev_cold) {
-        assert_eq!(h.codes, d.codes);
+    assert_same_draws(&image_draws(&host), &image_draws(&dev), "T = 0");
+    for (h, c) in host.iter().zip(&dev_cold) {
         assert_eq!(h.codes, c.codes);
-        for (a, b) in h.logprobs.iter().zip(&d.logprobs) {
-            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
-        }
     }
 }
 
@@ -140,12 +161,8 @@ fn auto_samples_on_the_host_on_the_cpu_and_device_draws_keep_to_the_nucleus() {
     for static_steps in [false, true] {
         m.set_static_decode(static_steps);
         let dev = sample(&m, &narrow, SamplerSite::Device, 3);
-        for (g, d) in greedy.iter().zip(&dev) {
-            assert_eq!(g.codes, d.codes, "static steps: {static_steps}");
-            for (a, b) in g.logprobs.iter().zip(&d.logprobs) {
-                assert!((a - b).abs() < 1e-5, "{a} vs {b}");
-            }
-        }
+        let what = format!("static steps: {static_steps}");
+        assert_same_draws(&image_draws(&greedy), &image_draws(&dev), &what);
         let codes = |v: &[pairuni_model::ImageRollout]| {
             v.iter().map(|r| r.codes.clone()).collect::<Vec<_>>()
         };
@@ -178,12 +195,7 @@ fn device_answer_draws_are_greedy_exact_and_record_teacher_forced_logprobs() {
     };
     let host = answers(&m, &greedy, SamplerSite::Host, 1);
     let dev = answers(&m, &greedy, SamplerSite::Device, 2);
-    for (h, d) in host.iter().zip(&dev) {
-        assert_eq!(h.answer_ids, d.answer_ids);
-        for (a, b) in h.logprobs.iter().zip(&d.logprobs) {
-            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
-        }
-    }
+    assert_same_draws(&answer_draws(&host), &answer_draws(&dev), "greedy");
     let s = TextSampling {
         max_new_tokens: 6,
         temperature: 0.8,
@@ -264,12 +276,8 @@ fn device_answer_draws_keep_to_the_nucleus() {
     for static_steps in [false, true] {
         m.set_static_decode(static_steps);
         let dev = answers(&m, &narrow, SamplerSite::Device, 2);
-        for (h, d) in host.iter().zip(&dev) {
-            assert_eq!(h.answer_ids, d.answer_ids, "static steps: {static_steps}");
-            for (a, b) in h.logprobs.iter().zip(&d.logprobs) {
-                assert!((a - b).abs() < 1e-5, "{a} vs {b}");
-            }
-        }
+        let what = format!("static steps: {static_steps}");
+        assert_same_draws(&answer_draws(&host), &answer_draws(&dev), &what);
         let wide = TextSampling {
             top_p: 1.0,
             temperature: 1.5,
