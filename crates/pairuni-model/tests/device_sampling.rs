@@ -46,6 +46,16 @@ fn assert_same_draws(want: &[Draws], got: &[Draws], what: &str) {
     }
 }
 
+/// Asserts that a device image decode takes exactly one value of the caller's stream, whatever it draws.
+fn assert_device_images_take_one_stream_value(m: &pairuni_model::Janus, s: &ImageSampling) {
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    m.sample_image_codes_at(&prompts(m), s, 4, SamplerSite::Device, &mut rng)
+        .unwrap();
+    let mut expect = ChaCha8Rng::seed_from_u64(11);
+    expect.next_u64();
+    assert_eq!(rng.next_u64(), expect.next_u64());
+}
+
 /// The host's argmax rollouts with `s`'s other settings (log-probs at T = 1).
 fn host_greedy(
     m: &pairuni_model::Janus,
@@ -126,12 +136,7 @@ fn device_sampling_is_seeded_and_takes_one_value_of_the_stream() {
     assert_eq!(a[1].codes, b[1].codes);
     assert_eq!(a[1].logprobs, b[1].logprobs);
     assert_ne!(a[1].codes, c[1].codes);
-    let mut rng = ChaCha8Rng::seed_from_u64(11);
-    m.sample_image_codes_at(&prompts(&m), &s, 4, SamplerSite::Device, &mut rng)
-        .unwrap();
-    let mut expect = ChaCha8Rng::seed_from_u64(11);
-    expect.next_u64();
-    assert_eq!(rng.next_u64(), expect.next_u64());
+    assert_device_images_take_one_stream_value(&m, &s);
 }
 
 #[test]
@@ -175,12 +180,7 @@ fn auto_samples_on_the_host_on_the_cpu_and_device_draws_keep_to_the_nucleus() {
             codes(&sample(&m, &s, SamplerSite::Device, 4)),
             codes(&sample(&m, &s, SamplerSite::Device, 4))
         );
-        let mut rng = ChaCha8Rng::seed_from_u64(11);
-        m.sample_image_codes_at(&prompts(&m), &s, 4, SamplerSite::Device, &mut rng)
-            .unwrap();
-        let mut expect = ChaCha8Rng::seed_from_u64(11);
-        expect.next_u64();
-        assert_eq!(rng.next_u64(), expect.next_u64());
+        assert_device_images_take_one_stream_value(&m, &s);
     }
 }
 
