@@ -138,10 +138,14 @@ pub struct SftConfig {
     pub optim: OptimConfig,
     /// Examples per forward and backward pass of each kind (answers, captions, image codes); the micro-batches'
     /// gradients are summed to the step's (gradient accumulation, with the step's token counts as denominators).
-    /// 0 scores each kind in one pass. Default 0.
+    /// 0 scores each kind in one pass. Default 24: the toy recipe's 48 answers, 24 captions and 16 code sequences
+    /// make four passes, which run side by side on the CPU's cores (docs/BENCHMARKS.md "CPU passes"). The size
+    /// changes the order of the gradient sums, the thread count never.
     pub micro_batch: usize,
     /// Micro-batch passes in flight at once, each from its own host thread, merged in pass order (as
-    /// `[train] concurrent_passes`). 0 = auto: 2 on accelerators, 1 on the CPU. Default 0.
+    /// `[train] concurrent_passes`). 0 = auto: 2 on accelerators; on the CPU one per rayon thread when candle's
+    /// element-wise ops run on the calling thread (`CANDLE_NUM_THREADS=1`, which the `pairuni` binary sets), else 1.
+    /// Default 0.
     pub concurrent_passes: usize,
     /// Write a checkpoint every this many steps (and at the end); 0 = only at the end. Default 100.
     pub checkpoint_every: usize,
@@ -166,7 +170,7 @@ impl Default for SftConfig {
             uncond_prob: 0.1,
             holdout: 0,
             optim: OptimConfig::default(),
-            micro_batch: 0,
+            micro_batch: 24,
             concurrent_passes: 0,
             checkpoint_every: 100,
         }
@@ -323,12 +327,15 @@ pub struct TrainConfig {
     /// Rollouts per forward and backward pass of each modality when updating; the micro-batches' gradients are
     /// summed to the whole batch's (gradient accumulation, with the batch's loss denominators). 0 scores each
     /// modality in one pass, which holds every activation of the batch's 16·(G_u + G_g) rollouts at once: at
-    /// Janus-Pro shapes use G (8) or fewer. Default 0.
+    /// Janus-Pro shapes use G (8) or fewer. Default 16: several passes, which run side by side on the CPU's cores
+    /// (docs/BENCHMARKS.md "CPU passes") and two at a time on a GPU. The size changes the order of the gradient
+    /// sums, the thread count never.
     pub micro_batch: usize,
-    /// Micro-batch passes in flight at once, each issued from its own host thread onto the device's stream (a GPU
-    /// pass is bound by its host); their results are merged in pass order, so the update is the same whatever
-    /// the number. 0 = auto: 2 on accelerators, 1 on the CPU. Acts with `micro_batch` > 0 (several passes).
-    /// Default 0.
+    /// Micro-batch passes in flight at once, each issued from its own host thread (on a GPU onto the device's
+    /// stream, as a GPU pass is bound by its host; on the CPU each on a core of its own); their results are merged
+    /// in pass order, so the update is the same whatever the number. 0 = auto: 2 on accelerators; on the CPU one
+    /// per rayon thread when candle's element-wise ops run on the calling thread (`CANDLE_NUM_THREADS=1`, which the
+    /// `pairuni` binary sets), else 1. Acts with several passes (`micro_batch` > 0). Default 0.
     pub concurrent_passes: usize,
     /// Lower clip range ε_low (ratio floor 1 − ε_low). Default 0.2.
     pub epsilon_low: f64,
@@ -380,7 +387,7 @@ impl Default for TrainConfig {
             cfg_weight: 5.0,
             logprob_policy: LogprobPolicy::Conditional,
             updates_per_batch: 1,
-            micro_batch: 0,
+            micro_batch: 16,
             concurrent_passes: 0,
             epsilon_low: 0.2,
             epsilon_high: 0.28,

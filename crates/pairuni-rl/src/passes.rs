@@ -6,6 +6,12 @@
 //! one stream, where they run in submission order. The merge still happens in pass order on the calling thread,
 //! so sums (losses, statistics, gradients) are added in the order a single thread adds them, and the update is the
 //! same bit for bit whatever the thread count.
+//!
+//! On the CPU the same passes are the better unit of parallel work for a small model: candle spreads each op
+//! over the cores, and at the toy's widths (160) most ops are too small to pay for the hand-off, so an SFT step
+//! on two cores was barely faster than on one. Passes on one core each, side by side, took 1.6× less time
+//! (docs/BENCHMARKS.md, "CPU passes"). So on the CPU each worker runs its passes inside its own one-thread rayon
+//! pool, where candle's matrix products stay on that thread.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -13,14 +19,52 @@ use std::sync::{mpsc, Condvar, Mutex};
 
 use candle_core::Device;
 
-/// How many passes run at once: `setting` when it is not 0 (auto), else 2 on accelerators and 1 on the CPU (whose
-/// ops already use every core).
-pub fn concurrent_passes(setting: usize, device: &Device) -> usize {
-    match setting {
-        0 if device.is_cpu() => 1,
+/// How a step's passes run: how many at once, and whether each worker keeps candle's CPU ops on its own thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PassThreads {
+    /// Passes in flight at once (at least 1).
+    pub count: usize,
+    /// Run each worker's passes inside a one-thread rayon pool, so that candle's CPU matrix products (which
+    /// split over the current rayon pool) do not compete with the other workers for the cores.
+    pub own_cpu_pool: bool,
+}
+
+impl PassThreads {
+    /// `count` passes at once on `device`; on the CPU, with more than one, each worker keeps its ops to itself.
+    pub fn on(device: &Device, count: usize) -> Self {
+        let count = count.max(1);
+        Self {
+            count,
+            own_cpu_pool: device.is_cpu() && count > 1,
+        }
+    }
+
+    /// One pass at a time, on the calling thread.
+    pub fn one() -> Self {
+        Self {
+            count: 1,
+            own_cpu_pool: false,
+        }
+    }
+}
+
+/// How many passes run at once: `setting` when it is not 0 (auto), else 2 on accelerators, and on the CPU one per
+/// rayon thread when candle's element-wise ops run on the calling thread (`CANDLE_NUM_THREADS=1`, which the
+/// `pairuni` binary sets unless told otherwise), or 1 when they run on candle's own spinning pool, where
+/// concurrent passes would wait on each other's ops.
+pub fn concurrent_passes(setting: usize, device: &Device) -> PassThreads {
+    let count = match setting {
+        0 if device.is_cpu() => {
+            if candle_core::utils::barrier_pool().n_workers() == 0 {
+                rayon::current_num_threads()
+            } else {
+                1
+            }
+        }
         0 => 2,
         n => n,
-    }
+    };
+    PassThreads::on(device, count)
 }
 
 /// The `prepare` of [`run_in_order`] for passes on `device`: makes it current on each worker thread (a CUDA
@@ -43,16 +87,16 @@ pub enum Merged {
     Stop,
 }
 
-/// Runs `work(i)` for every pass `i` in `0..n` on up to `threads` threads (the calling thread merges) and hands
-/// each result to `merge` in order of `i`. `prepare` runs first on every worker thread (making the device current
-/// there). No pass starts more than `threads` places ahead of the merge, so at most that many results wait. With
-/// one thread, or one pass, everything runs on the calling thread, one pass after the other.
+/// Runs `work(i)` for every pass `i` in `0..n` on up to `threads.count` threads (the calling thread merges) and
+/// hands each result to `merge` in order of `i`. `prepare` runs first on every worker thread (making the device
+/// current there). No pass starts more than `threads.count` places ahead of the merge, so at most that many results
+/// wait. With one thread, or one pass, everything runs on the calling thread, one pass after the other.
 ///
 /// The first error, of a pass or of the merge, is returned once every started pass has finished; passes not yet
 /// started are skipped.
 pub fn run_in_order<T, E>(
     n: usize,
-    threads: usize,
+    threads: PassThreads,
     prepare: impl Fn() -> Result<(), E> + Sync,
     work: impl Fn(usize) -> Result<T, E> + Sync,
     mut merge: impl FnMut(usize, T) -> Result<Merged, E>,
@@ -61,7 +105,8 @@ where
     T: Send,
     E: Send,
 {
-    let threads = threads.clamp(1, n.max(1));
+    let own_cpu_pool = threads.own_cpu_pool;
+    let threads = threads.count.clamp(1, n.max(1));
     if threads == 1 {
         for i in 0..n {
             if merge(i, work(i)?)? == Merged::Stop {
@@ -86,7 +131,7 @@ where
         for _ in 0..threads {
             let tx = tx.clone();
             let (next, stop, prepare, work, merged) = (&next, &stop, &prepare, &work, &merged);
-            scope.spawn(move || {
+            let body = move || {
                 if let Err(e) = prepare() {
                     stop.store(true, Ordering::SeqCst);
                     merged.1.notify_all();
@@ -121,6 +166,10 @@ where
                         break;
                     }
                 }
+            };
+            scope.spawn(move || match own_pool(own_cpu_pool) {
+                Some(pool) => pool.install(body),
+                None => body(),
             });
         }
         drop(tx);
@@ -163,15 +212,42 @@ where
     })
 }
 
+/// A one-thread rayon pool for a worker's passes when `wanted`; `None` (the passes then run on the worker, with
+/// candle's ops spread over the global pool: slower, not wrong) when not, or when the pool cannot be built.
+fn own_pool(wanted: bool) -> Option<rayon::ThreadPool> {
+    if !wanted {
+        return None;
+    }
+    match rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .thread_name(|_| "pairuni-pass".into())
+        .build()
+    {
+        Ok(pool) => Some(pool),
+        Err(e) => {
+            tracing::warn!(error = %e, "no one-thread pool for a CPU pass; its ops use the global pool");
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `n` passes at once on plain threads.
+    fn plain(n: usize) -> PassThreads {
+        PassThreads {
+            count: n,
+            own_cpu_pool: false,
+        }
+    }
 
     fn ordered(threads: usize, n: usize) -> Vec<usize> {
         let mut seen = Vec::new();
         run_in_order::<_, String>(
             n,
-            threads,
+            plain(threads),
             || Ok(()),
             |i| {
                 // Later passes finish first, so the merge has to hold them back.
@@ -206,7 +282,7 @@ mod tests {
         let most = AtomicUsize::new(0);
         run_in_order::<_, String>(
             4,
-            2,
+            plain(2),
             || Ok(()),
             |_| {
                 let now = busy.fetch_add(1, Ordering::SeqCst) + 1;
@@ -227,7 +303,7 @@ mod tests {
         let started = Mutex::new(Vec::new());
         run_in_order::<_, String>(
             8,
-            2,
+            plain(2),
             || Ok(()),
             |i| {
                 started.lock().unwrap().push(i);
@@ -250,7 +326,7 @@ mod tests {
             let merged = Mutex::new(Vec::new());
             let err = run_in_order(
                 6,
-                threads,
+                plain(threads),
                 || Ok(()),
                 |i| {
                     if i == 2 {
@@ -276,7 +352,7 @@ mod tests {
             let mut merged = Vec::new();
             run_in_order::<_, String>(
                 8,
-                threads,
+                plain(threads),
                 || Ok(()),
                 Ok,
                 |i, _| {
@@ -297,7 +373,7 @@ mod tests {
     fn a_thread_that_cannot_start_is_an_error() {
         let err = run_in_order::<(), _>(
             4,
-            2,
+            plain(2),
             || Err("no device".to_string()),
             |_| Ok(()),
             |_, ()| Ok(Merged::Continue),
@@ -307,8 +383,71 @@ mod tests {
     }
 
     #[test]
-    fn auto_runs_one_pass_at_a_time_on_the_cpu_and_a_set_count_stands() {
-        assert_eq!(concurrent_passes(0, &Device::Cpu), 1);
-        assert_eq!(concurrent_passes(3, &Device::Cpu), 3);
+    fn cpu_workers_run_their_passes_and_ops_on_a_one_thread_pool_of_their_own() {
+        // Each pass sees a rayon pool of one thread (where candle's matrix products then stay) and runs on a
+        // thread of its own; the plain workers see the global pool.
+        let seen = Mutex::new(Vec::new());
+        let threads = PassThreads::on(&Device::Cpu, 2);
+        assert!(threads.own_cpu_pool);
+        run_in_order::<_, String>(
+            6,
+            threads,
+            || Ok(()),
+            |i| {
+                let name = std::thread::current().name().map(str::to_string);
+                seen.lock()
+                    .unwrap()
+                    .push((rayon::current_num_threads(), name));
+                std::thread::sleep(std::time::Duration::from_millis(((6 - i) * 2) as u64));
+                Ok(i)
+            },
+            |_, _| Ok(Merged::Continue),
+        )
+        .unwrap();
+        let seen = seen.into_inner().unwrap();
+        assert_eq!(seen.len(), 6);
+        assert!(seen
+            .iter()
+            .all(|(n, name)| *n == 1 && name.as_deref() == Some("pairuni-pass")));
+        let global = rayon::current_num_threads();
+        let plain_seen = Mutex::new(Vec::new());
+        run_in_order::<_, String>(
+            2,
+            plain(2),
+            || Ok(()),
+            |_| {
+                plain_seen
+                    .lock()
+                    .unwrap()
+                    .push(rayon::current_num_threads());
+                Ok(())
+            },
+            |_, ()| Ok(Merged::Continue),
+        )
+        .unwrap();
+        assert_eq!(plain_seen.into_inner().unwrap(), vec![global, global]);
+    }
+
+    #[test]
+    fn a_set_count_stands_and_only_cpu_workers_get_their_own_pool() {
+        assert_eq!(
+            concurrent_passes(3, &Device::Cpu),
+            PassThreads {
+                count: 3,
+                own_cpu_pool: true
+            }
+        );
+        assert_eq!(concurrent_passes(1, &Device::Cpu), PassThreads::one());
+        // Auto on the CPU: one pass per rayon thread only when candle's element-wise ops run on the calling
+        // thread; with candle's own pool of workers, one pass at a time.
+        let auto = concurrent_passes(0, &Device::Cpu);
+        if candle_core::utils::barrier_pool().n_workers() > 0 {
+            assert_eq!(auto, PassThreads::one());
+        } else {
+            assert_eq!(
+                auto,
+                PassThreads::on(&Device::Cpu, rayon::current_num_threads())
+            );
+        }
     }
 }

@@ -27,9 +27,8 @@ fn config() -> String {
     format!("{model}{}", include_str!("../../../configs/tiny-run.toml"))
 }
 
-#[test]
-fn sft_and_train_run_in_bf16_with_f32_master_weights() {
-    let dir = scratch("train_cli", "bf16");
+/// A tiny toy world in `dir/w` and its pairs in `dir/p/pairs.jsonl`, as `configs/tiny-run.toml` expects.
+fn tiny_world(dir: &Path) {
     ok(pairuni(
         &[
             "world",
@@ -43,7 +42,7 @@ fn sft_and_train_run_in_bf16_with_f32_master_weights() {
             "--bench",
             "12",
         ],
-        &dir,
+        dir,
     ));
     ok(pairuni(
         &[
@@ -56,8 +55,14 @@ fn sft_and_train_run_in_bf16_with_f32_master_weights() {
             "--out",
             "p/pairs.jsonl",
         ],
-        &dir,
+        dir,
     ));
+}
+
+#[test]
+fn sft_and_train_run_in_bf16_with_f32_master_weights() {
+    let dir = scratch("train_cli", "bf16");
+    tiny_world(&dir);
     fs::write(dir.join("c.toml"), config()).unwrap();
     // SFT takes bf16 from [model]; train is told on the command line too.
     for (stage, out, flags) in [
@@ -130,6 +135,84 @@ fn sft_and_train_run_in_bf16_with_f32_master_weights() {
         );
         assert!(!bad.status.success());
         assert!(String::from_utf8_lossy(&bad.stderr).contains("without CUDA"));
+    }
+    let _ = fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn sft_and_train_through_the_binary_do_not_depend_on_the_thread_count() {
+    // With one rayon thread the binary runs one pass at a time; with three, three passes side by side, each on a
+    // one-thread pool of its own, with candle's element-wise ops on the calling thread and one glibc arena. The
+    // merge in pass order makes the runs equal bit for bit: weights, optimiser state and every logged metric but
+    // the timings.
+    let dir = scratch("train_cli", "threads");
+    tiny_world(&dir);
+    let tiny_run = include_str!("../../../configs/tiny-run.toml");
+    fs::write(dir.join("c.toml"), tiny_run).unwrap();
+    // Both PairGRPO runs start from the same SFT model.
+    fs::write(
+        dir.join("ct.toml"),
+        tiny_run.replace("init = \"sft/final\"", "init = \"sft-1/final\""),
+    )
+    .unwrap();
+    let untimed_metrics = |file: &Path| -> Vec<serde_json::Value> {
+        fs::read_to_string(file)
+            .unwrap()
+            .lines()
+            .map(|line| {
+                let mut row: serde_json::Map<String, serde_json::Value> =
+                    serde_json::from_str(line).unwrap();
+                row.retain(|k, _| !k.starts_with("time/"));
+                serde_json::Value::Object(row)
+            })
+            .collect()
+    };
+    let mut runs = Vec::new();
+    for threads in ["1", "3"] {
+        for (stage, config) in [("sft", "c.toml"), ("train", "ct.toml")] {
+            let out = format!("{stage}-{threads}");
+            let mut cmd = common::bin();
+            cmd.args([stage, "--config", config, "--out", &out, "--quiet"])
+                .current_dir(&dir)
+                .env("RAYON_NUM_THREADS", threads)
+                .env_remove("CANDLE_NUM_THREADS");
+            ok(cmd.output().unwrap());
+            let run = dir.join(&out);
+            runs.push((
+                out,
+                fs::read(run.join("final/model.safetensors")).unwrap(),
+                fs::read(run.join("checkpoints/step-2/optimizer.safetensors")).unwrap(),
+                untimed_metrics(&run.join("metrics.jsonl")),
+            ));
+        }
+    }
+    for (one, three) in runs[..2].iter().zip(&runs[2..]) {
+        assert_eq!(one.3.len(), 2, "{}: two steps logged", one.0);
+        assert_eq!(one.3, three.3, "{} and {}: metrics differ", one.0, three.0);
+        assert!(
+            one.1 == three.1,
+            "{} and {}: weights differ",
+            one.0,
+            three.0
+        );
+        assert!(
+            one.2 == three.2,
+            "{} and {}: optimiser states differ",
+            one.0,
+            three.0
+        );
+    }
+    // The three-thread runs did run three passes at once: auto is one pass per rayon thread in the binary.
+    for (threads, passes) in [("1", 1), ("3", 3)] {
+        let out = ok(common::bin()
+            .args(["bench", "step", "--config", "ct.toml", "--steps", "1"])
+            .current_dir(&dir)
+            .env("RAYON_NUM_THREADS", threads)
+            .env_remove("CANDLE_NUM_THREADS")
+            .output()
+            .unwrap());
+        let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(report["concurrent_passes"], passes, "{threads} threads");
     }
     let _ = fs::remove_dir_all(&dir);
 }

@@ -28,7 +28,7 @@ use pairuni_rl::loss::{
     clipped_surrogate, group_advantages, micro_batch_loss, ratio, Counts, Tokens,
 };
 use pairuni_rl::optim::{accumulate_grads, AdamW};
-use pairuni_rl::passes::{bind_device, concurrent_passes, run_in_order, Merged};
+use pairuni_rl::passes::{bind_device, concurrent_passes, run_in_order, Merged, PassThreads};
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
@@ -612,7 +612,7 @@ fn run_step(
     let a_img = group_advantages(&r_img, a.group, RewardScaling::Std).values;
     let a_txt = group_advantages(&r_txt, a.group, RewardScaling::Std).values;
 
-    let threads = concurrent_passes(a.concurrent_passes, model.device());
+    let threads = concurrent_passes(a.concurrent_passes, model.device()).count;
     let train = ph.time("train", || {
         train_phase(model, opt, &images, &answers, (&a_img, &a_txt), a, threads)
     })?;
@@ -812,7 +812,7 @@ fn train_phase(
     let (mut loss, mut scored_image, mut scored_text) = (0f32, Vec::new(), Vec::new());
     run_in_order(
         passes.len(),
-        threads,
+        PassThreads::on(&dev, threads),
         bind_device(&dev),
         run_pass,
         |_, pass| {

@@ -170,6 +170,8 @@ pub fn run_bench_step(args: BenchStepArgs) -> anyhow::Result<ExitCode> {
         .unwrap_or_default();
     let prompt_sharing = model.prompt_sharing();
     let fused_training = model.fused_training();
+    let passes_in_flight =
+        pairuni_rl::passes::concurrent_passes(cfg.train.concurrent_passes, model.device()).count;
     let mut trainer = GrpoTrainer::new(cfg.train.clone(), cfg.seed, model, pairs, dir)?;
     trainer.step()?; // warm-up: caches, allocator
     let mut rows = Vec::new();
@@ -191,6 +193,7 @@ pub fn run_bench_step(args: BenchStepArgs) -> anyhow::Result<ExitCode> {
             "group_size_gen": cfg.train.group_size_gen,
             "updates_per_batch": cfg.train.updates_per_batch,
             "micro_batch": cfg.train.micro_batch,
+            "concurrent_passes": passes_in_flight,
             "prompt_sharing": prompt_sharing,
             "fused_training": fused_training,
             "measured_steps": rows.len(),
