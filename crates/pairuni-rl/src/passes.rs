@@ -38,14 +38,6 @@ impl PassThreads {
             own_cpu_pool: device.is_cpu() && count > 1,
         }
     }
-
-    /// One pass at a time, on the calling thread.
-    pub fn one() -> Self {
-        Self {
-            count: 1,
-            own_cpu_pool: false,
-        }
-    }
 }
 
 /// How many passes run at once: `setting` when it is not 0 (auto), else 2 on accelerators, and on the CPU one per
@@ -437,12 +429,15 @@ mod tests {
                 own_cpu_pool: true
             }
         );
-        assert_eq!(concurrent_passes(1, &Device::Cpu), PassThreads::one());
+        assert_eq!(
+            concurrent_passes(1, &Device::Cpu),
+            PassThreads::on(&Device::Cpu, 1)
+        );
         // Auto on the CPU: one pass per rayon thread only when candle's element-wise ops run on the calling
         // thread; with candle's own pool of workers, one pass at a time.
         let auto = concurrent_passes(0, &Device::Cpu);
         if candle_core::utils::barrier_pool().n_workers() > 0 {
-            assert_eq!(auto, PassThreads::one());
+            assert_eq!(auto, PassThreads::on(&Device::Cpu, 1));
         } else {
             assert_eq!(
                 auto,
