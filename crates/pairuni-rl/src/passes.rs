@@ -19,6 +19,48 @@ use std::sync::{mpsc, Condvar, Mutex};
 
 use candle_core::Device;
 
+/// Sets up the process for passes side by side on the CPU; the `pairuni` binary calls it first thing in `main`,
+/// and so should any program that trains through this crate. It keeps candle's element-wise ops on the calling
+/// thread and freed tensor buffers in one glibc heap (both below). Neither changes a number, only the time.
+pub fn prepare_cpu_process() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    keep_freed_buffers();
+    keep_elementwise_ops_on_their_thread();
+}
+
+/// Keeps freed tensor buffers in glibc's heap for reuse. candle allocates every op's output anew; glibc serves
+/// an allocation above its mmap threshold with fresh pages (faulted in on first touch) and unmaps it on free, and
+/// it moves that threshold as chunks are freed, so a step's cost depended on what ran before it (PairGRPO
+/// rollouts after micro-batched updates took 1.5 s instead of 1.1 s on the toy). Fixed thresholds of 256 MiB
+/// (mapping) and 1 GiB (returning the heap's top) make the toy's PairGRPO step ≈ 11 % and an SFT step ≈ 4 % faster
+/// (docs/BENCHMARKS.md), with the same results and peak memory. One arena for every thread, because glibc maps and
+/// unmaps the heaps of a thread's own arena as that thread frees its buffers, the same page faults again for
+/// the micro-batch passes that run on threads of their own (a PairGRPO update of 64 rollouts per pass: 2.85 s
+/// with an arena per thread, 1.53 s with one). Best effort: a refused setting changes nothing.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn keep_freed_buffers() {
+    // SAFETY: mallopt only sets allocator parameters, under glibc's own lock; the arena limit applies to arenas
+    // created afterwards, so it is best called before other threads allocate.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
+/// Keeps candle's element-wise CPU ops on the thread that issues them (`CANDLE_NUM_THREADS=1`) unless the user
+/// chose otherwise. candle runs a large element-wise op on its own pool of spinning workers, one per core besides
+/// the caller, which serves one caller at a time: passes side by side would queue on it, and its spinning workers
+/// take the cores from the passes' matrix products. With it off, two passes on two cores took an SFT step of the
+/// toy in 0.42 s against 0.68 s for one pass with every op spread over both cores (docs/BENCHMARKS.md, "CPU
+/// passes"). Matrix products still use every core outside the passes (rollouts, evaluation), through rayon's
+/// pool. It has to run before candle's pool first starts (the first large element-wise op), which reads it once.
+fn keep_elementwise_ops_on_their_thread() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+}
+
 /// How a step's passes run: how many at once, and whether each worker keeps candle's CPU ops on its own thread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PassThreads {
@@ -41,8 +83,8 @@ impl PassThreads {
 }
 
 /// How many passes run at once: `setting` when it is not 0 (auto), else 2 on accelerators, and on the CPU one per
-/// rayon thread when candle's element-wise ops run on the calling thread (`CANDLE_NUM_THREADS=1`, which the
-/// `pairuni` binary sets unless told otherwise), or 1 when they run on candle's own spinning pool, where
+/// rayon thread when candle's element-wise ops run on the calling thread (`CANDLE_NUM_THREADS=1`, which
+/// [`prepare_cpu_process`] sets unless told otherwise), or 1 when they run on candle's own spinning pool, where
 /// concurrent passes would wait on each other's ops.
 pub fn concurrent_passes(setting: usize, device: &Device) -> PassThreads {
     let count = match setting {

@@ -75,43 +75,8 @@ enum Bench {
     World(cmd::world::BenchWorldArgs),
 }
 
-/// Keeps freed tensor buffers in glibc's heap for reuse. candle allocates every op's output anew; glibc serves
-/// an allocation above its mmap threshold with fresh pages (faulted in on first touch) and unmaps it on free, and
-/// it moves that threshold as chunks are freed, so a step's cost depended on what ran before it (PairGRPO
-/// rollouts after micro-batched updates took 1.5 s instead of 1.1 s on the toy). Fixed thresholds of 256 MiB
-/// (mapping) and 1 GiB (returning the heap's top) make the toy's PairGRPO step ≈ 11 % and an SFT step ≈ 4 % faster
-/// (docs/BENCHMARKS.md), with the same results and peak memory. One arena for every thread, because glibc maps and
-/// unmaps the heaps of a thread's own arena as that thread frees its buffers, the same page faults again for
-/// the micro-batch passes that run on threads of their own (a PairGRPO update of 64 rollouts per pass: 2.85 s
-/// with an arena per thread, 1.53 s with one). Best effort: a refused setting changes nothing.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn keep_freed_buffers() {
-    // SAFETY: mallopt only sets allocator parameters; it is called before any other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
-        libc::mallopt(libc::M_ARENA_MAX, 1);
-    }
-}
-
-/// Keeps candle's element-wise CPU ops on the thread that issues them (`CANDLE_NUM_THREADS=1`) unless the user
-/// chose otherwise. candle runs a large element-wise op on its own pool of spinning workers, one per core besides
-/// the caller, which serves one caller at a time: micro-batch passes side by side (`pairuni_rl::passes`, one per
-/// core on the CPU) would queue on it, and its spinning workers take the cores from the passes' matrix products.
-/// With it off, two passes on two cores took an SFT step of the toy in 0.42 s against 0.68 s for one pass with
-/// every op spread over both cores (docs/BENCHMARKS.md, "CPU passes"). Matrix products still use every core
-/// outside the passes (rollouts, evaluation), through rayon's pool.
-fn keep_elementwise_ops_on_their_thread() {
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        // Set before any other thread exists, and before candle reads it (when its pool first starts).
-        std::env::set_var("CANDLE_NUM_THREADS", "1");
-    }
-}
-
 fn main() -> std::process::ExitCode {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    keep_freed_buffers();
-    keep_elementwise_ops_on_their_thread();
+    pairuni_rl::passes::prepare_cpu_process();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
