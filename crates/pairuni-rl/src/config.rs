@@ -6,6 +6,8 @@
 
 use std::path::PathBuf;
 
+use crate::run_loop::Schedule;
+
 use serde::{Deserialize, Serialize};
 
 /// Where a trainer reads its examples from.
@@ -149,6 +151,23 @@ pub struct SftConfig {
     pub concurrent_passes: usize,
     /// Write a checkpoint every this many steps (and at the end); 0 = only at the end. Default 100.
     pub checkpoint_every: usize,
+    /// Evaluate on the held-out benchmarks of `eval_bench` before the first step, every this many steps and
+    /// after the last (`eval.jsonl` and `eval/step-NNNNNN/` in the run folder, with the `[eval]` recipe); 0 = never.
+    /// Default 0.
+    pub eval_every: usize,
+    /// Benchmark folder of those evaluations (as `pairuni eval --bench` takes); needed when `eval_every` is set.
+    pub eval_bench: Option<PathBuf>,
+}
+
+impl SftConfig {
+    /// When the run checkpoints and evaluates.
+    pub fn schedule(&self) -> Schedule {
+        Schedule {
+            steps: self.steps,
+            checkpoint_every: self.checkpoint_every,
+            eval_every: self.eval_every,
+        }
+    }
 }
 
 impl Default for SftConfig {
@@ -173,6 +192,8 @@ impl Default for SftConfig {
             micro_batch: 24,
             concurrent_passes: 0,
             checkpoint_every: 100,
+            eval_every: 0,
+            eval_bench: None,
         }
     }
 }
@@ -366,8 +387,25 @@ pub struct TrainConfig {
     pub optim: OptimConfig,
     /// Write a checkpoint every this many steps (and at the end); 0 = only at the end. Default 20.
     pub checkpoint_every: usize,
+    /// Evaluate on the held-out benchmarks of `eval_bench` before the first step, every this many steps and
+    /// after the last (`eval.jsonl` and `eval/step-NNNNNN/` in the run folder, with the `[eval]` recipe); 0 = never.
+    /// Default 0.
+    pub eval_every: usize,
+    /// Benchmark folder of those evaluations (as `pairuni eval --bench` takes); needed when `eval_every` is set.
+    pub eval_bench: Option<PathBuf>,
     /// Consecutive non-finite steps (loss, gradient or reward) that stop the run. Default 3.
     pub max_nonfinite_steps: usize,
+}
+
+impl TrainConfig {
+    /// When the run checkpoints and evaluates.
+    pub fn schedule(&self) -> Schedule {
+        Schedule {
+            steps: self.steps,
+            checkpoint_every: self.checkpoint_every,
+            eval_every: self.eval_every,
+        }
+    }
 }
 
 impl Default for TrainConfig {
@@ -408,6 +446,8 @@ impl Default for TrainConfig {
             }],
             optim: OptimConfig::default(),
             checkpoint_every: 20,
+            eval_every: 0,
+            eval_bench: None,
             max_nonfinite_steps: 3,
         }
     }

@@ -908,13 +908,7 @@ pub fn train(
         .map(Path::to_path_buf)
         .unwrap_or_default();
     let mut trainer = GrpoTrainer::new(cfg.clone(), seed, policy, pairs, pairs_dir)?;
-    run_loop::run(
-        &mut trainer,
-        &cfg.out_dir,
-        cfg.steps,
-        cfg.checkpoint_every,
-        opts,
-    )
+    run_loop::run(&mut trainer, &cfg.out_dir, cfg.schedule(), opts)
 }
 
 impl Stepper for GrpoTrainer {

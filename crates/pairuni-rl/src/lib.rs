@@ -20,7 +20,7 @@ pub mod run_loop;
 pub mod sft;
 
 pub use grpo::{train, GrpoTrainer, StepReport};
-pub use run_loop::{RunOptions, TrainSummary};
+pub use run_loop::{EvalHook, RunEvaluator, RunOptions, TrainSummary};
 pub use sft::{sft, SftTrainer};
 
 /// Everything that can stop a trainer, with the file, field or step concerned.
@@ -47,6 +47,14 @@ pub enum TrainError {
     /// A checkpoint does not fit the model.
     #[error("checkpoint: {0}")]
     Checkpoint(String),
+    /// The held-out evaluation of a run (`eval_every`) failed.
+    #[error("held-out evaluation after step {step}: {message}")]
+    Eval {
+        /// Steps done when it ran.
+        step: usize,
+        /// What went wrong.
+        message: String,
+    },
     /// Too many consecutive steps had a non-finite loss, gradient or reward.
     #[error(
         "step {step}: {streak} consecutive steps with a non-finite {what}; stopping. Lower the learning rate \

@@ -139,6 +139,13 @@ impl RunDir {
         })
     }
 
+    /// The layout of the run folder `root`, without touching the disk (to find a run's files).
+    pub fn at(root: &Path) -> Self {
+        Self {
+            root: root.to_path_buf(),
+        }
+    }
+
     /// `metrics.jsonl`.
     pub fn metrics_path(&self) -> PathBuf {
         self.root.join("metrics.jsonl")
@@ -247,14 +254,59 @@ impl RunDir {
 
     /// Appends one metrics line.
     pub fn append_metrics(&self, line: &serde_json::Value) -> Result<(), RunError> {
-        let path = self.metrics_path();
-        let mut f = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(io(&path))?;
-        writeln!(f, "{line}").map_err(io(&path))
+        append_line(&self.metrics_path(), line)
     }
+
+    /// `eval.jsonl`: one line per held-out evaluation (`eval_every`), with its `step`.
+    pub fn evals_path(&self) -> PathBuf {
+        self.root.join("eval.jsonl")
+    }
+
+    /// `eval/step-NNNNNN/`: what the held-out evaluation after `step` steps wrote (predictions, images, scores).
+    pub fn eval_dir(&self, step: usize) -> PathBuf {
+        self.root.join("eval").join(format!("step-{step:06}"))
+    }
+
+    /// Drops the evaluation lines of steps after `steps` (a run resumed from an earlier checkpoint evaluates them
+    /// again) and any line that does not parse (an append cut short by a kill); returns the steps kept.
+    pub fn truncate_evals(&self, steps: usize) -> Result<Vec<usize>, RunError> {
+        let path = self.evals_path();
+        let Ok(text) = fs::read_to_string(&path) else {
+            return Ok(Vec::new());
+        };
+        let mut kept = String::new();
+        let mut kept_steps = Vec::new();
+        for line in text.lines() {
+            let step = serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v.get("step").and_then(serde_json::Value::as_u64));
+            if let Some(step) = step.map(|s| s as usize).filter(|&s| s <= steps) {
+                kept.push_str(line);
+                kept.push('\n');
+                kept_steps.push(step);
+            }
+        }
+        if kept.len() != text.len() {
+            write_atomic(&path, kept.as_bytes())?;
+        }
+        Ok(kept_steps)
+    }
+
+    /// Appends one evaluation line (synced: an evaluation can take minutes to redo).
+    pub fn append_eval(&self, line: &serde_json::Value) -> Result<(), RunError> {
+        let path = self.evals_path();
+        append_line(&path, line)?;
+        fsync(&path)
+    }
+}
+
+fn append_line(path: &Path, line: &serde_json::Value) -> Result<(), RunError> {
+    let mut f = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(io(path))?;
+    writeln!(f, "{line}").map_err(io(path))
 }
 
 fn fsync(path: &Path) -> Result<(), RunError> {
@@ -357,5 +409,25 @@ mod tests {
         let text = fs::read_to_string(run.metrics_path()).unwrap();
         assert_eq!(text.lines().count(), 3);
         assert!(text.ends_with("{\"step\":3}\n"));
+    }
+
+    #[test]
+    fn evaluations_truncate_to_the_resumed_step_and_drop_a_cut_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = RunDir::create(dir.path()).unwrap();
+        assert!(run.truncate_evals(10).unwrap().is_empty(), "no file yet");
+        for s in [0, 10, 20, 30] {
+            run.append_eval(&serde_json::json!({ "step": s, "mcq": 0.5 }))
+                .unwrap();
+        }
+        // A kill in the middle of an append leaves a line that does not parse.
+        let mut text = fs::read_to_string(run.evals_path()).unwrap();
+        text.push_str("{\"step\": 40, \"mc");
+        fs::write(run.evals_path(), &text).unwrap();
+        assert_eq!(run.truncate_evals(20).unwrap(), vec![0, 10, 20]);
+        let text = fs::read_to_string(run.evals_path()).unwrap();
+        assert_eq!(text.lines().count(), 3);
+        assert!(text.ends_with("{\"mcq\":0.5,\"step\":20}\n"), "{text}");
+        assert_eq!(run.eval_dir(20), dir.path().join("eval/step-000020"));
     }
 }

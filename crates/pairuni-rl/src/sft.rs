@@ -507,13 +507,7 @@ pub fn sft(
 ) -> Result<TrainSummary, TrainError> {
     let data = SftData::load(cfg)?;
     let mut trainer = SftTrainer::new(cfg.clone(), seed, model, data)?;
-    run_loop::run(
-        &mut trainer,
-        &cfg.out_dir,
-        cfg.steps,
-        cfg.checkpoint_every,
-        opts,
-    )
+    run_loop::run(&mut trainer, &cfg.out_dir, cfg.schedule(), opts)
 }
 
 impl Stepper for SftTrainer {

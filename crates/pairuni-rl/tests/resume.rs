@@ -380,3 +380,138 @@ fn sft_micro_batches_take_the_whole_batch_step() {
     }
     assert!(moved > 10, "{moved} tensors moved");
 }
+
+/// A held-out evaluation that uses the model as a real one does (it samples answers from a seed of its own) and
+/// records which step it saw and a fingerprint of the weights it was given.
+struct FingerprintEvaluator {
+    seen: std::sync::Mutex<Vec<usize>>,
+}
+
+impl pairuni_rl::RunEvaluator for FingerprintEvaluator {
+    fn evaluate(
+        &self,
+        model: &Janus,
+        step: usize,
+        out_dir: &Path,
+    ) -> Result<Map<String, Value>, String> {
+        use rand::SeedableRng;
+        let w = common::world();
+        let und = pairuni_data::jsonl::read_understanding_pool(w.join("understanding.jsonl"))
+            .map_err(|e| e.to_string())?;
+        let image =
+            pairuni_data::load_rgb(w.join(&und[0].image_path)).map_err(|e| e.to_string())?;
+        let sampling = pairuni_model::TextSampling {
+            max_new_tokens: 4,
+            temperature: 1.0,
+            top_p: 1.0,
+            greedy: false,
+        };
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(77);
+        let answers = model
+            .sample_answers(&[image], &[und[0].question.clone()], &sampling, &mut rng)
+            .map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(out_dir).map_err(|e| e.to_string())?;
+        std::fs::write(out_dir.join("answer.txt"), &answers[0].text).map_err(|e| e.to_string())?;
+        let sum: f64 = common::f32_values(
+            model
+                .all_vars()
+                .into_iter()
+                .map(|(n, v)| (n, v.as_tensor().clone())),
+        )
+        .iter()
+        .flat_map(|(_, v)| v.iter().map(|&x| x as f64))
+        .sum();
+        self.seen.lock().unwrap().push(step);
+        let mut m = Map::new();
+        m.insert("weight_sum".into(), Value::from(sum));
+        Ok(m)
+    }
+}
+
+fn read_evals(dir: &Path) -> Vec<Map<String, Value>> {
+    std::fs::read_to_string(dir.join("eval.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn eval_steps(dir: &Path) -> Vec<u64> {
+    read_evals(dir)
+        .iter()
+        .map(|m| m["step"].as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn held_out_evaluations_follow_their_schedule_survive_a_kill_and_change_no_weight() {
+    let tmp = tempfile::tempdir().unwrap();
+    let plain = tmp.path().join("plain");
+    pairuni_rl::train(&grpo_cfg(&plain), 9, load(), &RunOptions::default()).unwrap();
+
+    let evaluator = std::sync::Arc::new(FingerprintEvaluator {
+        seen: Default::default(),
+    });
+    let opts = |stop_after| RunOptions {
+        stop_after,
+        evaluator: Some(pairuni_rl::EvalHook(evaluator.clone())),
+        ..Default::default()
+    };
+    // Checkpoints at 3 and 6, evaluations before the first step, after steps 3 and 6.
+    let cfg = |out: &Path| TrainConfig {
+        eval_every: 3,
+        ..grpo_cfg(out)
+    };
+    let evaluated = tmp.path().join("evaluated");
+    let first = pairuni_rl::train(&cfg(&evaluated), 9, load(), &opts(Some(3))).unwrap();
+    assert_eq!(first.steps, 3);
+    assert_eq!(eval_steps(&evaluated), [0, 3]);
+    // Killed while evaluating after step 3: its line never written.
+    let text = std::fs::read_to_string(evaluated.join("eval.jsonl")).unwrap();
+    let first_line = text.lines().next().unwrap();
+    std::fs::write(evaluated.join("eval.jsonl"), format!("{first_line}\n")).unwrap();
+    let second = pairuni_rl::train(&cfg(&evaluated), 9, load(), &opts(None)).unwrap();
+    assert_eq!(second.resumed_from, 3);
+    // Step 3 evaluated again from its checkpoint, then step 6; no step twice in the file.
+    assert_eq!(eval_steps(&evaluated), [0, 3, 6]);
+    assert_eq!(*evaluator.seen.lock().unwrap(), [0, 3, 3, 6]);
+    for step in [0, 3, 6] {
+        let answer = evaluated.join(format!("eval/step-{step:06}/answer.txt"));
+        assert!(answer.is_file(), "{} missing", answer.display());
+    }
+
+    // The evaluations changed nothing in training: same metrics, same weights as the run without them.
+    assert_eq!(
+        without_times(&read_metrics(&plain)),
+        without_times(&read_metrics(&evaluated))
+    );
+    let (wa, wb) = (weights(&plain), weights(&evaluated));
+    assert!(wa == wb, "held-out evaluations changed the trained weights");
+    // Each evaluation saw the weights of its step: the one after the last step saw the final model's.
+    let evals = read_evals(&evaluated);
+    let final_sum: f64 = wb
+        .iter()
+        .flat_map(|(_, v)| v.iter().map(|&x| x as f64))
+        .sum();
+    assert_eq!(evals[2]["weight_sum"].as_f64().unwrap(), final_sum);
+    assert_ne!(
+        evals[0]["weight_sum"].as_f64().unwrap(),
+        final_sum,
+        "training moved the weights"
+    );
+    assert!(evals
+        .iter()
+        .all(|m| m["time/eval"].as_f64().unwrap() >= 0.0));
+}
+
+#[test]
+fn evaluations_asked_for_without_an_evaluator_are_a_config_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = TrainConfig {
+        eval_every: 2,
+        ..grpo_cfg(tmp.path())
+    };
+    let err = pairuni_rl::train(&cfg, 9, load(), &RunOptions::default()).unwrap_err();
+    assert!(matches!(err, TrainError::Config(_)), "{err}");
+    assert!(err.to_string().contains("eval_every"), "{err}");
+}

@@ -5,6 +5,7 @@
 
 mod cmd;
 mod config;
+mod held_out;
 mod pipeline;
 mod report;
 

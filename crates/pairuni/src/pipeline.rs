@@ -45,6 +45,10 @@ impl Layout {
     pub fn train(&self) -> PathBuf {
         self.root.join("train")
     }
+    /// The world's held-out benchmarks.
+    pub fn bench(&self) -> PathBuf {
+        self.world().join("bench")
+    }
     /// The evaluation folder of one checkpoint label (`sft`, `final`).
     pub fn eval(&self, label: &str) -> PathBuf {
         self.root.join("eval").join(label)
@@ -64,6 +68,8 @@ pub fn place(cfg: &mut PairuniConfig, layout: &Layout) {
     cfg.train.pairs = layout.pairs();
     cfg.train.init = layout.sft().join("final");
     cfg.train.out_dir = layout.train();
+    cfg.sft.eval_bench = Some(layout.bench());
+    cfg.train.eval_bench = Some(layout.bench());
 }
 
 fn stage_bar(name: &str) -> ProgressBar {
@@ -139,6 +145,13 @@ pub fn sft_stage(cfg: &PairuniConfig, placement: &Placement) -> Result<PathBuf> 
         progress: true,
         config_toml: Some(cfg.to_toml_string()?),
         stop_after: None,
+        evaluator: crate::held_out::evaluator(
+            "sft",
+            cfg.sft.eval_every,
+            cfg.sft.eval_bench.as_deref(),
+            &cfg.eval,
+            &cfg.sft.out_dir,
+        )?,
     };
     let summary = pairuni_rl::sft::sft(&cfg.sft, cfg.seed, model, &opts)?;
     summary
@@ -160,6 +173,13 @@ pub fn train_stage(cfg: &PairuniConfig, placement: &Placement) -> Result<PathBuf
         progress: true,
         config_toml: Some(cfg.to_toml_string()?),
         stop_after: None,
+        evaluator: crate::held_out::evaluator(
+            "train",
+            cfg.train.eval_every,
+            cfg.train.eval_bench.as_deref(),
+            &cfg.eval,
+            &cfg.train.out_dir,
+        )?,
     };
     let summary = pairuni_rl::grpo::train(&cfg.train, cfg.seed, policy, &opts)?;
     summary
@@ -167,15 +187,24 @@ pub fn train_stage(cfg: &PairuniConfig, placement: &Placement) -> Result<PathBuf
         .context("PairGRPO stopped before its last step")
 }
 
-/// Stage 5: evaluates a model folder on the world's held-out benchmarks into `out` (skipped when done).
+/// Stage 5: evaluates a model folder on the world's held-out benchmarks into `out` (skipped when done). When
+/// `same_evaluation` holds a finished evaluation of the same weights with the same recipe and benchmarks (the
+/// PairGRPO run's own, before its first step and after its last), it is copied instead of computed again.
 pub fn eval_stage(
     cfg: &PairuniConfig,
     layout: &Layout,
     model_dir: &Path,
     out: &Path,
     placement: &Placement,
+    same_evaluation: Option<&Path>,
 ) -> Result<serde_json::Value> {
     let metrics = out.join("metrics.json");
+    if let Some(done) = same_evaluation.filter(|d| d.join("metrics.json").is_file()) {
+        if !metrics.is_file() {
+            copy_folder_atomically(done, out)?;
+            tracing::info!(from = %done.display(), to = %out.display(), "evaluation taken from the PairGRPO run");
+        }
+    }
     if !metrics.is_file() {
         let model = placement
             .load(model_dir)
@@ -184,7 +213,7 @@ pub fn eval_stage(
         pairuni_runner::evaluate_named(
             &model,
             &model_dir.display().to_string(),
-            &layout.world().join("bench"),
+            &layout.bench(),
             out,
             &cfg.eval,
             &mut bars,
@@ -193,6 +222,48 @@ pub fn eval_stage(
     let text = std::fs::read_to_string(&metrics)
         .with_context(|| format!("reading {}", metrics.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", metrics.display()))
+}
+
+/// Copies the folder `from` to `to` through a sibling `.partial` folder renamed into place, so that `to` is either
+/// absent or complete (a partial `to` from a killed evaluation is replaced).
+fn copy_folder_atomically(from: &Path, to: &Path) -> Result<()> {
+    fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+        std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
+        for entry in
+            std::fs::read_dir(from).with_context(|| format!("listing {}", from.display()))?
+        {
+            let entry = entry.with_context(|| format!("listing {}", from.display()))?;
+            let target = to.join(entry.file_name());
+            if entry.file_type()?.is_dir() {
+                copy_tree(&entry.path(), &target)?;
+            } else {
+                std::fs::copy(entry.path(), &target).with_context(|| {
+                    format!("copying {} to {}", entry.path().display(), target.display())
+                })?;
+            }
+        }
+        Ok(())
+    }
+    let mut partial = to.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = PathBuf::from(partial);
+    for stale in [&partial, &to.to_path_buf()] {
+        if stale.exists() {
+            std::fs::remove_dir_all(stale)
+                .with_context(|| format!("removing {}", stale.display()))?;
+        }
+    }
+    copy_tree(from, &partial)?;
+    std::fs::rename(&partial, to)
+        .with_context(|| format!("renaming {} to {}", partial.display(), to.display()))
+}
+
+/// The PairGRPO run's own evaluation after `step` steps, when its schedule (`train.eval_every`) has one.
+fn train_evaluation(cfg: &PairuniConfig, step: usize) -> Option<PathBuf> {
+    cfg.train
+        .schedule()
+        .evaluates_at(step)
+        .then(|| pairuni_rl::run::RunDir::at(&cfg.train.out_dir).eval_dir(step))
 }
 
 /// The three headline numbers of an evaluation: multiple-choice accuracy, POPE F1, GenEval overall.
@@ -294,8 +365,24 @@ pub fn run_all(
     pairs_stage(cfg, layout)?;
     let sft_model = sft_stage(cfg, placement)?;
     let final_model = train_stage(cfg, placement)?;
-    let sft_metrics = eval_stage(cfg, layout, &sft_model, &layout.eval("sft"), placement)?;
-    let final_metrics = eval_stage(cfg, layout, &final_model, &layout.eval("final"), placement)?;
+    // The PairGRPO run starts from the SFT model and ends at the final one: its own evaluations of those two, when
+    // it made them, are the ones the eval stage would make (same weights, recipe and benchmarks).
+    let sft_metrics = eval_stage(
+        cfg,
+        layout,
+        &sft_model,
+        &layout.eval("sft"),
+        placement,
+        train_evaluation(cfg, 0).as_deref(),
+    )?;
+    let final_metrics = eval_stage(
+        cfg,
+        layout,
+        &final_model,
+        &layout.eval("final"),
+        placement,
+        train_evaluation(cfg, cfg.train.steps).as_deref(),
+    )?;
     if report {
         crate::report::write_report(&layout.root)?;
     }

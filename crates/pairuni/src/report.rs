@@ -195,6 +195,16 @@ pub fn line_chart(path: &Path, title: &str, series: &[(&str, &Series)]) -> Resul
                     .label(name.to_string())
                     .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], colour));
             }
+            // A sparse series (evaluations every N steps) marks its points, which are all there is of it.
+            if points.len() <= 40 {
+                chart
+                    .draw_series(
+                        points
+                            .iter()
+                            .map(|&(x, y)| Circle::new((x, y), 3, colour.filled())),
+                    )
+                    .map_err(plot_err)?;
+            }
         }
         if with_text && series.len() > 1 {
             chart
@@ -293,6 +303,18 @@ fn mcq_change(run: &Path) -> Result<Option<pairuni_eval::paired::PairedChange>> 
         seed,
     )
 }
+
+/// The held-out numbers charted over training steps (`eval.jsonl` keys) and their chart titles.
+const HELD_OUT_HEADLINES: [(&str, &str); 5] = [
+    (
+        "mcq.overall.accuracy",
+        "held-out multiple-choice accuracy (%)",
+    ),
+    ("pope.overall.f1", "held-out POPE F1 (%)"),
+    ("mme.perception", "held-out MME perception"),
+    ("mme.cognition", "held-out MME cognition"),
+    ("geneval.scores.overall", "held-out GenEval overall"),
+];
 
 /// Metric keys worth a chart of their own; rewards go together in one chart.
 fn chart_groups(series: &BTreeMap<String, Series>) -> Vec<(String, Vec<String>)> {
@@ -586,6 +608,46 @@ img.px{image-rendering:pixelated;width:96px;height:96px;display:block;margin:4px
         html.push_str("</div>");
     }
 
+    for (stage, candidates) in [
+        (
+            "PairGRPO",
+            vec![run.join("train/eval.jsonl"), run.join("eval.jsonl")],
+        ),
+        ("SFT", vec![run.join("sft/eval.jsonl")]),
+    ] {
+        let Some(path) = candidates.into_iter().find(|p| p.is_file()) else {
+            continue;
+        };
+        let series = read_metric_series(&path)?;
+        let drawn: Vec<(&str, &str, &Series)> = HELD_OUT_HEADLINES
+            .iter()
+            .filter_map(|(key, title)| series.get(*key).map(|s| (*key, *title, s)))
+            .filter(|(_, _, s)| !s.is_empty())
+            .collect();
+        if drawn.is_empty() {
+            continue;
+        }
+        let _ = write!(
+            html,
+            "<h2>Held-out benchmarks during {stage}</h2><p>Evaluations of the model as training went \
+             (<code>eval_every</code>; every number in <code>{}</code>).</p><div class=\"charts\">",
+            escape(&path.display().to_string())
+        );
+        for (index, (key, title, points)) in drawn.into_iter().enumerate() {
+            let file = chart_dir.join(format!("held-out-{}-{index:02}.png", stage.to_lowercase()));
+            line_chart(&file, title, &[(key, points)])?;
+            let _ = write!(
+                html,
+                "<img src=\"{}\" alt=\"{}\" title=\"{}\">",
+                data_url_png(&file)?,
+                escape(title),
+                escape(title)
+            );
+            charts += 1;
+        }
+        html.push_str("</div>");
+    }
+
     html.push_str("<h2>Images drawn for fixed prompts</h2>");
     for label in ["sft", "final"] {
         // The runner writes one grid per GenEval prompt (`geneval/<index>/grid.png`); show the first few.
@@ -685,6 +747,31 @@ mod tests {
             html.contains("data:image/png;base64,"),
             "charts are inlined"
         );
+    }
+
+    #[test]
+    fn report_charts_the_held_out_headlines_of_the_evaluations_during_training() {
+        let run = tempfile::tempdir().unwrap();
+        // A `pairuni train` run folder: eval.jsonl at its root, the MCQ and GenEval headlines, no POPE.
+        write(
+            &run.path().join("eval.jsonl"),
+            "{\"step\":0,\"mcq.overall.accuracy\":25.0,\"mcq.overall.total\":8,\"geneval.scores.overall\":0.1,\"time/eval\":1.5}\n\
+             {\"step\":10,\"mcq.overall.accuracy\":37.5,\"mcq.overall.total\":8,\"geneval.scores.overall\":0.2,\"time/eval\":1.4}\n",
+        );
+        let summary = write_report(run.path()).unwrap();
+        assert_eq!(summary.charts, 2, "one chart per headline present");
+        let html = std::fs::read_to_string(&summary.html).unwrap();
+        assert!(
+            html.contains("Held-out benchmarks during PairGRPO"),
+            "{html}"
+        );
+        assert!(html.contains("held-out multiple-choice accuracy (%)"));
+        assert!(html.contains("held-out GenEval overall"));
+        assert!(
+            !html.contains("held-out POPE F1"),
+            "no POPE numbers, no POPE chart"
+        );
+        assert!(run.path().join("report/held-out-pairgrpo-01.png").is_file());
     }
 
     #[test]

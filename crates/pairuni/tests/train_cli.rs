@@ -216,3 +216,121 @@ fn sft_and_train_through_the_binary_do_not_depend_on_the_thread_count() {
     }
     let _ = fs::remove_dir_all(&dir);
 }
+
+/// The numbers of a runner `metrics.json` by dotted key, without the `model` description.
+fn scores(file: &Path) -> Vec<(String, f64)> {
+    fn walk(prefix: String, value: &serde_json::Value, out: &mut Vec<(String, f64)>) {
+        match value {
+            serde_json::Value::Number(n) => out.push((prefix, n.as_f64().unwrap())),
+            serde_json::Value::Object(map) => {
+                for (k, v) in map {
+                    walk(format!("{prefix}.{k}"), v, out);
+                }
+            }
+            _ => {}
+        }
+    }
+    let value: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(file).unwrap()).unwrap();
+    let mut out = Vec::new();
+    walk(String::new(), &value, &mut out);
+    out
+}
+
+#[test]
+fn train_evaluates_on_its_schedule_exactly_as_pairuni_eval_does() {
+    let dir = scratch("train_cli", "held_out");
+    tiny_world(&dir);
+    fs::write(
+        dir.join("c.toml"),
+        include_str!("../../../configs/tiny-run.toml"),
+    )
+    .unwrap();
+    ok(pairuni(
+        &["sft", "--config", "c.toml", "--out", "sft", "--quiet"],
+        &dir,
+    ));
+    // Asked for without a benchmark folder: a clear error before any training step.
+    let bad = pairuni(
+        &[
+            "train",
+            "--config",
+            "c.toml",
+            "--out",
+            "t0",
+            "--eval-every",
+            "1",
+        ],
+        &dir,
+    );
+    assert!(!bad.status.success());
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(stderr.contains("`train.eval_bench`"), "{stderr}");
+    assert!(
+        !dir.join("t0/metrics.jsonl").exists(),
+        "trained before failing"
+    );
+
+    ok(pairuni(
+        &[
+            "train",
+            "--config",
+            "c.toml",
+            "--out",
+            "t",
+            "--quiet",
+            "--eval-every",
+            "1",
+            "--eval-bench",
+            "w/bench",
+        ],
+        &dir,
+    ));
+    // Before the first step and after each of the two.
+    let lines: Vec<serde_json::Value> = fs::read_to_string(dir.join("t/eval.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let steps: Vec<u64> = lines.iter().map(|l| l["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, [0, 1, 2]);
+    for line in &lines {
+        for key in [
+            "mcq.overall.accuracy",
+            "pope.overall.f1",
+            "geneval.scores.overall",
+            "time/eval",
+        ] {
+            let value = line[key].as_f64();
+            assert!(
+                value.is_some_and(f64::is_finite),
+                "{key} = {:?} in {line}",
+                line[key]
+            );
+        }
+        assert!(
+            line.get("recipe.seed").is_none(),
+            "the recipe is in config.toml, not on every line"
+        );
+    }
+    // The evaluation after the last step is `pairuni eval` of the final model, to the last bit.
+    ok(pairuni(
+        &[
+            "eval", "--model", "t/final", "--bench", "w/bench", "--config", "c.toml", "--out", "e",
+        ],
+        &dir,
+    ));
+    let in_run = dir.join("t/eval/step-000002");
+    assert_eq!(
+        scores(&in_run.join("metrics.json")),
+        scores(&dir.join("e/metrics.json"))
+    );
+    for predictions in ["mcq.jsonl", "pope_random.jsonl"] {
+        assert_eq!(
+            fs::read_to_string(in_run.join("predictions").join(predictions)).unwrap(),
+            fs::read_to_string(dir.join("e/predictions").join(predictions)).unwrap(),
+            "{predictions}"
+        );
+    }
+    let _ = fs::remove_dir_all(&dir);
+}

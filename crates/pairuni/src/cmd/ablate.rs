@@ -142,19 +142,34 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         pipeline::world_stage(&cfg, &layout)?;
         pipeline::pairs_stage(&cfg, &layout)?;
         let sft_model = pipeline::sft_stage(&cfg, &placement)?;
-        let sft_metrics =
-            pipeline::eval_stage(&cfg, &layout, &sft_model, &layout.eval("sft"), &placement)?;
+        let sft_metrics = pipeline::eval_stage(
+            &cfg,
+            &layout,
+            &sft_model,
+            &layout.eval("sft"),
+            &placement,
+            None,
+        )?;
         sft_results.push(pipeline::headline(&sft_metrics));
         for (index, variant) in chosen.iter().enumerate() {
             let mut vcfg = cfg.clone();
             (variant.apply)(&mut vcfg.train);
             let vroot = layout.root.join("variants").join(variant.name);
             vcfg.train.out_dir = vroot.join("train");
+            // The ablation compares end points: the SFT model is evaluated once above, each variant's final
+            // model below; evaluations during each variant's run would cost three more per variant and seed.
+            vcfg.train.eval_every = 0;
             tracing::info!(seed, variant = variant.name, "ablation variant");
             let model = pipeline::train_stage(&vcfg, &placement)
                 .with_context(|| format!("variant {} seed {seed}", variant.name))?;
-            let metrics =
-                pipeline::eval_stage(&vcfg, &layout, &model, &vroot.join("eval"), &placement)?;
+            let metrics = pipeline::eval_stage(
+                &vcfg,
+                &layout,
+                &model,
+                &vroot.join("eval"),
+                &placement,
+                None,
+            )?;
             results[index].push(pipeline::headline(&metrics));
         }
     }

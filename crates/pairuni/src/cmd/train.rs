@@ -36,6 +36,14 @@ pub struct Args {
     /// Trained bf16/f16 weights keep f32 master copies (`optim.master_weights`).
     #[arg(long)]
     dtype: Option<String>,
+    /// Evaluate on the held-out benchmarks of `--eval-bench` before the first step, every N steps and after the
+    /// last; overrides `sft.eval_every` / `train.eval_every` (0: never).
+    #[arg(long, value_name = "N")]
+    eval_every: Option<usize>,
+    /// Benchmark folder of those evaluations (as `pairuni eval --bench` takes); overrides `sft.eval_bench` /
+    /// `train.eval_bench`. The `[eval]` section is the recipe.
+    #[arg(long, value_name = "DIR")]
+    eval_bench: Option<PathBuf>,
 }
 
 fn load(args: &Args) -> anyhow::Result<PairuniConfig> {
@@ -58,6 +66,19 @@ pub fn run_sft(args: Args) -> anyhow::Result<ExitCode> {
     if let Some(n) = args.steps {
         cfg.sft.steps = n;
     }
+    if let Some(n) = args.eval_every {
+        cfg.sft.eval_every = n;
+    }
+    if let Some(dir) = &args.eval_bench {
+        cfg.sft.eval_bench = Some(dir.clone());
+    }
+    let evaluator = crate::held_out::evaluator(
+        "sft",
+        cfg.sft.eval_every,
+        cfg.sft.eval_bench.as_deref(),
+        &cfg.eval,
+        &cfg.sft.out_dir,
+    )?;
     let placement = cfg
         .model
         .resolve(args.device.as_deref(), args.dtype.as_deref())?;
@@ -72,6 +93,7 @@ pub fn run_sft(args: Args) -> anyhow::Result<ExitCode> {
         progress: !args.quiet,
         config_toml: Some(cfg.to_toml_string()?),
         stop_after: None,
+        evaluator,
     };
     let summary = pairuni_rl::sft(&cfg.sft, cfg.seed, model, &opts)
         .with_context(|| format!("SFT run in {}", cfg.sft.out_dir.display()))?;
@@ -97,6 +119,19 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if let Some(n) = args.steps {
         cfg.train.steps = n;
     }
+    if let Some(n) = args.eval_every {
+        cfg.train.eval_every = n;
+    }
+    if let Some(dir) = &args.eval_bench {
+        cfg.train.eval_bench = Some(dir.clone());
+    }
+    let evaluator = crate::held_out::evaluator(
+        "train",
+        cfg.train.eval_every,
+        cfg.train.eval_bench.as_deref(),
+        &cfg.eval,
+        &cfg.train.out_dir,
+    )?;
     let placement = cfg
         .model
         .resolve(args.device.as_deref(), args.dtype.as_deref())?;
@@ -107,6 +142,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         progress: !args.quiet,
         config_toml: Some(cfg.to_toml_string()?),
         stop_after: None,
+        evaluator,
     };
     let summary = pairuni_rl::train(&cfg.train, cfg.seed, model, &opts)
         .with_context(|| format!("PairGRPO run in {}", cfg.train.out_dir.display()))?;
