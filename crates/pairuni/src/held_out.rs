@@ -16,6 +16,7 @@ struct BenchEvaluator {
     bench: PathBuf,
     recipe: EvalConfig,
     run_dir: PathBuf,
+    started_from: Option<PathBuf>,
 }
 
 impl RunEvaluator for BenchEvaluator {
@@ -25,7 +26,11 @@ impl RunEvaluator for BenchEvaluator {
         step: usize,
         out_dir: &Path,
     ) -> Result<Map<String, Value>, String> {
-        let name = format!("{} after step {step}", self.run_dir.display());
+        // How `metrics.json` and `results.md` name the model.
+        let mut name = format!("{} after step {step}", self.run_dir.display());
+        if let Some(init) = &self.started_from {
+            name.push_str(&format!(" (started from {})", init.display()));
+        }
         let report = pairuni_runner::evaluate_named(
             model,
             &name,
@@ -54,12 +59,13 @@ fn eval_line(report: &Value) -> Map<String, Value> {
 /// The evaluator of a run whose `[section]` asks for one (`eval_every` > 0), checked before training starts: the
 /// benchmark folder must hold a benchmark and the recipe must be valid, so that a typo fails now and not after
 /// the first `eval_every` steps.
-pub fn evaluator(
+fn evaluator(
     section: &str,
     eval_every: usize,
     eval_bench: Option<&Path>,
     recipe: &EvalConfig,
     run_dir: &Path,
+    started_from: Option<&Path>,
 ) -> anyhow::Result<Option<EvalHook>> {
     if eval_every == 0 {
         return Ok(None);
@@ -79,7 +85,34 @@ pub fn evaluator(
         bench: bench.to_path_buf(),
         recipe: recipe.clone(),
         run_dir: run_dir.to_path_buf(),
+        started_from: started_from.map(Path::to_path_buf),
     }))))
+}
+
+/// The evaluator `[sft]` asks for, checked before training starts (as `evaluator` says).
+pub fn for_sft(cfg: &crate::config::PairuniConfig) -> anyhow::Result<Option<EvalHook>> {
+    let sft = &cfg.sft;
+    evaluator(
+        "sft",
+        sft.eval_every,
+        sft.eval_bench.as_deref(),
+        &cfg.eval,
+        &sft.out_dir,
+        sft.init.as_deref(),
+    )
+}
+
+/// The evaluator `[train]` asks for, checked before training starts (as `evaluator` says).
+pub fn for_train(cfg: &crate::config::PairuniConfig) -> anyhow::Result<Option<EvalHook>> {
+    let train = &cfg.train;
+    evaluator(
+        "train",
+        train.eval_every,
+        train.eval_bench.as_deref(),
+        &cfg.eval,
+        &train.out_dir,
+        Some(&train.init),
+    )
 }
 
 #[cfg(test)]
@@ -114,11 +147,13 @@ mod tests {
     fn evaluations_need_a_folder_with_a_benchmark() {
         let recipe = EvalConfig::default();
         let run = Path::new("run");
-        assert!(evaluator("train", 0, None, &recipe, run).unwrap().is_none());
-        let err = evaluator("train", 5, None, &recipe, run).unwrap_err();
+        assert!(evaluator("train", 0, None, &recipe, run, None)
+            .unwrap()
+            .is_none());
+        let err = evaluator("train", 5, None, &recipe, run, None).unwrap_err();
         assert!(format!("{err:#}").contains("`train.eval_bench`"), "{err:#}");
         let empty = tempfile::tempdir().unwrap();
-        let err = evaluator("sft", 5, Some(empty.path()), &recipe, run).unwrap_err();
+        let err = evaluator("sft", 5, Some(empty.path()), &recipe, run, None).unwrap_err();
         let text = format!("{err:#}");
         assert!(
             text.contains("`sft.eval_bench`") && text.contains("no benchmark found"),

@@ -145,13 +145,7 @@ pub fn sft_stage(cfg: &PairuniConfig, placement: &Placement) -> Result<PathBuf> 
         progress: true,
         config_toml: Some(cfg.to_toml_string()?),
         stop_after: None,
-        evaluator: crate::held_out::evaluator(
-            "sft",
-            cfg.sft.eval_every,
-            cfg.sft.eval_bench.as_deref(),
-            &cfg.eval,
-            &cfg.sft.out_dir,
-        )?,
+        evaluator: crate::held_out::for_sft(cfg)?,
     };
     let summary = pairuni_rl::sft::sft(&cfg.sft, cfg.seed, model, &opts)?;
     summary
@@ -173,13 +167,7 @@ pub fn train_stage(cfg: &PairuniConfig, placement: &Placement) -> Result<PathBuf
         progress: true,
         config_toml: Some(cfg.to_toml_string()?),
         stop_after: None,
-        evaluator: crate::held_out::evaluator(
-            "train",
-            cfg.train.eval_every,
-            cfg.train.eval_bench.as_deref(),
-            &cfg.eval,
-            &cfg.train.out_dir,
-        )?,
+        evaluator: crate::held_out::for_train(cfg)?,
     };
     let summary = pairuni_rl::grpo::train(&cfg.train, cfg.seed, policy, &opts)?;
     summary

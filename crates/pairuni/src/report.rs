@@ -220,6 +220,24 @@ pub fn line_chart(path: &Path, title: &str, series: &[(&str, &Series)]) -> Resul
     Ok(())
 }
 
+/// Draws a line chart to `file` and appends it to `html` as an inlined image.
+fn inline_chart(
+    html: &mut String,
+    file: &Path,
+    title: &str,
+    series: &[(&str, &Series)],
+) -> Result<()> {
+    line_chart(file, title, series)?;
+    let _ = write!(
+        html,
+        "<img src=\"{}\" alt=\"{}\" title=\"{}\">",
+        data_url_png(file)?,
+        escape(title),
+        escape(title)
+    );
+    Ok(())
+}
+
 fn plot_err<E: std::fmt::Display>(err: E) -> anyhow::Error {
     anyhow::anyhow!("drawing chart: {err}")
 }
@@ -595,14 +613,7 @@ img.px{image-rendering:pixelated;width:96px;height:96px;display:block;margin:4px
                 continue;
             }
             let file = chart_dir.join(format!("{}-{index:02}.png", stage.to_lowercase()));
-            line_chart(&file, &title, &lines)?;
-            let _ = write!(
-                html,
-                "<img src=\"{}\" alt=\"{}\" title=\"{}\">",
-                data_url_png(&file)?,
-                escape(&title),
-                escape(&title)
-            );
+            inline_chart(&mut html, &file, &title, &lines)?;
             charts += 1;
         }
         html.push_str("</div>");
@@ -635,14 +646,7 @@ img.px{image-rendering:pixelated;width:96px;height:96px;display:block;margin:4px
         );
         for (index, (key, title, points)) in drawn.into_iter().enumerate() {
             let file = chart_dir.join(format!("held-out-{}-{index:02}.png", stage.to_lowercase()));
-            line_chart(&file, title, &[(key, points)])?;
-            let _ = write!(
-                html,
-                "<img src=\"{}\" alt=\"{}\" title=\"{}\">",
-                data_url_png(&file)?,
-                escape(title),
-                escape(title)
-            );
+            inline_chart(&mut html, &file, title, &[(key, points)])?;
             charts += 1;
         }
         html.push_str("</div>");

@@ -72,13 +72,7 @@ pub fn run_sft(args: Args) -> anyhow::Result<ExitCode> {
     if let Some(dir) = &args.eval_bench {
         cfg.sft.eval_bench = Some(dir.clone());
     }
-    let evaluator = crate::held_out::evaluator(
-        "sft",
-        cfg.sft.eval_every,
-        cfg.sft.eval_bench.as_deref(),
-        &cfg.eval,
-        &cfg.sft.out_dir,
-    )?;
+    let evaluator = crate::held_out::for_sft(&cfg)?;
     let placement = cfg
         .model
         .resolve(args.device.as_deref(), args.dtype.as_deref())?;
@@ -125,13 +119,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if let Some(dir) = &args.eval_bench {
         cfg.train.eval_bench = Some(dir.clone());
     }
-    let evaluator = crate::held_out::evaluator(
-        "train",
-        cfg.train.eval_every,
-        cfg.train.eval_bench.as_deref(),
-        &cfg.eval,
-        &cfg.train.out_dir,
-    )?;
+    let evaluator = crate::held_out::for_train(&cfg)?;
     let placement = cfg
         .model
         .resolve(args.device.as_deref(), args.dtype.as_deref())?;
