@@ -387,3 +387,52 @@ pub fn run_all(
     )?;
     Ok(summary)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_copied_evaluation_replaces_a_partial_one_and_keeps_nested_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let from = tmp.path().join("train/eval/step-000000");
+        std::fs::create_dir_all(from.join("predictions")).unwrap();
+        std::fs::write(from.join("metrics.json"), "{}").unwrap();
+        std::fs::write(from.join("predictions/mcq.jsonl"), "line\n").unwrap();
+        // What a kill can leave: a half-written evaluation and a half-made copy.
+        let to = tmp.path().join("eval/sft");
+        std::fs::create_dir_all(to.join("predictions")).unwrap();
+        std::fs::write(to.join("predictions/stale.jsonl"), "x").unwrap();
+        std::fs::create_dir_all(tmp.path().join("eval/sft.partial")).unwrap();
+        copy_folder_atomically(&from, &to).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(to.join("metrics.json")).unwrap(),
+            "{}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(to.join("predictions/mcq.jsonl")).unwrap(),
+            "line\n"
+        );
+        assert!(!to.join("predictions/stale.jsonl").exists());
+        assert!(!tmp.path().join("eval/sft.partial").exists());
+    }
+
+    #[test]
+    fn the_runs_own_evaluations_are_found_where_its_schedule_puts_them() {
+        let mut cfg = PairuniConfig::default();
+        cfg.train.out_dir = PathBuf::from("r/train");
+        cfg.train.steps = 25;
+        cfg.train.eval_every = 10;
+        assert_eq!(
+            train_evaluation(&cfg, 0),
+            Some(PathBuf::from("r/train/eval/step-000000"))
+        );
+        assert_eq!(
+            train_evaluation(&cfg, 25),
+            Some(PathBuf::from("r/train/eval/step-000025"))
+        );
+        assert_eq!(train_evaluation(&cfg, 15), None);
+        cfg.train.eval_every = 0;
+        assert_eq!(train_evaluation(&cfg, 0), None);
+    }
+}

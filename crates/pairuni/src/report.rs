@@ -220,6 +220,32 @@ pub fn line_chart(path: &Path, title: &str, series: &[(&str, &Series)]) -> Resul
     Ok(())
 }
 
+/// The held-out headlines as a table, one row per evaluated step (a blank where a number is missing).
+fn held_out_table(html: &mut String, drawn: &[(&str, &str, &Series)]) {
+    let steps: std::collections::BTreeSet<u64> = drawn
+        .iter()
+        .flat_map(|(_, _, points)| points.iter().map(|&(step, _)| step as u64))
+        .collect();
+    html.push_str("<table><tr><th>step</th>");
+    for (key, _, _) in drawn {
+        let _ = write!(html, "<th>{}</th>", escape(key));
+    }
+    html.push_str("</tr>");
+    for step in steps {
+        let _ = write!(html, "<tr><td>{step}</td>");
+        for (_, _, points) in drawn {
+            match points.iter().find(|&&(s, _)| s as u64 == step) {
+                Some(&(_, value)) => {
+                    let _ = write!(html, "<td>{value:.4}</td>");
+                }
+                None => html.push_str("<td></td>"),
+            }
+        }
+        html.push_str("</tr>");
+    }
+    html.push_str("</table>");
+}
+
 /// Draws a line chart to `file` and appends it to `html` as an inlined image.
 fn inline_chart(
     html: &mut String,
@@ -644,12 +670,13 @@ img.px{image-rendering:pixelated;width:96px;height:96px;display:block;margin:4px
              (<code>eval_every</code>; every number in <code>{}</code>).</p><div class=\"charts\">",
             escape(&path.display().to_string())
         );
-        for (index, (key, title, points)) in drawn.into_iter().enumerate() {
+        for (index, (key, title, points)) in drawn.iter().enumerate() {
             let file = chart_dir.join(format!("held-out-{}-{index:02}.png", stage.to_lowercase()));
             inline_chart(&mut html, &file, title, &[(key, points)])?;
             charts += 1;
         }
         html.push_str("</div>");
+        held_out_table(&mut html, &drawn);
     }
 
     html.push_str("<h2>Images drawn for fixed prompts</h2>");
@@ -774,6 +801,11 @@ mod tests {
         assert!(
             !html.contains("held-out POPE F1"),
             "no POPE numbers, no POPE chart"
+        );
+        // And a table of the same numbers, one row per evaluated step.
+        assert!(
+            html.contains("<tr><td>10</td><td>37.5000</td><td>0.2000</td></tr>"),
+            "{html}"
         );
         assert!(run.path().join("report/held-out-pairgrpo-01.png").is_file());
     }
