@@ -6,9 +6,9 @@
 
 use std::path::PathBuf;
 
-use crate::run_loop::Schedule;
-
 use serde::{Deserialize, Serialize};
+
+use crate::run_loop::Schedule;
 
 /// Where a trainer reads its examples from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

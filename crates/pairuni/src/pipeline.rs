@@ -222,12 +222,18 @@ fn copy_folder_atomically(from: &Path, to: &Path) -> Result<()> {
         {
             let entry = entry.with_context(|| format!("listing {}", from.display()))?;
             let target = to.join(entry.file_name());
-            if entry.file_type()?.is_dir() {
+            let kind = entry
+                .file_type()
+                .with_context(|| format!("reading {}", entry.path().display()))?;
+            if kind.is_dir() {
                 copy_tree(&entry.path(), &target)?;
             } else {
-                std::fs::copy(entry.path(), &target).with_context(|| {
-                    format!("copying {} to {}", entry.path().display(), target.display())
-                })?;
+                // Synced before the folder is renamed into place: a complete-looking copy must be complete.
+                std::fs::copy(entry.path(), &target)
+                    .and_then(|_| std::fs::File::open(&target)?.sync_all())
+                    .with_context(|| {
+                        format!("copying {} to {}", entry.path().display(), target.display())
+                    })?;
             }
         }
         Ok(())
