@@ -134,9 +134,7 @@ impl RunDir {
     /// Opens (creating it if needed) a run folder.
     pub fn create(root: &Path) -> Result<Self, RunError> {
         fs::create_dir_all(root.join("checkpoints")).map_err(io(root))?;
-        Ok(Self {
-            root: root.to_path_buf(),
-        })
+        Ok(Self::at(root))
     }
 
     /// The layout of the run folder `root`, without touching the disk (to find a run's files).

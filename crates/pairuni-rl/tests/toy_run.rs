@@ -209,28 +209,25 @@ fn sft_then_pairgrpo_raises_training_reward_of_both_tasks() {
     eprintln!("SFT in {:.1}s", t.elapsed().as_secs_f64());
     let runs: u64 = env("T_RUNS", 3);
     let steps = env("T_STEPS", 48);
-    // The runs are independent: each on a thread and a one-thread rayon pool of its own, side by side. A run's
-    // numbers do not depend on the thread count (train_cli's thread-count test), only the wall time does.
-    let results: Vec<(Vec<(f64, f64)>, f64)> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (1..=runs)
-            .map(|seed| {
-                let dir = &dir;
-                scope.spawn(move || {
-                    let pool = rayon::ThreadPoolBuilder::new()
-                        .num_threads(1)
-                        .build()
-                        .expect("a one-thread rayon pool");
-                    let t = Instant::now();
-                    let r = pool.install(|| grpo(dir, seed, steps));
-                    (r, t.elapsed().as_secs_f64())
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("a PairGRPO run panicked"))
-            .collect()
-    });
+    // The runs are independent, so they go side by side the way an update's micro-batch passes do: each on a
+    // thread and a one-thread rayon pool of its own, collected in seed order. A run's numbers do not depend on
+    // the thread count (train_cli's thread-count test), only the wall time does.
+    let mut results: Vec<(Vec<(f64, f64)>, f64)> = Vec::new();
+    pairuni_rl::passes::run_in_order::<_, String>(
+        runs as usize,
+        pairuni_rl::passes::PassThreads::on(&Device::Cpu, runs as usize),
+        || Ok(()),
+        |index| {
+            let t = Instant::now();
+            let r = grpo(&dir, index as u64 + 1, steps);
+            Ok((r, t.elapsed().as_secs_f64()))
+        },
+        |_, result| {
+            results.push(result);
+            Ok(pairuni_rl::passes::Merged::Continue)
+        },
+    )
+    .expect("the PairGRPO runs");
     let (mut und, mut gen) = (0.0, 0.0);
     for (seed, (r, seconds)) in (1..=runs).zip(&results) {
         let ((u0, g0), (u1, g1)) = window_means(r, env("T_K", 8));

@@ -249,7 +249,15 @@ fn copy_folder_atomically(from: &Path, to: &Path) -> Result<()> {
     }
     copy_tree(from, &partial)?;
     std::fs::rename(&partial, to)
-        .with_context(|| format!("renaming {} to {}", partial.display(), to.display()))
+        .with_context(|| format!("renaming {} to {}", partial.display(), to.display()))?;
+    // The rename itself is durable once the folder holding it is synced.
+    let parent = to
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::File::open(parent)
+        .and_then(|dir| dir.sync_all())
+        .with_context(|| format!("syncing {}", parent.display()))
 }
 
 /// The PairGRPO run's own evaluation after `step` steps, when its schedule (`train.eval_every`) has one.
