@@ -274,14 +274,23 @@ impl RunDir {
         };
         let mut kept = String::new();
         let mut kept_steps = Vec::new();
-        for line in text.lines() {
+        for (index, line) in text.lines().enumerate() {
             let step = serde_json::from_str::<serde_json::Value>(line)
                 .ok()
                 .and_then(|v| v.get("step").and_then(serde_json::Value::as_u64));
-            if let Some(step) = step.map(|s| s as usize).filter(|&s| s <= steps) {
-                kept.push_str(line);
-                kept.push('\n');
-                kept_steps.push(step);
+            match step.map(|s| s as usize) {
+                Some(step) if step <= steps => {
+                    kept.push_str(line);
+                    kept.push('\n');
+                    kept_steps.push(step);
+                }
+                Some(_) => {}
+                // Said, not silently lost: its step's evaluation is redone if the schedule still has it.
+                None => tracing::warn!(
+                    file = %path.display(),
+                    line = index + 1,
+                    "dropping an evaluation line without a readable step (cut short by a kill?)"
+                ),
             }
         }
         if kept.len() != text.len() {
