@@ -65,22 +65,23 @@ pub struct Placement {
     /// The kernels of differentiable forwards: candle's fused ones with hand-written backwards (`auto`: on
     /// accelerators) or the compositions of basic ops.
     pub fused_training: Toggle,
-    /// Whether a decode step's attention runs as one CUDA kernel (`auto`: off until a GPU run has measured it; it
-    /// acts on CUDA devices only).
+    /// Whether a decode step's attention runs as one CUDA kernel (`auto`: on CUDA devices, measured on an H200;
+    /// it acts on CUDA devices only).
     pub attention_kernel: Toggle,
-    /// Whether the training kernels' RMSNorm backward runs as one CUDA kernel (`auto`: off until measured).
+    /// Whether the training kernels' RMSNorm backward runs as one CUDA kernel (`auto`: on CUDA devices, measured
+    /// on an H200).
     pub norm_kernel: Toggle,
     /// Whether sampling forwards run residual add + RMSNorm, SiLU · gate and rotary + cache write as one CUDA
-    /// kernel each (`auto`: off until measured).
+    /// kernel each (`auto`: on CUDA devices, measured on an H200).
     pub layer_kernels: Toggle,
     /// Whether the VQ's convolutions on a CUDA device run through the hand-written im2col kernel (process-wide;
-    /// `auto`: off until measured).
+    /// `auto`: on, measured on an H200; it acts on CUDA devices only).
     pub conv_kernel: Toggle,
-    /// Whether the device samplers' draws run as one CUDA kernel with noise of its own (`auto`: off until
-    /// measured).
+    /// Whether the device samplers' draws run as one CUDA kernel with noise of its own (`auto`: on CUDA devices,
+    /// measured on an H200).
     pub draw_kernel: Toggle,
-    /// Whether the training kernels' SiLU · gate and softmax backwards run as one CUDA kernel each (`auto`: off
-    /// until measured).
+    /// Whether the training kernels' SiLU · gate and softmax backwards run as one CUDA kernel each (`auto`: on
+    /// CUDA devices, measured on an H200).
     pub backward_kernels: Toggle,
 }
 
@@ -190,31 +191,31 @@ pub struct ModelConfig {
     /// the compositions to rounding (default `auto`).
     pub fused_training: Toggle,
     /// A decode step's attention as one CUDA kernel (scores, softmax and values in one launch, checked against
-    /// an f32 reference at its first use and turned off if it disagrees): `on`, `off`, or `auto` (off until a GPU
-    /// run has measured it, docs/GPU.md) (default `auto`).
+    /// an f32 reference at its first use and turned off if it disagrees): `on`, `off`, or `auto` (on CUDA
+    /// devices, where an H200 measured it, docs/GPU.md) (default `auto`).
     pub attention_kernel: Toggle,
     /// The RMSNorm backward of training forwards (with `fused_training`) as one CUDA kernel, checked against the
-    /// composed backward at its first use and turned off if it disagrees: `on`, `off`, or `auto` (off until a
-    /// GPU run has measured it, docs/GPU.md) (default `auto`).
+    /// composed backward at its first use and turned off if it disagrees: `on`, `off`, or `auto` (on CUDA
+    /// devices, where an H200 measured it, docs/GPU.md) (default `auto`).
     pub norm_kernel: Toggle,
     /// The residual adds with the RMSNorms after them, SiLU with the gate product, and a static decode step's
     /// rotary embedding with its cache writes, of sampling forwards (with `fused_sampling`) as one CUDA kernel each, checked against candle's ops at their first use and turned off
-    /// if they disagree: `on`, `off`, or `auto` (off until a GPU run has measured them, docs/GPU.md) (default
-    /// `auto`).
+    /// if they disagree: `on`, `off`, or `auto` (on CUDA devices, where an H200 measured them, docs/GPU.md)
+    /// (default `auto`).
     pub layer_kernels: Toggle,
     /// The VQ's k×k convolutions on a CUDA device as one hand-written im2col kernel and one batched matmul instead
     /// of candle's `conv2d` (process-wide; checked against candle's at its first use and turned off if it
-    /// disagrees): `on`, `off`, or `auto` (off until a GPU run has measured it, docs/GPU.md) (default `auto`).
+    /// disagrees): `on`, `off`, or `auto` (on, where an H200 measured it, docs/GPU.md) (default `auto`).
     pub conv_kernel: Toggle,
     /// The device samplers' draws (CFG mix or banned-token bias, temperature, Gumbel noise, argmax, the drawn
     /// class's log-prob) as one CUDA kernel that makes its own noise from a counter, so that a captured decode
     /// step draws nothing between its graphs (checked against candle's ops on the same noise at its first use and
-    /// turned off if it disagrees): `on`, `off`, or `auto` (off until a GPU run has measured it, docs/GPU.md)
-    /// (default `auto`).
+    /// turned off if it disagrees): `on`, `off`, or `auto` (on CUDA devices, where an H200 measured it,
+    /// docs/GPU.md) (default `auto`).
     pub draw_kernel: Toggle,
     /// The SiLU · gate and attention softmax backwards of training forwards (with `fused_training`) as one CUDA
     /// kernel each, checked against the composed backwards at their first use and turned off if they disagree:
-    /// `on`, `off`, or `auto` (off until a GPU run has measured them, docs/GPU.md) (default `auto`).
+    /// `on`, `off`, or `auto` (on CUDA devices, where an H200 measured them, docs/GPU.md) (default `auto`).
     pub backward_kernels: Toggle,
 }
 
@@ -287,25 +288,13 @@ mod tests {
             !m.fused_training(),
             "auto keeps the CPU's composed training kernels"
         );
-        assert!(
-            !m.attention_kernel(),
-            "auto leaves the kernel off until measured"
-        );
-        assert!(
-            !m.norm_kernel(),
-            "auto leaves the kernel off until measured"
-        );
-        assert!(
-            !m.layer_kernels(),
-            "auto leaves the kernels off until measured"
-        );
-        assert!(
-            !m.draw_kernel(),
-            "auto leaves the kernel off until measured"
-        );
+        assert!(!m.attention_kernel(), "auto takes it on CUDA devices only");
+        assert!(!m.norm_kernel(), "auto takes it on CUDA devices only");
+        assert!(!m.layer_kernels(), "auto takes them on CUDA devices only");
+        assert!(!m.draw_kernel(), "auto takes it on CUDA devices only");
         assert!(
             !m.backward_kernels(),
-            "auto leaves the kernels off until measured"
+            "auto takes them on CUDA devices only"
         );
         assert_eq!(m.dtype(), DType::F32);
         c.fused_sampling = Toggle::On;

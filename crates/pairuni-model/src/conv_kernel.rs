@@ -31,8 +31,9 @@ use crate::nvrtc::Trust;
 pub static IM2COL: Trust = Trust::new("PAIRUNI_CONV_KERNEL", "im2col convolution kernel");
 
 /// Whether the VQ's convolutions on a CUDA device go through the kernel: a process-wide switch (the VQ sits
-/// behind the image codec, and every model of a process wants the same), off until a GPU run has measured it.
-static ENABLED: AtomicBool = AtomicBool::new(false);
+/// behind the image codec, and every model of a process wants the same). On: on an H200 it decoded 16 images
+/// in 456 ms against candle's 859 (docs/BENCHMARKS.md, eighteenth session); it acts on CUDA devices only.
+static ENABLED: AtomicBool = AtomicBool::new(true);
 
 /// Largest relative difference from candle's `conv2d` the first-call check accepts: the same products summed in
 /// another order differ by bf16 rounding; a wrong index gives order one.

@@ -76,7 +76,8 @@ pub struct OptimConfig {
     pub master_weights: bool,
     /// Each variable's update as one CUDA kernel, in place, with the same arithmetic as the composed update
     /// (`pairuni_rl::fused_adamw`; its first call is checked against the composition): `auto` | `on` | `off`.
-    /// `auto` is off until a GPU run has measured it (docs/GPU.md); it acts on CUDA devices only. Default `auto`.
+    /// `auto` is on (measured on an H200, docs/GPU.md: the composed update ran the Janus-Pro-1B step out of the
+    /// card's memory); it acts on CUDA devices only. Default `auto`.
     pub fused: pairuni_model::config::Toggle,
 }
 
@@ -145,7 +146,7 @@ pub struct SftConfig {
     /// changes the order of the gradient sums, the thread count never.
     pub micro_batch: usize,
     /// Micro-batch passes in flight at once, each from its own host thread, merged in pass order (as
-    /// `[train] concurrent_passes`). 0 = auto: 2 on accelerators; on the CPU one per rayon thread when candle's
+    /// `[train] concurrent_passes`). 0 = auto: 1 on accelerators; on the CPU one per rayon thread when candle's
     /// element-wise ops run on the calling thread (`CANDLE_NUM_THREADS=1`, which the `pairuni` binary sets), else 1.
     /// Default 0.
     pub concurrent_passes: usize,
@@ -354,7 +355,7 @@ pub struct TrainConfig {
     pub micro_batch: usize,
     /// Micro-batch passes in flight at once, each issued from its own host thread (on a GPU onto the device's
     /// stream, as a GPU pass is bound by its host; on the CPU each on a core of its own); their results are merged
-    /// in pass order, so the update is the same whatever the number. 0 = auto: 2 on accelerators; on the CPU one
+    /// in pass order, so the update is the same whatever the number. 0 = auto: 1 on accelerators; on the CPU one
     /// per rayon thread when candle's element-wise ops run on the calling thread (`CANDLE_NUM_THREADS=1`, which the
     /// `pairuni` binary sets), else 1. Acts with several passes (`micro_batch` > 0). Default 0.
     pub concurrent_passes: usize,

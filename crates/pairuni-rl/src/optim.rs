@@ -109,7 +109,8 @@ impl AdamW {
         };
         self.t += 1;
         let scalars = Scalars::of(&self.cfg, self.t, lr, clip);
-        let fused = self.cfg.fused == Toggle::On && fused_adamw::TRUST.usable();
+        // `auto` is on: it acts on CUDA devices only, where the composed update ran the step out of memory.
+        let fused = self.cfg.fused != Toggle::Off && fused_adamw::TRUST.usable();
         for i in 0..self.vars.len() {
             let var = self.vars[i].1.clone();
             let Some(g) = grads.get(var.as_tensor()) else {
@@ -418,7 +419,17 @@ mod tests {
             opt.step(&grads, 0.1).unwrap();
             var.as_tensor().to_vec1::<f32>().unwrap()
         };
-        assert_eq!(run(&c), run(&cfg()));
+        // `on` and `auto` (on since the eighteenth session) both compose on the CPU, as `off` does.
+        let composed = run(&OptimConfig {
+            fused: Toggle::Off,
+            ..cfg()
+        });
+        assert_eq!(run(&c), composed);
+        let auto = OptimConfig {
+            fused: Toggle::Auto,
+            ..cfg()
+        };
+        assert_eq!(run(&auto), composed);
         assert!(fused_adamw::TRUST.needs_check(), "no kernel ran on the CPU");
     }
 

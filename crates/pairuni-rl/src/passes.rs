@@ -82,7 +82,8 @@ impl PassThreads {
     }
 }
 
-/// How many passes run at once: `setting` when it is not 0 (auto), else 2 on accelerators, and on the CPU one per
+/// How many passes run at once: `setting` when it is not 0 (auto), else 1 on accelerators (on an H200 two passes
+/// in flight were no faster than one: 751 against 737 ms, docs/BENCHMARKS.md), and on the CPU one per
 /// rayon thread when candle's element-wise ops run on the calling thread (`CANDLE_NUM_THREADS=1`, which
 /// [`prepare_cpu_process`] sets unless told otherwise), or 1 when they run on candle's own spinning pool, where
 /// concurrent passes would wait on each other's ops.
@@ -95,7 +96,7 @@ pub fn concurrent_passes(setting: usize, device: &Device) -> PassThreads {
                 1
             }
         }
-        0 => 2,
+        0 => 1,
         n => n,
     };
     PassThreads::on(device, count)

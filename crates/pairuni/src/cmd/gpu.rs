@@ -176,7 +176,7 @@ pub struct BenchGpuStepArgs {
     #[arg(long, default_value_t = 8)]
     pub micro_batch: usize,
     /// Micro-batch passes in flight at once, each from its own host thread (`[train] concurrent_passes`; 0 =
-    /// auto: 2 on accelerators, 1 on the CPU).
+    /// auto: 1 on accelerators, one per core on the CPU).
     #[arg(long, default_value_t = 0)]
     pub concurrent_passes: usize,
     /// After the timed step, run its train phase again with each of `--compare-pass-counts` other than the
@@ -193,11 +193,11 @@ pub struct BenchGpuStepArgs {
     #[arg(long, value_delimiter = ',')]
     pub compare_micro_batches: Vec<usize>,
     /// The training kernels' RMSNorm backward as one CUDA kernel (`[model] norm_kernel`, checked against the
-    /// composed backward at its first call): on | off (auto: off until measured).
+    /// composed backward at its first call): on | off (auto: the model's default, on CUDA devices).
     #[arg(long, default_value = "auto")]
     pub norm_kernel: Toggle,
     /// Each variable's AdamW update as one CUDA kernel (`[*.optim] fused`, checked against the composed update at
-    /// its first call): on | off (auto: off until measured).
+    /// its first call): on | off (auto: on; it acts on CUDA devices only).
     #[arg(long, default_value = "auto")]
     pub fused_adamw: Toggle,
     /// AdamW learning rate (the paper's 1e-6 at 1B).
@@ -230,24 +230,24 @@ pub struct BenchGpuStepArgs {
     #[arg(long, default_value = "auto")]
     pub fused_training: Toggle,
     /// One-query attention of fused-kernel decode steps as one CUDA kernel (checked against an f32 reference at
-    /// its first call, and turned off if they differ): on | off (auto: the model's default, off until measured).
+    /// its first call, and turned off if they differ): on | off (auto: the model's default, on CUDA devices).
     #[arg(long, default_value = "auto")]
     pub attention_kernel: Toggle,
     /// Residual add + RMSNorm, SiLU · gate and rotary + cache write of sampling forwards as one CUDA kernel each (checked
-    /// against candle's ops at their first call): on | off (auto: the model's default, off until measured).
+    /// against candle's ops at their first call): on | off (auto: the model's default, on CUDA devices).
     #[arg(long, default_value = "auto")]
     pub layer_kernels: Toggle,
     /// The VQ's k×k convolutions as one hand-written im2col kernel and one batched matmul (checked against
-    /// candle's conv2d at its first call): on | off (auto: off until measured).
+    /// candle's conv2d at its first call): on | off (auto: on; it acts on CUDA devices only).
     #[arg(long, default_value = "auto")]
     pub conv_kernel: Toggle,
     /// The device samplers' draws (CFG mix or banned-token bias, Gumbel noise made from a counter, argmax, the
     /// drawn class's log-prob) as one CUDA kernel (checked against candle's ops on the same noise at its first
-    /// call): on | off (auto: the model's default, off until measured).
+    /// call): on | off (auto: the model's default, on CUDA devices).
     #[arg(long, default_value = "auto")]
     pub draw_kernel: Toggle,
     /// The training kernels' SiLU · gate and attention softmax backwards as one CUDA kernel each (checked against
-    /// the composed backwards at their first call): on | off (auto: the model's default, off until measured).
+    /// the composed backwards at their first call): on | off (auto: the model's default, on CUDA devices).
     #[arg(long, default_value = "auto")]
     pub backward_kernels: Toggle,
     /// Image and answer rollouts in fixed-shape steps captured as CUDA graphs: on | off | auto, which is on for
@@ -511,6 +511,8 @@ impl TrainSplit {
 
 /// What one timed step produced besides timings.
 struct StepOutcome {
+    /// The step itself (rollouts, decode, train), without the comparisons run after it on the same rollouts.
+    step_ms: f64,
     /// The train phase, part by part (one thread only).
     train_split: serde_json::Value,
     /// Micro-batch passes in flight at once in the train phase.
@@ -579,6 +581,7 @@ fn run_step(
     let cfg = model.config().clone();
     let img_s = a.image_sampling();
     let txt_s = a.text_sampling(max_answer);
+    let t_step = Instant::now();
     let images: Vec<ImageRollout> = ph.time("rollout_image", || {
         Ok(model.sample_image_codes_at(
             &inputs.gen_prompts,
@@ -616,6 +619,9 @@ fn run_step(
     let train = ph.time("train", || {
         train_phase(model, opt, &images, &answers, (&a_img, &a_txt), a, threads)
     })?;
+    // `Phases::time` synchronised the device after the train phase, so this is the step's wall time; the
+    // comparisons below must stay out of it (until the eighteenth session they were in, inflating the total).
+    let step_ms = t_step.elapsed().as_secs_f64() * 1e3;
     if let Some(split) = &train.split {
         tracing::info!(%split, "train phase split");
     }
@@ -670,6 +676,7 @@ fn run_step(
         }));
     }
     Ok(StepOutcome {
+        step_ms,
         train_micro_batches: serde_json::Value::Array(train_micro_batches),
         train_split: train.split.unwrap_or(serde_json::Value::Null),
         concurrent_passes: threads,
@@ -947,10 +954,12 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
     let inputs = step_inputs(&cfg, &a, &dev, &mut rng)?;
 
     if !a.no_warmup {
-        // Loads every kernel module and creates the cuBLAS handles outside the timed step; a whole warm-up step
-        // would double the run, and a shortened one needs a shortened image rollout, which the API does not offer.
+        // Loads every kernel module and creates the cuBLAS handles outside the timed step, and runs one train
+        // phase at the step's sizes so that the timed one finds its memory pooled (PyTorch's script warms up with
+        // a whole step). A whole warm-up step would double the run; the rollouts here are short ones.
         let t = Instant::now();
-        warmup(&model, &inputs, a.temperature)?;
+        let threads = concurrent_passes(a.concurrent_passes, model.device()).count;
+        warmup(&model, &mut opt, &inputs, &a, answer_tokens, threads)?;
         tracing::info!(
             ms = format!("{:.0}", t.elapsed().as_secs_f64() * 1e3),
             "warm-up done"
@@ -975,7 +984,6 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
         profiled: a.profile_phases.clone(),
         ..Phases::on(&dev)
     };
-    let t_step = Instant::now();
     let out = run_step(
         &model,
         &mut opt,
@@ -985,7 +993,7 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
         &mut rng,
         &mut ph,
     )?;
-    let total = t_step.elapsed().as_secs_f64() * 1e3;
+    let total = out.step_ms;
     let per_step = ph.get("rollout_image") / out.image_tokens.max(1) as f64;
     let graphs_in_step = model.static_decode();
     let step_graph_report = graph_report_json(&model);
@@ -1723,21 +1731,31 @@ fn host_log_softmax(x: &[f32]) -> Vec<f64> {
 }
 
 /// One short pass through every kind of work the step does (no optimizer update).
-fn warmup(model: &Janus, inputs: &StepInputs, temperature: f64) -> anyhow::Result<()> {
+/// Runs every kernel path of the step once, then one train phase on rollouts of the step's sizes (made up, not
+/// sampled), whose optimiser step moves the weights by one step of lr as PyTorch's warm-up step does.
+fn warmup(
+    model: &Janus,
+    opt: &mut AdamW,
+    inputs: &StepInputs,
+    a: &BenchGpuStepArgs,
+    answer_tokens: usize,
+    threads: usize,
+) -> anyhow::Result<()> {
+    let temperature = a.temperature;
     let mut rng = ChaCha8Rng::seed_from_u64(u64::MAX);
     let n = model.image_tokens_per_image();
     let k = model.config().vq_config.num_embeddings as u32;
     let codes: Vec<u32> = (0..n).map(|i| i as u32 % k).collect();
-    let img = ImageRollout {
-        prompt_ids: inputs.gen_prompts[0].clone(),
-        codes: codes.clone(),
-        logprobs: vec![0.0; n],
-    };
-    let lp = model.image_logprobs_at(
-        std::slice::from_ref(&img),
-        CfgLogprobPolicy::Conditional,
-        temperature,
-    )?;
+    let images: Vec<ImageRollout> = inputs
+        .gen_prompts
+        .iter()
+        .map(|p| ImageRollout {
+            prompt_ids: p.clone(),
+            codes: codes.clone(),
+            logprobs: vec![0.0; n],
+        })
+        .collect();
+    let lp = model.image_logprobs_at(&images[..1], CfgLogprobPolicy::Conditional, temperature)?;
     let _ = lp.sum_all()?.backward()?;
     model.decode_codes(&[codes])?;
     let s = TextSampling {
@@ -1750,6 +1768,33 @@ fn warmup(model: &Janus, inputs: &StepInputs, temperature: f64) -> anyhow::Resul
         model.sample_answers_ids(&inputs.pixels[..1], &inputs.und_prompts[..1], &s, &mut rng)?;
     let (lp, _) = model.answer_logprobs_at(&ans, temperature)?;
     let _ = lp.sum_all()?.backward()?;
+
+    // Ordinary text ids from the prompts themselves, so none is the image placeholder.
+    let answer_ids: Vec<u32> = inputs.gen_prompts[0][1..]
+        .iter()
+        .copied()
+        .cycle()
+        .take(answer_tokens)
+        .collect();
+    let answers: Vec<TextRollout> = inputs
+        .pixels
+        .iter()
+        .zip(&inputs.und_prompts)
+        .map(|(px, p)| TextRollout {
+            image: px.clone(),
+            prompt_ids: p.clone(),
+            answer_ids: answer_ids.clone(),
+            logprobs: vec![0.0; answer_ids.len()],
+            text: String::new(),
+        })
+        .collect();
+    let alternate = |len: usize| -> Vec<f32> {
+        (0..len)
+            .map(|i| if i % 2 == 0 { 1.0 } else { -1.0 })
+            .collect()
+    };
+    let (a_img, a_txt) = (alternate(images.len()), alternate(answers.len()));
+    train_phase(model, opt, &images, &answers, (&a_img, &a_txt), a, threads)?;
     model.device().synchronize()?;
     Ok(())
 }
@@ -1949,8 +1994,8 @@ fn decoded_rows(
     ])
 }
 
-/// The fixture's VQ decode with the convolution kernel on (off by default until measured; the CPU runs candle's
-/// conv2d either way), against the same reference as the plain row.
+/// The fixture's VQ decode with the convolution kernel on (the CPU runs candle's conv2d either way), against the
+/// same reference as the plain row.
 fn conv_kernel_row(
     m: &Janus,
     f: &std::collections::HashMap<String, Tensor>,
@@ -2030,9 +2075,16 @@ pub fn run_bench_gpu_parity(a: BenchGpuParityArgs) -> anyhow::Result<ExitCode> {
     for (dtype, tol) in [(DType::F32, a.tol_f32), (DType::BF16, a.tol_bf16)] {
         let mut m = Janus::load(&a.fixtures, &dev, dtype)
             .with_context(|| format!("loading {} on {}", a.fixtures.display(), spec))?;
-        let mut out = fixture_outputs(&m, &f)?;
-        // The same decodes through the hand-written decode kernels (off by default until measured), against the
-        // same reference: the attention kernel where it covers the head dimension, and the layer kernels.
+        // The plain rows run candle's ops alone, though a CUDA device takes the hand-written kernels by default.
+        m.set_attention_kernel(false);
+        m.set_layer_kernels(false);
+        let conv_was = pairuni_model::conv_kernel::enabled();
+        pairuni_model::conv_kernel::set_enabled(false);
+        let out = fixture_outputs(&m, &f);
+        pairuni_model::conv_kernel::set_enabled(conv_was);
+        let mut out = out?;
+        // The same decodes through the hand-written decode kernels, against the same reference: the attention
+        // kernel where it covers the head dimension, and the layer kernels.
         m.set_attention_kernel(true);
         m.set_layer_kernels(true);
         out.extend(decoded_rows(&m, &f, true)?);
@@ -2284,6 +2336,14 @@ mod tests {
             .collect()
     }
 
+    fn json_f64s(list: &serde_json::Value, key: &str) -> Vec<f64> {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o[key].as_f64().unwrap())
+            .collect()
+    }
+
     #[test]
     fn the_train_phase_is_compared_at_each_other_thread_count() {
         let a = BenchGpuStepArgs {
@@ -2292,7 +2352,18 @@ mod tests {
             compare_pass_counts: vec![1, 2, 4, 1],
             ..tiny_args()
         };
+        let t0 = Instant::now();
         let out = fresh_tiny_step(&a);
+        let wall_ms = t0.elapsed().as_secs_f64() * 1e3;
+        // The step's time and the comparisons' are disjoint parts of the call: were the comparisons counted in
+        // the step (as they were until the eighteenth session), the two would add up to more than the call took.
+        let compared_ms: f64 = json_f64s(&out.train_others, "train").iter().sum();
+        assert!(out.step_ms > 0.0);
+        assert!(
+            out.step_ms + compared_ms <= wall_ms,
+            "step {} + comparisons {compared_ms} > call {wall_ms}",
+            out.step_ms
+        );
         // The step's own count and repeats are skipped; one thread brings its split.
         assert_eq!(json_ints(&out.train_others, "concurrent_passes"), [1, 4]);
         assert_eq!(out.train_other, out.train_others[0]);
