@@ -300,6 +300,12 @@ if ts:
     # by the device.
     print("candle train split (one thread):",
           "; ".join(f"{k} {v['host_ms']} host ms / {v['tensors']} tensors" for k, v in ts.items()))
+pm = (cd or {}).get("pool_memory")
+if pm or (pt or {}).get("peak_mem_gib") is not None:
+    # Live tensors at their peak on both sides (PyTorch's max_memory_allocated, the pool's used high-water mark),
+    # and what candle's pool held from the card, freed memory it keeps included (what nvidia-smi shows).
+    print(f"memory (GiB): pytorch max allocated {(pt or {}).get('peak_mem_gib', '-')}; candle pool used high "
+          f"{(pm or {}).get('used_high_gib', '-')}, reserved high {(pm or {}).get('reserved_high_gib', '-')}")
 gc = (cd or {}).get("graph_check")
 if gc:
     print("graph check (captured vs eager static steps, same seed):", json.dumps(gc),
@@ -314,7 +320,7 @@ except OSError:
 for name, d in (("pytorch", pt), ("candle", cd)):
     if d:
         extra = {k: d.get(k) for k in ("dtype", "image_tokens", "answer_tokens", "grad_norm", "params_with_grad",
-                                       "init_ms", "peak_mem_gib", "cudnn", "image_sampler", "text_sampler", "fused_sampling", "stack_projections", "attention_kernel", "attention_kernel_report", "fused_training", "prompt_sharing", "concurrent_passes", "pool_keeps_memory", "grad_accumulation", "fused_adamw", "fused_adamw_report", "norm_kernel", "norm_kernel_report", "layer_kernels", "layer_kernels_status", "conv_kernel", "conv_kernel_report", "draw_kernel", "draw_kernel_report", "backward_kernels", "backward_kernels_status",
+                                       "init_ms", "peak_mem_gib", "pool_memory", "cudnn", "image_sampler", "text_sampler", "fused_sampling", "stack_projections", "attention_kernel", "attention_kernel_report", "fused_training", "prompt_sharing", "concurrent_passes", "pool_keeps_memory", "grad_accumulation", "fused_adamw", "fused_adamw_report", "norm_kernel", "norm_kernel_report", "layer_kernels", "layer_kernels_status", "conv_kernel", "conv_kernel_report", "draw_kernel", "draw_kernel_report", "backward_kernels", "backward_kernels_status",
                                        "cuda_graphs", "graph_report", "answer_graph_report", "image_step_probe") if k in d}
         print(name, json.dumps(extra))
     else:

@@ -32,7 +32,7 @@ pub static IM2COL: Trust = Trust::new("PAIRUNI_CONV_KERNEL", "im2col convolution
 
 /// Whether the VQ's convolutions on a CUDA device go through the kernel: a process-wide switch (the VQ sits
 /// behind the image codec, and every model of a process wants the same). On: on an H200 it decoded 16 images
-/// in 456 ms against candle's 859 (docs/BENCHMARKS.md, eighteenth session); it acts on CUDA devices only.
+/// in 408 ms against candle's 820 (docs/BENCHMARKS.md, eighteenth session); it acts on CUDA devices only.
 static ENABLED: AtomicBool = AtomicBool::new(true);
 
 /// Largest relative difference from candle's `conv2d` the first-call check accepts: the same products summed in

@@ -307,6 +307,55 @@ fn keeping_pool_memory(dev: Device) -> Device {
     dev
 }
 
+/// What a CUDA device's default memory pool has held, in bytes: the like-for-like counterpart of PyTorch's
+/// `max_memory_allocated` (`used_high`, the most handed out to live tensors at once) and of what `nvidia-smi`
+/// sees (`reserved_high`, the most the pool mapped, freed memory it keeps included).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct PoolMemory {
+    /// Most bytes in use by allocations at once since the pool was created.
+    pub used_high: u64,
+    /// Most bytes the pool held from the driver at once.
+    pub reserved_high: u64,
+    /// Bytes the pool holds now.
+    pub reserved_now: u64,
+}
+
+/// The high-water marks of `device`'s default memory pool; `None` off CUDA, or where the driver does not say.
+#[cfg(feature = "cuda")]
+pub fn pool_memory(device: &Device) -> Option<PoolMemory> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let Device::Cuda(cuda) = device else {
+        return None;
+    };
+    let ctx = cuda.cuda_stream().context().clone();
+    ctx.bind_to_thread().ok()?;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: the context is bound to this thread and `pool` receives the device's pool handle.
+    unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) }
+        .result()
+        .ok()?;
+    let read = |attribute: sys::CUmemPool_attribute| -> Option<u64> {
+        let mut value = 0u64;
+        // SAFETY: these attributes are u64 values, written through the pointer during the call.
+        unsafe { sys::cuMemPoolGetAttribute(pool, attribute, (&mut value as *mut u64).cast()) }
+            .result()
+            .ok()?;
+        Some(value)
+    };
+    use sys::CUmemPool_attribute as A;
+    Some(PoolMemory {
+        used_high: read(A::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?,
+        reserved_high: read(A::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH)?,
+        reserved_now: read(A::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT)?,
+    })
+}
+
+/// A CPU build has no memory pool to report.
+#[cfg(not(feature = "cuda"))]
+pub fn pool_memory(_device: &Device) -> Option<PoolMemory> {
+    None
+}
+
 /// A CPU build never opens a CUDA device.
 #[cfg(not(feature = "cuda"))]
 fn without_event_tracking(dev: Device) -> Device {

@@ -365,7 +365,7 @@ impl Janus {
             static_decode: device.is_cuda(),
             prompt_sharing: !device.is_cpu(),
             capture_graphs: true,
-            // Measured on an H200 (docs/BENCHMARKS.md, eighteenth session): trusted, and 2.62 → 2.51 ms per
+            // Measured on an H200 (docs/BENCHMARKS.md, eighteenth session): trusted, and 2.60 → 2.50 ms per
             // image step.
             draw_kernel: device.is_cuda(),
             shared_scoring: SharedScoring::Auto,

@@ -380,11 +380,11 @@ pub struct Llama {
     stack_projections: bool,
     /// Whether those fused-kernel forwards run one-query attention as one CUDA kernel
     /// ([`crate::decode_attention`]; it acts on CUDA devices only). On by default on CUDA devices: on an H200 it
-    /// passed its check and took the image decode step from 2.82 to 2.51 ms (docs/BENCHMARKS.md, eighteenth
+    /// passed its check and took the image decode step from 2.86 to 2.50 ms (docs/BENCHMARKS.md, eighteenth
     /// session); `[model] attention_kernel = "off"` turns it off.
     attention_kernel: bool,
     /// Whether those fused-kernel forwards on a GPU run the layer kernels ([`crate::layer_kernels`]). On by
-    /// default on CUDA devices, measured like the attention kernel (2.73 → 2.51 ms per image step).
+    /// default on CUDA devices, measured like the attention kernel (2.71 → 2.50 ms per image step).
     layer_kernels: bool,
     /// Whether the differentiable forwards' RMSNorm backward runs as one CUDA kernel ([`crate::norm_kernel`];
     /// CUDA devices only). On by default there: on an H200 the train phase took 893 ms without it and 751 ms with

@@ -83,7 +83,7 @@ impl PassThreads {
 }
 
 /// How many passes run at once: `setting` when it is not 0 (auto), else 1 on accelerators (on an H200 two passes
-/// in flight were no faster than one: 751 against 737 ms, docs/BENCHMARKS.md), and on the CPU one per
+/// in flight were no faster than one: 747 against 733 ms, docs/BENCHMARKS.md), and on the CPU one per
 /// rayon thread when candle's element-wise ops run on the calling thread (`CANDLE_NUM_THREADS=1`, which
 /// [`prepare_cpu_process`] sets unless told otherwise), or 1 when they run on candle's own spinning pool, where
 /// concurrent passes would wait on each other's ops.

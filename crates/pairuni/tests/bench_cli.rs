@@ -45,6 +45,9 @@ fn fused_sampling_kernels_create_fewer_tensors_per_decode_step() {
     // and 51 with the fused ones (views included), and the head, draw and embedding are shared.
     assert!(fused > 20, "{kernels}");
     assert!(composed >= fused + 2 * 40, "{kernels}");
+    // A CUDA device's pool reports its high-water marks; the CPU has none to report, and says so.
+    assert!(v["pool_memory"].is_null(), "{}", v["pool_memory"]);
+    assert!(v["total"].as_f64().is_some_and(|ms| ms > 0.0));
     // The rollouts again at top-p 0.5, timed.
     let again = &v["top_p_compare"];
     assert_eq!(again["top_p"], 0.5, "{again}");

@@ -513,6 +513,9 @@ impl TrainSplit {
 struct StepOutcome {
     /// The step itself (rollouts, decode, train), without the comparisons run after it on the same rollouts.
     step_ms: f64,
+    /// The device pool's high-water marks at the step's end (CUDA only): the process's peak up to then, as
+    /// PyTorch's `max_memory_allocated` is its script's.
+    pool_memory: Option<pairuni_model::device::PoolMemory>,
     /// The train phase, part by part (one thread only).
     train_split: serde_json::Value,
     /// Micro-batch passes in flight at once in the train phase.
@@ -622,6 +625,7 @@ fn run_step(
     // `Phases::time` synchronised the device after the train phase, so this is the step's wall time; the
     // comparisons below must stay out of it (until the eighteenth session they were in, inflating the total).
     let step_ms = t_step.elapsed().as_secs_f64() * 1e3;
+    let pool_memory = pairuni_model::device::pool_memory(model.device());
     if let Some(split) = &train.split {
         tracing::info!(%split, "train phase split");
     }
@@ -677,6 +681,7 @@ fn run_step(
     }
     Ok(StepOutcome {
         step_ms,
+        pool_memory,
         train_micro_batches: serde_json::Value::Array(train_micro_batches),
         train_split: train.split.unwrap_or(serde_json::Value::Null),
         concurrent_passes: threads,
@@ -1053,6 +1058,16 @@ pub fn run_bench_gpu_step(a: BenchGpuStepArgs) -> anyhow::Result<ExitCode> {
         "cudnn": cfg!(feature = "cudnn"),
         // Whether a CUDA device's memory pool keeps freed memory (`PAIRUNI_CUDA_POOL=release` turns it off).
         "pool_keeps_memory": dev.is_cuda() && pairuni_model::device::pool_keeps_memory(),
+        // GiB, as PyTorch's `peak_mem_gib`: `used_high` is its like (live tensors), `reserved_high` what the card
+        // shows in use (the pool keeps what it frees).
+        "pool_memory": out.pool_memory.map(|m| {
+            let gib = |b: u64| (b as f64 / (1u64 << 30) as f64 * 100.0).round() / 100.0;
+            json!({
+                "used_high_gib": gib(m.used_high),
+                "reserved_high_gib": gib(m.reserved_high),
+                "reserved_now_gib": gib(m.reserved_now),
+            })
+        }),
         // How the linked candle's backward starts each gradient ("first contribution" in the CUDA builds, whose
         // candle scripts/patch-candle.sh patches; "zeros" as published or under PAIRUNI_GRAD_ACCUMULATE=zeros).
         "grad_accumulation": pairuni_model::device::grad_accumulation()?.to_string(),
@@ -1730,7 +1745,6 @@ fn host_log_softmax(x: &[f32]) -> Vec<f64> {
     x.iter().map(|&v| v as f64 - max - lse).collect()
 }
 
-/// One short pass through every kind of work the step does (no optimizer update).
 /// Runs every kernel path of the step once, then one train phase on rollouts of the step's sizes (made up, not
 /// sampled), whose optimiser step moves the weights by one step of lr as PyTorch's warm-up step does.
 fn warmup(
