@@ -2341,21 +2341,21 @@ mod tests {
         tiny_run(a, &model, &mut opt).1
     }
 
-    /// The `key` of each entry of a JSON array of objects, as integers.
-    fn json_ints(list: &serde_json::Value, key: &str) -> Vec<u64> {
+    /// The `key` of each entry of a JSON array of objects, read by `read` (`as_u64`, `as_f64`).
+    fn json_column<T>(
+        list: &serde_json::Value,
+        key: &str,
+        read: fn(&serde_json::Value) -> Option<T>,
+    ) -> Vec<T> {
         list.as_array()
             .unwrap()
             .iter()
-            .map(|o| o[key].as_u64().unwrap())
+            .map(|o| read(&o[key]).unwrap())
             .collect()
     }
 
-    fn json_f64s(list: &serde_json::Value, key: &str) -> Vec<f64> {
-        list.as_array()
-            .unwrap()
-            .iter()
-            .map(|o| o[key].as_f64().unwrap())
-            .collect()
+    fn json_ints(list: &serde_json::Value, key: &str) -> Vec<u64> {
+        json_column(list, key, serde_json::Value::as_u64)
     }
 
     #[test]
@@ -2371,7 +2371,9 @@ mod tests {
         let wall_ms = t0.elapsed().as_secs_f64() * 1e3;
         // The step's time and the comparisons' are disjoint parts of the call: were the comparisons counted in
         // the step (as they were until the eighteenth session), the two would add up to more than the call took.
-        let compared_ms: f64 = json_f64s(&out.train_others, "train").iter().sum();
+        let compared_ms: f64 = json_column(&out.train_others, "train", serde_json::Value::as_f64)
+            .iter()
+            .sum();
         assert!(out.step_ms > 0.0);
         assert!(
             out.step_ms + compared_ms <= wall_ms,
