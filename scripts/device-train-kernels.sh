@@ -51,7 +51,9 @@ for run in "${runs[@]}"; do
     flags=${run#*|}
     t=$(( $(left) - 5 )); (( t > 60 )) && t=60
     (( t > 20 )) || { echo "out of time before: $label"; break; }
-    mem="$OUT/mem.$RANDOM"
+    # Scratch files stay outside $OUT: at most 8 files come back from a device call.
+    mem=$(mktemp)
+    run_json=$(mktemp)
     if command -v nvidia-smi >/dev/null; then
         nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 >"$mem" 2>/dev/null &
         smi=$!
@@ -62,12 +64,11 @@ for run in "${runs[@]}"; do
     # shellcheck disable=SC2086 # flag lists
     timeout "$t" "$bin_plain" --log info bench gpu-step --device "$dev" --shapes "$shapes" $decode $flags \
         --probe-steps 0 --compare-concurrent-passes --compare-pass-counts 1 --json \
-        >"$OUT/run.json" 2>>"$OUT/runs.log"
+        >"$run_json" 2>>"$OUT/runs.log"
     rc=$?
     [[ -n "$smi" ]] && kill "$smi" 2>/dev/null
     peak=$(sort -n "$mem" 2>/dev/null | tail -1)
-    rm -f "$mem"
-    python3 - "$label" "$rc" "${peak:-}" "$OUT/run.json" >>"$OUT/runs.jsonl" <<'EOF'
+    python3 - "$label" "$rc" "${peak:-}" "$run_json" >>"$OUT/runs.jsonl" <<'EOF'
 import json, sys
 label, rc, peak, path = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 try:
@@ -85,6 +86,7 @@ print(json.dumps({
     "backward_kernels_status": d.get("backward_kernels_status"),
 }))
 EOF
+    rm -f "$mem" "$run_json"
     (( rc != 0 )) && tail -n 3 "$OUT/runs.log"
 done
 

@@ -52,6 +52,14 @@ pub fn set_enabled(on: bool) {
     ENABLED.store(on, Ordering::Relaxed);
 }
 
+/// `f` with the kernel `on`, then the switch as it was (a comparison's or parity row's way of choosing it).
+pub fn with_enabled<T>(on: bool, f: impl FnOnce() -> T) -> T {
+    let was = ENABLED.swap(on, Ordering::Relaxed);
+    let out = f();
+    ENABLED.store(was, Ordering::Relaxed);
+    out
+}
+
 /// CUDA source, after [`crate::nvrtc::BF16_PRELUDE`]. `T` is a raw element (a 16-bit word or a float): the
 /// kernel only copies.
 pub const SOURCE: &str = r#"

@@ -1303,10 +1303,10 @@ fn decode_with_conv_kernel_flipped(model: &Janus, images: usize) -> serde_json::
     let codes: Vec<Vec<u32>> = (0..images)
         .map(|i| (0..n).map(|j| ((i * n + j) * 7919 % k) as u32).collect())
         .collect();
-    conv_kernel::set_enabled(!chosen);
     let mut ph = Phases::on(model.device());
-    let decoded = ph.time("decode_vq", || Ok(model.decode_codes(&codes)?));
-    conv_kernel::set_enabled(chosen);
+    let decoded = conv_kernel::with_enabled(!chosen, || {
+        ph.time("decode_vq", || Ok(model.decode_codes(&codes)?))
+    });
     match decoded {
         Ok(_) => json!({"conv_kernel": !chosen, "decode_vq": round1(ph.get("decode_vq"))}),
         Err(e) => json!({"conv_kernel": !chosen, "error": format!("{e:#}")}),
@@ -1745,7 +1745,7 @@ fn host_log_softmax(x: &[f32]) -> Vec<f64> {
     x.iter().map(|&v| v as f64 - max - lse).collect()
 }
 
-/// Runs every kernel path of the step once, then one train phase on rollouts of the step's sizes (made up, not
+/// Runs the VQ decode and the answer sampler once, then one train phase on rollouts of the step's sizes (made up, not
 /// sampled), whose optimiser step moves the weights by one step of lr as PyTorch's warm-up step does.
 fn warmup(
     model: &Janus,
@@ -1769,8 +1769,6 @@ fn warmup(
             logprobs: vec![0.0; n],
         })
         .collect();
-    let lp = model.image_logprobs_at(&images[..1], CfgLogprobPolicy::Conditional, temperature)?;
-    let _ = lp.sum_all()?.backward()?;
     model.decode_codes(&[codes])?;
     let s = TextSampling {
         max_new_tokens: 2,
@@ -1778,11 +1776,9 @@ fn warmup(
         top_p: 1.0,
         greedy: false,
     };
-    let ans =
-        model.sample_answers_ids(&inputs.pixels[..1], &inputs.und_prompts[..1], &s, &mut rng)?;
-    let (lp, _) = model.answer_logprobs_at(&ans, temperature)?;
-    let _ = lp.sum_all()?.backward()?;
+    model.sample_answers_ids(&inputs.pixels[..1], &inputs.und_prompts[..1], &s, &mut rng)?;
 
+    // The teacher-forced passes and their backwards run in the train phase below, at the step's sizes.
     // Ordinary text ids from the prompts themselves, so none is the image placeholder.
     let answer_ids: Vec<u32> = inputs.gen_prompts[0][1..]
         .iter()
@@ -2023,10 +2019,7 @@ fn conv_kernel_row(
     let vq = m
         .image_tokenizer()
         .context("fixture checkpoint has no VQ")?;
-    let was = conv_kernel::enabled();
-    conv_kernel::set_enabled(true);
-    let decoded = vq.decode_tensor(&codes);
-    conv_kernel::set_enabled(was);
+    let decoded = conv_kernel::with_enabled(true, || vq.decode_tensor(&codes));
     Ok((
         "vq.decode_pixels (conv kernel)",
         "vq.decode_pixels",
@@ -2092,11 +2085,7 @@ pub fn run_bench_gpu_parity(a: BenchGpuParityArgs) -> anyhow::Result<ExitCode> {
         // The plain rows run candle's ops alone, though a CUDA device takes the hand-written kernels by default.
         m.set_attention_kernel(false);
         m.set_layer_kernels(false);
-        let conv_was = pairuni_model::conv_kernel::enabled();
-        pairuni_model::conv_kernel::set_enabled(false);
-        let out = fixture_outputs(&m, &f);
-        pairuni_model::conv_kernel::set_enabled(conv_was);
-        let mut out = out?;
+        let mut out = pairuni_model::conv_kernel::with_enabled(false, || fixture_outputs(&m, &f))?;
         // The same decodes through the hand-written decode kernels, against the same reference: the attention
         // kernel where it covers the head dimension, and the layer kernels.
         m.set_attention_kernel(true);
